@@ -1,0 +1,131 @@
+"""Command line: ``python -m shortft_core <command>`` (also installed as ``shortft``).
+
+Commands: ``sample`` (generate images and a captioned grid). Training, distillation, export and scoring join
+here as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger("shortft_core")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None, held_out: int | None,
+                 seed: int = 0) -> list[str]:
+    """Prompts from the command line, a text file (one per line, ``#`` comments) or the tiny world's held-out set."""
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"--prompts-file {path}: no such file")
+        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    if held_out:
+        from .tiny_world import held_out_prompts
+
+        out += held_out_prompts(held_out, seed=seed)
+    if not out:
+        raise SystemExit("no prompts: give --prompts, --prompts-file or --held-out N")
+    return out
+
+
+# ----- sample ------------------------------------------------------------------------------------------------
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate images with DDIM and write PNGs plus a captioned grid",
+                       description="Generate images with deterministic DDIM (SD1.5's leading grid) and "
+                                   "classifier-free guidance; image i uses noise seeded seed+i.")
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded tiny world) or a local diffusers folder")
+    p.add_argument("--prompts", nargs="+", help="one or more prompts")
+    p.add_argument("--prompts-file", help="text file with one prompt per line")
+    p.add_argument("--held-out", type=int, metavar="N", help="add N held-out tiny-world prompts")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first image (default 0)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--spacing", choices=["leading", "trailing"], default="leading", help="timestep spacing")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1 disables (default: 3.0 tiny, 7.5 otherwise)")
+    p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
+    p.add_argument("--columns", type=int, default=4, help="columns of the grid image")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run in --out")
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from .images import captioned_grid, save_png
+    from .io import atomic_write_json
+    from .models import TINY, load_model
+    from .sampling import sample
+    from .tiny_world import DEFAULT_GUIDANCE
+
+    prompts = read_prompts(args.prompts, args.prompts_file, args.held_out, args.seed)
+    out = Path(args.out)
+    targets = [out / f"{i:04d}.png" for i in range(len(prompts))] + [out / "grid.png", out / "samples.json"]
+    clash = [str(p) for p in targets if p.exists()]
+    if clash and not args.overwrite:
+        raise SystemExit(f"--out {out} already holds {clash[0]} (and {len(clash) - 1} more); "
+                         "choose another folder or pass --overwrite")
+    device = _device(args.device)
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    guidance = args.guidance if args.guidance is not None else (DEFAULT_GUIDANCE if args.model == TINY else 7.5)
+    model = load_model(args.model, device, dtype)
+    log.info("sampling %d prompts, %d steps, guidance %.2f, seed %d", len(prompts), args.steps, guidance, args.seed)
+    images = sample(model, prompts, seed=args.seed, steps=args.steps, guidance=guidance,
+                    negative_prompt=args.negative_prompt, spacing=args.spacing, batch_size=args.batch_size)
+    for i, img in enumerate(images):
+        save_png(img, targets[i])
+    save_png(captioned_grid(list(images), prompts, columns=args.columns), out / "grid.png")
+    atomic_write_json(out / "samples.json", {
+        "model": str(args.model), "steps": args.steps, "spacing": args.spacing, "guidance": guidance,
+        "negative_prompt": args.negative_prompt, "dtype": str(dtype), "device": str(device),
+        "images": [{"file": targets[i].name, "prompt": p, "seed": args.seed + i} for i, p in enumerate(prompts)],
+    })
+    log.info("wrote %d images and grid.png to %s", len(prompts), out)
+    return 0
+
+
+# ----- entry ---------------------------------------------------------------------------------------------------
+COMMANDS: list[Callable] = [add_sample_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shortft", description="ShortFT: shortcut-based reward fine-tuning "
+                                     "of text-to-image diffusion models (arXiv 2507.22604).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

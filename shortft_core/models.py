@@ -1,0 +1,213 @@
+"""A loaded text-to-image model: tokenizer(s), text encoder(s), UNet, VAE and noise schedule in one bundle.
+
+Every part of the project (sampler, trainer, distillation, evaluation) talks to a :class:`T2IModel`, never to a
+diffusers pipeline object, so the same code serves the tiny world, SD1.5 and (later) SDXL. Nothing here reaches
+a hub: every file comes from a local folder, and a missing one is reported with where it was looked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for the UNet: cross-attention states plus, for SDXL, the added embeddings."""
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        added = None
+        if self.added is not None and other.added is not None:
+            added = {k: torch.cat([self.added[k], other.added[k]]) for k in self.added}
+        return Conditioning(torch.cat([self.hidden, other.hidden]), added)
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Repeat a batch-1 conditioning ``n`` times (e.g. the empty prompt for CFG)."""
+        added = None if self.added is None else {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()}
+        return Conditioning(self.hidden.expand(n, *self.hidden.shape[1:]), added)
+
+    def index(self, idx: torch.Tensor | slice) -> "Conditioning":
+        added = None if self.added is None else {k: v[idx] for k, v in self.added.items()}
+        return Conditioning(self.hidden[idx], added)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditioning":
+        added = None if self.added is None else {k: v.to(device, dtype) for k, v in self.added.items()}
+        return Conditioning(self.hidden.to(device, dtype), added)
+
+
+@dataclass
+class T2IModel:
+    """The parts of an SD-family latent diffusion model that ShortFT needs."""
+
+    family: str  # "tiny" | "sd15" | "sdxl"
+    tokenizers: list[Any]
+    text_encoders: list[torch.nn.Module]
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    schedule: NoiseSchedule
+    scheduler_config: dict[str, Any]
+    source: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ----- properties -----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        h, w = height or self.default_size, width or self.default_size
+        if h % self.vae_scale or w % self.vae_scale:
+            raise ValueError(f"image size {h}x{w} must be a multiple of the VAE factor {self.vae_scale}")
+        return (self.latent_channels, h // self.vae_scale, w // self.vae_scale)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "T2IModel":
+        for m in [self.unet, self.vae, *self.text_encoders]:
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def requires_grad_(self, flag: bool) -> "T2IModel":
+        for m in [self.unet, self.vae, *self.text_encoders]:
+            m.requires_grad_(flag)
+        return self
+
+    # ----- text ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Frozen text encoding of a batch of prompts (SD1.5: the last hidden state of CLIP-L)."""
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+        if self.family == "sdxl":
+            raise NotImplementedError("SDXL conditioning arrives with the real-model loaders")
+        tok = self.tokenizers[0]
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        hidden = self.text_encoders[0](ids).last_hidden_state
+        return Conditioning(hidden.to(self.dtype))
+
+    # ----- networks -----------------------------------------------------------------------------------------
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
+            unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """The UNet's eps prediction; ``unet`` overrides the module called (e.g. a DDP-wrapped one)."""
+        net = unet if unet is not None else self.unet
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        kwargs = {} if cond.added is None else {"added_cond_kwargs": cond.added}
+        return net(x, t, encoder_hidden_states=cond.hidden, return_dict=False, **kwargs)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (differentiable)."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (posterior mean unless ``sample``)."""
+        cfg = self.vae.config
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
+def tiny_world_dir() -> Path:
+    """Folder of the shipped tiny-world weights."""
+    return Path(__file__).resolve().parent / "tiny_world" / "weights"
+
+
+def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> T2IModel:
+    """Load ``"tiny"`` (the embedded tiny world) or a local diffusers SD1.5-layout folder, offline."""
+    if str(spec) == TINY:
+        from .tiny_world import load_tiny_model
+
+        return load_tiny_model(device, dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_diffusers_folder(path, device, dtype)
+    if path.is_file():
+        raise ValueError(
+            f"{path} is a single file; single-file checkpoints are not supported yet: pass a diffusers folder "
+            f"(with model_index.json) or 'tiny'"
+        )
+    raise FileNotFoundError(f"model {spec!r} not found: pass 'tiny' or the path of a local diffusers folder")
+
+
+def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> T2IModel:
+    """Load the components of a diffusers StableDiffusionPipeline folder without building the pipeline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .tokenizer import load_clip_tokenizer
+
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file} not found: {path} is not a diffusers pipeline folder")
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    cls = index.get("_class_name", "")
+    if cls != "StableDiffusionPipeline":
+        raise ValueError(
+            f"{path} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline (SD1.x-layout, eps-prediction)"
+        )
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"{path / sub} is missing: the pipeline folder is incomplete")
+    sched_files = sorted((path / "scheduler").glob("scheduler_config.json"))
+    if not sched_files:
+        raise FileNotFoundError(f"{path / 'scheduler' / 'scheduler_config.json'} is missing")
+    sched_cfg = json.loads(sched_files[0].read_text(encoding="utf-8"))
+    schedule = NoiseSchedule.from_config(sched_cfg)
+    if schedule.prediction_type != "epsilon":
+        raise ValueError(
+            f"{path} is a {schedule.prediction_type}-prediction model; ShortFT supports eps-prediction bases "
+            "(SD1.5, SDXL) only"
+        )
+    tokenizer = load_clip_tokenizer(path / "tokenizer")
+    kw = dict(local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw)
+    model = T2IModel("sd15", [tokenizer], [text_encoder], unet, vae, schedule, sched_cfg, source=str(path))
+    model.to(device)
+    model.requires_grad_(False)
+    for m in [unet, vae, text_encoder]:
+        m.eval()
+    log.info("loaded %s (UNet %.1fM params) from %s", model.family, sum(p.numel() for p in unet.parameters()) / 1e6, path)
+    return model

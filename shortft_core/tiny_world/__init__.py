@@ -1,0 +1,66 @@
+"""The tiny world: a procedural text-to-image domain with a trained SD-shaped pipeline and rewards.
+
+It exercises exactly SD1.5's code path (CLIP BPE tokenizer -> CLIPTextModel -> UNet2DConditionModel with SD1.5's
+noise schedule -> AutoencoderKL -> reward) at toy size, so the whole product runs and is tested on a CPU with no
+download. See ``scenes`` (the generator), ``build`` (how the weights were trained) and ``quality`` (how good
+they are).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..models import T2IModel, load_diffusers_folder, tiny_world_dir
+from .scenes import IMAGE_SIZE, held_out_prompts, train_prompts
+
+# Classifier-free guidance used for the tiny world unless told otherwise (chosen in BENCHMARKS.md).
+DEFAULT_GUIDANCE = 3.0
+
+__all__ = ["DEFAULT_GUIDANCE", "IMAGE_SIZE", "held_out_prompts", "train_prompts", "load_tiny_model",
+           "load_tiny_rewards", "weights_dir"]
+
+
+def weights_dir(root: str | os.PathLike | None = None) -> Path:
+    """The tiny-world weights folder: ``root`` if given, else the shipped one."""
+    path = Path(root) if root is not None else tiny_world_dir()
+    if not (path / "pipeline" / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no tiny-world weights in {path} (pipeline/model_index.json missing); they ship with the package, "
+            "or rebuild them with `python -m shortft_core.tiny_world.build --out DIR`"
+        )
+    return path
+
+
+def load_tiny_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    root: str | os.PathLike | None = None) -> T2IModel:
+    """The tiny text-to-image pipeline as a :class:`T2IModel` (family ``tiny``)."""
+    from dataclasses import replace
+
+    model = load_diffusers_folder(weights_dir(root) / "pipeline", device, dtype)
+    return replace(model, family="tiny", source="tiny" if root is None else str(root))
+
+
+def load_tiny_rewards(device: str | torch.device = "cpu", root: str | os.PathLike | None = None):
+    """``(alignment, aesthetic)`` rewards of the tiny world, both ``reward(images, prompts) -> (B,)``.
+
+    alignment: cosine between the tiny CLIP's image and caption embeddings (stand-in for HPS / PickScore);
+    aesthetic: render cleanliness 0..10 from an MLP on the same image embedding (stand-in for LAION aesthetic).
+    """
+    from ..rewards.aesthetic import AestheticReward, load_aesthetic_head
+    from ..rewards.clip import CLIPAlignmentReward
+    from ..rewards.preprocess import Preprocess
+    from ..tokenizer import load_clip_tokenizer
+
+    from transformers import CLIPModel
+
+    root = weights_dir(root)
+    clip = CLIPModel.from_pretrained(str(root / "reward"), dtype=torch.float32, local_files_only=True)
+    tokenizer = load_clip_tokenizer(root / "pipeline" / "tokenizer")
+    prep = Preprocess(size=IMAGE_SIZE, interpolation="bilinear", crop=False)
+    alignment = CLIPAlignmentReward(clip, tokenizer, prep, name="tiny_alignment").to(device)
+    head = load_aesthetic_head(root / "aesthetic_head.safetensors")
+    aesthetic = AestheticReward(alignment, head, name="tiny_aesthetic").to(device)
+    return alignment, aesthetic

@@ -1,0 +1,29 @@
+"""Shared fixtures. Every test runs offline: nothing may reach a model hub."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from shortft_core.tiny_world import load_tiny_model
+
+    return load_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_rewards():
+    from shortft_core.tiny_world import load_tiny_rewards
+
+    return load_tiny_rewards()
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
