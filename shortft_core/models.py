@@ -106,17 +106,44 @@ class T2IModel:
 
     # ----- text ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Frozen text encoding of a batch of prompts (SD1.5: the last hidden state of CLIP-L)."""
+    def encode_prompts(self, prompts: Sequence[str], *, size: tuple[int, int] | None = None,
+                       original_size: tuple[int, int] | None = None,
+                       crop_top_left: tuple[int, int] = (0, 0)) -> Conditioning:
+        """Frozen text encoding of a batch of prompts (SD1.5: the last hidden state of CLIP-L).
+
+        SDXL: both encoders' penultimate hidden states concatenated (768 + 1280), the pooled projection of the
+        second as ``text_embeds`` and ``time_ids`` = (original size, crop top-left, target size), each (h, w);
+        ``size`` is the target image size (default: the model's native size), ``original_size`` defaults to it.
+        """
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not a single string")
         if self.family == "sdxl":
-            raise NotImplementedError("SDXL conditioning arrives with the real-model loaders")
+            return self._encode_sdxl(list(prompts), size, original_size, crop_top_left)
         tok = self.tokenizers[0]
         ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.device)
         hidden = self.text_encoders[0](ids).last_hidden_state
         return Conditioning(hidden.to(self.dtype))
+
+    def _encode_sdxl(self, prompts: list[str], size: tuple[int, int] | None,
+                     original_size: tuple[int, int] | None, crop_top_left: tuple[int, int]) -> Conditioning:
+        if len(self.tokenizers) != 2 or len(self.text_encoders) != 2:
+            raise ValueError("an SDXL model needs two tokenizers and two text encoders")
+        hidden = []
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(enc.device)
+            out = enc(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # penultimate layer, as SDXL was trained
+        pooled = getattr(out, "text_embeds", None)  # the second encoder's projected pooled output
+        if pooled is None:
+            raise TypeError("SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_embeds)")
+        target = tuple(size) if size is not None else (self.default_size, self.default_size)
+        original = tuple(original_size) if original_size is not None else target
+        time_ids = torch.tensor([[*original, *crop_top_left, *target]], device=self.device, dtype=self.dtype)
+        cond_hidden = torch.cat([h.to(self.device, self.dtype) for h in hidden], dim=-1)
+        added = {"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids.expand(len(prompts), -1)}
+        return Conditioning(cond_hidden, added)
 
     # ----- networks -----------------------------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
@@ -152,20 +179,25 @@ def tiny_world_dir() -> Path:
 
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> T2IModel:
-    """Load ``"tiny"`` (the embedded tiny world) or a local diffusers SD1.5-layout folder, offline."""
+    """Load ``"tiny"`` (the embedded tiny world), a local diffusers SD1.5/SDXL folder or a single-file SD1.5/SDXL
+    checkpoint (.safetensors / .ckpt in the original ldm layout), offline."""
+    from . import loading
+
     if str(spec) == TINY:
         from .tiny_world import load_tiny_model
 
         return load_tiny_model(device, dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
+        if loading.pipeline_class(path) == "StableDiffusionPipeline":
+            loading.check_sd15_folder(path)
         return load_diffusers_folder(path, device, dtype)
     if path.is_file():
-        raise ValueError(
-            f"{path} is a single file; single-file checkpoints are not supported yet: pass a diffusers folder "
-            f"(with model_index.json) or 'tiny'"
-        )
-    raise FileNotFoundError(f"model {spec!r} not found: pass 'tiny' or the path of a local diffusers folder")
+        return loading.load_single_file(path, device, dtype)
+    raise FileNotFoundError(
+        f"model {spec!r} not found (no such file or folder): pass 'tiny', a local diffusers folder or a single-file "
+        f"checkpoint. Supported: {loading.SUPPORTED}"
+    )
 
 
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -182,9 +214,14 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
         raise FileNotFoundError(f"{index_file} not found: {path} is not a diffusers pipeline folder")
     index = json.loads(index_file.read_text(encoding="utf-8"))
     cls = index.get("_class_name", "")
+    if cls == "StableDiffusionXLPipeline":
+        from .loading import load_sdxl_folder
+
+        return load_sdxl_folder(path, device, dtype)
     if cls != "StableDiffusionPipeline":
         raise ValueError(
-            f"{path} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline (SD1.x-layout, eps-prediction)"
+            f"{path} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline (SD1.x-layout, "
+            "eps-prediction) and StableDiffusionXLPipeline"
         )
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / sub).is_dir():

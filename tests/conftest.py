@@ -23,6 +23,10 @@ def tiny_rewards():
     return load_tiny_rewards()
 
 
+# Small models gain little from a second thread, and on a busy 2-core machine two threads can be 100x slower.
+torch.set_num_threads(int(os.environ.get("SHORTFT_TEST_THREADS", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
