@@ -3,19 +3,27 @@
 Images are float tensors in [0, 1] of shape (B, 3, H, W); every reward resizes and normalises them itself
 (in torch, so gradients flow), because a preprocessing mismatch silently optimises something else.
 Reward weights are frozen: ``requires_grad`` is off and the module stays in eval mode.
+A reward may live on another device than the images (e.g. the reward on ``cuda:1``, the UNet on ``cuda:0``):
+``forward`` moves the images to the reward and the scores back, so gradients cross devices.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 class Reward(torch.nn.Module):
-    """Base class of all rewards. Subclasses implement :meth:`score`."""
+    """Base class of all rewards. Subclasses implement :meth:`score`.
+
+    ``report_scale`` is the factor papers print the score with (HPS v2 is reported x100); the reward itself
+    always returns the raw value, so combination weights keep their published meaning.
+    """
 
     name: str = "reward"
+    report_scale: float = 1.0
 
     def freeze(self) -> "Reward":
         self.requires_grad_(False)
@@ -24,6 +32,15 @@ class Reward(torch.nn.Module):
 
     def train(self, mode: bool = True) -> "Reward":  # rewards never leave eval mode (dropout off)
         return super().train(False)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the reward's weights; ``None`` for weightless rewards (they run where the images are)."""
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -34,7 +51,9 @@ class Reward(torch.nn.Module):
             prompts = [prompts]
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts; give one prompt per image")
-        return self.score(images, list(prompts))
+        device = self.device
+        x = images if device is None or device == images.device else images.to(device)
+        return self.score(x, list(prompts)).float().to(images.device)
 
 
 def check_images(images: torch.Tensor, who: str = "reward") -> None:
@@ -44,3 +63,24 @@ def check_images(images: torch.Tensor, who: str = "reward") -> None:
         raise ValueError(f"{who}: images must be a (B, 3, H, W) tensor in [0, 1], got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"{who}: images must be floating point in [0, 1], got {images.dtype}; divide uint8 by 255")
+
+
+def checkpoint_blocks(blocks: Iterable[torch.nn.Module]) -> int:
+    """Recompute each block's activations during backward instead of storing them (activation memory of a
+    ViT-H drops from one copy per block to one per model). Works in eval mode, unlike transformers' own switch;
+    parameter names and outputs are unchanged. Returns the number of blocks wrapped."""
+    n = 0
+    for block in blocks:
+        if getattr(block, "_shortft_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+        block._shortft_checkpointed = True
+        n += 1
+    return n
