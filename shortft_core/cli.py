@@ -1,7 +1,8 @@
 """Command line: ``python -m shortft_core <command>`` (also installed as ``shortft``).
 
-Commands: ``sample`` (generate images and a captioned grid). Training, distillation, export and scoring join
-here as they land.
+Commands: ``sample`` (generate images and a captioned grid), ``train`` (reward fine-tuning: ShortFT and the
+baselines), ``distill`` (a shortcut LoRA for any eps base), ``export`` (LoRA layout conversion) and ``score``
+(evaluate images with any reward).
 """
 
 from __future__ import annotations
@@ -107,7 +108,13 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 # ----- entry ---------------------------------------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_sample_parser]
+def _commands() -> list[Callable]:
+    from .distill_cli import add_distill_parser
+    from .export_cli import add_export_parser
+    from .rewards.cli import add_score_parser
+    from .train_cli import add_train_parser
+
+    return [add_sample_parser, add_train_parser, add_distill_parser, add_export_parser, add_score_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "of text-to-image diffusion models (arXiv 2507.22604).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
+    for add in _commands():
         add(sub)
     return parser
 

@@ -173,8 +173,9 @@ class T2IModel:
 
 
 def tiny_world_dir() -> Path:
-    """Folder of the shipped tiny-world weights."""
-    return Path(__file__).resolve().parent / "tiny_world" / "weights"
+    """Folder of the tiny-world weights: ``$SHORTFT_TINY_WEIGHTS`` if set (a world you built), else the shipped one."""
+    env = os.environ.get("SHORTFT_TINY_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parent / "tiny_world" / "weights"
 
 
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",

@@ -133,6 +133,19 @@ def preset_for_file(path: str | os.PathLike) -> ShortcutPreset | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def preset_from_metadata(loaded: LoadedLora) -> ShortcutPreset | None:
+    """The preset a shortcut distilled by ShortFT describes in its own metadata (None for other files)."""
+    info = loaded.shortft
+    if not info or info.get("kind") != "shortcut":
+        return None
+    edges = tuple(int(e) for e in info["edges"])
+    g = tuple(float(x) for x in info.get("teacher_guidance", (1.0, 1.0)))
+    return ShortcutPreset(name=f"distilled-{len(edges)}step", method="shortft-distill",
+                          base=loaded.family or "custom", steps=len(edges), timesteps=edges, segmented=True,
+                          guidance=1.0, guidance_range=(1.0, 1.0), sampler="ddim", eta=0.0,
+                          source=f"distilled by ShortFT (teacher CFG {g[0]:g}..{g[1]:g})")
+
+
 def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
                   preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT_ADAPTER,
                   family: str | None = None, activate: bool = False) -> tuple[LoadedLora, ShortcutPreset | None]:
@@ -154,6 +167,8 @@ def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, 
     if preset is not None and lora_family in ("sd15", "sdxl") and lora_family != preset.base:
         _unwrap(unet).delete_adapters(adapter_name)
         raise LoraFormatError(f"{loaded.source} is a {lora_family} LoRA but preset {preset.name} is for {preset.base}")
+    if preset is None:
+        preset = preset_from_metadata(loaded)
     if preset is None:
         log.warning("shortcut %s: no preset given or recognised; pass preset= (one of %s) so jumps can be checked",
                     loaded.source, ", ".join(sorted(PRESETS)))

@@ -20,7 +20,7 @@ from .scenes import IMAGE_SIZE, held_out_prompts, train_prompts
 DEFAULT_GUIDANCE = 3.0
 
 __all__ = ["DEFAULT_GUIDANCE", "IMAGE_SIZE", "held_out_prompts", "train_prompts", "load_tiny_model",
-           "load_tiny_rewards", "weights_dir"]
+           "load_tiny_rewards", "tiny_shortcut_path", "weights_dir"]
 
 
 def weights_dir(root: str | os.PathLike | None = None) -> Path:
@@ -64,3 +64,12 @@ def load_tiny_rewards(device: str | torch.device = "cpu", root: str | os.PathLik
     head = load_aesthetic_head(root / "aesthetic_head.safetensors")
     aesthetic = AestheticReward(alignment, head, name="tiny_aesthetic").to(device)
     return alignment, aesthetic
+
+
+def tiny_shortcut_path(root: str | os.PathLike | None = None) -> Path:
+    """The tiny world's distilled 4-segment shortcut LoRA (kohya layout)."""
+    path = weights_dir(root) / "shortcut.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"the tiny shortcut {path} is missing; distill it with "
+                                "`python -m shortft_core distill --model tiny --out DIR` and copy DIR/shortcut.safetensors there")
+    return path

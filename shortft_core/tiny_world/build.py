@@ -326,8 +326,8 @@ def save_world(out: Path, cfg: BuildConfig, vae, unet, text_encoder, reward_mode
     _save_half(reward_model, out / "reward")
     state = {k: v.to(torch.float16).contiguous() for k, v in head.state_dict().items()}
     atomic_save(out / "aesthetic_head.safetensors",
-                lambda p: save_file(state, p, metadata={"input_size": str(head.input_size),
-                                                         "property": "render cleanliness, 0..10"}))
+                lambda p: save_file(state, p, metadata={"shortft": json.dumps(  # one key: byte-stable header
+                    {"input_size": head.input_size, "property": "render cleanliness, 0..10"}, sort_keys=True)}))
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.json")
     weights = [p for p in files if p.suffix == ".safetensors"]
     manifest = {
@@ -348,14 +348,21 @@ def _diffusers_version() -> str:
 
 
 def build(out: str | os.PathLike, cfg: BuildConfig = BuildConfig(), overwrite: bool = False,
-          progress: bool = True) -> dict:
-    """Train every tiny-world model and write them to ``out``; returns the manifest."""
+          progress: bool = True, resume: bool = False) -> dict:
+    """Train every tiny-world model and write them to ``out``; returns the manifest.
+
+    ``resume`` continues an interrupted build in ``out`` after its last finished phase; ``overwrite`` starts over.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its contents")
-        for sub in ("pipeline", "reward"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+        if resume and (out / ".phases").is_dir():
+            log.info("resuming the build in %s", out)
+        elif not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its contents"
+                                  + (" or --resume to continue the interrupted build" if (out / ".phases").is_dir() else ""))
+        else:
+            for sub in ("pipeline", "reward", ".phases"):
+                shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
@@ -363,19 +370,71 @@ def build(out: str | os.PathLike, cfg: BuildConfig = BuildConfig(), overwrite: b
     tokenizer = load_clip_tokenizer(write_clip_tokenizer(tok_dir))
     bar = _Progress(cfg.vae_steps + cfg.unet_steps + cfg.reward_steps, enabled=progress)
     timings: dict[str, float] = {}
+    phases = _PhaseCache(out / ".phases", cfg)
     try:
-        t0 = time.perf_counter()
-        reward_model, head = train_reward(cfg, tokenizer, bar)
-        timings["reward"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        vae = train_vae(cfg, bar)
-        timings["vae"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        unet, text_encoder = train_unet(cfg, vae, tokenizer, bar)
-        timings["unet"] = time.perf_counter() - t0
+        reward_model, head = phases.run("reward", lambda: train_reward(cfg, tokenizer, bar), timings,
+                                        ("reward_", "seed"), make=lambda: (make_reward_model(), _aesthetic_head()))
+        vae = phases.run("vae", lambda: (train_vae(cfg, bar),), timings, ("vae_", "seed"), make=lambda: (make_vae(),))[0]
+        unet, text_encoder = phases.run("unet", lambda: train_unet(cfg, vae, tokenizer, bar), timings,
+                                        ("unet_", "vae_", "seed", "caption_dropout", "min_snr_gamma", "ema_decay"),
+                                        make=lambda: (make_unet(), _text_encoder()))
     finally:
         bar.close()
-    return save_world(out, cfg, vae, unet, text_encoder, reward_model, head, timings)
+    manifest = save_world(out, cfg, vae, unet, text_encoder, reward_model, head, timings)
+    shutil.rmtree(out / ".phases", ignore_errors=True)
+    return manifest
+
+
+def _aesthetic_head():
+    from ..rewards.aesthetic import AestheticMLP
+
+    return AestheticMLP(TEXT_DIM)
+
+
+def _text_encoder():
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(text_encoder_config())
+
+
+class _PhaseCache:
+    """Finished phases are kept in ``out/.phases`` so an interrupted build resumes after its last finished phase
+    (a phase is reused only if every setting it depends on is unchanged)."""
+
+    def __init__(self, folder: Path, cfg: BuildConfig) -> None:
+        self.folder, self.cfg = folder, cfg
+
+    def _settings(self, keys: tuple[str, ...]) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self.cfg).items() if any(k.startswith(p) for p in keys)}
+
+    def run(self, name: str, train: Callable, timings: dict, keys: tuple[str, ...], make: Callable) -> tuple:
+        path = self.folder / f"{name}.pt"
+        settings = self._settings(keys)
+        if path.is_file():
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
+            if json.loads(saved["settings"]) == json.loads(json.dumps(settings)):
+                modules = make()
+                for m, state in zip(modules, saved["states"]):
+                    m.load_state_dict(state)
+                    m.eval().requires_grad_(False)
+                for m, extra in zip(modules, saved["configs"]):
+                    if extra:
+                        m.register_to_config(**json.loads(extra))
+                timings[name] = saved["seconds"]
+                log.info("phase %s: reused from %s", name, path)
+                return tuple(modules)
+        t0 = time.perf_counter()
+        modules = train()
+        timings[name] = time.perf_counter() - t0
+        configs = [json.dumps({"scaling_factor": m.config.scaling_factor}) if hasattr(getattr(m, "config", None), "scaling_factor")
+                   else "" for m in modules]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_save(path, lambda p: torch.save({"settings": json.dumps(settings), "seconds": timings[name],
+                                                "states": [m.state_dict() for m in modules], "configs": configs}, p))
+        return tuple(modules)
+
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (refused if not empty unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     for f in dataclasses.fields(BuildConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -390,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
-    manifest = build(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    manifest = build(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume)
     log.info("wrote %s (%.2f MiB of weights) in %s", args.out, manifest["weights_mib"], manifest["timings_s"])
     return 0
 

@@ -1,0 +1,191 @@
+"""GPU cost of one training iteration per method on full-size SD1.5 (512 px) and SDXL (1024 px) shapes, bf16.
+
+    python bench/bench_gpu.py --out runs/bench-gpu                  # CUDA, about 4-8 minutes on one H100/H200
+    python bench/bench_gpu.py --small --device cpu --out runs/g     # the same code path on tiny shapes (CPU check)
+
+Random-weight models of the real architectures (no weights exist offline), a rank-64 random frozen shortcut on
+every ResNet/attention layer (like Hyper-SD's LoRA), a rank-128 alignment set on attention+FF (the paper's), a
+reward with a random CLIP ViT-L/14 image tower at 224 px + an MLP head. Per (family, method, checkpointing,
+batch): median iteration time of timed iterations after one warm-up, peak CUDA memory
+(``torch.cuda.max_memory_allocated``), and the efficiency ratio = iteration time / sum of the iteration's passes
+timed alone. Configurations run in priority order until ``--budget-s`` is spent; results are written after each
+one (results.json) and the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shortft_core.adapters import SHORTCUT, SHORTCUT_TARGETS, add_lora, adapter_parameters  # noqa: E402
+from shortft_core.profiling import ideal_seconds, pass_costs  # noqa: E402
+from shortft_core.rewards.base import Reward  # noqa: E402
+from shortft_core.rewards.preprocess import Preprocess  # noqa: E402
+from shortft_core.trainer import PromptSource, TrainConfig, Trainer  # noqa: E402
+
+# (family, method overrides, checkpointing, batch) in priority order: the targets first.
+PLAN = [
+    ("sd15", "shortft", False, 2), ("sd15", "shortft", True, 1), ("sd15", "full-bptt", True, 1),
+    ("sd15", "shortft", False, 1), ("sd15", "draft-1", False, 1), ("sd15", "refl", False, 1),
+    ("sd15", "alignprop", True, 1), ("sd15", "shortft", True, 2), ("sd15", "shortft", False, 4),
+    ("sd15", "draft-1", False, 2), ("sd15", "refl", False, 2), ("sd15", "alignprop", True, 2),
+    ("sd15", "full-bptt", True, 2), ("sd15", "shortft", True, 4), ("sd15", "draft-1", False, 4),
+    ("sd15", "refl", False, 4), ("sd15", "alignprop", True, 4), ("sd15", "draft-1", True, 1),
+    ("sdxl", "shortft", False, 1), ("sdxl", "shortft", True, 1), ("sdxl", "full-bptt", True, 1),
+    ("sdxl", "draft-1", False, 1), ("sdxl", "refl", False, 1), ("sdxl", "alignprop", True, 1),
+    ("sdxl", "shortft", False, 2), ("sdxl", "shortft", True, 2),
+]
+METHOD = {"shortft": {"method": "shortft"}, "draft-1": {"method": "draft", "draft_k": 1},
+          "alignprop": {"method": "alignprop"}, "refl": {"method": "refl"}, "full-bptt": {"method": "full-bptt"}}
+
+
+class RandomClipReward(Reward):
+    """A reward with the cost of a real one: CLIP ViT-L/14 image tower (random weights) + MLP head."""
+
+    name = "random_clip_l14"
+
+    def __init__(self, small: bool, device, dtype) -> None:
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        cfg = (CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8, projection_dim=16) if small else
+               CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                image_size=224, patch_size=14, projection_dim=768))
+        self.tower = CLIPVisionModelWithProjection(cfg).to(device, dtype)
+        self.head = torch.nn.Linear(cfg.projection_dim, 1).to(device, dtype)
+        self.prep = Preprocess(size=cfg.image_size)
+        self.freeze()
+
+    def score(self, images, prompts):
+        emb = self.tower(pixel_values=self.prep(images).to(self.head.weight.dtype)).image_embeds
+        return self.head(torch.nn.functional.normalize(emb, dim=-1)).squeeze(-1).float()
+
+
+def build(family: str, small: bool, device, dtype):
+    from shortft_core.random_models import random_model, write_small_configs
+
+    cfg_dir = None
+    if small:
+        cfg_dir = write_small_configs(family, Path(os.environ.get("TMPDIR", "/tmp")) / f"small-{family}")
+    model = random_model(family, dtype=dtype, config_dir=cfg_dir).to(device)
+    add_lora(model.unet, SHORTCUT, 8 if small else 64, targets=SHORTCUT_TARGETS, seed=1)
+    for p in adapter_parameters(model.unet, SHORTCUT):
+        p.requires_grad_(False)
+    return model, RandomClipReward(small, device, dtype)
+
+
+def run_config(model, reward, method: str, ckpt: bool, batch: int, small: bool, iters: int) -> dict:
+    cfg = TrainConfig(**METHOD[method], checkpoint_unet=ckpt, batch_size=batch, rank=8 if small else 128,
+                      guidance=7.5, eval_prompts=0, iterations=10**6, lr=1e-5,
+                      mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")
+    tr = Trainer(model, reward, cfg, PromptSource(["a photograph of an astronaut riding a horse"]))
+    cuda = model.device.type == "cuda"
+    try:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        tr.train_step()  # warm-up (and stage set-up)
+        times, plans = [], []
+        for _ in range(iters):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tr.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            plans.append(tr.last_plan)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        costs = pass_costs(tr, batch, reps=2)
+        ideal = statistics.mean(ideal_seconds(p, costs) for p in plans)
+        return {"sec_per_iter": statistics.median(times), "peak_gib": peak, "efficiency_ratio":
+                statistics.median(times) / ideal, "network_calls": plans[0].network_calls,
+                "grad_calls": plans[0].grad_calls, "iters": iters}
+    finally:
+        model.unet.delete_adapters(list(tr.lora.names))
+        model.unet.zero_grad(set_to_none=True)
+        del tr
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def table(results: list[dict], device_name: str) -> str:
+    lines = [f"device: {device_name}", "",
+             "| family | method | ckpt | batch | s/iter | peak GiB | efficiency ratio | UNet calls (grad) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['method']} | {r['ckpt']} | {r['batch']} | {r['error']} | | | |")
+            continue
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        lines.append(f"| {r['family']} | {r['method']} | {r['ckpt']} | {r['batch']} | {r['sec_per_iter']:.2f} | {peak} | "
+                     f"{r['efficiency_ratio']:.2f} | {r['network_calls']} ({r['grad_calls']}) |")
+    by = {(r["family"], r["method"], r["ckpt"], r["batch"]): r for r in results if "error" not in r}
+    for fam in ("sd15", "sdxl"):
+        a, b = by.get((fam, "shortft", True, 1)), by.get((fam, "full-bptt", True, 1))
+        if a and b:
+            lines.append(f"\n{fam}: full BPTT / ShortFT per iteration (checkpointing, batch 1) = "
+                         f"{b['sec_per_iter'] / a['sec_per_iter']:.1f}x")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="reduced configs (CPU check of the script)")
+    p.add_argument("--families", nargs="+", default=["sd15", "sdxl"])
+    p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configurations after this")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration")
+    p.add_argument("--out", default="runs/bench-gpu")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    t_start = time.perf_counter()
+    results: list[dict] = []
+    for family in args.families:
+        todo = [c for c in PLAN if c[0] == family]
+        if time.perf_counter() - t_start > args.budget_s:
+            break
+        t0 = time.perf_counter()
+        model, reward = build(family, args.small, device, dtype)
+        print(f"built {family} in {time.perf_counter() - t0:.0f}s", flush=True)
+        for fam, method, ckpt, batch in todo:
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"budget spent: skipping {fam} {method} ckpt={ckpt} b{batch}", flush=True)
+                continue
+            row = {"family": fam, "method": method, "ckpt": ckpt, "batch": batch}
+            try:
+                row.update(run_config(model, reward, method, ckpt, batch, args.small, args.iters))
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "OOM"
+            except Exception as e:  # record and go on: one failure must not lose the other rows
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                traceback.print_exc()
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            (out / "results.json").write_text(json.dumps({"device": name, "results": results}, indent=1))
+        del model, reward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    text = table(results, name)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""LoRA adapters on the UNet (peft): the frozen shortcut and the timestep-aware alignment set.
+
+Several adapters live on one UNet at once. Which of them a UNet call uses is switched per chain step by
+:class:`AdapterSwitch`, which only sets each LoRA layer's active list: unlike peft's ``set_adapter`` it never
+touches ``requires_grad``, so the frozen shortcut stays frozen and the trainable set stays trainable whatever is
+active. The base weights are never trained.
+
+The alignment set has ``k`` adapters ``align_1 .. align_k``, one per trajectory segment. In timestep-aware mode
+the set active in segment ``j`` is ``align_1 .. align_j`` (stacked, as in the paper); in single mode one adapter
+``align_1`` serves every timestep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+ATTENTION_FF_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+# Consistency-distilled shortcuts (LCM / PCM / Hyper-SD LoRAs) also adapt the ResNet blocks.
+SHORTCUT_TARGETS: tuple[str, ...] = ATTENTION_FF_TARGETS + (
+    "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+    "upsamplers.0.conv",
+)
+SHORTCUT = "shortcut"
+
+
+def lora_config(rank: int, alpha: float | None = None, targets: Sequence[str] = ATTENTION_FF_TARGETS):
+    """A peft LoraConfig (B initialised to zero, so a new adapter starts as the identity)."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    return LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), target_modules=list(targets),
+                      init_lora_weights=True, lora_dropout=0.0)
+
+
+def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = None,
+             targets: Sequence[str] = ATTENTION_FF_TARGETS, seed: int | None = None) -> list[torch.nn.Parameter]:
+    """Inject a new LoRA adapter ``name`` into ``unet``; returns its parameters (left trainable)."""
+    if name in getattr(unet, "peft_config", {}):
+        raise ValueError(f"the UNet already has an adapter named {name!r}")
+    flags = {id(p): p.requires_grad for p in unet.parameters()}  # add_adapter's set_adapter flips other adapters
+    fork = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+    for p in unet.parameters():
+        if id(p) in flags:
+            p.requires_grad_(flags[id(p)])
+    params = adapter_parameters(unet, name)
+    if not params:
+        raise ValueError(f"no module of the UNet matched the LoRA targets {list(targets)}")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(unet: torch.nn.Module) -> list[str]:
+    return list(getattr(unet, "peft_config", {}).keys())
+
+
+def adapter_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """The parameters of one adapter, in a stable order."""
+    marker = f".{name}."
+    return [p for n, p in unet.named_parameters() if marker in n and ("lora_" in n)]
+
+
+def adapter_state(unet: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Detached copy of one adapter's weights keyed by parameter name (adapter name removed)."""
+    marker = f".{name}."
+    return {n.replace(marker, "."): p.detach().clone() for n, p in unet.named_parameters() if marker in n and "lora_" in n}
+
+
+def load_adapter_state(unet: torch.nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Copy weights saved by :func:`adapter_state` into adapter ``name`` (strict)."""
+    marker = f".{name}."
+    params = {n.replace(marker, "."): p for n, p in unet.named_parameters() if marker in n and "lora_" in n}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"adapter {name!r}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k].to(p.dtype))
+
+
+def freeze_all_but(unet: torch.nn.Module, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Make exactly the named adapters trainable; everything else (base, other adapters) frozen."""
+    keep = set(trainable)
+    out = []
+    for n, p in unet.named_parameters():
+        on = "lora_" in n and any(f".{a}." in n for a in keep)
+        p.requires_grad_(on)
+        if on:
+            out.append(p)
+    return out
+
+
+class AdapterSwitch:
+    """Chooses which adapters a UNet call uses, without changing which parameters are trainable."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self.layers = lora_layers(unet)
+        self.known = set(adapter_names(unet))
+        self.current: tuple[str, ...] | None = None
+
+    def refresh(self) -> None:
+        """Call after adding adapters."""
+        self.layers = lora_layers(self.unet)
+        self.known = set(adapter_names(self.unet))
+        self.current = None
+
+    def activate(self, names: Sequence[str]) -> None:
+        names = tuple(names)
+        if names == self.current:
+            return
+        unknown = set(names) - self.known
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {sorted(unknown)}; the UNet has {sorted(self.known)}")
+        for layer in self.layers:
+            layer._active_adapter = list(names)
+        self.current = names
+
+    @contextlib.contextmanager
+    def using(self, names: Sequence[str]) -> Iterator[None]:
+        previous = self.current
+        self.activate(names)
+        try:
+            yield
+        finally:
+            if previous is not None:
+                self.activate(previous)
+
+
+@dataclass(frozen=True)
+class SegmentMap:
+    """k trajectory segments on the 0..999 timestep axis; segment j (1-based) is ``lowers[j-1] <= t < lowers[j-2]``.
+
+    ``lowers`` are the lower ends, strictly descending, the last one 0: SD1.5's 50-step chain cut at the anchors
+    761, 501, 261 gives ``(761, 501, 261, 0)`` - segments 981..761, 741..501, 481..261, 241..1.
+    """
+
+    lowers: tuple[int, ...] = (761, 501, 261, 0)
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        lw = self.lowers
+        if not lw or lw[-1] != 0 or any(a <= b for a, b in zip(lw, lw[1:])) or lw[0] >= self.num_train_timesteps:
+            raise ValueError(f"segment lower ends must be strictly descending, below {self.num_train_timesteps}, "
+                             f"and end with 0; got {lw}")
+
+    @property
+    def k(self) -> int:
+        return len(self.lowers)
+
+    def segment_of(self, t: int) -> int:
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep {t} outside 0..{self.num_train_timesteps - 1}")
+        for j, low in enumerate(self.lowers, start=1):
+            if t >= low:
+                return j
+        raise AssertionError("unreachable")
+
+    def range_of(self, j: int) -> tuple[int, int]:
+        """Inclusive (low, high) timesteps of segment j."""
+        high = self.num_train_timesteps - 1 if j == 1 else self.lowers[j - 2] - 1
+        return self.lowers[j - 1], high
+
+    def to_json(self) -> str:
+        return json.dumps({"segments": [list(self.range_of(j)) for j in range(1, self.k + 1)]})
+
+
+@dataclass(frozen=True)
+class LoraSetSpec:
+    """The alignment LoRA set: rank/alpha/targets and how adapters map to segments."""
+
+    rank: int = 8
+    alpha: float | None = None
+    targets: tuple[str, ...] = ATTENTION_FF_TARGETS
+    timestep_aware: bool = True
+    segments: SegmentMap = field(default_factory=SegmentMap)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        n = self.segments.k if self.timestep_aware else 1
+        return tuple(f"align_{i}" for i in range(1, n + 1))
+
+    def active_in_segment(self, j: int) -> tuple[str, ...]:
+        """Adapters used by the fine-tuned model in segment j: ``align_1..align_j`` (stacked) or the single one."""
+        if not 1 <= j <= self.segments.k:
+            raise ValueError(f"segment {j} outside 1..{self.segments.k}")
+        return self.names[:j] if self.timestep_aware else self.names
+
+    def active_at(self, t: int) -> tuple[str, ...]:
+        return self.active_in_segment(self.segments.segment_of(t))
+
+    def trainable_in_stage(self, i: int) -> tuple[str, ...]:
+        """Progressive stage i trains ``align_i..align_k`` (single mode: the one adapter)."""
+        if not 1 <= i <= self.segments.k:
+            raise ValueError(f"stage {i} outside 1..{self.segments.k}")
+        return self.names[i - 1 :] if self.timestep_aware else self.names
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["segments"] = {"lowers": list(self.segments.lowers)}
+        d["targets"] = list(self.targets)
+        return d
+
+    def add_to(self, unet: torch.nn.Module, seed: int = 0) -> dict[str, list[torch.nn.Parameter]]:
+        """Inject every adapter of the set (deterministic init for ``seed``)."""
+        return {name: add_lora(unet, name, self.rank, self.alpha, self.targets, seed=seed * 1000 + i)
+                for i, name in enumerate(self.names)}

@@ -1,0 +1,91 @@
+"""The one differentiable sampler: executes any :class:`~shortft_core.plans.ChainPlan` from x_T.
+
+A pure function of (model, plan, x_T, conditioning): adapters are switched per step, classifier-free guidance
+batches the conditional and unconditional halves, steps without gradient run under ``no_grad``, checkpointed
+steps are recomputed in backward (their adapter set is re-selected inside the recomputed function, so the
+recomputation uses the same network as the forward), and DRTune-style steps see a detached input.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .adapters import AdapterSwitch
+from .models import Conditioning, T2IModel
+from .plans import ChainPlan, Step
+from .schedule import ddim_step, ddim_x0
+
+StepHook = Callable[[int, Step, torch.Tensor], None]
+EpsHook = Callable[[Step, torch.Tensor, torch.Tensor], None]
+
+
+def guided_eps(model: T2IModel, x: torch.Tensor, t: int | torch.Tensor, cond: Conditioning,
+               uncond: Conditioning | None, guidance: float, unet: torch.nn.Module | None = None) -> torch.Tensor:
+    """eps with classifier-free guidance, evaluating the conditional and unconditional halves in one batch."""
+    if uncond is None or guidance == 1.0:
+        return model.eps(x, t, cond, unet=unet)
+    both = model.eps(torch.cat([x, x]), t, uncond.cat(cond), unet=unet)
+    e_u, e_c = both.chunk(2)
+    return e_u + guidance * (e_c - e_u)
+
+
+def renoise(x: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Forward-diffuse x from noise level ``abar_from`` to the noisier level ``abar_to`` (q(x_to | x_from))."""
+    ratio = (abar_to / abar_from).reshape(-1, *([1] * (x.ndim - 1))) if abar_to.ndim else abar_to / abar_from
+    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+
+
+def run_plan(model: T2IModel, plan: ChainPlan, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+             switch: AdapterSwitch | None, unet: torch.nn.Module | None = None,
+             generator: torch.Generator | None = None, hook: StepHook | None = None,
+             on_eps: EpsHook | None = None) -> list[torch.Tensor]:
+    """Run ``plan`` from ``x`` and return its readouts (latents), in order.
+
+    ``unet`` overrides the module called (e.g. the DDP-wrapped UNet); ``generator`` drives re-noising steps;
+    ``hook(i, step, x_after)`` sees every step's result (progress, previews, tests); ``on_eps(step, x_in, eps)``
+    sees every network output (e.g. a regulariser toward the base).
+    """
+    sched = model.schedule
+    readouts: list[torch.Tensor] = []
+    for i, step in enumerate(plan.steps):
+        a_t, a_s = sched.abar(step.t, x), sched.abar(step.s, x)
+        if step.kind == "renoise":
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = renoise(x, a_t, a_s, noise)
+        else:
+            eps = _network(model, step, x, cond, uncond, switch, unet)
+            if on_eps is not None:
+                on_eps(step, x, eps)
+            if step.readout == "x0":
+                readouts.append(ddim_x0(x, eps, a_t))
+            x = ddim_step(x, eps, a_t, a_s)
+            if step.readout == "x":
+                readouts.append(x)
+        if hook is not None:
+            hook(i, step, x)
+    return readouts
+
+
+def _network(model: T2IModel, step: Step, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+             switch: AdapterSwitch | None, unet: torch.nn.Module | None) -> torch.Tensor:
+    use_uncond = uncond if step.guidance != 1.0 else None
+    if step.guidance != 1.0 and uncond is None:
+        raise ValueError(f"step {step.t}->{step.s} uses guidance {step.guidance} but no unconditional embedding was given")
+
+    def call(inp: torch.Tensor) -> torch.Tensor:
+        if switch is not None:
+            switch.activate(step.adapters)
+        elif step.adapters:
+            raise ValueError(f"step {step.t}->{step.s} needs adapters {step.adapters} but no AdapterSwitch was given")
+        return guided_eps(model, inp, step.t, cond, use_uncond, step.guidance, unet=unet)
+
+    inp = x.detach() if step.detach_input else x
+    if not step.grad:
+        with torch.no_grad():
+            return call(inp)
+    if step.checkpoint:
+        return _checkpoint(call, inp, use_reentrant=False)
+    return call(inp)

@@ -1,0 +1,368 @@
+"""Shortcut distillation: trajectory-segmented consistency distillation of a few-step LoRA for any eps base.
+
+ShortFT needs a frozen model that jumps a long stretch of the base's own sampling trajectory in one call. For
+SD1.5 users download one (Hyper-SD, PCM, TCD); for the tiny world, or a base fine-tuned by a user, we distill it
+here, following the ideas of Hyper-SD (trajectory-segmented consistency distillation, arXiv 2404.13686) and PCM
+(phased consistency models, arXiv 2405.18407):
+
+* The timestep axis is cut into k segments by ``edges`` (default 999 / 749 / 499 / 249, Hyper-SD's 4-step
+  trailing grid). Segment j holds the timesteps ``edges[j+1] < t <= edges[j]`` (the last one down to the clean
+  end), and its *target* is its lower edge.
+* Teacher: the frozen base solving the probability-flow ODE with DDIM on a fine grid (``teacher_steps``, 50 by
+  default: solver steps of 20 timesteps), optionally with classifier-free guidance drawn from a range.
+* Student: the base plus a LoRA (the shortcut adapter), eps-prediction. One DDIM jump with the student's eps from
+  any x_t inside a segment should land where the teacher's trajectory crosses the segment's lower edge; because
+  the jump is DDIM with the student's eps, it can stop anywhere on the way (741 -> 501 inside (499, 749]).
+* Consistency target (phased): from x_{t'} the teacher takes one solver step to x_{t''} (t'' = t' - 20, clipped
+  at the edge); the target is the stop-gradient (optionally EMA) student's DDIM jump from x_{t''} to the edge, or
+  x_{t''} itself when t'' is the edge (the boundary condition that anchors each segment).
+* Loss: pseudo-Huber on the latent difference, sqrt(|d|^2 + c^2) - c with c = 0.001 * sqrt(dim) (robust to the
+  occasional large teacher error, as in improved consistency training); ``l2`` is available.
+
+Data: image-caption pairs (the tiny world's generator, noised with q(x_t|x_0)) or prompts only (data-free: the
+teacher samples x_0 itself with 50-step DDIM, and those samples are noised; a pool is reused for a few steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
+from .adapters import load_adapter_state
+from .checkpoint import CheckpointManager, all_finite, capture_rng, restore_rng
+from .models import Conditioning, T2IModel
+from .chain import run_plan
+from .plans import base_chain
+from .sampling import initial_noise
+from .schedule import FINAL, add_noise, ddim_step, leading_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    """Settings of a shortcut distillation run (all of them recorded in the LoRA's metadata)."""
+
+    edges: tuple[int, ...] = (999, 749, 499, 249)  # segment upper edges; the last segment ends at the clean sample
+    teacher_steps: int = 50  # fine DDIM grid of the teacher: solver step = 1000 // teacher_steps timesteps
+    teacher_guidance: tuple[float, float] = (3.0, 3.0)  # CFG range drawn per batch (1, 1 = no guidance)
+    rank: int = 16
+    alpha: float | None = None
+    targets: tuple[str, ...] = SHORTCUT_TARGETS
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
+    ema_decay: float = 0.0  # 0: stop-gradient student as the target network
+    data: str = "tiny"  # "tiny" (generator image-caption pairs) or "prompts" (data-free teacher samples)
+    prompts: tuple[str, ...] = ()
+    pool_reuse: int = 4  # data-free: steps each teacher-sampled pool is reused
+    train_images: int = 20000  # tiny: size of the encoded image pool
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def validate(self, model: T2IModel | None = None) -> None:
+        """Raise on inconsistent settings, before any heavy work."""
+        e = self.edges
+        n = model.schedule.num_train_timesteps if model is not None else 1000
+        if len(e) < 1 or any(a <= b for a, b in zip(e, e[1:])) or e[0] >= n or e[-1] <= 0:
+            raise ValueError(f"edges must be strictly decreasing timesteps in 1..{n - 1} (e.g. 999 749 499 249); got {list(e)}")
+        lo, hi = self.teacher_guidance
+        if not 1.0 <= lo <= hi:
+            raise ValueError(f"teacher_guidance must be a range lo <= hi with lo >= 1; got {self.teacher_guidance}")
+        if self.loss not in ("huber", "l2"):
+            raise ValueError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
+        if self.data not in ("tiny", "prompts"):
+            raise ValueError(f"data must be 'tiny' or 'prompts', got {self.data!r}")
+        if self.data == "prompts" and not self.prompts:
+            raise ValueError("data='prompts' needs prompts (one per line in --prompts-file)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if model is not None:
+            if model.schedule.prediction_type != "epsilon":
+                raise ValueError(f"the base is {model.schedule.prediction_type}-prediction; distillation needs an "
+                                 "eps-prediction base (SD1.5 / SDXL family)")
+            if n % self.teacher_steps:
+                raise ValueError(f"teacher_steps must divide {n}; got {self.teacher_steps}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def segment_of(t: int, edges: Sequence[int]) -> tuple[int, int]:
+    """(segment index 0.., lower edge) of timestep t; the lower edge of the last segment is FINAL."""
+    for j, upper in enumerate(edges):
+        lower = edges[j + 1] if j + 1 < len(edges) else FINAL
+        if lower < t <= upper or (j == 0 and t > upper):
+            return j, lower
+    raise ValueError(f"timestep {t} is below every segment")
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d = (a - b).flatten(1).float()
+    c = 0.001 * math.sqrt(d.shape[1])
+    return (torch.sqrt(d.pow(2).sum(1) + c * c) - c).mean()
+
+
+# ----- data ------------------------------------------------------------------------------------------------------
+class TinyPairs:
+    """Encoded tiny-world training images and their captions (deterministic for a seed)."""
+
+    def __init__(self, model: T2IModel, n: int, seed: int) -> None:
+        from .tiny_world import scenes
+
+        lat, caps = [], []
+        with torch.no_grad():
+            for start in range(0, n, 256):
+                arr, sc = scenes.scene_batch(seed + 5000, range(start, min(n, start + 256)), "train")
+                lat.append(model.encode_images(scenes.to_float(arr).to(model.device, model.dtype)))
+                caps += [s.caption for s in sc]
+        self.latents, self.captions = torch.cat(lat), caps
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        idx = torch.randint(0, len(self.captions), (size,), generator=gen)
+        return self.latents[idx.to(self.latents.device)], [self.captions[i] for i in idx.tolist()]
+
+
+class TeacherPool:
+    """Data-free source: x_0 sampled by the teacher itself for random prompts, reused for ``reuse`` batches."""
+
+    def __init__(self, model: T2IModel, prompts: Sequence[str], guidance: float, reuse: int) -> None:
+        self.model, self.prompts, self.guidance, self.reuse = model, list(prompts), guidance, reuse
+        self.pool: tuple[torch.Tensor, list[str]] | None = None
+        self.uses = 0
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        if self.pool is None or self.uses >= self.reuse:
+            idx = torch.randint(0, len(self.prompts), (size,), generator=gen).tolist()
+            prompts = [self.prompts[i] for i in idx]
+            seeds = torch.randint(0, 2**31 - 1, (size,), generator=gen).tolist()
+            m = self.model
+            x = initial_noise(seeds, m.latent_shape(), m.device, m.dtype)
+            with torch.no_grad():
+                cond = m.encode_prompts(prompts)
+                uncond = m.encode_prompts([""]).repeat(size)
+                plan = base_chain(leading_grid(50, m.schedule.num_train_timesteps), self.guidance)
+                x0 = run_plan(m, plan, x, cond, uncond, None)[-1]
+            self.pool, self.uses = (x0, prompts), 0
+        self.uses += 1
+        return self.pool
+
+
+# ----- the distiller ---------------------------------------------------------------------------------------------
+class Distiller:
+    """Owns the student adapter, optimizer and loop; ``run`` trains, checkpoints and resumes exactly."""
+
+    def __init__(self, model: T2IModel, cfg: DistillConfig, out: str | Path) -> None:
+        cfg.validate(model)
+        self.model, self.cfg, self.out = model, cfg, Path(out)
+        self.unet = model.unet
+        if SHORTCUT not in getattr(self.unet, "peft_config", {}):
+            add_lora(self.unet, SHORTCUT, cfg.rank, cfg.alpha, cfg.targets, seed=cfg.seed)
+        self.params = adapter_parameters(self.unet, SHORTCUT)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.switch = AdapterSwitch(self.unet)
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warm = max(1, cfg.warmup)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.solver = model.schedule.num_train_timesteps // cfg.teacher_steps
+        self.skipped = 0
+        if cfg.data == "tiny":
+            self.data = TinyPairs(model, cfg.train_images, cfg.seed)
+        else:
+            self.data = TeacherPool(model, cfg.prompts, cfg.teacher_guidance[1], cfg.pool_reuse)
+        self.empty = model.encode_prompts([""])
+
+    # ---- one step ----
+    def _eps(self, adapters: Sequence[str], x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+             uncond: Conditioning | None = None, guidance: torch.Tensor | float = 1.0) -> torch.Tensor:
+        self.switch.activate(adapters)
+        if uncond is None:
+            return self.model.eps(x, t, cond)
+        both = self.model.eps(torch.cat([x, x]), torch.cat([t, t]), uncond.cat(cond))
+        e_u, e_c = both.chunk(2)
+        g = torch.as_tensor(guidance, device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return e_u + g * (e_c - e_u)
+
+    def _swap_ema(self) -> None:
+        if self.ema is not None:
+            for p, e in zip(self.params, self.ema):
+                tmp = p.detach().clone()
+                p.data.copy_(e)
+                e.copy_(tmp)
+
+    def loss_on(self, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
+        cfg, m, b = self.cfg, self.model, x0.shape[0]
+        sch = m.schedule
+        # a random timestep inside a random segment; teacher target t2 one solver step lower (clipped at the edge)
+        t1 = torch.randint(1, cfg.edges[0] + 1, (b,), generator=gen)
+        seg = [segment_of(int(t), cfg.edges) for t in t1]
+        lower = torch.tensor([lo for _, lo in seg])
+        t2 = torch.maximum(t1 - self.solver, lower)
+        lo_g, hi_g = cfg.teacher_guidance
+        g = lo_g + (hi_g - lo_g) * torch.rand(b, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        dev = x0.device
+        a1, a2, alow = sch.abar(t1, x0), sch.abar(t2, x0), sch.abar(lower, x0)
+        x1 = add_noise(x0, noise, a1)
+        cond = m.encode_prompts(prompts)
+        uncond = self.empty.repeat(b) if hi_g > 1.0 else None
+        with torch.no_grad():
+            e_teacher = self._eps((), x1, t1.to(dev), cond, uncond, g.to(dev))
+            x2 = ddim_step(x1, e_teacher, a1, a2)
+            self._swap_ema()
+            e_target = self._eps((SHORTCUT,), x2, t2.clamp_min(0).to(dev), cond)
+            self._swap_ema()
+            at_edge = (t2 == lower).to(dev).view(-1, 1, 1, 1)
+            target = torch.where(at_edge, x2, ddim_step(x2, e_target, a2, alow))
+        e_student = self._eps((SHORTCUT,), x1, t1.to(dev), cond)
+        pred = ddim_step(x1, e_student, a1, alow)
+        return pseudo_huber(pred, target) if cfg.loss == "huber" else (pred - target).float().pow(2).mean()
+
+    # ---- checkpoints ----
+    def state(self) -> dict:
+        return {"adapter": adapter_state(self.unet, SHORTCUT), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": capture_rng({"data": self.gen}),
+                "ema": self.ema, "skipped": self.skipped, "config": json.dumps(self.cfg.to_dict())}
+
+    def resume(self) -> bool:
+        path = self.ckpt.latest()
+        if path is None:
+            return False
+        st = CheckpointManager.load(path)
+        saved = json.loads(st["config"])
+        now = json.loads(json.dumps(self.cfg.to_dict()))
+        diff = {k for k in now if k not in ("steps", "checkpoint_every", "keep_checkpoints") and saved.get(k) != now[k]}
+        if diff:
+            raise ValueError(f"cannot resume from {path}: settings differ from the checkpoint in {sorted(diff)}; "
+                             "use the same settings or another --out")
+        load_adapter_state(self.unet, SHORTCUT, st["adapter"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        restore_rng(st["rng"], {"data": self.gen})
+        self.ema = st["ema"]
+        self.skipped = st["skipped"]
+        self.step = st["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def run(self, on_step: Callable[[int, dict], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict:
+        """Train until ``cfg.steps`` (or ``should_stop()``); returns the last metrics."""
+        cfg = self.cfg
+        self.unet.train()
+        metrics: dict = {}
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            if should_stop is not None and should_stop():
+                log.info("stopped at step %d on request", self.step)
+                break
+            x0, prompts = self.data.batch(cfg.batch_size, self.gen)
+            loss = self.loss_on(x0, prompts, self.gen)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in self.params]
+            if not (torch.isfinite(loss) and all_finite(grads)):
+                self.skipped += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", self.step, self.skipped)
+                if self.skipped > 20:
+                    raise FloatingPointError("more than 20 non-finite steps: lower --lr; the last checkpoint is intact")
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.opt.step()
+                if self.ema is not None:
+                    with torch.no_grad():
+                        for e, p in zip(self.ema, self.params):
+                            e.lerp_(p.detach(), 1 - cfg.ema_decay)
+            self.sched.step()
+            self.step += 1
+            metrics = {"loss": float(loss), "lr": self.sched.get_last_lr()[0],
+                       "sec_per_step": (time.perf_counter() - t0) / max(1, self.step)}
+            if on_step is not None:
+                on_step(self.step, metrics)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.ckpt.save(self.step, self.state())
+        self.unet.eval()
+        return metrics
+
+    def metadata(self) -> dict:
+        """What the shortcut file records about itself (stored as its "shortft" metadata field)."""
+        cfg = self.cfg
+        segments = [[(cfg.edges[j + 1] if j + 1 < len(cfg.edges) else 0), cfg.edges[j]] for j in range(len(cfg.edges))]
+        return {"kind": "shortcut", "edges": list(cfg.edges), "spacing": "trailing", "segments": segments,
+                "teacher_steps": cfg.teacher_steps, "teacher_guidance": list(cfg.teacher_guidance),
+                "distill_config": cfg.to_dict(), "base": self.model.source, "steps_done": self.step}
+
+
+# ----- evaluation ------------------------------------------------------------------------------------------------
+SHORTFT_JUMPS: tuple[tuple[int, int], ...] = ((741, 501), (481, 261), (241, 1))
+
+
+@torch.no_grad()
+def jump_errors(model: T2IModel, prompts: Sequence[str], seeds: Sequence[int], guidance: float,
+                jumps: Sequence[tuple[int, int]] = SHORTFT_JUMPS, shortcut_guidance: float = 1.0) -> dict:
+    """Relative L2 error ||x_hat_s - x_s|| / ||x_s|| of one-call jumps against the teacher's 50-step DDIM.
+
+    The teacher (base, CFG ``guidance``) samples from x_T on SD1.5's 50-step grid; from its state at each jump's
+    start the shortcut (unguided unless ``shortcut_guidance``) and the base itself (naive one-step DDIM, guided)
+    jump to the end, and are compared with the teacher's state there.
+    """
+    from .chain import guided_eps
+
+    m = model
+    switch = AdapterSwitch(m.unet)
+    grid = leading_grid(50, m.schedule.num_train_timesteps)
+    x = initial_noise(list(seeds), m.latent_shape(), m.device, m.dtype)
+    cond = m.encode_prompts(list(prompts))
+    uncond = m.encode_prompts([""]).repeat(len(prompts))
+    states: dict[int, torch.Tensor] = {grid[0]: x}
+    switch.activate(())
+    run_plan(m, base_chain(grid, guidance), x, cond, uncond, switch,
+             hook=lambda i, st, xa: states.__setitem__(st.s, xa))
+    out: dict[str, dict] = {}
+    for t, s in jumps:
+        if t not in states or s not in states:
+            raise ValueError(f"jump {t} -> {s} is not on the 50-step grid")
+        xt, ref = states[t], states[s]
+        a_t, a_s = m.schedule.abar(t, xt), m.schedule.abar(s, xt)
+        switch.activate((SHORTCUT,))
+        e_short = guided_eps(m, xt, t, cond, uncond if shortcut_guidance != 1 else None, shortcut_guidance)
+        switch.activate(())
+        e_naive = guided_eps(m, xt, t, cond, uncond, guidance)
+        norm = ref.flatten(1).norm(dim=1)
+        errs = {name: ((ddim_step(xt, e, a_t, a_s) - ref).flatten(1).norm(dim=1) / norm)
+                for name, e in (("shortcut", e_short), ("naive", e_naive))}
+        out[f"{t}->{s}"] = {k: {"mean": float(v.mean()), "std": float(v.std())} for k, v in errs.items()}
+        out[f"{t}->{s}"]["ratio"] = out[f"{t}->{s}"]["shortcut"]["mean"] / out[f"{t}->{s}"]["naive"]["mean"]
+    return out
+
+
+def few_step_plan(edges: Sequence[int] = (999, 749, 499, 249), net: str = "shortcut", guidance: float = 1.0):
+    """A sampling plan that uses only jumps at the segment edges: the shortcut alone (or the base, naive)."""
+    from .plans import BASE, SHORTCUT_NET, ChainPlan, Step
+
+    pairs = [(t, edges[i + 1] if i + 1 < len(edges) else FINAL) for i, t in enumerate(edges)]
+    kind, adapters = (SHORTCUT_NET, (SHORTCUT,)) if net == "shortcut" else (BASE, ())
+    steps = [Step(t, s, kind, adapters, guidance, readout="x" if s == FINAL else None) for t, s in pairs]
+    return ChainPlan(f"{net}-{len(edges)}step", tuple(steps))

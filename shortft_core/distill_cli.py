@@ -1,0 +1,78 @@
+"""``python -m shortft_core distill``: distill a shortcut LoRA from a base model (see :mod:`shortft_core.distill`).
+
+    python -m shortft_core distill --model tiny --out runs/shortcut                # the tiny world (CPU)
+    python -m shortft_core distill --model /models/my-sd15 --data prompts --prompts-file p.txt --out runs/sc
+
+Writes ``shortcut.safetensors`` (kohya LoRA with ``.alpha``, loadable by diffusers, ComfyUI and ShortFT) and
+periodic atomic checkpoints; ``--resume`` continues an interrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .distill import DistillConfig, Distiller
+from .train_cli import add_config_flags, config_from_args
+
+log = logging.getLogger(__name__)
+
+
+def add_distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="distill a shortcut (few-step) LoRA from a base model", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' or a local model")
+    p.add_argument("--prompts-file", default=None, help="prompts for data-free distillation (--data prompts)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shortcut.safetensors in --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    add_config_flags(p, DistillConfig, skip=("prompts",))
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from .cli import _device, read_prompts
+    from .lora_io import export_lora
+    from .models import load_model
+
+    prompts = tuple(read_prompts(None, args.prompts_file, None)) if args.prompts_file else ()
+    cfg = config_from_args(DistillConfig, args, {"prompts": prompts})
+    cfg.validate()
+    out = Path(args.out)
+    target = out / "shortcut.safetensors"
+    if target.exists() and not (args.overwrite or args.resume):
+        raise SystemExit(f"{target} exists; pass --resume to continue that run or --overwrite to replace it")
+    if (out / "checkpoints" / "latest.json").exists() and not args.resume:
+        raise SystemExit(f"{out} holds checkpoints of an earlier run; pass --resume (or choose another --out)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, _device(args.device))
+    d = Distiller(model, cfg, out)
+    if args.resume:
+        d.resume()
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=d.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def on_step(step: int, m: dict) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+        elif step % 100 == 0:
+            log.info("step %d loss %.5f (%.2fs/step)", step, m["loss"], m["sec_per_step"])
+
+    d.run(on_step=on_step)
+    if bar is not None:
+        bar.close()
+    export_lora(model.unet, "shortcut", target, layout="kohya", metadata=d.metadata(), overwrite=True)
+    print(f"wrote {target}")
+    return 0

@@ -1,0 +1,124 @@
+"""Timestep-aware LoRA sets as files: one standard LoRA per segment, a merged LoRA, and a manifest.
+
+Decision (issue 5): a set is a *folder*, not one file with custom keys, so that every file in it loads in stock
+tools:
+
+* ``segment_<j>.safetensors`` - the exact network of segment j as ONE ordinary LoRA: the stacked adapters
+  align_1 .. align_j concatenated along the rank axis (their scales folded into ``up``, ``alpha`` = total rank).
+  ComfyUI's stock LoraLoader, diffusers and A1111 load each of them; ComfyUI hook keyframes (or our apply node)
+  switch between them at the segment boundaries, which reproduces the core sampler exactly.
+* ``merged.safetensors`` - one LoRA for tools that cannot switch per timestep: the time-weighted average of the
+  segment networks, sum_j w_j * dW_j with w_j = the share of the 50 sampling steps spent in segment j. It is
+  also exact as a LoRA (adapter i appears with weight sum_{j >= i} w_j). The cost of not switching is measured
+  in BENCHMARKS.md.
+* ``set.json`` - segment -> timestep ranges, files, base family, rank, the training config and plan. The same
+  information is in every file's ``shortft`` metadata field, so a single file is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .adapters import LoraSetSpec, SegmentMap
+from .io import atomic_write_json, refuse_overwrite
+from .schedule import leading_grid
+
+log = logging.getLogger(__name__)
+
+SET_MANIFEST = "set.json"
+
+
+def stack_modules(parts: Sequence[tuple[Mapping[str, Any], float]]):
+    """Sum of weighted LoRAs as one LoRA: ranks concatenated, each part's scale x weight folded into ``up``."""
+    from .lora_io import LoraModule
+
+    names = sorted(set().union(*[set(p.keys()) for p, _ in parts]))
+    out = {}
+    for name in names:
+        downs, ups = [], []
+        for modules, weight in parts:
+            m = modules.get(name)
+            if m is None or weight == 0:
+                continue
+            downs.append(m.down.float())
+            ups.append(m.up.float() * (m.scale * weight))
+        if not downs:
+            continue
+        down, up = torch.cat(downs, 0), torch.cat(ups, 1)
+        out[name] = LoraModule(down, up, float(down.shape[0]))  # alpha = rank: scale 1
+    return out
+
+
+def segment_weights(segments: SegmentMap, steps: int = 50) -> list[float]:
+    """Share of the sampling steps (SD1.5 leading grid) that fall in each segment."""
+    grid = leading_grid(steps, segments.num_train_timesteps)
+    counts = [0] * segments.k
+    for t in grid:
+        counts[segments.segment_of(t) - 1] += 1
+    return [c / len(grid) for c in counts]
+
+
+def export_lora_set(unet: torch.nn.Module, spec: LoraSetSpec, folder: str | os.PathLike, family: str | None = None,
+                    metadata: Mapping[str, Any] | None = None, overwrite: bool = False,
+                    dtype: torch.dtype = torch.float16) -> list[Path]:
+    """Write ``segment_<j>.safetensors``, ``merged.safetensors`` and ``set.json`` for the alignment set on ``unet``."""
+    from .lora_io import adapter_modules, write_lora_modules
+
+    folder = Path(folder)
+    files = [folder / f"segment_{j}.safetensors" for j in range(1, spec.segments.k + 1)]
+    files += [folder / "merged.safetensors", folder / SET_MANIFEST]
+    for f in files:
+        refuse_overwrite(f, overwrite, "LoRA set file")
+    per_adapter = {n: adapter_modules(unet, n) for n in spec.names}
+    ranges = [list(spec.segments.range_of(j)) for j in range(1, spec.segments.k + 1)]
+    weights = segment_weights(spec.segments)
+    info = {"kind": "timestep_aware_set" if spec.timestep_aware else "single", "segments": ranges,
+            "segment_files": [f.name for f in files[:-2]], "merged_file": "merged.safetensors",
+            "merged_weights": weights, "lora": spec.to_dict(), **(dict(metadata) if metadata else {})}
+    written = []
+    for j in range(1, spec.segments.k + 1):
+        active = spec.active_in_segment(j)
+        mods = stack_modules([(per_adapter[n], 1.0) for n in active])
+        written.append(write_lora_modules(mods, files[j - 1], family=family, overwrite=overwrite, dtype=dtype,
+                                          metadata={**info, "segment": j, "timesteps": ranges[j - 1]},
+                                          adapter_name=f"segment_{j}"))
+    merged_parts = []
+    for i, n in enumerate(spec.names, start=1):
+        w = sum(weights[j - 1] for j in range(1, spec.segments.k + 1) if n in spec.active_in_segment(j))
+        merged_parts.append((per_adapter[n], w))
+    written.append(write_lora_modules(stack_modules(merged_parts), files[-2], family=family, overwrite=overwrite,
+                                      dtype=dtype, metadata={**info, "segment": None}, adapter_name="merged"))
+    atomic_write_json(files[-1], {**info, "family": family})
+    written.append(files[-1])
+    log.info("wrote LoRA set (%d segments) to %s", spec.segments.k, folder)
+    return written
+
+
+def read_set_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / SET_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a ShortFT LoRA set folder (expected set.json + segment files)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str = "segment_") -> tuple[list[str], SegmentMap]:
+    """Load every segment file of a set as a frozen adapter (``segment_1`` ...); returns their names and the
+    segment map, so a sampler activates ``names[segment_of(t) - 1]`` at timestep t."""
+    from .lora_io import load_lora_adapter
+
+    folder = Path(folder)
+    info = read_set_manifest(folder)
+    lowers = tuple(r[0] for r in info["segments"])
+    segments = SegmentMap(lowers)
+    names = []
+    for j, fname in enumerate(info["segment_files"], start=1):
+        name = f"{prefix}{j}"
+        load_lora_adapter(unet, folder / fname, adapter_name=name, trainable=False)
+        names.append(name)
+    return names, segments

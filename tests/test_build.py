@@ -1,0 +1,71 @@
+"""The tiny-world build command: complete output, exact determinism, no silent overwrite."""
+
+import json
+
+import pytest
+import torch
+
+from shortft_core.tiny_world import build as B
+from shortft_core.tiny_world import load_tiny_model, load_tiny_rewards
+
+QUICK = B.BuildConfig(vae_steps=3, unet_steps=3, reward_steps=3, unet_images=128, vae_batch=8, unet_batch=8,
+                      reward_batch=8)
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory):
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    return a, B.build(a, QUICK, progress=False), b, B.build(b, QUICK, progress=False)
+
+
+def test_build_is_bit_identical_for_a_seed(two_builds):
+    _, ma, _, mb = two_builds
+    assert ma["sha256"] == mb["sha256"]
+    assert any(k.endswith("diffusion_pytorch_model.safetensors") for k in ma["sha256"])
+
+
+def test_build_output_loads(two_builds):
+    root = two_builds[0]
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    assert manifest["config"]["unet_steps"] == 3
+    model = load_tiny_model(root=root)
+    assert model.unet.dtype == torch.float32 and model.vae.config.scaling_factor > 0
+    alignment, aesthetic = load_tiny_rewards(root=root)
+    x = torch.rand(2, 3, 32, 32)
+    assert alignment(x, ["a", "b"]).shape == aesthetic(x, ["a", "b"]).shape == (2,)
+
+
+def test_another_seed_gives_other_weights(tmp_path, two_builds):
+    from dataclasses import replace
+
+    m = B.build(tmp_path, replace(QUICK, seed=1), progress=False)
+    key = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    assert m["sha256"][key] != two_builds[1]["sha256"][key]
+
+
+def test_build_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        B.build(tmp_path, QUICK, progress=False)
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_interrupted_build_resumes_after_its_finished_phases(tmp_path, monkeypatch, two_builds):
+    calls = []
+    real = B.train_unet
+
+    def boom(*a, **k):
+        calls.append("unet")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "train_unet", boom)
+    with pytest.raises(KeyboardInterrupt):
+        B.build(tmp_path, QUICK, progress=False)
+    assert (tmp_path / ".phases" / "reward.pt").is_file() and (tmp_path / ".phases" / "vae.pt").is_file()
+    with pytest.raises(FileExistsError, match="--resume"):
+        B.build(tmp_path, QUICK, progress=False)
+    monkeypatch.setattr(B, "train_unet", real)
+    monkeypatch.setattr(B, "train_reward", lambda *a, **k: pytest.fail("finished phase retrained"))
+    m = B.build(tmp_path, QUICK, progress=False, resume=True)
+    assert m["sha256"] == two_builds[1]["sha256"]  # identical to an uninterrupted build
+    assert not (tmp_path / ".phases").exists()

@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from shortft_core.cli import main
+
+
+def test_sample_cli_writes_pngs_grid_and_metadata(tmp_path):
+    out = tmp_path / "s"
+    rc = main(["sample", "--model", "tiny", "--prompts", "a small red circle on the left on a white background",
+               "--held-out", "2", "--steps", "6", "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    meta = json.loads((out / "samples.json").read_text())
+    assert [im["seed"] for im in meta["images"]] == [3, 4, 5]
+    for im in meta["images"]:
+        with Image.open(out / im["file"]) as pil:
+            assert pil.size == (32, 32)
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width > 3 * 32
+    assert meta["guidance"] == 3.0 and meta["steps"] == 6
+
+
+def test_sample_cli_refuses_to_overwrite(tmp_path):
+    args = ["sample", "--prompts", "a large blue square in the center on a gray background", "--steps", "2",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    before = (tmp_path / "0000.png").read_bytes()
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(args + ["--seed", "9"])
+    assert (tmp_path / "0000.png").read_bytes() == before
+    assert main(args + ["--seed", "9", "--overwrite"]) == 0
+
+
+def test_sample_cli_input_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no prompts"):
+        main(["sample", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["sample", "--prompts-file", str(tmp_path / "missing.txt"), "--out", str(tmp_path)])
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "shortft_core", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "sample" in r.stdout

@@ -1,0 +1,126 @@
+"""Chain plans: structure (property-based), gradient placement, and the exact expansion of shortcut jumps."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shortft_core.adapters import LoraSetSpec, SegmentMap
+from shortft_core.plans import (BASE, SHORTCUT_NET, TUNED, ChainPlan, alignprop_plan, draft_lv_plan, draft_plan,
+                                drtune_plan, expand_shortcuts, full_bptt_plan, original_chain, refl_plan,
+                                shortft_plan)
+from shortft_core.schedule import FINAL, leading_grid
+
+SPEC = LoraSetSpec()
+
+
+def _ddim(plan):
+    return [s for s in plan.steps if s.kind == "ddim"]
+
+
+def _contiguous(plan):
+    steps = _ddim(plan)
+    return all(a.s == b.t for a, b in zip(steps, steps[1:]))
+
+
+@st.composite
+def segmentations(draw):
+    n_steps = draw(st.integers(8, 60))
+    grid = leading_grid(n_steps)
+    k = draw(st.integers(1, min(5, n_steps // 2)))
+    # lower ends: pick k-1 distinct grid points (not the first) as anchors, descending, then 0
+    inner = sorted(draw(st.sets(st.sampled_from(grid[1:-1]), min_size=k - 1, max_size=k - 1)), reverse=True)
+    return grid, tuple(inner) + (0,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(segmentations(), st.data())
+def test_shortft_plans_cover_the_chain(seg, data):
+    grid, lowers = seg
+    spec = LoraSetSpec(segments=SegmentMap(lowers))
+    stage = data.draw(st.integers(1, spec.segments.k))
+    real = data.draw(st.one_of(st.none(), st.integers(1, 3)))
+    plan = shortft_plan(stage, spec, 3.0, grid, real_grad_steps=real)
+    steps = _ddim(plan)
+    assert steps[0].t == grid[0] and steps[-1].s == FINAL and _contiguous(plan)
+    assert all(a.t > a.s for a in steps)
+    assert plan.steps[-1].readout == "x"
+    for s in steps:  # segments before the stage: no gradient; segments after: shortcut + anchor step with gradient
+        if s.segment < stage:
+            assert not s.grad and s.net == TUNED
+        if s.segment > stage:
+            assert s.grad
+        if s.net == TUNED:
+            assert s.adapters == spec.active_in_segment(s.segment)
+    real_steps = [s for s in steps if s.segment == stage]
+    assert all(s.net == TUNED for s in real_steps)
+    n_grad = sum(s.grad for s in real_steps)
+    assert n_grad == (len(real_steps) if real is None else min(real, len(real_steps)))
+    # replacing every shortcut jump by the tuned model's own steps gives back the original chain exactly
+    expanded = expand_shortcuts(plan, spec, 3.0, grid)
+    original = original_chain(spec, 3.0, grid)
+    assert [(s.t, s.s, s.adapters, s.guidance) for s in _ddim(expanded)] == \
+           [(s.t, s.s, s.adapters, s.guidance) for s in _ddim(original)]
+
+
+def test_shortft_default_stage1_is_the_papers_chain():
+    plan = shortft_plan(1, SPEC, 3.0)
+    jumps = [(s.t, s.s) for s in plan.steps if s.net == SHORTCUT_NET]
+    assert jumps == [(741, 501), (481, 261), (241, 1)]
+    anchors = [(s.t, s.s, s.adapters) for s in plan.steps if s.net == TUNED and s.grad]
+    assert anchors == [(761, 741, ("align_1",)), (501, 481, ("align_1", "align_2")),
+                       (261, 241, ("align_1", "align_2", "align_3")),
+                       (1, FINAL, ("align_1", "align_2", "align_3", "align_4"))]
+    assert plan.network_calls == 18 and plan.grad_calls == 7
+    assert all(s.guidance == 1.0 for s in plan.steps if s.net == SHORTCUT_NET)
+    stage4 = shortft_plan(4, SPEC, 3.0)
+    assert stage4.network_calls == 50 and not any(s.net == SHORTCUT_NET for s in stage4.steps)
+    naive = shortft_plan(1, SPEC, 3.0, shortcut_net="base")
+    assert [s.net for s in naive.steps if (s.t, s.s) == (741, 501)] == [BASE]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 50), st.integers(0, 2**31 - 1))
+def test_baselines_put_gradient_exactly_where_intended(k, seed):
+    g = torch.Generator().manual_seed(seed)
+    single = LoraSetSpec(timestep_aware=False)
+    d = draft_plan(k, single, 3.0)
+    assert [s.grad for s in d.steps] == [False] * (50 - k) + [True] * k and _contiguous(d)
+    assert all(s.adapters == ("align_1",) for s in d.steps)
+    a = alignprop_plan(g, single, 3.0)
+    kk = a.info["k"]
+    assert [s.grad for s in a.steps] == [False] * (50 - kk) + [True] * kk
+    assert all(s.checkpoint == s.grad for s in a.steps)
+    r = refl_plan(g, single, 3.0)
+    assert r.grad_calls == 1 and r.steps[-1].grad and r.steps[-1].readout == "x0"
+    assert 30 <= r.info["step"] <= 39 and len(r.steps) == r.info["step"] + 1
+    dt = drtune_plan(g, single, 3.0)
+    assert all(s.detach_input for s in dt.steps) and dt.steps[-1].readout == "x0"
+    assert [i for i, s in enumerate(dt.steps) if s.grad] == dt.info["trained"]
+    f = full_bptt_plan(single, 3.0)
+    assert all(s.grad and s.checkpoint for s in f.steps)
+
+
+def test_draft_lv_renoises_and_reads_out_n_times():
+    p = draft_lv_plan(3, LoraSetSpec(timestep_aware=False), 3.0)
+    assert sum(s.kind == "renoise" for s in p.steps) == 3
+    assert sum(s.readout == "x" for s in p.steps) == 3 and p.grad_calls == 3
+
+
+def test_plans_serialise_and_print():
+    p = shortft_plan(2, SPEC, 3.0)
+    assert ChainPlan.from_dict(p.to_dict()) == p
+    text = p.describe()
+    assert "stage 2" in text and "shortcut" in text and "readout" in text
+
+
+def test_bad_plan_inputs():
+    import pytest
+
+    with pytest.raises(ValueError, match="stage"):
+        shortft_plan(5, SPEC, 3.0)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        shortft_plan(1, SPEC, 3.0, grid=[1, 21, 41])
+    with pytest.raises(ValueError, match="strictly descending"):
+        SegmentMap((261, 501, 761, 0))
+    with pytest.raises(ValueError, match="K must be"):
+        draft_plan(0, SPEC, 3.0)
