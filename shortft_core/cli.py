@@ -8,6 +8,7 @@ baselines), ``distill`` (a shortcut LoRA for any eps base), ``export`` (LoRA lay
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -65,6 +66,9 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; 1 disables (default: 3.0 tiny, 7.5 otherwise)")
     p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
+    p.add_argument("--lora-set", default=None, metavar="DIR",
+                   help="apply an aligned LoRA set (a run's lora/ folder): segment j's LoRA at segment j's timesteps")
+    p.add_argument("--lora", default=None, metavar="FILE", help="apply one LoRA file at every timestep")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
@@ -92,15 +96,35 @@ def run_sample(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     guidance = args.guidance if args.guidance is not None else (DEFAULT_GUIDANCE if args.model == TINY else 7.5)
     model = load_model(args.model, device, dtype)
+    plan, switch = None, None
+    if args.lora_set or args.lora:
+        from .adapters import AdapterSwitch
+        from .lora_io import load_lora_adapter
+        from .lora_set import load_lora_set, set_inference_plan
+        from .plans import TUNED, ChainPlan, Step, _chain
+        from .sampling import timestep_grid
+
+        grid = timestep_grid(args.steps, args.spacing, model.schedule.num_train_timesteps)
+        if args.lora_set:
+            names, segments = load_lora_set(model.unet, args.lora_set)
+            plan = set_inference_plan(names, segments, guidance, grid)
+        else:
+            load_lora_adapter(model.unet, args.lora, "lora", trainable=False)
+            steps = [Step(t, s, TUNED, ("lora",), guidance) for t, s in _chain(grid)]
+            steps[-1] = dataclasses.replace(steps[-1], readout="x")
+            plan = ChainPlan("lora", tuple(steps))
+        switch = AdapterSwitch(model.unet)
     log.info("sampling %d prompts, %d steps, guidance %.2f, seed %d", len(prompts), args.steps, guidance, args.seed)
     images = sample(model, prompts, seed=args.seed, steps=args.steps, guidance=guidance,
-                    negative_prompt=args.negative_prompt, spacing=args.spacing, batch_size=args.batch_size)
+                    negative_prompt=args.negative_prompt, spacing=args.spacing, batch_size=args.batch_size,
+                    plan=plan, switch=switch)
     for i, img in enumerate(images):
         save_png(img, targets[i])
     save_png(captioned_grid(list(images), prompts, columns=args.columns), out / "grid.png")
     atomic_write_json(out / "samples.json", {
         "model": str(args.model), "steps": args.steps, "spacing": args.spacing, "guidance": guidance,
         "negative_prompt": args.negative_prompt, "dtype": str(dtype), "device": str(device),
+        "lora_set": args.lora_set, "lora": args.lora,
         "images": [{"file": targets[i].name, "prompt": p, "seed": args.seed + i} for i, p in enumerate(prompts)],
     })
     log.info("wrote %d images and grid.png to %s", len(prompts), out)

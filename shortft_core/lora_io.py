@@ -673,35 +673,9 @@ def convert_lora_file(src: str | os.PathLike, dst: str | os.PathLike, unet: torc
     src_sd, meta = read_lora(src)
     modules, _ = lora_modules(src_sd, unet, meta, str(src))
     dtype = dtype or next(iter(modules.values())).down.dtype
-    path = _check_target(dst, layout, dtype, overwrite)
     family = meta.get("shortft_family") or _unet_family_name(_unwrap(unet))
     extra = json.loads(meta["shortft"]) if meta.get("shortft") else None
-    return _write(modules, path, layout, family, meta.get("shortft_adapter", Path(src).stem), extra, dtype)
+    return write_lora_modules(modules, dst, layout, extra, family, overwrite, dtype,
+                              meta.get("shortft_adapter", Path(src).stem))
 
 
-def _check_target(path: str | os.PathLike, layout: str, dtype: torch.dtype, overwrite: bool) -> Path:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r}: choose one of {LAYOUTS}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype {dtype}: LoRA files are written in float16, bfloat16 or float32")
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: LoRA files are written as .safetensors")
-    refuse_overwrite(path, overwrite, "LoRA file")
-    return path
-
-
-def _write(modules: Mapping[str, LoraModule], path: Path, layout: str, family: str, adapter_name: str,
-           extra: Mapping[str, Any] | None, dtype: torch.dtype) -> Path:
-    from safetensors.torch import save_file
-
-    _warn_mixed_alphas(modules, layout, path)
-    sd = kohya_state_dict(modules, dtype) if layout == "kohya" else diffusers_state_dict(modules, dtype)
-    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"adapter {adapter_name!r} has values that overflow {dtype} (e.g. {bad[0]}); "
-                         "export with dtype=torch.float32")
-    meta = _metadata(modules, layout, family, adapter_name, path.stem, extra)
-    atomic_save(path, lambda tmp: save_file(sd, tmp, metadata=meta))
-    log.info("wrote %s LoRA %s (%d modules, %s, adapter %r)", layout, path, len(modules), dtype, adapter_name)
-    return path

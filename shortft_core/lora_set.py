@@ -17,8 +17,10 @@ tools:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -122,3 +124,18 @@ def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str 
         load_lora_adapter(unet, folder / fname, adapter_name=name, trainable=False)
         names.append(name)
     return names, segments
+
+
+def set_inference_plan(names: Sequence[str], segments: SegmentMap, guidance: float,
+                       grid: Sequence[int] | None = None):
+    """The 50-step (or ``grid``) DDIM chain that uses segment j's LoRA ``names[j-1]`` at every timestep of segment j."""
+    from .plans import TUNED, ChainPlan, Step, _chain
+
+    if len(names) != segments.k:
+        raise ValueError(f"{len(names)} segment adapters for {segments.k} segments")
+    steps = []
+    for t, s in _chain(grid or leading_grid(50, segments.num_train_timesteps)):
+        j = segments.segment_of(t)
+        steps.append(Step(t, s, TUNED, (names[j - 1],), guidance, segment=j))
+    steps[-1] = dataclasses.replace(steps[-1], readout="x")
+    return ChainPlan("lora-set", tuple(steps))

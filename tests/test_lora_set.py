@@ -1,0 +1,88 @@
+"""Aligned LoRA sets as files: exact segment stacks, a merged LoRA, and inference that matches the trainer's."""
+
+import json
+
+import pytest
+import torch
+
+from shortft_core.adapters import SHORTCUT, AdapterSwitch, adapter_parameters, add_lora
+from shortft_core.cli import main as cli_main
+from shortft_core.lora_io import adapter_modules, read_lora
+from shortft_core.lora_set import export_lora_set, load_lora_set, segment_weights, set_inference_plan, stack_modules
+from shortft_core.sampling import sample
+from shortft_core.tiny_world import held_out_prompts, load_tiny_model, load_tiny_rewards
+from shortft_core.trainer import PromptSource, TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def trained_set(tmp_path_factory):
+    model = load_tiny_model()
+    add_lora(model.unet, SHORTCUT, 4, seed=7)
+    for p in adapter_parameters(model.unet, SHORTCUT):
+        p.requires_grad_(False)
+    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0)
+    tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # distinct non-zero adapters, so every segment's network differs
+        for n in cfg.lora.names:
+            for p in adapter_parameters(model.unet, n):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    out = tmp_path_factory.mktemp("set") / "lora"
+    files = tr.save_lora_set(out)
+    return tr, out, files
+
+
+def test_segment_files_are_the_exact_stacks(trained_set):
+    tr, out, files = trained_set
+    info = json.loads((out / "set.json").read_text())
+    assert info["segments"] == [[761, 999], [501, 760], [261, 500], [0, 260]]
+    assert [f.name for f in files] == [f"segment_{j}.safetensors" for j in (1, 2, 3, 4)] + ["merged.safetensors", "set.json"]
+    unet = tr.model.unet
+    per = {n: adapter_modules(unet, n) for n in tr.lora.names}
+    x = torch.randn(3, 64)
+    for j in (1, 2, 3, 4):
+        sd, meta = read_lora(out / f"segment_{j}.safetensors")
+        assert json.loads(meta["shortft"])["segment"] == j
+        key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+        down, up, alpha = sd[key + ".lora_down.weight"].float(), sd[key + ".lora_up.weight"].float(), float(sd[key + ".alpha"])
+        assert down.shape[0] == 4 * j and alpha == 4 * j  # ranks concatenated, scale 1
+        name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+        want = sum(per[f"align_{i}"][name].up @ per[f"align_{i}"][name].down * per[f"align_{i}"][name].scale
+                   for i in range(1, j + 1))
+        torch.testing.assert_close(x @ (up @ down).T, x @ want.T, rtol=2e-3, atol=2e-3)  # fp16 file
+
+
+def test_merged_is_the_step_weighted_average(trained_set):
+    tr, out, _ = trained_set
+    w = segment_weights(tr.lora.segments)
+    assert w == [12 / 50, 13 / 50, 12 / 50, 13 / 50]
+    sd, _ = read_lora(out / "merged.safetensors")
+    name = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
+    key = "lora_unet_" + name.replace(".", "_")
+    got = sd[key + ".lora_up.weight"].float() @ sd[key + ".lora_down.weight"].float()
+    per = {n: adapter_modules(tr.model.unet, n)[name] for n in tr.lora.names}
+    want = sum(sum(w[j - 1] for j in range(i, 5)) * (per[f"align_{i}"].up @ per[f"align_{i}"].down) * per[f"align_{i}"].scale
+               for i in range(1, 5))
+    torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-4)
+
+
+def test_applying_the_set_reproduces_the_trainers_inference(trained_set, tmp_path):
+    tr, out, _ = trained_set
+    prompts = held_out_prompts(2)
+    ref = tr.sample(prompts, seed=5)
+    fresh = load_tiny_model()
+    names, segments = load_lora_set(fresh.unet, out)
+    plan = set_inference_plan(names, segments, tr.cfg.guidance)
+    got = sample(fresh, prompts, seed=5, plan=plan, switch=AdapterSwitch(fresh.unet))
+    torch.testing.assert_close(got, ref, atol=3e-3, rtol=0)  # the files are fp16
+    base = sample(fresh, prompts, seed=5, guidance=tr.cfg.guidance)
+    assert (got - base).abs().max() > 1e-2  # and the set does change the pictures
+    rc = cli_main(["sample", "--lora-set", str(out), "--prompts", *prompts, "--seed", "5", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "samples.json").read_text())
+    assert rc == 0 and meta["lora_set"] == str(out)
+
+
+def test_stack_of_nothing_and_wrong_set_folder(tmp_path):
+    assert stack_modules([]) == {}
+    with pytest.raises(FileNotFoundError, match="set.json"):
+        load_lora_set(load_tiny_model().unet, tmp_path)
