@@ -240,30 +240,28 @@ def scene_batch(seed: int, indices: Iterable[int], split: Split = "train") -> tu
     return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
-def held_out_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct captions of held-out compositions, fixed for a seed (the evaluation prompts)."""
+def distinct_prompts(n: int, seed: int = 0, split: Split = "held_out") -> list[str]:
+    """``n`` distinct captions of a split, fixed for a seed."""
     out: list[str] = []
     i = 0
     while len(out) < n:
-        c = sample_scene(seed, i, "held_out").caption
+        c = sample_scene(seed, i, split).caption
         if c not in out:
             out.append(c)
         i += 1
         if i > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct held-out prompts")
+            raise ValueError(f"cannot draw {n} distinct {split} prompts")
     return out
+
+
+def held_out_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct captions of held-out compositions (the evaluation prompts)."""
+    return distinct_prompts(n, seed, "held_out")
 
 
 def train_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct captions from the training split, fixed for a seed."""
-    out: list[str] = []
-    i = 0
-    while len(out) < n:
-        c = sample_scene(seed, i, "train").caption
-        if c not in out:
-            out.append(c)
-        i += 1
-    return out
+    """``n`` distinct captions of the training split."""
+    return distinct_prompts(n, seed, "train")
 
 
 def variants(scene: Scene, attribute: str) -> list[Scene]:
