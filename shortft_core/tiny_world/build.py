@@ -1,9 +1,10 @@
 """Train the tiny world from scratch: VAE, text encoder + UNet, and the two rewards.
 
-    python -m shortft_core.tiny_world.build --out /tmp/tiny          # ~40 min on 2 CPU cores
-    python -m shortft_core.tiny_world.build --out shortft_core/tiny_world/weights --overwrite   # refresh shipped
+    python -m shortft_core.tiny_world.build --out /tmp/tiny          # ~70 min on a shared 2-core CPU box
+    python -m shortft_core distill --model tiny --out /tmp/sc --target teacher ...    # then the shortcut
+    python -m shortft_core.tiny_world.build --out /tmp/tiny --add-shortcut /tmp/sc/shortcut.safetensors
 
-The result is deterministic for a seed on a given CPU type and thread count (``--threads``, default 2): every
+The result is deterministic for a seed on a given CPU type and thread count (``--threads``, default 1): every
 scene, noise draw and batch order comes from seeded generators, and torch runs in deterministic mode. All
 weights are stored as fp16 safetensors (the 30 MiB budget); ``MANIFEST.json`` records their SHA-256 hashes.
 
@@ -11,6 +12,7 @@ Layout written to ``--out``:
     pipeline/   a diffusers StableDiffusionPipeline folder (tokenizer, text_encoder, unet, vae, scheduler)
     reward/     a transformers CLIPModel folder: the text-image alignment reward
     aesthetic_head.safetensors   LAION-layout MLP on the reward's image embedding (render cleanliness)
+    shortcut.safetensors         the distilled 4-step shortcut LoRA (added after distillation, --add-shortcut)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class BuildConfig:
     """Everything that determines the shipped weights."""
 
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one thread: bit-identical across runs and robust to a busy machine
     vae_steps: int = 1500
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -59,10 +61,11 @@ class BuildConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
-    reward_steps: int = 1500
+    reward_steps: int = 2500
     reward_batch: int = 128
     reward_lr: float = 1e-3
-    aesthetic_weight: float = 0.05
+    reward_split: str = "any"  # the reward knows every composition (like HPS/PickScore); the generator never
+    aesthetic_weight: float = 0.05  # sees the held-out ones, which is what leaves alignment room on them
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,15 +271,16 @@ def train_reward(cfg: BuildConfig, tokenizer, progress: _Progress):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.reward_steps, 100))
     gen = torch.Generator().manual_seed(scenes.hash_seed(cfg.seed, 6))
     rng = np.random.default_rng(scenes.hash_seed(cfg.seed, 7))
-    attrs = ("colour", "shape", "position", "background")
+    attrs = ("colour", "shape", "shape", "position", "position", "background")  # shape is the hardest to bind
     b = cfg.reward_batch
     for step in range(cfg.reward_steps):
-        x, sc = _images(cfg.seed + 3000, range(step * b, (step + 1) * b), "train")
+        x, sc = _images(cfg.seed + 3000, range(step * b, (step + 1) * b), cfg.reward_split)
         strengths = qp.random_strengths(b, gen)
         x = qp.degrade(x, strengths, gen)
         hard = []
         for s in sc:
-            options = [v for a in attrs for v in scenes.variants(s, a) if not v.is_held_out]
+            options = [v for v in scenes.variants(s, attrs[int(rng.integers(len(attrs)))])]
+            options = options or [v for a in attrs for v in scenes.variants(s, a)]
             hard.append(options[int(rng.integers(len(options)))].caption)
         tok = tokenizer([s.caption for s in sc] + hard, padding="longest", return_tensors="pt").input_ids
         img = F.normalize(clip_features(model.get_image_features(pixel_values=prep(x))), dim=-1)
@@ -328,17 +332,41 @@ def save_world(out: Path, cfg: BuildConfig, vae, unet, text_encoder, reward_mode
     atomic_save(out / "aesthetic_head.safetensors",
                 lambda p: save_file(state, p, metadata={"shortft": json.dumps(  # one key: byte-stable header
                     {"input_size": head.input_size, "property": "render cleanliness, 0..10"}, sort_keys=True)}))
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.json")
+    manifest = {"config": dataclasses.asdict(cfg), "torch": torch.__version__,
+                "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    return _write_manifest(out, manifest)
+
+
+def _write_manifest(out: Path, manifest: dict) -> dict:
+    """Record every file's SHA-256 (hidden folders such as the phase cache excluded) and the weights' size."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.json"
+                   and not any(part.startswith(".") for part in p.relative_to(out).parts))
     weights = [p for p in files if p.suffix == ".safetensors"]
-    manifest = {
-        "config": dataclasses.asdict(cfg),
-        "torch": torch.__version__,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "weights_mib": round(sum(p.stat().st_size for p in weights) / 2**20, 2),
-        "sha256": {str(p.relative_to(out)): sha256_file(p) for p in files},
-    }
+    manifest = {**manifest, "weights_mib": round(sum(p.stat().st_size for p in weights) / 2**20, 2),
+                "sha256": {str(p.relative_to(out)): sha256_file(p) for p in files}}
     atomic_write_json(out / "MANIFEST.json", manifest)
     return manifest
+
+
+def add_shortcut(root: str | os.PathLike, shortcut: str | os.PathLike) -> dict:
+    """Copy a distilled shortcut LoRA into a built world as ``shortcut.safetensors`` and re-hash the manifest.
+
+    The file must be a ShortFT-distilled shortcut (its metadata records the edges and the distillation settings,
+    which the manifest repeats so that the shipped world says how its shortcut was made)."""
+    from ..lora_io import read_lora
+
+    root, shortcut = Path(root), Path(shortcut)
+    if not (root / "MANIFEST.json").is_file():
+        raise FileNotFoundError(f"{root} is not a built tiny world (no MANIFEST.json); build it first with --out")
+    _, meta = read_lora(shortcut)
+    info = json.loads(meta.get("shortft", "{}") or "{}")
+    if info.get("kind") != "shortcut":
+        raise ValueError(f"{shortcut} is not a ShortFT-distilled shortcut (its metadata has no shortft kind "
+                         "'shortcut'); make one with `python -m shortft_core distill --model tiny --out DIR`")
+    atomic_save(root / "shortcut.safetensors", lambda tmp: shutil.copyfile(shortcut, tmp))
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    manifest["shortcut"] = {k: info[k] for k in sorted(info) if k != "kind"}
+    return _write_manifest(root, manifest)
 
 
 def _diffusers_version() -> str:
@@ -441,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shortft_core.tiny_world.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (refused if not empty unless --overwrite)")
+    parser.add_argument("--add-shortcut", default=None, metavar="FILE",
+                        help="instead of building: copy a distilled shortcut LoRA into the built world in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -449,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"default {f.default}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.add_shortcut:
+        manifest = add_shortcut(args.out, args.add_shortcut)
+        log.info("added %s to %s (%.2f MiB of weights)", args.add_shortcut, args.out, manifest["weights_mib"])
+        return 0
     cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
     manifest = build(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume)
     log.info("wrote %s (%.2f MiB of weights) in %s", args.out, manifest["weights_mib"], manifest["timings_s"])
