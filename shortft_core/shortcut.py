@@ -140,9 +140,10 @@ def preset_from_metadata(loaded: LoadedLora) -> ShortcutPreset | None:
         return None
     edges = tuple(int(e) for e in info["edges"])
     g = tuple(float(x) for x in info.get("teacher_guidance", (1.0, 1.0)))
+    sg = float(info.get("guidance", 1.0))
     return ShortcutPreset(name=f"distilled-{len(edges)}step", method="shortft-distill",
                           base=loaded.family or "custom", steps=len(edges), timesteps=edges, segmented=True,
-                          guidance=1.0, guidance_range=(1.0, 1.0), sampler="ddim", eta=0.0,
+                          guidance=sg, guidance_range=(sg, sg), sampler="ddim", eta=0.0,
                           source=f"distilled by ShortFT (teacher CFG {g[0]:g}..{g[1]:g})")
 
 

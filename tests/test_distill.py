@@ -12,7 +12,10 @@ from shortft_core.lora_io import export_lora, read_lora
 from shortft_core.schedule import FINAL
 from shortft_core.tiny_world import held_out_prompts, load_tiny_model
 
-SMALL = DistillConfig(steps=160, batch_size=16, lr=2e-3, train_images=1024, rank=8, checkpoint_every=80)
+# the full-teacher target learns fastest from a zero LoRA (BENCHMARKS.md, shortcut distillation): 100 steps suffice
+SMALL = DistillConfig(
+    steps=100, batch_size=16, lr=2e-3, rank=16, warmup=10, target="teacher", pool_size=32, pool_reuse=16, checkpoint_every=50
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,11 @@ def test_segments():
 
 def test_shortcut_beats_naive_jumps_on_fresh_seeds(distilled):
     model, _, _ = distilled
-    errs = jump_errors(model, held_out_prompts(6, seed=3), seeds=range(900, 906), guidance=3.0)
+    errs = jump_errors(model, held_out_prompts(8, seed=3), seeds=range(900, 908), guidance=3.0, shortcut_guidance=3.0)
+    # the student starts as the naive guided DDIM jump (zero LoRA); 100 small steps already make every jump better
     for jump, e in errs.items():
-        assert e["shortcut"]["mean"] < 0.8 * e["naive"]["mean"], (jump, e)
+        assert e["shortcut"]["mean"] < 0.95 * e["naive"]["mean"], (jump, e)
+    assert sum(e["ratio"] for e in errs.values()) / len(errs) < 0.85, errs
 
 
 def test_shortcut_file_round_trips_into_our_loader_and_diffusers(distilled):
@@ -49,28 +54,29 @@ def test_shortcut_file_round_trips_into_our_loader_and_diffusers(distilled):
     model, d, path = distilled
     sd, meta = read_lora(path)
     info = json.loads(meta["shortft"])
-    assert info["edges"] == [999, 749, 499, 249] and info["kind"] == "shortcut"
+    assert info["edges"] == [999, 749, 499, 249] and info["kind"] == "shortcut" and info["guidance"] == 3.0
     assert all(k.startswith("lora_unet_") for k in sd) and any(k.endswith(".alpha") for k in sd)
 
     fresh = load_tiny_model()
     _, preset = load_shortcut(fresh.unet, path)
-    assert preset is not None and preset.covers(741, 501) and not preset.covers(741, 481)
-    plan = few_step_plan()
+    assert preset is not None and preset.covers(741, 501) and not preset.covers(741, 481) and preset.guidance == 3.0
+    plan = few_step_plan(guidance=3.0)
     prompts = held_out_prompts(2)
     ours = sample(fresh, prompts, seed=4, plan=plan, switch=AdapterSwitch(fresh.unet))
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_world_dir() / "pipeline"), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_world_dir() / "pipeline"), torch_dtype=torch.float32,
+                                                   local_files_only=True)
     pipe.load_lora_weights(str(path))
     from diffusers import DDIMScheduler
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", steps_offset=0)
     latents = initial_noise([4, 5], fresh.latent_shape())
-    ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="pt").images
+    ref = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, latents=latents, output_type="pt").images
     torch.testing.assert_close(ours, ref.float(), atol=3e-3, rtol=0)
 
 
 def test_resume_continues_exactly(tmp_path):
-    cfg = DistillConfig(steps=6, batch_size=4, train_images=64, rank=4, checkpoint_every=3)
+    cfg = DistillConfig(steps=6, batch_size=4, rank=4, checkpoint_every=3, pool_size=4, pool_reuse=4)
     a = Distiller(load_tiny_model(), cfg, tmp_path / "a")
     a.run()
     b = Distiller(load_tiny_model(), cfg, tmp_path / "b")
@@ -91,9 +97,22 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
     model = load_tiny_model()
     model.schedule = dataclasses.replace(model.schedule, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="eps-prediction"):
-        Distiller(model, DistillConfig(steps=1, train_images=8), tmp_path)
+        Distiller(model, DistillConfig(steps=1, pool_size=2), tmp_path)
     with pytest.raises(ValueError, match="settings differ"):
-        a = Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=2, train_images=16, checkpoint_every=1),
+        a = Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=2, pool_size=2, checkpoint_every=1),
                       tmp_path / "r")
         a.run()
-        Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=2, train_images=16, rank=4), tmp_path / "r").resume()
+        Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=2, pool_size=2, rank=4), tmp_path / "r").resume()
+    with pytest.raises(ValueError, match="needs prompts"):
+        m = load_tiny_model()
+        m.family = "sd15"
+        DistillConfig().validate(m)
+
+
+def test_image_data_and_teacher_target_paths(tmp_path):
+    """The other data source and target run and produce finite losses (their quality is in BENCHMARKS.md)."""
+    for data, target in (("images", "teacher"), ("images", "consistency"), ("trajectories", "teacher")):
+        d = Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=4, rank=4, data=data, target=target,
+                                                       train_images=32, pool_size=4), tmp_path / f"{data}-{target}")
+        m = d.run()
+        assert m["loss"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
