@@ -26,7 +26,7 @@ from .trainer import METHODS, Callback, PromptSource, TrainConfig, Trainer
 log = logging.getLogger(__name__)
 
 # The tiny preset: settings chosen by the tiny-world benchmark (BENCHMARKS.md, "ShortFT engine").
-TINY_PRESET = dict(iterations=240, batch_size=4, lr=2e-3, rank=8, guidance=3.0, real_grad_steps=1, eval_prompts=32)
+TINY_PRESET = dict(iterations=240, batch_size=4, lr=2e-4, rank=8, guidance=3.0, real_grad_steps=1, eval_prompts=32)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -67,15 +67,16 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="align a model to a reward (ShortFT or a baseline)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny"], default=None,
-                   help="tiny: the embedded tiny world, its shortcut and its alignment reward")
+                   help="tiny: the embedded tiny world's settings (with --model tiny, its shortcut and its "
+                        "aesthetic reward; the alignment reward is evaluated alongside)")
     p.add_argument("--model", default="tiny", help="'tiny' or a local model (diffusers folder)")
     p.add_argument("--shortcut", default=None,
                    help="shortcut LoRA file ('tiny' = the shipped tiny shortcut; 'none' with --shortcut-net base)")
     p.add_argument("--shortcut-preset", default=None,
                    help="schedule preset of the shortcut (e.g. hyper-sd15-4step); default: from its file name/metadata")
-    p.add_argument("--reward", default="tiny_alignment",
+    p.add_argument("--reward", default=None,
                    help="reward to maximise: a name or a weighted spec such as '10*pickscore+2*hps_v2+0.05*aesthetic' "
-                        "(all names: `shortft score --help`)")
+                        "(all names: `shortft score --help`); default for the tiny model: tiny_aesthetic")
     p.add_argument("--reward-path", action="append", metavar="NAME=FILE",
                    help="weight file of a reward (repeatable), e.g. hps_v2=/models/HPS_v2_compressed.pt")
     p.add_argument("--reward-weights-dir", default=None, help="folder searched for reward weight files")
@@ -151,6 +152,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .shortcut import load_shortcut
     from .tiny_world import held_out_prompts, tiny_shortcut_path
 
+    if args.reward is None:
+        if args.model != "tiny":
+            raise SystemExit("--reward is required for a real model, e.g. --reward hps_v2 --reward-path "
+                             "hps_v2=/models/HPS_v2_compressed.pt (all names: `shortft score --help`)")
+        args.reward = "tiny_aesthetic"
     base = dict(TINY_PRESET) if args.preset == "tiny" else {}
     cfg = config_from_args(TrainConfig, args, base)
     cfg.validate()
@@ -174,6 +180,8 @@ def run_train(args: argparse.Namespace) -> int:
                              "or --shortcut-net base for naive DDIM jumps")
         _, preset = load_shortcut(model.unet, tiny_shortcut_path() if shortcut == "tiny" else shortcut,
                                   preset=args.shortcut_preset, family=model.family)
+        if preset is not None and args.shortcut_guidance is None:  # run the shortcut the way it was trained
+            cfg = dataclasses.replace(cfg, shortcut_guidance=preset.guidance)
     reward, eval_rewards = _rewards(args, device)
     eval_prompts = (PromptSource.from_file(args.eval_prompts_file).prompts if args.eval_prompts_file
                     else held_out_prompts(cfg.eval_prompts, seed=1))

@@ -116,3 +116,17 @@ def test_image_data_and_teacher_target_paths(tmp_path):
                                                        train_images=32, pool_size=4), tmp_path / f"{data}-{target}")
         m = d.run()
         assert m["loss"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
+
+
+def test_shipped_shortcut_beats_naive_jumps_clearly():
+    """The shipped 3,000-step shortcut roughly halves the naive jump's error (BENCHMARKS.md: 0.45-0.57)."""
+    from shortft_core.shortcut import load_shortcut
+    from shortft_core.tiny_world import tiny_shortcut_path
+
+    model = load_tiny_model()
+    _, preset = load_shortcut(model.unet, tiny_shortcut_path())
+    assert preset is not None and preset.guidance == 3.0 and preset.timesteps == (999, 749, 499, 249)
+    errs = jump_errors(model, held_out_prompts(8, seed=5), seeds=range(950, 958), guidance=3.0,
+                       shortcut_guidance=preset.guidance)
+    for jump, e in errs.items():
+        assert e["ratio"] < 0.7, (jump, e)

@@ -49,14 +49,17 @@ def test_kill_and_resume_is_bit_identical(tmp_path, tiny_rewards):
 
 
 def test_ci_sized_run_raises_the_held_out_reward(tiny_rewards):
+    """40 iterations on the aesthetic reward (the main job's) raise it on held-out prompts and seeds.
+
+    (The alignment reward does not rise in so short a run: BENCHMARKS.md, "tiny world: which reward trains".)"""
     alignment, aesthetic = tiny_rewards
     ev = held_out_prompts(16, seed=1)
-    cfg = TrainConfig(iterations=40, batch_size=4, rank=8, lr=2e-3, shortcut_net="base", eval_prompts=16)
-    t = Trainer(_fresh(with_shortcut=False), alignment, cfg, PromptSource.tiny(2000, exclude=ev), ev,
+    cfg = TrainConfig(iterations=40, batch_size=4, rank=8, lr=1e-3, shortcut_net="base", eval_prompts=16)
+    t = Trainer(_fresh(with_shortcut=False), aesthetic, cfg, PromptSource.tiny(2000, exclude=ev), ev,
                 eval_reward={"alignment": alignment, "aesthetic": aesthetic})
     h = t.fit()
-    before, after = h.evals[0]["alignment"], h.evals[-1]["alignment"]
-    assert after > before + 0.01, (before, after)
+    before, after = h.evals[0]["aesthetic"], h.evals[-1]["aesthetic"]
+    assert after > before + 0.1, (before, after)
 
 
 def test_stage_schedule():

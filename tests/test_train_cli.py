@@ -1,0 +1,51 @@
+"""The train CLI end to end on the tiny world: files written and re-read, the printed report, refusals, resume."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from shortft_core.cli import main
+from shortft_core.lora_io import read_lora
+
+QUICK = ["train", "--preset", "tiny", "--iterations", "4", "--batch-size", "2", "--eval-prompts", "4",
+         "--checkpoint-every", "2", "--no-progress", "--threads", "1"]
+
+
+def test_train_cli_writes_the_lora_set_report_and_history(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(QUICK + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out tiny_aesthetic reward (4 prompts): before" in printed
+    assert "held-out tiny_alignment reward (4 prompts): before" in printed
+
+    info = json.loads((out / "lora" / "set.json").read_text())
+    assert len(info["segments"]) == 4
+    for j in range(1, 5):
+        sd, meta = read_lora(out / "lora" / f"segment_{j}.safetensors")
+        assert sd and all(k.startswith("lora_unet_") for k in sd)
+    merged, _ = read_lora(out / "lora" / "merged.safetensors")
+    assert merged
+    history = json.loads((out / "history.json").read_text())
+    assert history["iterations"] == [1, 2, 3, 4] and len(history["evals"]) == 2
+    assert sorted(set(history["stage"])) == [1, 2, 3, 4]
+    for name in ("before_after.png", "reward_curve.png"):
+        with Image.open(out / name) as im:
+            assert im.width > 100
+
+
+def test_train_cli_refuses_an_earlier_run_and_resumes_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(QUICK + ["--out", str(out)]) == 0
+    first = (out / "lora" / "segment_4.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="--resume"):
+        main(QUICK + ["--out", str(out)])
+    assert (out / "lora" / "segment_4.safetensors").read_bytes() == first
+    # a finished run resumed with more iterations continues from its last checkpoint
+    assert main(QUICK[:3] + ["--iterations", "6"] + QUICK[5:] + ["--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "history.json").read_text())["iterations"][-1] == 6
+
+
+def test_train_cli_needs_a_reward_for_a_real_model(tmp_path):
+    with pytest.raises(SystemExit, match="--reward is required"):
+        main(["train", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
