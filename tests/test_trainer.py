@@ -51,7 +51,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, tiny_rewards):
 def test_ci_sized_run_raises_the_held_out_reward(tiny_rewards):
     """40 iterations on the aesthetic reward (the main job's) raise it on held-out prompts and seeds.
 
-    (The alignment reward does not rise in so short a run: BENCHMARKS.md, "tiny world: which reward trains".)"""
+    (The alignment reward does not rise in so short a run: BENCHMARKS.md, "Tiny world: which reward trains".)"""
     alignment, aesthetic = tiny_rewards
     ev = held_out_prompts(16, seed=1)
     cfg = TrainConfig(iterations=40, batch_size=4, rank=8, lr=1e-3, shortcut_net="base", eval_prompts=16)
