@@ -40,7 +40,7 @@ VARIANTS: dict[str, dict] = {
     "drtune": {"method": "drtune"},
 }
 BASELINES = ("draft-1", "draft-lv", "alignprop", "refl", "full-bptt", "drtune")
-COMMON = dict(batch_size=4, lr=2e-3, rank=8, guidance=3.0, eval_prompts=32)
+COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32)  # lr: BENCHMARKS, "which reward trains"
 
 
 # ----- worker ------------------------------------------------------------------------------------------------
