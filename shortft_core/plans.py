@@ -202,12 +202,13 @@ def expand_shortcuts(plan: ChainPlan, lora: LoraSetSpec, guidance: float,
     return replace(plan, steps=tuple(out), method=plan.method + "+expanded")
 
 
-def shortcut_model_plan(lora: LoraSetSpec, edges: Sequence[int] = (999, 749, 499, 249), grad: bool = True) -> ChainPlan:
-    """Ablation "fine-tune the shortcut model instead of the base": the few-step shortcut chain (unguided) with the
-    alignment adapter stacked on the shortcut at every step, gradient through all of them."""
+def shortcut_model_plan(lora: LoraSetSpec, edges: Sequence[int] = (999, 749, 499, 249), grad: bool = True,
+                        guidance: float = 1.0) -> ChainPlan:
+    """Ablation "fine-tune the shortcut model instead of the base": the few-step shortcut chain (at the CFG the
+    shortcut was made for) with the alignment adapter stacked on the shortcut at every step, gradient through all."""
     e = list(edges)
     pairs = [(t, e[i + 1] if i + 1 < len(e) else FINAL) for i, t in enumerate(e)]
-    steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT, *lora.names[:1]), 1.0, grad=grad, segment=1) for t, s in pairs]
+    steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT, *lora.names[:1]), guidance, grad=grad, segment=1) for t, s in pairs]
     return ChainPlan("shortcut-model", tuple(_mark_last_readout(steps)))
 
 

@@ -139,7 +139,7 @@ def method_plan(cfg: TrainConfig, stage: int, gen: torch.Generator) -> ChainPlan
     if cfg.method == "drtune":
         return drtune_plan(gen, lora, g, grid, cfg.drtune_trained)
     if cfg.method == "shortcut-model":
-        return shortcut_model_plan(lora, cfg.shortcut_edges, grad=True)
+        return shortcut_model_plan(lora, cfg.shortcut_edges, grad=True, guidance=cfg.shortcut_guidance)
     raise ValueError(cfg.method)
 
 
@@ -147,7 +147,7 @@ def inference_plan(cfg: TrainConfig) -> ChainPlan:
     """How the aligned model samples: the full chain with the adapter set of each timestep's segment (or, for the
     "shortcut-model" ablation, the few-step shortcut chain it was trained on)."""
     if cfg.method == "shortcut-model":
-        return shortcut_model_plan(cfg.lora, cfg.shortcut_edges, grad=False)
+        return shortcut_model_plan(cfg.lora, cfg.shortcut_edges, grad=False, guidance=cfg.shortcut_guidance)
     return original_chain(cfg.lora, cfg.guidance, leading_grid(cfg.sample_steps))
 
 
