@@ -73,7 +73,8 @@ class DistillConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
-    target: str = "consistency"  # "consistency" (phased, as in PCM/Hyper-SD) or "teacher" (full teacher solve)
+    target: str = "teacher"  # "teacher" (full teacher solve to the segment's edge) or "consistency" (phased, as in
+    #                          PCM/Hyper-SD); the teacher target learns faster here (BENCHMARKS.md, distillation)
     ema_decay: float = 0.0  # 0: stop-gradient student as the target network
     data: str = "trajectories"  # "trajectories" (data-free: guided teacher trajectories from prompts) or
     #                             "images" (tiny-world image-caption pairs, noised with q(x_t | x_0))

@@ -109,9 +109,9 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
         DistillConfig().validate(m)
 
 
-def test_image_data_and_teacher_target_paths(tmp_path):
+def test_image_data_and_consistency_target_paths(tmp_path):
     """The other data source and target run and produce finite losses (their quality is in BENCHMARKS.md)."""
-    for data, target in (("images", "teacher"), ("images", "consistency"), ("trajectories", "teacher")):
+    for data, target in (("images", "teacher"), ("images", "consistency"), ("trajectories", "consistency")):
         d = Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=4, rank=4, data=data, target=target,
                                                        train_images=32, pool_size=4), tmp_path / f"{data}-{target}")
         m = d.run()
