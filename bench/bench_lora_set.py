@@ -11,7 +11,6 @@ and reports both tiny rewards and the pixel distance of each to the set's images
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shortft_core.adapters import AdapterSwitch  # noqa: E402
 from shortft_core.lora_io import load_lora_adapter  # noqa: E402
 from shortft_core.lora_set import load_lora_set, set_inference_plan  # noqa: E402
-from shortft_core.plans import TUNED, ChainPlan, Step, _chain, base_chain  # noqa: E402
+from shortft_core.plans import adapter_chain, base_chain  # noqa: E402
 from shortft_core.sampling import sample  # noqa: E402
 from shortft_core.schedule import leading_grid  # noqa: E402
 from shortft_core.tiny_world import DEFAULT_GUIDANCE, held_out_prompts, load_tiny_model, load_tiny_rewards  # noqa: E402
@@ -44,11 +43,10 @@ def main() -> int:
     switch = AdapterSwitch(model.unet)
     g = DEFAULT_GUIDANCE
     grid = leading_grid(50, model.schedule.num_train_timesteps)
-    steps = [Step(t, s, TUNED, ("merged",), g) for t, s in _chain(grid)]
     plans = {
         "base": base_chain(grid, g),
         "set (per segment)": set_inference_plan(names, segments, g, grid),
-        "merged LoRA": ChainPlan("merged", tuple(steps[:-1]) + (dataclasses.replace(steps[-1], readout="x"),)),
+        "merged LoRA": adapter_chain(("merged",), g, grid, method="merged"),
     }
     prompts = held_out_prompts(args.prompts, seed=1)
     alignment, aesthetic = load_tiny_rewards()

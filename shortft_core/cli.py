@@ -8,7 +8,6 @@ baselines), ``distill`` (a shortcut LoRA for any eps base), ``export`` (LoRA lay
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -66,9 +65,10 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; 1 disables (default: 3.0 tiny, 7.5 otherwise)")
     p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
-    p.add_argument("--lora-set", default=None, metavar="DIR",
-                   help="apply an aligned LoRA set (a run's lora/ folder): segment j's LoRA at segment j's timesteps")
-    p.add_argument("--lora", default=None, metavar="FILE", help="apply one LoRA file at every timestep")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument("--lora-set", default=None, metavar="DIR",
+                      help="apply an aligned LoRA set (a run's lora/ folder): segment j's LoRA at segment j's timesteps")
+    lora.add_argument("--lora", default=None, metavar="FILE", help="apply one LoRA file at every timestep")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
@@ -101,7 +101,7 @@ def run_sample(args: argparse.Namespace) -> int:
         from .adapters import AdapterSwitch
         from .lora_io import load_lora_adapter
         from .lora_set import load_lora_set, set_inference_plan
-        from .plans import TUNED, ChainPlan, Step, _chain
+        from .plans import adapter_chain
         from .sampling import timestep_grid
 
         grid = timestep_grid(args.steps, args.spacing, model.schedule.num_train_timesteps)
@@ -110,9 +110,7 @@ def run_sample(args: argparse.Namespace) -> int:
             plan = set_inference_plan(names, segments, guidance, grid)
         else:
             load_lora_adapter(model.unet, args.lora, "lora", trainable=False)
-            steps = [Step(t, s, TUNED, ("lora",), guidance) for t, s in _chain(grid)]
-            steps[-1] = dataclasses.replace(steps[-1], readout="x")
-            plan = ChainPlan("lora", tuple(steps))
+            plan = adapter_chain(("lora",), guidance, grid)
         switch = AdapterSwitch(model.unet)
     log.info("sampling %d prompts, %d steps, guidance %.2f, seed %d", len(prompts), args.steps, guidance, args.seed)
     images = sample(model, prompts, seed=args.seed, steps=args.steps, guidance=guidance,

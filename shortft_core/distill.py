@@ -24,8 +24,8 @@ student learns from exactly the states ShortFT's jumps start from (the guided tr
 marginal; in a 300-step pilot on the tiny world, trajectories gave about 10% lower jump errors than noised
 images); or, for the tiny world, image-caption pairs noised with q(x_t|x_0).
 
-Target: ``consistency`` (default, as in the papers) or ``teacher``: regress the jump directly onto the teacher's
-own state at the segment edge, which the trajectory data provides for free (BENCHMARKS.md compares them).
+Target: ``teacher`` (default): regress the jump directly onto the teacher's own state at the segment edge, which
+the trajectory data provides for free; or ``consistency``, as in the papers (BENCHMARKS.md compares them).
 """
 
 from __future__ import annotations
@@ -467,8 +467,7 @@ def jump_errors(model: T2IModel, prompts: Sequence[str], seeds: Sequence[int], g
 
     The teacher (base, CFG ``guidance``) samples from x_T on SD1.5's 50-step grid; from its state at each jump's
     start the shortcut (with the CFG it is used with, ``shortcut_guidance``) and the base itself (naive one-step
-    DDIM, guided)
-    jump to the end, and are compared with the teacher's state there.
+    DDIM, guided) jump to the end, and are compared with the teacher's state there.
     """
     from .chain import guided_eps
 

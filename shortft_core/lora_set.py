@@ -17,10 +17,8 @@ tools:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -129,7 +127,7 @@ def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str 
 def set_inference_plan(names: Sequence[str], segments: SegmentMap, guidance: float,
                        grid: Sequence[int] | None = None):
     """The 50-step (or ``grid``) DDIM chain that uses segment j's LoRA ``names[j-1]`` at every timestep of segment j."""
-    from .plans import TUNED, ChainPlan, Step, _chain
+    from .plans import TUNED, ChainPlan, Step, _chain, _mark_last_readout
 
     if len(names) != segments.k:
         raise ValueError(f"{len(names)} segment adapters for {segments.k} segments")
@@ -137,5 +135,4 @@ def set_inference_plan(names: Sequence[str], segments: SegmentMap, guidance: flo
     for t, s in _chain(grid or leading_grid(50, segments.num_train_timesteps)):
         j = segments.segment_of(t)
         steps.append(Step(t, s, TUNED, (names[j - 1],), guidance, segment=j))
-    steps[-1] = dataclasses.replace(steps[-1], readout="x")
-    return ChainPlan("lora-set", tuple(steps))
+    return ChainPlan("lora-set", tuple(_mark_last_readout(steps)))

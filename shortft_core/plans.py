@@ -130,6 +130,12 @@ def base_chain(grid: Sequence[int], guidance: float) -> ChainPlan:
     return ChainPlan("base", tuple(_mark_last_readout([Step(t, s, BASE, (), guidance) for t, s in _chain(grid)])))
 
 
+def adapter_chain(adapters: Sequence[str], guidance: float, grid: Sequence[int], method: str = "lora") -> ChainPlan:
+    """Every grid step by the base with the same ``adapters`` active (e.g. one LoRA at every timestep), no gradient."""
+    steps = [Step(t, s, TUNED, tuple(adapters), guidance) for t, s in _chain(grid)]
+    return ChainPlan(method, tuple(_mark_last_readout(steps)))
+
+
 def original_chain(lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None) -> ChainPlan:
     """The inference chain: every grid step by the fine-tuned model with its segment's adapter set, no gradient."""
     grid = list(grid or leading_grid(50))

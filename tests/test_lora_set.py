@@ -86,3 +86,20 @@ def test_stack_of_nothing_and_wrong_set_folder(tmp_path):
     assert stack_modules([]) == {}
     with pytest.raises(FileNotFoundError, match="set.json"):
         load_lora_set(load_tiny_model().unet, tmp_path)
+
+
+def test_sample_cli_applies_one_lora_everywhere_and_refuses_both_options(trained_set, tmp_path, capsys):
+    from PIL import Image
+
+    _, out, _ = trained_set
+    prompt = held_out_prompts(1)
+    common = ["sample", "--prompts", *prompt, "--seed", "5", "--steps", "8"]
+    assert cli_main(common + ["--out", str(tmp_path / "base")]) == 0
+    assert cli_main(common + ["--lora", str(out / "merged.safetensors"), "--out", str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "samples.json").read_text())["lora"] == str(out / "merged.safetensors")
+    with Image.open(tmp_path / "base" / "0000.png") as a, Image.open(tmp_path / "merged" / "0000.png") as b:
+        assert a.tobytes() != b.tobytes()
+    with pytest.raises(SystemExit):
+        cli_main(common + ["--lora", "x.safetensors", "--lora-set", str(out), "--out", str(tmp_path / "both")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
