@@ -33,20 +33,27 @@ from shortft_core.rewards.base import Reward  # noqa: E402
 from shortft_core.rewards.preprocess import Preprocess  # noqa: E402
 from shortft_core.trainer import PromptSource, TrainConfig, Trainer  # noqa: E402
 
-# (family, method overrides, checkpointing, batch) in priority order: the targets first.
+# (family, method, checkpointing, batch) in priority order: what is still unmeasured first (BENCHMARKS.md), then
+# the rows already recorded. Checkpointing: "none", "unet" (UNet calls with gradient), "vae" (the VAE decoder's
+# blocks only), "all" (both).
 PLAN = [
-    ("sd15", "shortft", False, 2), ("sd15", "shortft", True, 1), ("sd15", "full-bptt", True, 1),
-    ("sd15", "shortft", False, 1), ("sd15", "draft-1", False, 1), ("sd15", "refl", False, 1),
-    ("sd15", "alignprop", True, 1), ("sd15", "shortft", True, 2), ("sd15", "shortft", False, 4),
-    ("sd15", "draft-1", False, 2), ("sd15", "refl", False, 2), ("sd15", "alignprop", True, 2),
-    ("sd15", "full-bptt", True, 2), ("sd15", "shortft", True, 4), ("sd15", "draft-1", False, 4),
-    ("sd15", "refl", False, 4), ("sd15", "alignprop", True, 4), ("sd15", "draft-1", True, 1),
-    ("sdxl", "shortft", False, 1), ("sdxl", "shortft", True, 1), ("sdxl", "full-bptt", True, 1),
-    ("sdxl", "draft-1", False, 1), ("sdxl", "refl", False, 1), ("sdxl", "alignprop", True, 1),
-    ("sdxl", "shortft", False, 2), ("sdxl", "shortft", True, 2),
+    ("sd15", "shortft", "vae", 2), ("sd15", "shortft-cfg1", "none", 2), ("sd15", "shortft-cfg1", "vae", 2),
+    ("sd15", "alignprop", "unet", 1), ("sd15", "shortft", "none", 4), ("sd15", "shortft", "all", 1),
+    ("sd15", "shortft", "unet", 2), ("sd15", "draft-1", "none", 2), ("sd15", "refl", "none", 2),
+    ("sd15", "alignprop", "unet", 2), ("sd15", "full-bptt", "unet", 2), ("sd15", "shortft", "unet", 4),
+    ("sd15", "draft-1", "none", 4), ("sd15", "refl", "none", 4), ("sd15", "alignprop", "unet", 4),
+    ("sd15", "draft-1", "unet", 1),
+    ("sd15", "shortft", "none", 2), ("sd15", "shortft", "unet", 1), ("sd15", "full-bptt", "unet", 1),
+    ("sd15", "shortft", "none", 1), ("sd15", "draft-1", "none", 1), ("sd15", "refl", "none", 1),
+    ("sdxl", "shortft", "all", 1), ("sdxl", "shortft", "vae", 1), ("sdxl", "full-bptt", "unet", 1),
+    ("sdxl", "draft-1", "none", 1), ("sdxl", "refl", "none", 1), ("sdxl", "alignprop", "unet", 1),
+    ("sdxl", "shortft", "none", 1), ("sdxl", "shortft", "unet", 1), ("sdxl", "shortft", "unet", 2),
 ]
+CKPT = {"none": (False, False), "unet": (True, False), "vae": (False, True), "all": (True, True)}
 METHOD = {"shortft": {"method": "shortft"}, "draft-1": {"method": "draft", "draft_k": 1},
-          "alignprop": {"method": "alignprop"}, "refl": {"method": "refl"}, "full-bptt": {"method": "full-bptt"}}
+          "alignprop": {"method": "alignprop"}, "refl": {"method": "refl"}, "full-bptt": {"method": "full-bptt"},
+          # the paper's open choice: no classifier-free guidance on the fine-tuned steps (half their batch)
+          "shortft-cfg1": {"method": "shortft", "guidance": 1.0}}
 
 
 class RandomClipReward(Reward):
@@ -85,9 +92,10 @@ def build(family: str, small: bool, device, dtype):
     return model, RandomClipReward(small, device, dtype)
 
 
-def run_config(model, reward, method: str, ckpt: bool, batch: int, small: bool, iters: int) -> dict:
-    cfg = TrainConfig(**METHOD[method], checkpoint_unet=ckpt, batch_size=batch, rank=8 if small else 128,
-                      guidance=7.5, eval_prompts=0, iterations=10**6, lr=1e-5,
+def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, iters: int) -> dict:
+    ck_unet, ck_vae = CKPT[ckpt]
+    cfg = TrainConfig(**{"guidance": 7.5, **METHOD[method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
+                      batch_size=batch, rank=8 if small else 128, eval_prompts=0, iterations=10**6, lr=1e-5,
                       mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")
     tr = Trainer(model, reward, cfg, PromptSource(["a photograph of an astronaut riding a horse"]))
     cuda = model.device.type == "cuda"
@@ -107,7 +115,7 @@ def run_config(model, reward, method: str, ckpt: bool, batch: int, small: bool, 
             times.append(time.perf_counter() - t0)
             plans.append(tr.last_plan)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        costs = pass_costs(tr, batch, reps=2)
+        costs = pass_costs(tr, batch, plans, reps=2)
         ideal = statistics.mean(ideal_seconds(p, costs) for p in plans)
         return {"sec_per_iter": statistics.median(times), "peak_gib": peak, "efficiency_ratio":
                 statistics.median(times) / ideal, "network_calls": plans[0].network_calls,
@@ -115,6 +123,7 @@ def run_config(model, reward, method: str, ckpt: bool, batch: int, small: bool, 
     finally:
         model.unet.delete_adapters(list(tr.lora.names))
         model.unet.zero_grad(set_to_none=True)
+        model.vae.disable_gradient_checkpointing()
         del tr
         if cuda:
             torch.cuda.empty_cache()
@@ -133,7 +142,7 @@ def table(results: list[dict], device_name: str) -> str:
                      f"{r['efficiency_ratio']:.2f} | {r['network_calls']} ({r['grad_calls']}) |")
     by = {(r["family"], r["method"], r["ckpt"], r["batch"]): r for r in results if "error" not in r}
     for fam in ("sd15", "sdxl"):
-        a, b = by.get((fam, "shortft", True, 1)), by.get((fam, "full-bptt", True, 1))
+        a, b = by.get((fam, "shortft", "unet", 1)), by.get((fam, "full-bptt", "unet", 1))
         if a and b:
             lines.append(f"\n{fam}: full BPTT / ShortFT per iteration (checkpointing, batch 1) = "
                          f"{b['sec_per_iter'] / a['sec_per_iter']:.1f}x")

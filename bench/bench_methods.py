@@ -83,9 +83,9 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     rss_setup = _rss_mib()
     h = tr.fit()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    costs = pass_costs(tr, cfg.batch_size)
     iter_times = [b - a for a, b in zip([0.0] + h.seconds[:-1], h.seconds)]
     skip = min(2, len(iter_times) - 1)  # first iterations include one-off set-up
+    costs = pass_costs(tr, cfg.batch_size, plans[skip:])
     ideal = sum(ideal_seconds(p, costs) for p in plans[skip:])
     result = {
         "variant": variant, "seed": seed, "reward": reward, "budget_s": budget, "iterations": len(h.iterations),

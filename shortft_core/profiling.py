@@ -1,7 +1,8 @@
 """Timing helpers for benchmarks: what each kind of network pass costs alone, and what a plan should cost.
 
 The efficiency ratio of a method is its measured iteration time divided by the sum of the network passes its plan
-makes, each timed alone (UNet calls by kind, VAE decode + reward): 1.0 means the sampler adds no overhead.
+makes, each timed alone exactly as the plan makes it (the same adapter set, guidance, gradient and checkpointing;
+VAE decode + reward): 1.0 means the sampler and trainer add no overhead.
 """
 
 from __future__ import annotations
@@ -28,38 +29,66 @@ def timed(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
-def pass_costs(trainer, batch: int, reps: int = 3) -> dict[str, float]:
-    """Seconds of each pass kind at ``batch``: UNet forward / forward+backward with and without CFG, and VAE decode
-    + reward forward+backward. Measured with the trainer's model, adapters and reward."""
+def _signatures(plan) -> list[tuple]:
+    """Per network call of ``plan``: (adapters, guidance, grad, checkpoint, input carries gradient)."""
+    out, carries = [], False
+    for st in plan.steps:
+        if st.kind != "ddim":
+            continue
+        out.append((tuple(st.adapters), float(st.guidance), bool(st.grad), bool(st.checkpoint),
+                    carries and not st.detach_input))
+        carries = carries or st.grad
+    return out
+
+
+def _key(sig: tuple) -> str:
+    adapters, g, grad, ck, xin = sig
+    return f"{'+'.join(adapters) or 'base'}|g{g:g}|{'fwdbwd' if grad else 'fwd'}{'|ckpt' if ck else ''}{'|xgrad' if xin else ''}"
+
+
+def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]:
+    """Seconds of every distinct network pass the ``plans`` make, each timed alone at ``batch`` with the trainer's
+    model, adapter sets and reward: a UNet call with its own adapters active and guidance, forward only or forward
+    + backward (a checkpointed call pays its recomputation; the input gradient only where the chain carries one),
+    plus VAE decode + reward forward and backward (``decode_reward``)."""
+    from torch.utils.checkpoint import checkpoint
+
     from .chain import guided_eps
+    from .rewards.augment import jittered_score
     from .sampling import initial_noise
 
-    m, sw = trainer.model, trainer.switch
+    m, sw, cfg = trainer.model, trainer.switch, trainer.cfg
     x = initial_noise(range(batch), m.latent_shape(), m.device, m.dtype)
     prompts = (trainer.prompts.prompts * batch)[:batch]
     cond = m.encode_prompts(prompts)
     uncond = m.encode_prompts([""]).repeat(batch)
-    names = trainer.lora.names
     costs: dict[str, float] = {}
-    for g in sorted({1.0, float(trainer.cfg.guidance)}):
+    for sig in sorted({s for p in plans for s in _signatures(p)}):
+        adapters, g, grad, ck, xin = sig
         u = uncond if g != 1.0 else None
 
-        def fwd():
-            with torch.no_grad():
-                sw.activate(names[:1])
-                guided_eps(m, x, 500, cond, u, g)
+        def call(inp, adapters=adapters, g=g, u=u):
+            sw.activate(adapters)
+            return guided_eps(m, inp, 500, cond, u, g)
 
-        def fwd_bwd():
-            sw.activate(names[:1])
-            xi = x.detach().clone().requires_grad_(True)
-            guided_eps(m, xi, 500, cond, u, g).float().square().mean().backward()
+        if not grad:
+            def run(call=call):
+                with torch.no_grad():
+                    call(x)
+        else:
+            def run(call=call, ck=ck, xin=xin):
+                inp = x.detach().clone().requires_grad_(xin)
+                eps = checkpoint(call, inp, use_reentrant=False) if ck else call(inp)
+                if eps.requires_grad:
+                    eps.float().square().mean().backward()
+        costs[_key(sig)] = timed(run, reps)
 
-        costs[f"fwd_g{g}"] = timed(fwd, reps)
-        costs[f"fwdbwd_g{g}"] = timed(fwd_bwd, reps)
+    gen = torch.Generator().manual_seed(0)
 
     def decode_reward():
         z = x.detach().clone().requires_grad_(True)
-        trainer.reward(m.decode(z), prompts).float().sum().backward()
+        jittered_score(trainer.reward, m.decode(z), prompts, cfg.reward_views, cfg.reward_jitter,
+                       gen).float().sum().backward()
 
     costs["decode_reward"] = timed(decode_reward, reps)
     m.unet.zero_grad(set_to_none=True)
@@ -67,15 +96,6 @@ def pass_costs(trainer, batch: int, reps: int = 3) -> dict[str, float]:
 
 
 def ideal_seconds(plan, costs: dict[str, float]) -> float:
-    """Sum of the plan's passes timed alone (a checkpointed step pays one extra forward)."""
-    total, readouts = 0.0, 0
-    for st in plan.steps:
-        if st.kind != "ddim":
-            continue
-        g = float(st.guidance)
-        if st.grad:
-            total += costs[f"fwdbwd_g{g}"] + (costs[f"fwd_g{g}"] if st.checkpoint else 0.0)
-        else:
-            total += costs[f"fwd_g{g}"]
-        readouts += st.readout is not None
-    return total + readouts * costs["decode_reward"]
+    """Sum of the plan's passes timed alone (``costs`` from :func:`pass_costs` over plans including this one)."""
+    readouts = sum(st.readout is not None for st in plan.steps if st.kind == "ddim")
+    return sum(costs[_key(s)] for s in _signatures(plan)) + readouts * costs["decode_reward"]

@@ -111,3 +111,26 @@ def test_plain_sampling_is_the_base_plan(adapted):
     torch.testing.assert_close(ref, via_plan)
     aligned = sample(model, prompts, seed=3, guidance=2.0, plan=original_chain(SPEC, 2.0, leading_grid(10)), switch=switch)
     assert not torch.allclose(ref, aligned)  # the (random) alignment set changes the picture
+
+
+def test_vae_checkpointing_gives_identical_gradients(adapted):
+    """Block-wise recomputation of the VAE decoder (``checkpoint_vae``) changes memory, not gradients."""
+    model, switch = adapted
+    plan = shortft_plan(1, SPEC, 3.0)
+    xin, cond, uncond = _inputs(model)
+
+    def grads():
+        model.unet.zero_grad(set_to_none=True)
+        z = run_plan(model, plan, xin, cond, uncond, switch)[-1]
+        model.decode(z).mean(dim=(1, 2, 3)).square().sum().backward()
+        return torch.cat([p.grad.flatten() for p in adapter_parameters(model.unet, "align_1")])
+
+    plain = grads()
+    model.vae.enable_gradient_checkpointing()
+    try:
+        assert model.vae.decoder.gradient_checkpointing
+        ckpt = grads()
+    finally:
+        model.vae.disable_gradient_checkpointing()
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(plain, ckpt, rtol=1e-5, atol=1e-8)

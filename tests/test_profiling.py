@@ -1,0 +1,56 @@
+"""The efficiency ratio's denominator: every network call of a plan is priced as the plan makes it."""
+
+import torch
+
+from shortft_core.profiling import _key, _signatures, ideal_seconds
+from shortft_core.trainer import TrainConfig, method_plan
+
+
+def test_signatures_follow_the_plan():
+    cfg = TrainConfig(shortcut_guidance=3.0)
+    plan = method_plan(cfg, 1, torch.Generator().manual_seed(0))
+    sigs = _signatures(plan)
+    assert len(sigs) == plan.network_calls
+    grad = [s for s in sigs if s[2]]
+    assert len(grad) == plan.grad_calls
+    # the first gradient call starts the graph (no input gradient); every later call receives one
+    first = next(i for i, s in enumerate(sigs) if s[2])
+    assert not any(s[4] for s in sigs[: first + 1]) and all(s[4] for s in sigs[first + 1:])
+    # tuned calls carry their stacked adapters, jumps the shortcut
+    adapters = {s[0] for s in sigs}
+    assert ("shortcut",) in adapters and cfg.lora.names[:2] in adapters
+
+
+def test_ideal_seconds_prices_each_call_by_its_own_signature():
+    cfg = TrainConfig(shortcut_guidance=3.0)
+    plan = method_plan(cfg, 2, torch.Generator().manual_seed(0))
+    sigs = _signatures(plan)
+    costs = {_key(s): 0.0 for s in sigs}
+    costs["decode_reward"] = 0.5
+    shortcut_calls = [s for s in sigs if s[0] == ("shortcut",)]
+    for s in shortcut_calls:
+        costs[_key(s)] = 2.0
+    expected = 0.5 + 2.0 * len(shortcut_calls)
+    assert ideal_seconds(plan, costs) == expected and len(shortcut_calls) == 2
+    costs["decode_reward"] = 1.0
+    assert ideal_seconds(plan, costs) == expected + 0.5
+
+
+def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards):
+    from shortft_core.adapters import SHORTCUT, adapter_parameters, add_lora
+    from shortft_core.profiling import pass_costs
+    from shortft_core.tiny_world import load_tiny_model
+    from shortft_core.trainer import PromptSource, Trainer
+
+    model = load_tiny_model()
+    add_lora(model.unet, SHORTCUT, 4, seed=7)
+    for p in adapter_parameters(model.unet, SHORTCUT):
+        p.requires_grad_(False)
+    cfg = TrainConfig(batch_size=1, rank=2, eval_prompts=0, reward_jitter=0.05, reward_views=2)
+    tr = Trainer(model, tiny_rewards[0], cfg, PromptSource.tiny(50))
+    plans = [method_plan(cfg, s, torch.Generator().manual_seed(0)) for s in (1, 4)]
+    costs = pass_costs(tr, 1, plans, reps=1)
+    assert set(costs) == {_key(s) for p in plans for s in _signatures(p)} | {"decode_reward"}
+    assert all(v > 0 for v in costs.values())
+    assert all(ideal_seconds(p, costs) > costs["decode_reward"] for p in plans)
+    assert all(p.grad is None for p in model.unet.parameters())  # timing leaves no gradients behind
