@@ -93,3 +93,15 @@ def test_add_shortcut_copies_a_distilled_shortcut_and_rehashes(tmp_path, two_bui
     assert m == 0 and manifest["shortcut"] == {"edges": [999, 749, 499, 249], "guidance": 3.0}
     assert manifest["sha256"]["shortcut.safetensors"] == sha256_file(root / "shortcut.safetensors") == sha256_file(sc)
     assert manifest["sha256"]["pipeline/model_index.json"] == two_builds[1]["sha256"]["pipeline/model_index.json"]
+
+
+def test_two_thread_build_is_deterministic_and_restores_the_callers_threads(tmp_path):
+    """--threads 2 (the <= 60 min setting on two cores) repeats bit for bit; the caller's settings come back."""
+    from dataclasses import replace
+
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cfg = replace(QUICK, threads=2)
+    a = B.build(tmp_path / "a", cfg, progress=False)
+    b = B.build(tmp_path / "b", cfg, progress=False)
+    assert a["sha256"] == b["sha256"] and a["config"]["threads"] == 2
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before

@@ -1,6 +1,7 @@
 """Train the tiny world from scratch: VAE, text encoder + UNet, and the two rewards.
 
-    python -m shortft_core.tiny_world.build --out /tmp/tiny          # ~70 min on a shared 2-core CPU box
+    python -m shortft_core.tiny_world.build --out /tmp/tiny          # the shipped weights, ~70 min (one thread)
+    python -m shortft_core.tiny_world.build --out /tmp/t2 --threads 2    # 48 min on an idle 2-core box
     python -m shortft_core distill --model tiny --out /tmp/sc --target teacher ...    # then the shortcut
     python -m shortft_core.tiny_world.build --out /tmp/tiny --add-shortcut /tmp/sc/shortcut.safetensors
 
@@ -392,7 +393,8 @@ def build(out: str | os.PathLike, cfg: BuildConfig = BuildConfig(), overwrite: b
             for sub in ("pipeline", "reward", ".phases"):
                 shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.threads)  # the thread count fixes the float summation order: part of the recipe
     torch.use_deterministic_algorithms(True)
     tok_dir = out / "pipeline" / "tokenizer"
     tokenizer = load_clip_tokenizer(write_clip_tokenizer(tok_dir))
@@ -408,6 +410,8 @@ def build(out: str | os.PathLike, cfg: BuildConfig = BuildConfig(), overwrite: b
                                         make=lambda: (make_unet(), _text_encoder()))
     finally:
         bar.close()
+        torch.set_num_threads(threads)  # leave the caller's process as it was
+        torch.use_deterministic_algorithms(deterministic)
     manifest = save_world(out, cfg, vae, unet, text_encoder, reward_model, head, timings)
     shutil.rmtree(out / ".phases", ignore_errors=True)
     return manifest
