@@ -54,10 +54,9 @@ def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]
     from torch.utils.checkpoint import checkpoint
 
     from .chain import guided_eps
-    from .rewards.augment import jittered_score
     from .sampling import initial_noise
 
-    m, sw, cfg = trainer.model, trainer.switch, trainer.cfg
+    m, sw = trainer.model, trainer.switch
     x = initial_noise(range(batch), m.latent_shape(), m.device, m.dtype)
     prompts = (trainer.prompts.prompts * batch)[:batch]
     cond = m.encode_prompts(prompts)
@@ -83,12 +82,9 @@ def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]
                     eps.float().square().mean().backward()
         costs[_key(sig)] = timed(run, reps)
 
-    gen = torch.Generator().manual_seed(0)
-
     def decode_reward():
         z = x.detach().clone().requires_grad_(True)
-        jittered_score(trainer.reward, m.decode(z), prompts, cfg.reward_views, cfg.reward_jitter,
-                       gen).float().sum().backward()
+        trainer.reward(m.decode(z), prompts).float().sum().backward()
 
     costs["decode_reward"] = timed(decode_reward, reps)
     m.unet.zero_grad(set_to_none=True)

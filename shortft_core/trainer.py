@@ -31,7 +31,6 @@ from .checkpoint import CheckpointManager, all_finite, capture_rng, restore_rng
 from .models import Conditioning, T2IModel
 from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune_plan, full_bptt_plan,
                     original_chain, refl_plan, shortcut_model_plan, shortft_plan)
-from .rewards.augment import jittered_score
 from .chain import guided_eps
 from .sampling import initial_noise, sample
 from .schedule import leading_grid
@@ -82,8 +81,6 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop (and schedule stages) by wall clock instead of iterations
     mixed_precision: str = "no"  # no | bf16 | fp16 (base weights; LoRA parameters stay fp32)
     kl_weight: float = 0.0  # DRaFT+-style penalty: mean squared distance of tuned to base eps on grad steps
-    reward_jitter: float = 0.0  # score each image at random shifts of up to this share of its size (0: off)
-    reward_views: int = 1  # jittered views averaged per image when reward_jitter > 0
     seed: int = 0
     # bookkeeping
     checkpoint_every: int = 100
@@ -107,9 +104,6 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine; got {self.lr_schedule!r}")
-        if not 0 <= self.reward_jitter < 0.5 or self.reward_views < 1:
-            raise ValueError(f"reward_jitter must be in [0, 0.5) and reward_views >= 1; got {self.reward_jitter}, "
-                             f"{self.reward_views}")
 
     @property
     def lora(self) -> LoraSetSpec:
@@ -211,14 +205,12 @@ class ChainObjective(torch.nn.Module):
     so its trainable LoRA parameters are the ones DDP averages.
     """
 
-    def __init__(self, model: T2IModel, reward: Callable, kl_weight: float = 0.0, reward_jitter: float = 0.0,
-                 reward_views: int = 1) -> None:
+    def __init__(self, model: T2IModel, reward: Callable, kl_weight: float = 0.0) -> None:
         super().__init__()
         self.unet = model.unet
         self.model = model
         self.reward_fn = reward
         self.kl_weight = kl_weight
-        self.reward_jitter, self.reward_views = reward_jitter, reward_views
         self.switch = AdapterSwitch(model.unet)
 
     def forward(self, plan: ChainPlan, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
@@ -234,8 +226,7 @@ class ChainObjective(torch.nn.Module):
                     penalties.append((eps - base).float().pow(2).mean())
         readouts = run_plan(self.model, plan, x, cond, uncond, self.switch, unet=self.unet, generator=generator,
                             on_eps=on_eps)
-        rewards = [jittered_score(self.reward_fn, self.model.decode(z), prompts, self.reward_views,
-                                  self.reward_jitter, generator) for z in readouts]
+        rewards = [self.reward_fn(self.model.decode(z), prompts) for z in readouts]
         reward = torch.stack(rewards).mean(0)  # (B,), averaged over readouts (DRaFT-LV has several)
         loss = -reward.mean()
         metrics = {"reward": reward.detach()}
@@ -308,7 +299,7 @@ class Trainer:
                 p.data = p.data.float()
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
             model.vae.enable_gradient_checkpointing()
-        self.objective = ChainObjective(model, reward, cfg.kl_weight, cfg.reward_jitter, cfg.reward_views)
+        self.objective = ChainObjective(model, reward, cfg.kl_weight)
         self.switch = self.objective.switch
         self.switch.refresh()
         params = [p for ps in self.all_params.values() for p in ps]

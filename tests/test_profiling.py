@@ -46,7 +46,7 @@ def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards):
     add_lora(model.unet, SHORTCUT, 4, seed=7)
     for p in adapter_parameters(model.unet, SHORTCUT):
         p.requires_grad_(False)
-    cfg = TrainConfig(batch_size=1, rank=2, eval_prompts=0, reward_jitter=0.05, reward_views=2)
+    cfg = TrainConfig(batch_size=1, rank=2, eval_prompts=0)
     tr = Trainer(model, tiny_rewards[0], cfg, PromptSource.tiny(50))
     plans = [method_plan(cfg, s, torch.Generator().manual_seed(0)) for s in (1, 4)]
     costs = pass_costs(tr, 1, plans, reps=1)
