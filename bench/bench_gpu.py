@@ -116,7 +116,7 @@ def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, i
             plans.append(tr.last_plan)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         costs = pass_costs(tr, batch, plans, reps=2)
-        ideal = statistics.mean(ideal_seconds(p, costs) for p in plans)
+        ideal = statistics.mean(ideal_seconds(p, costs, tr.lora) for p in plans)
         return {"sec_per_iter": statistics.median(times), "peak_gib": peak, "efficiency_ratio":
                 statistics.median(times) / ideal, "network_calls": plans[0].network_calls,
                 "grad_calls": plans[0].grad_calls, "iters": iters}

@@ -86,7 +86,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     iter_times = [b - a for a, b in zip([0.0] + h.seconds[:-1], h.seconds)]
     skip = min(2, len(iter_times) - 1)  # first iterations include one-off set-up
     costs = pass_costs(tr, cfg.batch_size, plans[skip:])
-    ideal = sum(ideal_seconds(p, costs) for p in plans[skip:])
+    ideal = sum(ideal_seconds(p, costs, tr.lora) for p in plans[skip:])
     result = {
         "variant": variant, "seed": seed, "reward": reward, "budget_s": budget, "iterations": len(h.iterations),
         "evals": h.evals, "train_reward": h.reward, "seconds": h.seconds, "stages": h.stage,
