@@ -8,8 +8,8 @@ the same load) with the same wall-clock training budget, aligning the tiny pipel
 75 and 100% of the budget both rewards are measured on 32 held-out prompts with the 50-step inference chain
 (the one not trained on exposes reward hacking). Reported per variant: final held-out rewards (mean +- std over seeds), the share of
 the budget needed to reach the best baseline's final reward, peak RSS, iterations, and the efficiency ratio =
-measured iteration time / sum of the iteration's network passes timed alone (UNet calls by kind, VAE decode and
-reward, forward+backward where the plan needs a gradient). Results: per-run JSON, table.md, reward_vs_time.png.
+measured iteration time / sum of the iteration's network passes, each timed alone as the plan makes it (its
+adapter set, guidance, gradient into the adapters its stage trains, checkpointing), plus VAE decode and reward. Results: per-run JSON, table.md, reward_vs_time.png.
 """
 
 from __future__ import annotations
