@@ -17,6 +17,23 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def fresh_tiny():
+    """A factory: a new tiny model, by default with a random frozen rank-4 'shortcut' adapter (training tests)."""
+    def make(with_shortcut: bool = True):
+        from shortft_core.adapters import SHORTCUT, adapter_parameters, add_lora
+        from shortft_core.tiny_world import load_tiny_model
+
+        model = load_tiny_model()
+        if with_shortcut:
+            add_lora(model.unet, SHORTCUT, 4, seed=7)
+            for p in adapter_parameters(model.unet, SHORTCUT):
+                p.requires_grad_(False)
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_rewards():
     from shortft_core.tiny_world import load_tiny_rewards
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from shortft_core.adapters import SHORTCUT, AdapterSwitch, adapter_parameters, add_lora
+from shortft_core.adapters import AdapterSwitch, adapter_parameters
 from shortft_core.cli import main as cli_main
 from shortft_core.lora_io import adapter_modules, read_lora
 from shortft_core.lora_set import export_lora_set, load_lora_set, segment_weights, set_inference_plan, stack_modules
@@ -15,11 +15,8 @@ from shortft_core.trainer import PromptSource, TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
-def trained_set(tmp_path_factory):
-    model = load_tiny_model()
-    add_lora(model.unet, SHORTCUT, 4, seed=7)
-    for p in adapter_parameters(model.unet, SHORTCUT):
-        p.requires_grad_(False)
+def trained_set(tmp_path_factory, fresh_tiny):
+    model = fresh_tiny()
     cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0)
     tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     g = torch.Generator().manual_seed(0)

@@ -41,16 +41,12 @@ def test_ideal_seconds_prices_each_call_by_its_own_signature():
     assert ideal_seconds(plan, costs, cfg.lora) == expected + 0.5
 
 
-def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards):
-    from shortft_core.adapters import SHORTCUT, adapter_parameters, add_lora
+def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards, fresh_tiny):
+    from shortft_core.adapters import adapter_parameters
     from shortft_core.profiling import pass_costs
-    from shortft_core.tiny_world import load_tiny_model
     from shortft_core.trainer import PromptSource, Trainer
 
-    model = load_tiny_model()
-    add_lora(model.unet, SHORTCUT, 4, seed=7)
-    for p in adapter_parameters(model.unet, SHORTCUT):
-        p.requires_grad_(False)
+    model = fresh_tiny()
     cfg = TrainConfig(batch_size=1, rank=2, eval_prompts=0)
     tr = Trainer(model, tiny_rewards[0], cfg, PromptSource.tiny(50))
     tr._enter_stage(4)

@@ -5,18 +5,9 @@ import json
 import pytest
 import torch
 
-from shortft_core.adapters import SHORTCUT, adapter_parameters, adapter_state, add_lora
-from shortft_core.tiny_world import held_out_prompts, load_tiny_model, load_tiny_rewards
+from shortft_core.adapters import adapter_state
+from shortft_core.tiny_world import held_out_prompts
 from shortft_core.trainer import Callback, PromptSource, TrainConfig, Trainer, stage_at
-
-
-def _fresh(with_shortcut=True):
-    model = load_tiny_model()
-    if with_shortcut:
-        add_lora(model.unet, SHORTCUT, 4, seed=7)
-        for p in adapter_parameters(model.unet, SHORTCUT):
-            p.requires_grad_(False)
-    return model
 
 
 class StopAt(Callback):
@@ -27,18 +18,18 @@ class StopAt(Callback):
         return trainer.iteration >= self.n
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, tiny_rewards):
+def test_kill_and_resume_is_bit_identical(tmp_path, tiny_rewards, fresh_tiny):
     alignment, _ = tiny_rewards
     cfg = TrainConfig(iterations=6, batch_size=2, checkpoint_every=3, rank=4, eval_prompts=0, real_grad_steps=1)
     prompts = PromptSource.tiny(300)
 
-    straight = Trainer(_fresh(), alignment, cfg, prompts, out=tmp_path / "a")
+    straight = Trainer(fresh_tiny(), alignment, cfg, prompts, out=tmp_path / "a")
     straight.fit()
 
-    first = Trainer(_fresh(), alignment, cfg, prompts, out=tmp_path / "b", callbacks=[StopAt(3)])
+    first = Trainer(fresh_tiny(), alignment, cfg, prompts, out=tmp_path / "b", callbacks=[StopAt(3)])
     first.fit()  # "killed" after iteration 3 (its checkpoint is the only state that survives)
     assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["step"] == 3
-    resumed = Trainer(_fresh(), alignment, cfg, prompts, out=tmp_path / "b")
+    resumed = Trainer(fresh_tiny(), alignment, cfg, prompts, out=tmp_path / "b")
     assert resumed.resume() and resumed.iteration == 3 and resumed.stage == 2
     resumed.fit()
     for name in cfg.lora.names:
@@ -48,14 +39,14 @@ def test_kill_and_resume_is_bit_identical(tmp_path, tiny_rewards):
     assert straight.history.reward == resumed.history.reward
 
 
-def test_ci_sized_run_raises_the_held_out_reward(tiny_rewards):
+def test_ci_sized_run_raises_the_held_out_reward(tiny_rewards, fresh_tiny):
     """40 iterations on the aesthetic reward (the main job's) raise it on held-out prompts and seeds.
 
     (The alignment reward does not rise in so short a run: BENCHMARKS.md, "Tiny world: which reward trains".)"""
     alignment, aesthetic = tiny_rewards
     ev = held_out_prompts(16, seed=1)
     cfg = TrainConfig(iterations=40, batch_size=4, rank=8, lr=1e-3, shortcut_net="base", eval_prompts=16)
-    t = Trainer(_fresh(with_shortcut=False), aesthetic, cfg, PromptSource.tiny(2000, exclude=ev), ev,
+    t = Trainer(fresh_tiny(with_shortcut=False), aesthetic, cfg, PromptSource.tiny(2000, exclude=ev), ev,
                 eval_reward={"alignment": alignment, "aesthetic": aesthetic})
     h = t.fit()
     before, after = h.evals[0]["aesthetic"], h.evals[-1]["aesthetic"]
@@ -70,10 +61,10 @@ def test_stage_schedule():
     assert stage_at(TrainConfig(progressive=False), 0.9) == 1
 
 
-def test_bad_configs_are_refused_before_work(tiny_rewards):
+def test_bad_configs_are_refused_before_work(tiny_rewards, fresh_tiny):
     with pytest.raises(ValueError, match="unknown method"):
         TrainConfig(method="ppo").validate()
     with pytest.raises(ValueError, match="stage_fractions"):
         TrainConfig(stage_fractions=(0.5, 0.5)).validate()
     with pytest.raises(ValueError, match="shortcut adapter"):
-        Trainer(_fresh(with_shortcut=False), tiny_rewards[0], TrainConfig(), PromptSource(["a"]))
+        Trainer(fresh_tiny(with_shortcut=False), tiny_rewards[0], TrainConfig(), PromptSource(["a"]))
