@@ -145,7 +145,7 @@ def original_chain(lora: LoraSetSpec, guidance: float, grid: Sequence[int] | Non
 # ----- ShortFT ---------------------------------------------------------------------------------------------------
 def shortft_plan(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None,
                  real_grad_steps: int | None = 1, shortcut_guidance: float = 1.0, checkpoint: bool = False,
-                 shortcut_net: str = SHORTCUT_NET) -> ChainPlan:
+                 shortcut_net: str = SHORTCUT_NET, last_anchor: str = "end") -> ChainPlan:
     """ShortFT stage ``stage`` of k (k = number of segments of ``lora.segments``).
 
     Segments before ``stage`` run the original chain without gradient (already trained); segment ``stage`` runs the
@@ -153,7 +153,12 @@ def shortft_plan(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[
     one frozen shortcut jump from its first grid point to its last (its anchor: 741 -> 501 on SD1.5's 50-step grid)
     followed by one fine-tuned step from the anchor, both with gradient. ``shortcut_net='base'`` replaces the
     shortcut by naive one-step DDIM jumps of the base (ablation); ``'tuned'`` jumps with the fine-tuned model.
+    ``last_anchor='start'`` moves the last segment's fine-tuned step to its first grid step (241 -> 221), followed
+    by the jump to the clean end, instead of the jump followed by the very last step (1 -> x0), which barely changes
+    the image (BENCHMARKS.md, "The dip, isolated").
     """
+    if last_anchor not in ("end", "start"):
+        raise ValueError(f"last_anchor must be 'end' or 'start', got {last_anchor!r}")
     segs = lora.segments
     k = segs.k
     if not 1 <= stage <= k:
@@ -174,21 +179,31 @@ def shortft_plan(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[
             first_grad = 0 if real_grad_steps is None else max(0, n - real_grad_steps)
             steps += [_tuned(t, s, lora, guidance, grad=i >= first_grad, checkpoint=checkpoint and i >= first_grad)
                       for i, (t, s) in enumerate(pairs)]
+        elif j == k and last_anchor == "start" and len(pairs) > 1:
+            t_first, t_next = pairs[0]
+            steps.append(_tuned(t_first, t_next, lora, guidance, grad=True, checkpoint=checkpoint))
+            steps.append(_jump(t_next, pairs[-1][1], j, lora, guidance, shortcut_guidance, checkpoint, shortcut_net))
         else:
             t_first, anchor = pairs[0][0], pairs[-1][0]
             if anchor != t_first:  # a one-step segment has nothing to jump over
-                if shortcut_net == SHORTCUT_NET:
-                    steps.append(Step(t_first, anchor, SHORTCUT_NET, (SHORTCUT,), shortcut_guidance, grad=True,
-                                      checkpoint=checkpoint, segment=j))
-                elif shortcut_net == BASE:
-                    steps.append(Step(t_first, anchor, BASE, (), guidance, grad=True, checkpoint=checkpoint, segment=j))
-                elif shortcut_net == TUNED:
-                    steps.append(_tuned(t_first, anchor, lora, guidance, grad=True, checkpoint=checkpoint))
-                else:
-                    raise ValueError(f"shortcut_net must be shortcut, base or tuned; got {shortcut_net!r}")
+                steps.append(_jump(t_first, anchor, j, lora, guidance, shortcut_guidance, checkpoint, shortcut_net))
             steps.append(_tuned(anchor, pairs[-1][1], lora, guidance, grad=True, checkpoint=checkpoint))
-    info = {"real_grad_steps": real_grad_steps, "shortcut_net": shortcut_net, "segments": list(segs.lowers)}
+    info = {"real_grad_steps": real_grad_steps, "shortcut_net": shortcut_net, "segments": list(segs.lowers),
+            "last_anchor": last_anchor}
     return ChainPlan("shortft", tuple(_mark_last_readout(steps)), stage, info)
+
+
+def _jump(t: int, s: int, segment: int, lora: LoraSetSpec, guidance: float, shortcut_guidance: float,
+          checkpoint: bool, shortcut_net: str) -> Step:
+    """One jump over a stretch of a later segment: the frozen shortcut, a naive base step, or the tuned model."""
+    if shortcut_net == SHORTCUT_NET:
+        return Step(t, s, SHORTCUT_NET, (SHORTCUT,), shortcut_guidance, grad=True, checkpoint=checkpoint,
+                    segment=segment)
+    if shortcut_net == BASE:
+        return Step(t, s, BASE, (), guidance, grad=True, checkpoint=checkpoint, segment=segment)
+    if shortcut_net == TUNED:
+        return _tuned(t, s, lora, guidance, grad=True, checkpoint=checkpoint)
+    raise ValueError(f"shortcut_net must be shortcut, base or tuned; got {shortcut_net!r}")
 
 
 def expand_shortcuts(plan: ChainPlan, lora: LoraSetSpec, guidance: float,

@@ -54,6 +54,7 @@ class TrainConfig:
     shortcut_guidance: float = 1.0
     shortcut_edges: tuple[int, ...] = (999, 749, 499, 249)  # few-step grid of the shortcut ("shortcut-model")
     reset_optimizer_per_stage: bool = False
+    last_anchor: str = "end"  # last segment's tuned step before stage k: end (1 -> x0, the paper) | start (241 -> 221)
     # baselines
     draft_k: int = 1
     lv_n: int = 2
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError("batch_size, grad_accum and iterations must be >= 1")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
+        if self.last_anchor not in ("end", "start"):
+            raise ValueError(f"last_anchor must be end or start; got {self.last_anchor!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine; got {self.lr_schedule!r}")
 
@@ -126,7 +129,7 @@ def method_plan(cfg: TrainConfig, stage: int, gen: torch.Generator) -> ChainPlan
     grid = leading_grid(cfg.sample_steps)
     if cfg.method == "shortft":
         return shortft_plan(stage, lora, g, grid, cfg.real_grad_steps, cfg.shortcut_guidance, cfg.checkpoint_unet,
-                            cfg.shortcut_net)
+                            cfg.shortcut_net, cfg.last_anchor)
     if cfg.method == "draft":
         return draft_plan(cfg.draft_k, lora, g, grid, cfg.checkpoint_unet)
     if cfg.method == "draft-lv":

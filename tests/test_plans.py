@@ -1,5 +1,6 @@
 """Chain plans: structure (property-based), gradient placement, and the exact expansion of shortcut jumps."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -76,6 +77,19 @@ def test_shortft_default_stage1_is_the_papers_chain():
     assert stage4.network_calls == 50 and not any(s.net == SHORTCUT_NET for s in stage4.steps)
     naive = shortft_plan(1, SPEC, 3.0, shortcut_net="base")
     assert [s.net for s in naive.steps if (s.t, s.s) == (741, 501)] == [BASE]
+
+
+def test_last_anchor_start_moves_the_last_tuned_step_before_the_final_jump():
+    for stage in (1, 2, 3):
+        end, start = shortft_plan(stage, SPEC, 3.0), shortft_plan(stage, SPEC, 3.0, last_anchor="start")
+        assert end.steps[:-2] == start.steps[:-2] and start.network_calls == end.network_calls
+        tuned, jump = start.steps[-2:]
+        assert (tuned.t, tuned.s, tuned.net, tuned.grad) == (241, 221, TUNED, True)
+        assert tuned.adapters == ("align_1", "align_2", "align_3", "align_4")
+        assert (jump.t, jump.s, jump.net, jump.grad, jump.readout) == (221, FINAL, SHORTCUT_NET, True, "x")
+    assert shortft_plan(4, SPEC, 3.0, last_anchor="start").steps == shortft_plan(4, SPEC, 3.0).steps
+    with pytest.raises(ValueError, match="last_anchor"):
+        shortft_plan(1, SPEC, 3.0, last_anchor="middle")
 
 
 @settings(max_examples=40, deadline=None)
