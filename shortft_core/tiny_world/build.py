@@ -396,8 +396,16 @@ def build(out: str | os.PathLike, cfg: BuildConfig = BuildConfig(), overwrite: b
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)  # the thread count fixes the float summation order: part of the recipe
     torch.use_deterministic_algorithms(True)
-    tok_dir = out / "pipeline" / "tokenizer"
-    tokenizer = load_clip_tokenizer(write_clip_tokenizer(tok_dir))
+    try:
+        return _build_phases(out, cfg, progress)
+    finally:  # leave the caller's process as it was
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _build_phases(out: Path, cfg: BuildConfig, progress: bool) -> dict:
+    """Tokenizer, the three training phases (each cached, so an interrupted build resumes) and the saved world."""
+    tokenizer = load_clip_tokenizer(write_clip_tokenizer(out / "pipeline" / "tokenizer"))
     bar = _Progress(cfg.vae_steps + cfg.unet_steps + cfg.reward_steps, enabled=progress)
     timings: dict[str, float] = {}
     phases = _PhaseCache(out / ".phases", cfg)
@@ -410,8 +418,6 @@ def build(out: str | os.PathLike, cfg: BuildConfig = BuildConfig(), overwrite: b
                                         make=lambda: (make_unet(), _text_encoder()))
     finally:
         bar.close()
-        torch.set_num_threads(threads)  # leave the caller's process as it was
-        torch.use_deterministic_algorithms(deterministic)
     manifest = save_world(out, cfg, vae, unet, text_encoder, reward_model, head, timings)
     shutil.rmtree(out / ".phases", ignore_errors=True)
     return manifest
