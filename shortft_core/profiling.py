@@ -31,14 +31,12 @@ def timed(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> float:
 
 def _trainable(plan, lora) -> frozenset[str]:
     """Adapters that are trainable while ``plan`` runs (ShortFT stage i: align_i..align_k; otherwise all)."""
-    if lora is None:
-        return frozenset(a for st in plan.steps if st.grad and st.net == "tuned" for a in st.adapters)
     if plan.method == "shortft" and plan.stage:
         return frozenset(lora.trainable_in_stage(plan.stage))
     return frozenset(lora.names)
 
 
-def _signatures(plan, lora=None) -> list[tuple]:
+def _signatures(plan, lora) -> list[tuple]:
     """Per network call of ``plan``: (adapters, guidance, grad, checkpoint, input carries gradient, trainable
     adapters among them). ``lora`` (the run's LoraSetSpec) says which adapters the plan's stage trains."""
     train = _trainable(plan, lora)
@@ -115,7 +113,7 @@ def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]
     return costs
 
 
-def ideal_seconds(plan, costs: dict[str, float], lora=None) -> float:
+def ideal_seconds(plan, costs: dict[str, float], lora) -> float:
     """Sum of the plan's passes timed alone (``costs`` from :func:`pass_costs` over plans including this one;
     ``lora``: the run's LoraSetSpec, as given to the trainer)."""
     readouts = sum(st.readout is not None for st in plan.steps if st.kind == "ddim")
