@@ -68,3 +68,24 @@ def test_bad_configs_are_refused_before_work(tiny_rewards, fresh_tiny):
         TrainConfig(stage_fractions=(0.5, 0.5)).validate()
     with pytest.raises(ValueError, match="shortcut adapter"):
         Trainer(fresh_tiny(with_shortcut=False), tiny_rewards[0], TrainConfig(), PromptSource(["a"]))
+
+
+def test_resume_accepts_a_checkpoint_older_than_a_setting_but_refuses_a_changed_one(tmp_path, tiny_rewards, fresh_tiny):
+    """A checkpoint written before a config field existed resumes when the field is at its default."""
+    from dataclasses import replace
+
+    from shortft_core.checkpoint import CheckpointManager
+
+    cfg = TrainConfig(iterations=1, batch_size=1, checkpoint_every=1, rank=2, eval_prompts=0)
+    Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource.tiny(50), out=tmp_path).fit()
+    path = CheckpointManager(tmp_path / "checkpoints").latest()
+    st = CheckpointManager.load(path)
+    old = json.loads(st["config"])
+    del old["checkpoint_vae"], old["last_anchor"]  # as written before these settings existed
+    st["config"] = json.dumps(old)
+    torch.save(st, path)
+    assert Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, iterations=2), PromptSource.tiny(50),
+                   out=tmp_path).resume()
+    with pytest.raises(ValueError, match="last_anchor"):
+        Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, last_anchor="start"), PromptSource.tiny(50),
+                out=tmp_path).resume()
