@@ -44,7 +44,7 @@ import torch
 from .adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
 from .adapters import load_adapter_state
 from .checkpoint import CheckpointManager, all_finite, capture_rng, restore_rng
-from .models import Conditioning, T2IModel
+from .models import PRECISION, Conditioning, T2IModel
 from .chain import run_plan
 from .plans import base_chain
 from .sampling import initial_noise
@@ -83,6 +83,7 @@ class DistillConfig:
     pool_reuse: int = 32  # training steps each pool of trajectories serves
     train_images: int = 20000  # images: size of the encoded image pool
     seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16: the base's weight dtype (the LoRA stays fp32); bf16 on CUDA
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
 
@@ -107,7 +108,12 @@ class DistillConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.mixed_precision not in PRECISION:
+            raise ValueError(f"mixed_precision must be one of {sorted(PRECISION)}; got {self.mixed_precision!r}")
         if model is not None:
+            if model.dtype != PRECISION[self.mixed_precision]:
+                raise ValueError(f"the base is loaded in {model.dtype} but mixed_precision={self.mixed_precision!r}; "
+                                 "load it in the matching dtype (the CLI does) or change the setting")
             if model.schedule.prediction_type != "epsilon":
                 raise ValueError(f"the base is {model.schedule.prediction_type}-prediction; distillation needs an "
                                  "eps-prediction base (SD1.5 / SDXL family)")

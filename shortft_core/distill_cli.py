@@ -40,7 +40,7 @@ def add_distill_parser(sub) -> None:
 def run_distill(args: argparse.Namespace) -> int:
     from .cli import _device, read_prompts
     from .lora_io import export_lora
-    from .models import load_model
+    from .models import PRECISION, load_model
 
     prompts = tuple(read_prompts(None, args.prompts_file, None)) if args.prompts_file else ()
     cfg = config_from_args(DistillConfig, args, {"prompts": prompts})
@@ -53,7 +53,7 @@ def run_distill(args: argparse.Namespace) -> int:
         raise SystemExit(f"{out} holds checkpoints of an earlier run; pass --resume (or choose another --out)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, _device(args.device))
+    model = load_model(args.model, _device(args.device), PRECISION[cfg.mixed_precision])
     d = Distiller(model, cfg, out)
     if args.resume:
         d.resume()
@@ -70,9 +70,13 @@ def run_distill(args: argparse.Namespace) -> int:
         elif step % 100 == 0:
             log.info("step %d loss %.5f (%.2fs/step)", step, m["loss"], m["sec_per_step"])
 
-    d.run(on_step=on_step)
+    metrics = d.run(on_step=on_step)
     if bar is not None:
         bar.close()
+    if metrics:  # what a user sizing a run on their own card needs: speed and the memory it took
+        peak = (f", peak CUDA memory {torch.cuda.max_memory_allocated(model.device) / 2**30:.1f} GiB"
+                if model.device.type == "cuda" else "")
+        print(f"step {d.step}: loss {metrics['loss']:.5f}, {metrics['sec_per_step']:.2f} s/step{peak}")
     export_lora(model.unet, "shortcut", target, layout="kohya", metadata=d.metadata(), overwrite=True)
     print(f"wrote {target}")
     return 0

@@ -21,6 +21,8 @@ from .schedule import NoiseSchedule
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+# the training settings' mixed_precision values -> the dtype the base weights are loaded in (LoRAs stay fp32)
+PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

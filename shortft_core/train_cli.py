@@ -149,7 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .cli import _device
     from .images import captioned_grid, save_png
     from .io import atomic_write_json
-    from .models import load_model
+    from .models import PRECISION, load_model
     from .shortcut import load_shortcut
     from .tiny_world import held_out_prompts, tiny_shortcut_path
 
@@ -171,7 +171,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+    dtype = PRECISION[cfg.mixed_precision]
     model = load_model(args.model, device, dtype)
     shortcut = args.shortcut if args.shortcut is not None else ("tiny" if args.model == "tiny" else None)
     preset = None

@@ -28,7 +28,7 @@ from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, SegmentMap, adapter_
 from .adapters import freeze_all_but, load_adapter_state
 from .chain import run_plan
 from .checkpoint import CheckpointManager, all_finite, capture_rng, restore_rng
-from .models import Conditioning, T2IModel
+from .models import PRECISION, Conditioning, T2IModel
 from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune_plan, full_bptt_plan,
                     original_chain, refl_plan, shortcut_model_plan, shortft_plan)
 from .chain import guided_eps
@@ -101,7 +101,7 @@ class TrainConfig:
             raise ValueError(f"guidance must be >= 1, got {self.guidance}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.iterations < 1:
             raise ValueError("batch_size, grad_accum and iterations must be >= 1")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision not in PRECISION:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
         if self.last_anchor not in ("end", "start"):
             raise ValueError(f"last_anchor must be end or start; got {self.last_anchor!r}")

@@ -130,3 +130,33 @@ def test_shipped_shortcut_beats_naive_jumps_clearly():
                        shortcut_guidance=preset.guidance)
     for jump, e in errs.items():
         assert e["ratio"] < 0.7, (jump, e)
+
+
+def test_distill_cli_bf16_writes_resumes_and_refuses(tmp_path, capsys):
+    """The CLI loads the base in the dtype asked for, reports speed, writes the shortcut, and resumes to more steps."""
+    from shortft_core.cli import main
+
+    out = tmp_path / "run"
+    common = ["distill", "--model", "tiny", "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "2",
+              "--pool-size", "2", "--rank", "4", "--checkpoint-every", "1"]
+    bf16 = common + ["--mixed-precision", "bf16"]
+    assert main(bf16 + ["--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 2: loss" in printed and "s/step" in printed
+    tensors, metadata = read_lora(out / "shortcut.safetensors")
+    meta = json.loads(metadata["shortft"])
+    assert meta["distill_config"]["mixed_precision"] == "bf16" and meta["steps_done"] == 2
+    assert {v.dtype for k, v in tensors.items() if k.endswith("weight")} == {torch.float16}  # as published files
+    with pytest.raises(SystemExit, match="--resume"):
+        main(bf16 + ["--steps", "3"])
+    with pytest.raises(ValueError, match="settings differ"):  # an fp32 base cannot continue a bf16 run
+        main(common + ["--steps", "3", "--resume"])
+    assert main(bf16 + ["--steps", "3", "--resume"]) == 0
+    assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 3
+
+
+def test_mixed_precision_must_match_the_base(tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        DistillConfig(mixed_precision="fp8").validate()
+    with pytest.raises(ValueError, match="loaded in torch.float32"):
+        Distiller(load_tiny_model(), DistillConfig(steps=1, pool_size=2, mixed_precision="bf16"), tmp_path)
