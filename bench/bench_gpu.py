@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shortft_core.adapters import SHORTCUT, SHORTCUT_TARGETS, add_lora, adapter_parameters  # noqa: E402
+from shortft_core.adapters import lora_compute_in_input_dtype  # noqa: E402
 from shortft_core.profiling import ideal_seconds, pass_costs  # noqa: E402
 from shortft_core.rewards.base import Reward  # noqa: E402
 from shortft_core.rewards.preprocess import Preprocess  # noqa: E402
@@ -92,12 +93,15 @@ def build(family: str, small: bool, device, dtype):
     return model, RandomClipReward(small, device, dtype)
 
 
-def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, iters: int) -> dict:
+def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, iters: int,
+               peft_cast: bool = False) -> dict:
+    """One configuration; ``peft_cast`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison."""
     ck_unet, ck_vae = CKPT[ckpt]
     cfg = TrainConfig(**{"guidance": 7.5, **METHOD[method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
                       batch_size=batch, rank=8 if small else 128, eval_prompts=0, iterations=10**6, lr=1e-5,
                       mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")
     tr = Trainer(model, reward, cfg, PromptSource(["a photograph of an astronaut riding a horse"]))
+    lora_compute_in_input_dtype(model.unet, enable=not peft_cast)
     cuda = model.device.type == "cuda"
     try:
         if cuda:
@@ -122,6 +126,7 @@ def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, i
                 "grad_calls": plans[0].grad_calls, "iters": iters}
     finally:
         model.unet.delete_adapters(list(tr.lora.names))
+        lora_compute_in_input_dtype(model.unet)
         model.unet.zero_grad(set_to_none=True)
         model.vae.disable_gradient_checkpointing()
         del tr
@@ -138,9 +143,11 @@ def table(results: list[dict], device_name: str) -> str:
             lines.append(f"| {r['family']} | {r['method']} | {r['ckpt']} | {r['batch']} | {r['error']} | | | |")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        lines.append(f"| {r['family']} | {r['method']} | {r['ckpt']} | {r['batch']} | {r['sec_per_iter']:.2f} | {peak} | "
+        method = r["method"] + (" (peft fp32 LoRA inputs)" if r.get("peft_cast") else "")
+        lines.append(f"| {r['family']} | {method} | {r['ckpt']} | {r['batch']} | {r['sec_per_iter']:.2f} | {peak} | "
                      f"{r['efficiency_ratio']:.2f} | {r['network_calls']} ({r['grad_calls']}) |")
-    by = {(r["family"], r["method"], r["ckpt"], r["batch"]): r for r in results if "error" not in r}
+    by = {(r["family"], r["method"], r["ckpt"], r["batch"]): r for r in results
+          if "error" not in r and not r.get("peft_cast")}
     for fam in ("sd15", "sdxl"):
         a, b = by.get((fam, "shortft", "unet", 1)), by.get((fam, "full-bptt", "unet", 1))
         if a and b:
@@ -157,7 +164,19 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configurations after this")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration")
     p.add_argument("--out", default="runs/bench-gpu")
+    p.add_argument("--only", nargs="+", default=None, metavar="FAMILY:METHOD:CKPT:BATCH[:peft]",
+                   help="run these configurations, in this order, instead of the plan (':peft' = peft's LoRA casting)")
     args = p.parse_args()
+    plan = [tuple(c) for c in PLAN]
+    if args.only:
+        plan = []
+        for spec in args.only:
+            parts = spec.split(":")
+            if len(parts) not in (4, 5) or parts[1] not in METHOD or parts[2] not in CKPT or \
+                    (len(parts) == 5 and parts[4] != "peft"):
+                p.error(f"--only {spec!r}: expected FAMILY:METHOD:CKPT:BATCH[:peft] with METHOD in {sorted(METHOD)} "
+                        f"and CKPT in {sorted(CKPT)}")
+            plan.append((parts[0], parts[1], parts[2], int(parts[3]), *parts[4:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -166,19 +185,21 @@ def main() -> int:
     t_start = time.perf_counter()
     results: list[dict] = []
     for family in args.families:
-        todo = [c for c in PLAN if c[0] == family]
+        todo = [c for c in plan if c[0] == family]
+        if not todo:
+            continue
         if time.perf_counter() - t_start > args.budget_s:
             break
         t0 = time.perf_counter()
         model, reward = build(family, args.small, device, dtype)
         print(f"built {family} in {time.perf_counter() - t0:.0f}s", flush=True)
-        for fam, method, ckpt, batch in todo:
+        for fam, method, ckpt, batch, *peft in todo:
             if time.perf_counter() - t_start > args.budget_s:
                 print(f"budget spent: skipping {fam} {method} ckpt={ckpt} b{batch}", flush=True)
                 continue
-            row = {"family": fam, "method": method, "ckpt": ckpt, "batch": batch}
+            row = {"family": fam, "method": method, "ckpt": ckpt, "batch": batch, "peft_cast": bool(peft)}
             try:
-                row.update(run_config(model, reward, method, ckpt, batch, args.small, args.iters))
+                row.update(run_config(model, reward, method, ckpt, batch, args.small, args.iters, bool(peft)))
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "OOM"
             except Exception as e:  # record and go on: one failure must not lose the other rows

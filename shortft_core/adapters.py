@@ -40,7 +40,7 @@ def lora_config(rank: int, alpha: float | None = None, targets: Sequence[str] = 
 
 def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = None,
              targets: Sequence[str] = ATTENTION_FF_TARGETS, seed: int | None = None) -> list[torch.nn.Parameter]:
-    """Inject a new LoRA adapter ``name`` into ``unet``; returns its parameters (left trainable)."""
+    """Inject a new LoRA adapter ``name`` into ``unet``; returns its parameters (left trainable, in fp32)."""
     if name in getattr(unet, "peft_config", {}):
         raise ValueError(f"the UNet already has an adapter named {name!r}")
     flags = {id(p): p.requires_grad for p in unet.parameters()}  # add_adapter's set_adapter flips other adapters
@@ -55,9 +55,41 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
     params = adapter_parameters(unet, name)
     if not params:
         raise ValueError(f"no module of the UNet matched the LoRA targets {list(targets)}")
-    for p in params:
+    for p in params:  # trainable: fp32 whatever the base's dtype (an optimizer step can be below bf16's resolution)
+        p.data = p.data.float()
         p.requires_grad_(True)
+    lora_compute_in_input_dtype(unet)
     return params
+
+
+def _forward_in_input_dtype(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight.to(x.dtype)  # differentiable: the gradient still reaches the fp32 parameter
+    b = None if self.bias is None else self.bias.to(x.dtype)
+    if isinstance(self, torch.nn.Conv2d):
+        return self._conv_forward(x, w, b)
+    return torch.nn.functional.linear(x, w, b)
+
+
+def lora_compute_in_input_dtype(unet: torch.nn.Module, enable: bool = True) -> None:
+    """Run every LoRA of ``unet`` in the dtype of the activations it receives, whatever its parameters' dtype.
+
+    peft casts a layer's input to the adapter's dtype: with a bf16 base and fp32 trainable LoRAs every adapted layer
+    then keeps an fp32 copy of its input for the backward pass (one per q/k/v, 4x wide for ff.net.2) and adds an
+    fp32 delta. Here the adapter's weights are cast to the input's dtype instead (the parameters and the optimizer
+    stay fp32), which on an fp32 base changes nothing. Idempotent; ``enable=False`` restores peft's behaviour.
+    """
+    from types import MethodType
+
+    for layer in lora_layers(unet):
+        layer.cast_input_dtype_enabled = not enable
+        for name in ("lora_A", "lora_B"):
+            for m in getattr(layer, name, {}).values():
+                if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    continue
+                if enable:
+                    m.forward = MethodType(_forward_in_input_dtype, m)
+                elif "forward" in m.__dict__:
+                    del m.forward
 
 
 def lora_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:

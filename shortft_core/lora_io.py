@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .adapters import lora_compute_in_input_dtype
 from .io import atomic_save, refuse_overwrite
 
 log = logging.getLogger(__name__)
@@ -513,6 +514,7 @@ def load_lora_adapter(unet: torch.nn.Module, source: str | os.PathLike | Mapping
         for p in (*layer.lora_A[adapter_name].parameters(), *layer.lora_B[adapter_name].parameters()):
             p.requires_grad_(trainable)
     _set_active(unet, before + [adapter_name] if activate else before)
+    lora_compute_in_input_dtype(unet)
     family = lora_base_family(modules)
     log.info("loaded LoRA %s as adapter %r: %d modules, layout %s, ranks %s%s", label, adapter_name, len(modules),
              layout, dict(collections.Counter(m.rank for m in modules.values())), "" if trainable else " (frozen)")

@@ -296,10 +296,7 @@ class Trainer:
         if clash:
             raise ValueError(f"the UNet already carries adapters {sorted(clash)}; start from a fresh model")
         self.lora.add_to(unet, seed=cfg.seed)
-        self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}
-        for ps in self.all_params.values():
-            for p in ps:
-                p.data = p.data.float()
+        self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}  # fp32 (add_lora)
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
             model.vae.enable_gradient_checkpointing()
         self.objective = ChainObjective(model, reward, cfg.kl_weight)
