@@ -88,8 +88,9 @@ def build(family: str, small: bool, device, dtype):
         cfg_dir = write_small_configs(family, Path(os.environ.get("TMPDIR", "/tmp")) / f"small-{family}")
     model = random_model(family, dtype=dtype, config_dir=cfg_dir).to(device)
     add_lora(model.unet, SHORTCUT, 8 if small else 64, targets=SHORTCUT_TARGETS, seed=1)
-    for p in adapter_parameters(model.unet, SHORTCUT):
+    for p in adapter_parameters(model.unet, SHORTCUT):  # frozen, in the base's dtype: as a loaded Hyper-SD file is
         p.requires_grad_(False)
+        p.data = p.data.to(dtype)
     return model, RandomClipReward(small, device, dtype)
 
 
