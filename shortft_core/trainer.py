@@ -54,7 +54,8 @@ class TrainConfig:
     shortcut_guidance: float = 1.0
     shortcut_edges: tuple[int, ...] = (999, 749, 499, 249)  # few-step grid of the shortcut ("shortcut-model")
     reset_optimizer_per_stage: bool = False
-    last_anchor: str = "end"  # last segment's tuned step before stage k: end (1 -> x0, the paper) | start (241 -> 221)
+    last_anchor: str = "end"  # last segment's tuned step before stage k: end (1 -> x0, the paper; trains the reward
+    #                           2.8x as far over 3 seeds, BENCHMARKS.md) | start (241 -> 221: no stage 2-3 dip)
     # baselines
     draft_k: int = 1
     lv_n: int = 2
