@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict] = {
     "shortft-naive-jumps": {"shortcut_net": "base"},
     "shortft-seg1-grad-2": {"real_grad_steps": 2},
     "shortft-seg1-grad-all": {"real_grad_steps": None},
+    "shortft-anchor-start": {"last_anchor": "start"},  # open choice: the last segment's tuned step at its start
     "shortft-tune-shortcut-model": {"method": "shortcut-model"},
     "draft-1": {"method": "draft", "draft_k": 1},
     "draft-lv": {"method": "draft-lv", "lv_n": 2},
