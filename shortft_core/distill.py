@@ -398,7 +398,9 @@ class Distiller:
         st = CheckpointManager.load(path)
         saved = json.loads(st["config"])
         now = json.loads(json.dumps(self.cfg.to_dict()))
-        diff = {k for k in now if k not in ("steps", "checkpoint_every", "keep_checkpoints") and saved.get(k) != now[k]}
+        defaults = json.loads(json.dumps(DistillConfig().to_dict()))  # a setting added later had its default then
+        diff = {k for k in now if k not in ("steps", "checkpoint_every", "keep_checkpoints")
+                and saved.get(k, defaults[k]) != now[k]}
         if diff:
             raise ValueError(f"cannot resume from {path}: settings differ from the checkpoint in {sorted(diff)}; "
                              "use the same settings or another --out")

@@ -160,3 +160,21 @@ def test_mixed_precision_must_match_the_base(tmp_path):
         DistillConfig(mixed_precision="fp8").validate()
     with pytest.raises(ValueError, match="loaded in torch.float32"):
         Distiller(load_tiny_model(), DistillConfig(steps=1, pool_size=2, mixed_precision="bf16"), tmp_path)
+
+
+def test_resume_accepts_a_checkpoint_older_than_mixed_precision(tmp_path):
+    """A checkpoint written before the setting existed resumes at its default, and is refused for another value."""
+    from shortft_core.checkpoint import CheckpointManager
+
+    cfg = DistillConfig(steps=1, batch_size=2, rank=4, pool_size=2, checkpoint_every=1)
+    Distiller(load_tiny_model(), cfg, tmp_path).run()
+    path = CheckpointManager(tmp_path / "checkpoints").latest()
+    st = CheckpointManager.load(path)
+    old = json.loads(st["config"])
+    del old["mixed_precision"]
+    st["config"] = json.dumps(old)
+    torch.save(st, path)
+    assert Distiller(load_tiny_model(), dataclasses.replace(cfg, steps=2), tmp_path).resume()
+    with pytest.raises(ValueError, match="mixed_precision"):
+        Distiller(load_tiny_model(dtype=torch.bfloat16), dataclasses.replace(cfg, mixed_precision="bf16"),
+                  tmp_path).resume()
