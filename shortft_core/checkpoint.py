@@ -74,6 +74,15 @@ class CheckpointManager:
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def changed_settings(saved: str, cfg: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names of ``cfg``'s settings that differ from a checkpoint's (its JSON config); a setting added after the
+    checkpoint was written counts at its default, which it had then. ``cfg`` is a dataclass with ``to_dict``."""
+    now = json.loads(json.dumps(cfg.to_dict()))
+    defaults = json.loads(json.dumps(type(cfg)().to_dict()))
+    old = json.loads(saved)
+    return sorted(k for k in now if k not in ignore and old.get(k, defaults[k]) != now[k])
+
+
 def all_finite(tensors) -> bool:
     """True when every tensor (e.g. every gradient) is free of NaN and inf."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)

@@ -43,7 +43,7 @@ import torch
 
 from .adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
 from .adapters import load_adapter_state
-from .checkpoint import CheckpointManager, all_finite, capture_rng, restore_rng
+from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, restore_rng
 from .models import PRECISION, Conditioning, T2IModel
 from .chain import run_plan
 from .plans import base_chain
@@ -396,13 +396,9 @@ class Distiller:
         if path is None:
             return False
         st = CheckpointManager.load(path)
-        saved = json.loads(st["config"])
-        now = json.loads(json.dumps(self.cfg.to_dict()))
-        defaults = json.loads(json.dumps(DistillConfig().to_dict()))  # a setting added later had its default then
-        diff = {k for k in now if k not in ("steps", "checkpoint_every", "keep_checkpoints")
-                and saved.get(k, defaults[k]) != now[k]}
+        diff = changed_settings(st["config"], self.cfg, ("steps", "checkpoint_every", "keep_checkpoints"))
         if diff:
-            raise ValueError(f"cannot resume from {path}: settings differ from the checkpoint in {sorted(diff)}; "
+            raise ValueError(f"cannot resume from {path}: settings differ from the checkpoint in {diff}; "
                              "use the same settings or another --out")
         load_adapter_state(self.unet, SHORTCUT, st["adapter"])
         self.opt.load_state_dict(st["optimizer"])

@@ -27,7 +27,7 @@ import torch
 from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, SegmentMap, adapter_parameters, adapter_state
 from .adapters import freeze_all_but, load_adapter_state
 from .chain import run_plan
-from .checkpoint import CheckpointManager, all_finite, capture_rng, restore_rng
+from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, restore_rng
 from .models import PRECISION, Conditioning, T2IModel
 from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune_plan, full_bptt_plan,
                     original_chain, refl_plan, shortcut_model_plan, shortft_plan)
@@ -466,10 +466,8 @@ class Trainer:
         if path is None:
             return False
         st = CheckpointManager.load(path)
-        saved, now = json.loads(st["config"]), self.cfg.to_dict()
-        defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written had its default then
-        ignore = {"iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every", "time_budget_s"}
-        diff = sorted(k for k in now if k not in ignore and saved.get(k, defaults[k]) != now[k])
+        diff = changed_settings(st["config"], self.cfg, ("iterations", "checkpoint_every", "keep_checkpoints",
+                                                         "eval_every", "preview_every", "time_budget_s"))
         if diff:
             raise ValueError(f"cannot resume from {path}: settings differ in {diff}; use the same settings or a new --out")
         for n in self.lora.names:

@@ -4,7 +4,6 @@ their parameters and gradients stay fp32, and on an fp32 base nothing changes.""
 import torch
 
 from shortft_core.adapters import AdapterSwitch, adapter_parameters, add_lora, lora_compute_in_input_dtype
-from shortft_core.models import Conditioning
 from shortft_core.tiny_world import load_tiny_model
 
 
@@ -36,7 +35,7 @@ def _step(model, enable):
     for p in params:
         p.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model.eps(x, torch.tensor([700, 300]), Conditioning(cond.hidden, cond.added))
+        out = model.eps(x, torch.tensor([700, 300]), cond)
     out.float().square().mean().backward()
     return (out.detach().float(), [p.grad.clone() for p in params], sum(n for n, _ in kept.values()),
             sum(n for n, d in kept.values() if d == torch.float32))
