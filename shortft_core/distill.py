@@ -81,6 +81,9 @@ class DistillConfig:
     prompts: tuple[str, ...] = ()  # trajectories: the prompts (default for the tiny world: its captions)
     pool_size: int = 128  # trajectories per pool
     pool_reuse: int = 32  # training steps each pool of trajectories serves
+    focus: tuple[int, ...] = ()  # start timesteps drawn more often: those the chain actually jumps from (ShortFT's
+    #                              741 / 481 / 241 on SD1.5's 50-step grid); on the teacher grid or an inner edge
+    focus_share: float = 0.0  # share of each batch drawn from ``focus`` (the rest: uniform over every start)
     train_images: int = 20000  # images: size of the encoded image pool
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16: the base's weight dtype (the LoRA stays fp32); bf16 on CUDA
@@ -108,6 +111,16 @@ class DistillConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if not 0.0 <= self.focus_share <= 1.0:
+            raise ValueError(f"focus_share must be in [0, 1], got {self.focus_share}")
+        if self.focus_share > 0 and not self.focus:
+            raise ValueError("focus_share > 0 needs focus timesteps (e.g. --focus 741 481 241)")
+        if self.focus:
+            starts = set(start_points(leading_grid(self.teacher_steps, n), self.edges))
+            bad = [t for t in self.focus if t not in starts]
+            if bad:
+                raise ValueError(f"focus timesteps {bad} are not start points: use timesteps of the teacher's "
+                                 f"{self.teacher_steps}-step leading grid at or below {e[0]}, or inner edges {list(e[1:])}")
         if self.mixed_precision not in PRECISION:
             raise ValueError(f"mixed_precision must be one of {sorted(PRECISION)}; got {self.mixed_precision!r}")
         if model is not None:
@@ -135,6 +148,22 @@ def segment_of(t: int, edges: Sequence[int]) -> tuple[int, int]:
         if lower < t <= upper or (j == 0 and t > upper):
             return j, lower
     raise ValueError(f"timestep {t} is below every segment")
+
+
+def start_points(grid: Sequence[int], edges: Sequence[int]) -> list[int]:
+    """Where a training jump can start: every teacher grid timestep inside the segments and the inner edges."""
+    return [t for t in grid if t <= edges[0]] + list(edges[1:])
+
+
+def draw_starts(starts: Sequence[int], size: int, gen: torch.Generator, focus: Sequence[int] = (),
+                share: float = 0.0) -> list[int]:
+    """``size`` start timesteps: uniform over ``starts``, a ``share`` of them drawn from ``focus`` instead."""
+    t = [starts[i] for i in torch.randint(0, len(starts), (size,), generator=gen).tolist()]
+    if focus and share > 0:
+        use = (torch.rand(size, generator=gen) < share).tolist()
+        pick = torch.randint(0, len(focus), (size,), generator=gen).tolist()
+        t = [focus[p] if u else x for x, u, p in zip(t, use, pick)]
+    return t
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -184,15 +213,16 @@ class TeacherTrajectories:
     the eps of the grid point above the edge); training pairs are drawn from it for ``reuse`` steps."""
 
     def __init__(self, model: T2IModel, prompts: Sequence[str], edges: Sequence[int], guidance: tuple[float, float],
-                 teacher_steps: int, pool_size: int, reuse: int, teacher_eps: Callable) -> None:
+                 teacher_steps: int, pool_size: int, reuse: int, teacher_eps: Callable,
+                 focus: Sequence[int] = (), focus_share: float = 0.0) -> None:
         self.model, self.prompts, self.edges = model, list(prompts), list(edges)
         self.teacher_eps = teacher_eps  # (x, t, cond, uncond, guidance) -> guided eps of the bare base
         self.guidance, self.pool_size, self.reuse = guidance, pool_size, reuse
         self.grid = leading_grid(teacher_steps, model.schedule.num_train_timesteps)
         self.pool: dict | None = None
         self.uses = 0
-        # start points: every grid timestep inside the segments and the inner edges themselves
-        self.starts = [t for t in self.grid if t <= edges[0]] + list(edges[1:])
+        self.starts = start_points(self.grid, edges)
+        self.focus, self.focus_share = list(focus), focus_share
 
     @torch.no_grad()
     def _refresh(self, gen: torch.Generator) -> None:
@@ -230,8 +260,7 @@ class TeacherTrajectories:
         self.uses += 1
         pool = self.pool
         traj = torch.randint(0, self.pool_size, (size,), generator=gen)
-        pick = torch.randint(0, len(self.starts), (size,), generator=gen)
-        t1 = [self.starts[i] for i in pick.tolist()]
+        t1 = draw_starts(self.starts, size, gen, self.focus, self.focus_share)
         lowers, t2s = [], []
         for t in t1:
             _, lower = segment_of(t, self.edges)
@@ -298,7 +327,8 @@ class Distiller:
                 prompts = sorted({scenes.sample_scene(cfg.seed + 7000, i, "any").caption for i in range(4000)})
             self.data = TeacherTrajectories(model, prompts, cfg.edges, cfg.teacher_guidance, cfg.teacher_steps,
                                             cfg.pool_size, cfg.pool_reuse,
-                                            lambda x, t, c, u, g: self._eps((), x, t, c, u, g))
+                                            lambda x, t, c, u, g: self._eps((), x, t, c, u, g),
+                                            cfg.focus, cfg.focus_share)
         self.empty = model.encode_prompts([""])
 
     # ---- one step ----
@@ -336,7 +366,7 @@ class Distiller:
             return self.data.batch(cfg.batch_size, gen)
         x0, prompts = self.data.batch(cfg.batch_size, gen)
         b, sch, dev = x0.shape[0], m.schedule, x0.device
-        t1 = torch.randint(1, cfg.edges[0] + 1, (b,), generator=gen)
+        t1 = torch.tensor(draw_starts(range(1, cfg.edges[0] + 1), b, gen, cfg.focus, cfg.focus_share))
         lower = torch.tensor([segment_of(int(t), cfg.edges)[1] for t in t1])
         t2 = torch.maximum(t1 - self.solver, lower)
         lo_g, hi_g = cfg.teacher_guidance

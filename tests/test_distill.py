@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shortft_core.adapters import SHORTCUT, AdapterSwitch, adapter_state
-from shortft_core.distill import DistillConfig, Distiller, few_step_plan, jump_errors, segment_of
+from shortft_core.distill import DistillConfig, Distiller, draw_starts, few_step_plan, jump_errors, segment_of
 from shortft_core.lora_io import export_lora, read_lora
 from shortft_core.schedule import FINAL
 from shortft_core.tiny_world import held_out_prompts, load_tiny_model
@@ -107,6 +107,27 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
         m = load_tiny_model()
         m.family = "sd15"
         DistillConfig().validate(m)
+
+
+def test_focus_draws_the_chain_jump_starts_more_often_and_bad_focus_is_refused(tmp_path):
+    starts = list(range(10))
+    gen = torch.Generator().manual_seed(0)
+    plain = draw_starts(starts, 4000, gen)
+    focused = draw_starts(starts, 4000, gen, focus=(3, 7), share=0.5)
+    for draws, share in ((plain, 0.2), (focused, 0.5 + 0.5 * 0.2)):  # expected share of 3 and 7 together
+        got = sum(t in (3, 7) for t in draws) / len(draws)
+        assert abs(got - share) < 0.03, (got, share)
+    assert set(focused) == set(starts)  # the rest of every segment is still trained
+    # a focused run draws exactly the focus points when share is 1
+    d = Distiller(load_tiny_model(), DistillConfig(steps=1, batch_size=64, rank=4, pool_size=4, focus=(741, 481, 241),
+                                                   focus_share=1.0), tmp_path / "f")
+    assert set(d.draw(d.gen).t1.tolist()) == {741, 481, 241}
+    with pytest.raises(ValueError, match="not start points"):
+        DistillConfig(focus=(740,), focus_share=0.5).validate()
+    with pytest.raises(ValueError, match="needs focus timesteps"):
+        DistillConfig(focus_share=0.5).validate()
+    with pytest.raises(ValueError, match="focus_share"):
+        DistillConfig(focus=(741,), focus_share=1.5).validate()
 
 
 def test_image_data_and_consistency_target_paths(tmp_path):
