@@ -39,14 +39,15 @@ from shortft_core.trainer import PromptSource, TrainConfig, Trainer  # noqa: E40
 # Checkpointing: "none", "unet" (UNet calls with gradient), "vae" (the VAE decoder's blocks only), "all" (both).
 PLAN = [
     # the ShortFT / full-BPTT timing pair (the >= 4x target; run it with --iters 5), then the rows not yet measured
-    ("sd15", "shortft", "unet", 1), ("sd15", "full-bptt", "unet", 1), ("sd15", "shortft", "none", 4),
+    ("sd15", "shortft", "unet", 1), ("sd15", "full-bptt", "unet", 1),
+    # lean frozen convolutions (memory.py): the <= 24 GB-at-batch-2-without-checkpointing rows, re-measured
+    ("sd15", "shortft-cfg1", "none", 2), ("sd15", "shortft", "none", 2), ("sd15", "shortft", "none", 4),
     ("sd15", "alignprop", "unet", 4), ("sd15", "draft-1", "unet", 1), ("sd15", "draft-1", "none", 1),
     ("sd15", "refl", "none", 1), ("sd15", "alignprop", "unet", 2), ("sd15", "shortft-cfg1", "vae", 2),
-    ("sd15", "shortft-cfg1", "none", 2), ("sd15", "shortft", "vae", 2), ("sd15", "shortft", "all", 1),
+    ("sd15", "shortft", "vae", 2), ("sd15", "shortft", "all", 1),
     ("sd15", "shortft", "unet", 2), ("sd15", "full-bptt", "unet", 2), ("sd15", "draft-1", "none", 2),
     ("sd15", "refl", "none", 2), ("sd15", "shortft", "unet", 4), ("sd15", "draft-1", "none", 4),
-    ("sd15", "refl", "none", 4), ("sd15", "alignprop", "unet", 1), ("sd15", "shortft", "none", 2),
-    ("sd15", "shortft", "none", 1),
+    ("sd15", "refl", "none", 4), ("sd15", "alignprop", "unet", 1), ("sd15", "shortft", "none", 1),
     ("sdxl", "shortft", "all", 1), ("sdxl", "shortft", "vae", 1), ("sdxl", "full-bptt", "unet", 1),
     ("sdxl", "draft-1", "none", 1), ("sdxl", "refl", "none", 1), ("sdxl", "alignprop", "unet", 1),
     ("sdxl", "shortft", "none", 1), ("sdxl", "shortft", "unet", 1), ("sdxl", "shortft", "unet", 2),

@@ -1,0 +1,62 @@
+"""Activation memory of frozen networks in a reward-gradient chain.
+
+Reward fine-tuning backpropagates through networks whose weights never change: the frozen shortcut jumps, the
+base UNet's convolutions under an attention-only LoRA, the whole VAE decoder. Autograd's convolution keeps its
+input for the weight gradient even when the weight is frozen (a frozen ``Linear`` keeps only its weight), so
+every frozen convolution stores one activation that backward never reads. :func:`lean_frozen_convs` makes each
+frozen ``Conv2d`` keep only its weight and compute the input gradient from the input's shape; outputs and
+gradients are the same computation, so results do not change (``tests/test_memory.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+class _FrozenConv2d(torch.autograd.Function):
+    """conv2d whose backward needs only the weight: the gradient w.r.t. the input, none for weight or bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):  # noqa: D102
+        ctx.save_for_backward(weight)  # a parameter: saving it costs no memory
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        grad_x = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
+        return grad_x, None, None, None, None, None, None
+
+
+def _lean_forward(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+    if frozen and torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    return type(self).forward(self, x)
+
+
+def lean_frozen_convs(module: torch.nn.Module) -> int:
+    """Let every ``Conv2d`` in ``module`` skip saving its input while its weight is frozen; returns how many.
+
+    Decided per call, so a convolution whose weight (or a LoRA on it) is trained keeps the normal path. Only
+    zero-padded, non-string-padded convolutions are switched (diffusers' and peft's are).
+    """
+    n = 0
+    for m in module.modules():
+        if type(m) is not torch.nn.Conv2d or getattr(m, "_shortft_lean", False):
+            continue
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            continue
+        m.forward = types.MethodType(_lean_forward, m)
+        m._shortft_lean = True
+        n += 1
+    log.debug("lean frozen convolutions: %d switched", n)
+    return n
