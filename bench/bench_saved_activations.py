@@ -4,7 +4,8 @@
 
 Random-weight full-size architecture (fp32 here; bf16 halves every figure alike), the adapters of
 bench/bench_gpu.py: a trainable rank-128 alignment LoRA on attention+FF and a frozen rank-64 shortcut LoRA on
-every ResNet/attention layer. Three calls as ShortFT makes them: a tuned UNet step (alignment LoRA trained), a
+every ResNet/attention layer. Lean frozen convolutions, then lean GEGLU feed-forwards (``shortft_core/memory.py``). Three calls as ShortFT
+makes them: a tuned UNet step (alignment LoRA trained), a
 frozen shortcut jump (gradient to its input only), the VAE decode. Counts the bytes of every distinct storage
 autograd saves (``saved_tensors_hooks``), weights excluded — the activation memory a training step holds until backward.
 """
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shortft_core.adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora  # noqa: E402
-from shortft_core.memory import lean_frozen_convs  # noqa: E402
+from shortft_core.memory import lean_frozen_convs, lean_geglu  # noqa: E402
 from shortft_core.random_models import random_model  # noqa: E402
 
 
@@ -73,13 +74,16 @@ def main() -> int:
                for t in [*net.parameters(), *net.buffers()]}
     before = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
     n = lean_frozen_convs(model.unet) + lean_frozen_convs(model.vae)
+    convs = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
+    g = lean_geglu(model.unet)
     after = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
     px = args.latent * 8
-    print(f"\n{args.family}, {px} px, batch {args.batch}, fp32; {n} convolutions switched\n")
-    print("| call | kept before (GiB) | kept after (GiB) | after / before |")
-    print("|---|---|---|---|")
+    print(f"\n{args.family}, {px} px, batch {args.batch}, fp32; {n} convolutions, {g} GEGLUs switched\n")
+    print("| call | kept before (GiB) | lean convolutions | + lean GEGLU | after / before |")
+    print("|---|---|---|---|---|")
     for name in calls:
-        print(f"| {name} | {before[name] / 2**30:.3f} | {after[name] / 2**30:.3f} | {after[name] / before[name]:.2f} |")
+        print(f"| {name} | {before[name] / 2**30:.3f} | {convs[name] / 2**30:.3f} | {after[name] / 2**30:.3f} "
+              f"| {after[name] / before[name]:.2f} |")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Activation memory of frozen networks in a reward-gradient chain.
+"""Activation memory of the networks in a reward-gradient chain: what autograd keeps that backward never needs.
 
 Reward fine-tuning backpropagates through networks whose weights never change: the frozen shortcut jumps, the
 base UNet's convolutions under an attention-only LoRA, the whole VAE decoder. Autograd's convolution keeps its
@@ -6,6 +6,10 @@ input for the weight gradient even when the weight is frozen (a frozen ``Linear`
 every frozen convolution stores one activation that backward never reads. :func:`lean_frozen_convs` makes each
 frozen ``Conv2d`` keep only its weight and compute the input gradient from the input's shape; outputs and
 gradients are the same computation, so results do not change (``tests/test_memory.py``).
+
+:func:`lean_geglu` does the same for the transformer blocks' GEGLU feed-forward (``h * gelu(gate)``): autograd
+keeps both halves of the projection and ``gelu(gate)``; the lean version keeps only the projection and
+recomputes the GELU (an elementwise op) in backward, with the same kernels, so gradients are bit-identical.
 """
 
 from __future__ import annotations
@@ -60,3 +64,46 @@ def lean_frozen_convs(module: torch.nn.Module) -> int:
         n += 1
     log.debug("lean frozen convolutions: %d switched", n)
     return n
+
+
+class _GeluGate(torch.autograd.Function):
+    """h * gelu(gate) keeping only h and gate (two views of one projection output) for backward."""
+
+    @staticmethod
+    def forward(ctx, h, gate):  # noqa: D102
+        ctx.save_for_backward(h, gate)
+        return h * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        h, gate = ctx.saved_tensors
+        grad_h = grad * F.gelu(gate) if ctx.needs_input_grad[0] else None
+        grad_gate = torch.ops.aten.gelu_backward(grad * h, gate) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_gate
+
+
+def _lean_geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    proj = self.proj(hidden_states)
+    h, gate = proj.chunk(2, dim=-1)
+    if torch.is_grad_enabled() and proj.requires_grad:
+        return _GeluGate.apply(h, gate)
+    return h * F.gelu(gate)
+
+
+def lean_geglu(module: torch.nn.Module) -> int:
+    """Let every diffusers ``GEGLU`` in ``module`` recompute its GELU in backward instead of keeping it; returns
+    how many (a third of each feed-forward's kept activations)."""
+    from diffusers.models.activations import GEGLU
+
+    n = 0
+    for m in module.modules():
+        if type(m) is GEGLU and not getattr(m, "_shortft_lean", False):
+            m.forward = types.MethodType(_lean_geglu_forward, m)
+            m._shortft_lean = True
+            n += 1
+    return n
+
+
+def lean_saved_activations(*modules: torch.nn.Module) -> int:
+    """Both of the above on each module (the trainer's UNet and VAE); returns how many layers were switched."""
+    return sum(lean_frozen_convs(m) + lean_geglu(m) for m in modules)

@@ -28,7 +28,7 @@ from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, SegmentMap, adapter_
 from .adapters import freeze_all_but, load_adapter_state
 from .chain import run_plan
 from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, restore_rng
-from .memory import lean_frozen_convs
+from .memory import lean_saved_activations
 from .models import PRECISION, Conditioning, T2IModel
 from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune_plan, full_bptt_plan,
                     original_chain, refl_plan, shortcut_model_plan, shortft_plan)
@@ -301,10 +301,9 @@ class Trainer:
         self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}  # fp32 (add_lora)
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
             model.vae.enable_gradient_checkpointing()
-        # frozen convolutions (base UNet, shortcut, VAE decoder) keep only their weight for backward: same gradients,
-        # less activation memory (VAE decode -38 %, a shortcut jump -18 % on SD1.5; BENCHMARKS.md)
-        lean_frozen_convs(unet)
-        lean_frozen_convs(model.vae)
+        # frozen convolutions keep only their weight and GEGLUs recompute their GELU in backward: same gradients,
+        # less activation memory (BENCHMARKS.md, "Frozen convolutions keep only their weight")
+        lean_saved_activations(unet, model.vae)
         self.objective = ChainObjective(model, reward, cfg.kl_weight)
         self.switch = self.objective.switch
         self.switch.refresh()
