@@ -73,9 +73,9 @@ def main() -> int:
     weights = {t.untyped_storage().data_ptr() for net in (model.unet, model.vae)
                for t in [*net.parameters(), *net.buffers()]}
     before = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
-    n = lean_frozen_convs(model.unet) + lean_frozen_convs(model.vae)
+    n = lean_frozen_convs(model.unet, devices=None) + lean_frozen_convs(model.vae, devices=None)
     convs = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
-    g = lean_geglu(model.unet)
+    g = lean_geglu(model.unet, devices=None)
     after = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
     px = args.latent * 8
     print(f"\n{args.family}, {px} px, batch {args.batch}, fp32; {n} convolutions, {g} GEGLUs switched\n")

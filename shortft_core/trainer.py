@@ -301,8 +301,8 @@ class Trainer:
         self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}  # fp32 (add_lora)
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
             model.vae.enable_gradient_checkpointing()
-        # frozen convolutions keep only their weight and GEGLUs recompute their GELU in backward: same gradients,
-        # less activation memory (BENCHMARKS.md, "Frozen convolutions keep only their weight")
+        # on CUDA, frozen convolutions keep only their weight and GEGLUs recompute their GELU in backward: same
+        # gradients, less activation memory (BENCHMARKS.md, "Frozen convolutions keep only their weight")
         lean_saved_activations(unet, model.vae)
         self.objective = ChainObjective(model, reward, cfg.kl_weight)
         self.switch = self.objective.switch

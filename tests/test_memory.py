@@ -38,7 +38,7 @@ def test_frozen_conv_gradients_are_unchanged_for_strides_groups_and_padding():
         return out.detach(), xi.grad, kept
 
     out0, grad0, kept0 = run()
-    assert lean_frozen_convs(net) == 4 and lean_frozen_convs(net) == 0  # idempotent
+    assert lean_frozen_convs(net, devices=None) == 4 and lean_frozen_convs(net, devices=None) == 0  # idempotent
     out1, grad1, kept1 = run()
     assert torch.equal(out0, out1)
     assert torch.allclose(grad0, grad1, rtol=1e-6, atol=1e-7), (grad0 - grad1).abs().max()
@@ -50,7 +50,7 @@ def test_a_trained_conv_keeps_its_input_and_gets_its_gradient():
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     ref = torch.nn.Conv2d(4, 4, 3, padding=1)
     ref.load_state_dict(conv.state_dict())
-    lean_frozen_convs(conv)
+    lean_frozen_convs(conv, devices=None)
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     conv(x).sum().backward()
     ref(x.detach().requires_grad_(True)).sum().backward()
@@ -72,7 +72,7 @@ def test_geglu_recomputes_its_gelu_with_identical_gradients():
         return out.detach(), xi.grad, ff.proj.weight.grad.clone(), kept
 
     out0, gx0, gw0, kept0 = run()
-    assert lean_geglu(ff) == 1 and lean_geglu(ff) == 0
+    assert lean_geglu(ff, devices=None) == 1 and lean_geglu(ff, devices=None) == 0
     out1, gx1, gw1, kept1 = run()
     assert torch.equal(out0, out1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
     assert kept1 < kept0  # gelu(gate), a third of what the feed-forward kept, is no longer stored
@@ -106,7 +106,7 @@ def test_tiny_unet_and_vae_keep_less_and_train_the_same():
         p.requires_grad_(False)
     AdapterSwitch(model.unet).activate(["align", "short"])
     out0, grads0, xg0, kept0 = _unet_step(model, ["align"])
-    n = lean_saved_activations(model.unet, model.vae)
+    n = lean_saved_activations(model.unet, model.vae, devices=None)
     assert n > 20
     out1, grads1, xg1, kept1 = _unet_step(model, ["align"])
     assert torch.equal(out0, out1)
@@ -140,4 +140,14 @@ def test_the_trainer_switches_the_frozen_convolutions_and_geglus(tmp_path, tiny_
     convs = [m for net in (model.unet, model.vae) for m in net.modules() if type(m) in (torch.nn.Conv2d, GEGLU)]
     Trainer(model, tiny_rewards[0], TrainConfig(iterations=1, batch_size=1, rank=4, eval_prompts=0),
             PromptSource(held_out_prompts(2)), out=tmp_path)
-    assert convs and all(getattr(m, "_shortft_lean", False) for m in convs)
+    assert convs and all(getattr(m, "_shortft_lean", None) == ("cuda",) for m in convs)  # the lean path on CUDA
+
+
+def test_the_lean_path_is_taken_only_on_its_devices():
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).requires_grad_(False)
+    lean_frozen_convs(conv)  # default: CUDA only
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"  # autograd's own path on CPU
+    conv2 = torch.nn.Conv2d(2, 2, 3, padding=1).requires_grad_(False)
+    lean_frozen_convs(conv2, devices=("cpu",))
+    assert "FrozenConv2d" in type(conv2(x).grad_fn).__name__
