@@ -1,13 +1,15 @@
-"""What autograd keeps for backward in one reward-gradient call, with and without lean frozen convolutions.
+"""What autograd keeps for backward in one reward-gradient call, and what the call costs, with and without the
+lean switches of ``shortft_core/memory.py`` (frozen convolutions, then GEGLU feed-forwards).
 
-    python bench/bench_saved_activations.py --family sd15 --latent 32      # CPU, full-size architecture
+    python bench/bench_saved_activations.py --family sd15 --latent 32          # CPU, full-size SD1.5 architecture
+    python bench/bench_saved_activations.py --family tiny --batch 8 --time 15  # the tiny world, with timings
 
-Random-weight full-size architecture (fp32 here; bf16 halves every figure alike), the adapters of
-bench/bench_gpu.py: a trainable rank-128 alignment LoRA on attention+FF and a frozen rank-64 shortcut LoRA on
-every ResNet/attention layer. Lean frozen convolutions, then lean GEGLU feed-forwards (``shortft_core/memory.py``). Three calls as ShortFT
-makes them: a tuned UNet step (alignment LoRA trained), a
-frozen shortcut jump (gradient to its input only), the VAE decode. Counts the bytes of every distinct storage
-autograd saves (``saved_tensors_hooks``), weights excluded — the activation memory a training step holds until backward.
+Random-weight full-size architecture (fp32 here; bf16 halves every figure alike) or the tiny world, with the
+adapters of bench/bench_gpu.py: a trainable rank-128 alignment LoRA on attention+FF and a frozen rank-64 shortcut
+LoRA on every ResNet/attention layer. Three calls as ShortFT makes them: a tuned UNet step (alignment LoRA
+trained), a frozen shortcut jump (gradient to its input only), the VAE decode. Memory: bytes of every distinct
+storage autograd saves, weights excluded (``profiling.kept_for_backward``). ``--time N``: median of N forward +
+backward passes per call and column (``profiling.timed``).
 """
 
 from __future__ import annotations
@@ -22,34 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shortft_core.adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora  # noqa: E402
 from shortft_core.memory import lean_frozen_convs, lean_geglu  # noqa: E402
+from shortft_core.profiling import kept_for_backward, timed  # noqa: E402
 from shortft_core.random_models import random_model  # noqa: E402
-
-
-def kept_bytes(fn, weights: set[int]) -> int:
-    """Bytes of the distinct activation storages autograd saves in fn() (weights, which exist anyway, excluded)."""
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            kept[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(kept.values())
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
-    p.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for SD1.5)")
+    p.add_argument("--family", default="sd15", choices=["sd15", "sdxl", "tiny"])
+    p.add_argument("--latent", type=int, default=None, help="latent side (64 = 512 px for SD1.5; default: the "
+                                                            "tiny world's own, 32 for the others)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--time", type=int, default=0, metavar="N", help="also time N forward+backward passes")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = random_model(args.family)
+    if args.family == "tiny":
+        from shortft_core.tiny_world import load_tiny_model
+
+        model = load_tiny_model()
+    else:
+        model = random_model(args.family)
+    latent = args.latent or (model.latent_shape()[-1] if args.family == "tiny" else 32)
     add_lora(model.unet, "align_1", 128, seed=1)
     add_lora(model.unet, SHORTCUT, 64, targets=SHORTCUT_TARGETS, seed=2)
     with torch.no_grad():
@@ -58,32 +53,46 @@ def main() -> int:
             p_.requires_grad_(False)
     switch = AdapterSwitch(model.unet)
     cond = model.encode_prompts(["a photograph of an astronaut riding a horse"] * args.batch)
-    shape = (args.batch, model.unet.config.in_channels, args.latent, args.latent)
+    shape = (args.batch, model.unet.config.in_channels, latent, latent)
+    t = torch.tensor([741] * args.batch)
 
     def x():
         return torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
 
     calls = {
-        "tuned UNet step (alignment LoRA trained)": lambda: (switch.activate(["align_1"]),
-                                                            model.eps(x(), torch.tensor([741] * args.batch), cond))[1],
-        "frozen shortcut jump (input gradient only)": lambda: (switch.activate([SHORTCUT]),
-                                                               model.eps(x(), torch.tensor([741] * args.batch), cond))[1],
+        "tuned UNet step (alignment LoRA trained)": lambda: (switch.activate(["align_1"]), model.eps(x(), t, cond))[1],
+        "frozen shortcut jump (input gradient only)": lambda: (switch.activate([SHORTCUT]), model.eps(x(), t, cond))[1],
         "VAE decode": lambda: model.decode(x()),
     }
-    weights = {t.untyped_storage().data_ptr() for net in (model.unet, model.vae)
-               for t in [*net.parameters(), *net.buffers()]}
-    before = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
+    weights = [w for net in (model.unet, model.vae) for w in [*net.parameters(), *net.buffers()]]
+
+    def measure() -> dict[str, tuple[int, float]]:
+        out = {}
+        for name, fn in calls.items():
+            kept = kept_for_backward(fn, weights)[1]
+            sec = timed(lambda: fn().float().square().mean().backward(), reps=args.time) if args.time else 0.0
+            out[name] = (kept, sec)
+        return out
+
+    columns = {"before": measure()}
     n = lean_frozen_convs(model.unet, devices=None) + lean_frozen_convs(model.vae, devices=None)
-    convs = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
+    columns["lean convolutions"] = measure()
     g = lean_geglu(model.unet, devices=None)
-    after = {name: kept_bytes(fn, weights) for name, fn in calls.items()}
-    px = args.latent * 8
-    print(f"\n{args.family}, {px} px, batch {args.batch}, fp32; {n} convolutions, {g} GEGLUs switched\n")
-    print("| call | kept before (GiB) | lean convolutions | + lean GEGLU | after / before |")
-    print("|---|---|---|---|---|")
+    columns["+ lean GEGLU"] = measure()
+    print(f"\n{args.family}, {latent * 8} px, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
+          f"{n} convolutions, {g} GEGLUs switched\n")
+    print("| call | " + " | ".join(f"kept {c} (GiB)" for c in columns) + " | after / before |")
+    print("|---|" + "---|" * (len(columns) + 1))
     for name in calls:
-        print(f"| {name} | {before[name] / 2**30:.3f} | {convs[name] / 2**30:.3f} | {after[name] / 2**30:.3f} "
-              f"| {after[name] / before[name]:.2f} |")
+        kept = [columns[c][name][0] for c in columns]
+        print(f"| {name} | " + " | ".join(f"{k / 2**30:.3f}" for k in kept) + f" | {kept[-1] / kept[0]:.2f} |")
+    if args.time:
+        print(f"\nforward + backward, median of {args.time} (ms)\n")
+        print("| call | " + " | ".join(columns) + " | after / before |")
+        print("|---|" + "---|" * (len(columns) + 1))
+        for name in calls:
+            sec = [columns[c][name][1] for c in columns]
+            print(f"| {name} | " + " | ".join(f"{s * 1e3:.1f}" for s in sec) + f" | {sec[-1] / sec[0]:.2f} |")
     return 0
 
 

@@ -13,7 +13,7 @@ minutes=${MINUTES:-6}
 batch=${BATCH:-128}
 lr=${LR:-1e-3}
 cd "$(dirname "$0")/.."
-rm -rf "$out"
+rm -rf "$out/probe" "$out/run" "$out/bench"  # only what this script writes there
 mkdir -p "$out"
 common=(distill --model tiny --device "$device" --batch-size "$batch" --lr "$lr" --rank 32 --target teacher
         --student-guidance 3 --pool-size $((2 * batch)) --pool-reuse 32 --no-progress)

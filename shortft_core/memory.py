@@ -53,7 +53,7 @@ def _lean_forward(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 DEFAULT_DEVICES: tuple[str, ...] = ("cuda",)  # where memory is the limit; on CPU autograd's own conv backward
-#                                               is faster (the input-gradient-only call costs ~13 % on the tiny world)
+#                                               is faster (BENCHMARKS.md: a VAE decode 1.75x slower lean)
 
 
 def lean_frozen_convs(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:

@@ -1,4 +1,4 @@
-"""Timing helpers for benchmarks: what each kind of network pass costs alone, and what a plan should cost.
+"""Benchmark helpers: what each kind of network pass costs alone, what a plan should cost, what backward keeps.
 
 The efficiency ratio of a method is its measured iteration time divided by the sum of the network passes its plan
 makes, each timed alone exactly as the plan makes it (the same adapter set, guidance, gradient and checkpointing;
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -27,6 +27,23 @@ def timed(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> float:
         sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def kept_for_backward(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> tuple[object, int]:
+    """Run ``fn`` and count the bytes of the distinct storages autograd saves for backward, except those of
+    ``exclude`` (weights, which exist anyway); returns (fn's result, bytes) — the activation memory it holds."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
 
 
 def _trainable(plan, lora) -> frozenset[str]:

@@ -4,23 +4,13 @@ import torch
 
 from shortft_core.adapters import SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora
 from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_saved_activations
+from shortft_core.profiling import kept_for_backward
 from shortft_core.tiny_world import load_tiny_model
 
 
 def _kept(fn, module=None):
-    """Run fn() under a hook that records every tensor autograd saves, except ``module``'s weights (they exist
-    anyway); returns (result, bytes kept)."""
-    kept = {}
-    weights = {t.untyped_storage().data_ptr() for t in module.parameters()} if module is not None else set()
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(kept.values())
+    """(fn's result, bytes autograd keeps for backward), ``module``'s weights excluded (they exist anyway)."""
+    return kept_for_backward(fn, module.parameters() if module is not None else ())
 
 
 def test_frozen_conv_gradients_are_unchanged_for_strides_groups_and_padding():
