@@ -53,6 +53,20 @@ def test_ci_sized_run_raises_the_held_out_reward(tiny_rewards, fresh_tiny):
     assert after > before + 0.1, (before, after)
 
 
+def test_unguided_tuned_steps_under_a_guided_shortcut_train(tiny_rewards, fresh_tiny):
+    """Tuned steps without CFG (guidance 1) and a shortcut run guided, as it was distilled: the unconditional
+    embedding is built for the guided jumps, and a step moves the adapters."""
+    alignment, _ = tiny_rewards
+    cfg = TrainConfig(iterations=1, batch_size=2, rank=4, eval_prompts=0, guidance=1.0, shortcut_guidance=3.0)
+    t = Trainer(fresh_tiny(), alignment, cfg, PromptSource.tiny(50))
+    before = {k: v.clone() for k, v in adapter_state(t.model.unet, cfg.lora.names[0]).items()}
+    t.fit()
+    assert [s.guidance for s in t.last_plan.steps if s.net == "shortcut"] == [3.0] * 3
+    assert {s.guidance for s in t.last_plan.steps if s.calls_network and s.net != "shortcut"} == {1.0}
+    after = adapter_state(t.model.unet, cfg.lora.names[0])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_stage_schedule():
     cfg = TrainConfig()
     assert [stage_at(cfg, p) for p in (0, 0.24, 0.25, 0.5, 0.99, 1.0)] == [1, 1, 2, 3, 4, 4]
