@@ -1,6 +1,7 @@
 """Equal-compute comparison of ShortFT, its ablations and every baseline on the tiny world (CPU).
 
     python bench/bench_methods.py --budget 120 --seeds 0 1 2 --jobs 2 --out runs/bench-methods
+    python bench/bench_methods.py --reward alignment --guidance 1 --lr 5e-4 --budget 240 --out runs/bench-align
 
 Each (variant, seed) runs in a fresh subprocess (one torch thread; ``--jobs`` of them at once, so every run sees
 the same load) with the same wall-clock training budget, aligning the tiny pipeline to one of its rewards
@@ -45,7 +46,8 @@ COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32)  # l
 
 
 # ----- worker ------------------------------------------------------------------------------------------------
-def worker(variant: str, seed: int, budget: float, out: Path, threads: int, reward: str) -> None:
+def worker(variant: str, seed: int, budget: float, out: Path, threads: int, reward: str,
+           overrides: dict | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -58,7 +60,8 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
 
     model = load_model("tiny")
     _, preset = load_shortcut(model.unet, tiny_shortcut_path(), adapter_name=SHORTCUT)
-    cfg = TrainConfig(**{**COMMON, "shortcut_guidance": preset.guidance, **VARIANTS[variant], "seed": seed,
+    cfg = TrainConfig(**{**COMMON, **(overrides or {}), "shortcut_guidance": preset.guidance, **VARIANTS[variant],
+                         "seed": seed,
                          "time_budget_s": budget, "iterations": 10**6})
     alignment, aesthetic = load_tiny_rewards()
     ev = held_out_prompts(cfg.eval_prompts, seed=1)
@@ -90,6 +93,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     ideal = sum(ideal_seconds(p, costs, tr.lora) for p in plans[skip:])
     result = {
         "variant": variant, "seed": seed, "reward": reward, "budget_s": budget, "iterations": len(h.iterations),
+        "guidance": cfg.guidance, "lr": cfg.lr,
         "evals": h.evals, "train_reward": h.reward, "seconds": h.seconds, "stages": h.stage,
         "efficiency_ratio": sum(iter_times[skip:]) / ideal if ideal > 0 else None,
         "sec_per_iteration": statistics.median(iter_times[skip:]) if iter_times else None,
@@ -183,6 +187,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (every run sees the same load: keep it fixed)")
     p.add_argument("--reward", choices=["aesthetic", "alignment"], default="aesthetic", help="reward to train")
+    p.add_argument("--guidance", type=float, default=COMMON["guidance"],
+                   help="CFG of the tuned steps and of evaluation (the shortcut keeps its own)")
+    p.add_argument("--lr", type=float, default=COMMON["lr"])
     p.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--aggregate-only", action="store_true", help="rebuild the table from existing results")
     args = p.parse_args()
@@ -190,7 +197,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
         v, s = args.worker
-        worker(v, int(s), args.budget, out / f"{v}.seed{s}.json", args.threads, args.reward)
+        worker(v, int(s), args.budget, out / f"{v}.seed{s}.json", args.threads, args.reward,
+               {"guidance": args.guidance, "lr": args.lr})
         return 0
     if not args.aggregate_only:
         todo = [(v, seed) for seed in args.seeds for v in args.variants if not (out / f"{v}.seed{seed}.json").exists()]
@@ -199,7 +207,8 @@ def main() -> int:
             while todo and len(running) < args.jobs:
                 v, seed = todo.pop(0)
                 cmd = [sys.executable, __file__, "--worker", v, str(seed), "--budget", str(args.budget), "--out",
-                       str(out), "--threads", str(args.threads), "--reward", args.reward]
+                       str(out), "--threads", str(args.threads), "--reward", args.reward,
+                       "--guidance", str(args.guidance), "--lr", str(args.lr)]
                 running.append((subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}), v, seed, time.time()))
             time.sleep(1)
             for item in list(running):
