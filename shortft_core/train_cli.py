@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # The tiny preset trains the alignment reward with unguided tuned steps (CFG 1; the shortcut still runs guided, as
 # it was distilled): with CFG 3 the base already sits where a small LoRA can take the alignment in minutes, while
 # without CFG there is a direction every prompt shares (follow the caption more strongly) that the reward teaches
-# (3 seeds, BENCHMARKS.md "Tiny world: which reward trains"). Also twice as fast per iteration as CFG 3.
+# (3 seeds, BENCHMARKS.md "Tiny world: which reward trains"). The tuned steps also cost one UNet batch, not two.
 TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_prompts=32)
 TINY_REWARD = "tiny_alignment"  # the reward of the tiny model when --reward is not given
 
