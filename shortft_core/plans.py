@@ -70,6 +70,12 @@ class ChainPlan:
     def grad_calls(self) -> int:
         return sum(st.calls_network and st.grad for st in self.steps)
 
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether any step is guided, so the chain needs the unconditional embedding (tuned steps may run
+        unguided while a shortcut runs guided, as it was distilled)."""
+        return any(st.guidance != 1.0 for st in self.steps)
+
     def trainable_adapters(self) -> set[str]:
         return {a for st in self.steps if st.grad and st.net == TUNED for a in st.adapters}
 

@@ -54,7 +54,7 @@ def sample(model: T2IModel, prompts: Sequence[str], seed: int = 0, steps: int = 
     shape = model.latent_shape(height, width)
     if plan is None:
         plan = base_chain(timestep_grid(steps, spacing, model.schedule.num_train_timesteps), guidance)
-    needs_uncond = any(st.guidance != 1.0 for st in plan.steps)
+    needs_uncond = plan.needs_uncond
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])

@@ -375,9 +375,7 @@ class Trainer:
             plan = method_plan(cfg, stage, self.gen)
             prompts, x = self._batch()
             cond = self.model.encode_prompts(prompts)
-            # the unconditional embedding is needed as soon as any step of the plan is guided (e.g. a guided
-            # shortcut under unguided tuned steps), not only when the tuned steps are
-            uncond = self.empty.repeat(len(prompts)) if any(s.guidance != 1.0 for s in plan.steps) else None
+            uncond = self.empty.repeat(len(prompts)) if plan.needs_uncond else None  # not only cfg.guidance
             ctx = self.acc.no_sync(self.wrapped) if (micro < cfg.grad_accum - 1 and self.acc.num_processes > 1) \
                 else _null()
             with ctx:
