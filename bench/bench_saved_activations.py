@@ -1,5 +1,6 @@
 """What autograd keeps for backward in one reward-gradient call, and what the call costs, with and without the
-lean switches of ``shortft_core/memory.py`` (frozen convolutions, then GEGLU feed-forwards).
+lean switches of ``shortft_core/memory.py`` (frozen convolutions, then GEGLU feed-forwards, then fused
+GroupNorm+SiLU pairs).
 
     python bench/bench_saved_activations.py --family sd15 --latent 32          # CPU, full-size SD1.5 architecture
     python bench/bench_saved_activations.py --family tiny --batch 8 --time 15  # the tiny world, with timings
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shortft_core.adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora  # noqa: E402
-from shortft_core.memory import lean_frozen_convs, lean_geglu  # noqa: E402
+from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_norm_act  # noqa: E402
 from shortft_core.profiling import kept_for_backward, timed  # noqa: E402
 from shortft_core.random_models import random_model  # noqa: E402
 
@@ -79,8 +80,10 @@ def main() -> int:
     columns["lean convolutions"] = measure()
     g = lean_geglu(model.unet, devices=None)
     columns["+ lean GEGLU"] = measure()
+    gn = lean_norm_act(model.unet, devices=None) + lean_norm_act(model.vae, devices=None)
+    columns["+ fused GroupNorm+SiLU"] = measure()
     print(f"\n{args.family}, {latent * 8} px, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
-          f"{n} convolutions, {g} GEGLUs switched\n")
+          f"{n} convolutions, {g} GEGLUs, {gn} GroupNorm+SiLU pairs switched\n")
     print("| call | " + " | ".join(f"kept {c} (GiB)" for c in columns) + " | after / before |")
     print("|---|" + "---|" * (len(columns) + 1))
     for name in calls:

@@ -10,6 +10,11 @@ gradients are the same computation, so results do not change (``tests/test_memor
 :func:`lean_geglu` does the same for the transformer blocks' GEGLU feed-forward (``h * gelu(gate)``): autograd
 keeps both halves of the projection and ``gelu(gate)``; the lean version keeps only the projection and
 recomputes the GELU (an elementwise op) in backward, with the same kernels, so gradients are bit-identical.
+
+:func:`lean_norm_act` fuses the ResNet blocks' ``GroupNorm -> SiLU`` pairs (and the output heads' of the UNet and
+the VAE decoder): autograd keeps the norm's input and the SiLU's input, two tensors of one size; the fused pair
+keeps only the norm's input and recomputes both (cheap, memory-bound ops) in backward. Half of a VAE decode's
+activations are these pairs.
 """
 
 from __future__ import annotations
@@ -114,6 +119,88 @@ def lean_geglu(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAUL
     return n
 
 
+class _GroupNormSiLU(torch.autograd.Function):
+    """silu(group_norm(x)) keeping only ``x`` for backward, where the pair is recomputed with the same kernels (and
+    the caller's autocast state), so gradients are those of the unfused pair."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):  # noqa: D102
+        ctx.save_for_backward(x, weight, bias)
+        ctx.conf = (groups, eps)
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, weight, bias = ctx.saved_tensors
+        groups, eps = ctx.conf
+        dev, enabled, dtype = ctx.autocast
+        need = ctx.needs_input_grad[:3]
+        inputs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((x, weight, bias), need)]
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            y = F.silu(F.group_norm(inputs[0], groups, inputs[1], inputs[2], eps))
+        wanted = [t for t, n in zip(inputs, need) if n and t is not None]
+        grads = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
+        out = [next(grads) if n and t is not None else None for t, n in zip(inputs, need)]
+        return (*out, None, None)
+
+
+_ACTIVATED = "_shortft_activated"  # set on a fused pair's output: the SiLU after it has been applied already
+
+
+def _fused_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    if _on(self, x):
+        out = _GroupNormSiLU.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        setattr(out, _ACTIVATED, True)
+        return out
+    return type(self).forward(self, x)
+
+
+def _fused_act_forward(self: torch.nn.SiLU, x: torch.Tensor) -> torch.Tensor:
+    if getattr(x, _ACTIVATED, False):
+        delattr(x, _ACTIVATED)  # consumed: the tensor goes on as an ordinary activation
+        return x
+    return type(self).forward(self, x)
+
+
+def _pairs(module: torch.nn.Module) -> list[tuple[torch.nn.GroupNorm, torch.nn.SiLU]]:
+    """(norm, activation) pairs whose norm output goes straight into the activation, by the code of diffusers'
+    ``ResnetBlock2D`` (norm1 -> act; norm2 -> act unless a scale/shift comes between) and the output heads of
+    ``UNet2DConditionModel`` and the VAE ``Decoder`` (conv_norm_out -> conv_act)."""
+    from diffusers.models.autoencoders.vae import Decoder
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    out = []
+    for m in module.modules():
+        if type(m) is ResnetBlock2D:
+            act = m.nonlinearity
+            out.append((m.norm1, act))
+            if m.time_embedding_norm != "scale_shift":
+                out.append((m.norm2, act))
+        elif type(m) in (UNet2DConditionModel, Decoder) and getattr(m, "conv_norm_out", None) is not None:
+            out.append((m.conv_norm_out, m.conv_act))
+    return [(n, a) for n, a in out if type(n) is torch.nn.GroupNorm and type(a) is torch.nn.SiLU]
+
+
+def lean_norm_act(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:
+    """Fuse every ``GroupNorm -> SiLU`` pair of diffusers' ResNet blocks and output heads in ``module`` so that
+    backward keeps only the norm's input (on ``devices``; None: any); returns how many norms were switched."""
+    n = 0
+    for norm, act in _pairs(module):
+        if hasattr(norm, "_shortft_lean"):
+            continue
+        if not hasattr(act, "_shortft_lean"):
+            act.forward = types.MethodType(_fused_act_forward, act)
+            act._shortft_lean = devices
+        norm.forward = types.MethodType(_fused_norm_forward, norm)
+        norm._shortft_lean = devices
+        n += 1
+    log.debug("lean GroupNorm+SiLU pairs: %d switched", n)
+    return n
+
+
 def lean_saved_activations(*modules: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:
-    """Both of the above on each module (the trainer's UNet and VAE); returns how many layers were switched."""
-    return sum(lean_frozen_convs(m, devices) + lean_geglu(m, devices) for m in modules)
+    """All of the above on each module (the trainer's UNet and VAE); returns how many layers were switched."""
+    return sum(lean_frozen_convs(m, devices) + lean_geglu(m, devices) + lean_norm_act(m, devices) for m in modules)

@@ -3,7 +3,7 @@
 import torch
 
 from shortft_core.adapters import SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora
-from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_saved_activations
+from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_norm_act, lean_saved_activations
 from shortft_core.profiling import kept_for_backward
 from shortft_core.tiny_world import load_tiny_model
 
@@ -70,6 +70,80 @@ def test_geglu_recomputes_its_gelu_with_identical_gradients():
         assert torch.equal(ff(x), out0)
 
 
+def _resnet(**kw):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, **kw)
+    with torch.no_grad():  # GroupNorm starts at weight 1, bias 0: make its affine part matter to the gradient
+        for norm in (block.norm1, block.norm2):
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+            norm.bias.add_(0.3 * torch.randn_like(norm.bias))
+    return block
+
+
+def _block_step(block, x, temb, train_norms=False):
+    block.requires_grad_(False)
+    for norm in (block.norm1, block.norm2):
+        norm.requires_grad_(train_norms)
+        norm.weight.grad = norm.bias.grad = None
+    xi, ti = x.clone().requires_grad_(True), temb.clone().requires_grad_(True)
+    out, kept = _kept(lambda: block(xi, ti), block)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    norms = [g.clone() for n in (block.norm1, block.norm2) for g in (n.weight.grad, n.bias.grad) if g is not None]
+    return out.detach(), xi.grad, ti.grad, norms, kept
+
+
+def test_groupnorm_silu_pairs_keep_only_the_norm_input_with_identical_gradients():
+    block = _resnet()
+    x, temb = torch.randn(2, 8, 9, 7), torch.randn(2, 12)
+    ref = _block_step(block, x, temb, train_norms=True)
+    before = _block_step(block, x, temb)
+    assert lean_norm_act(block, devices=None) == 2 and lean_norm_act(block, devices=None) == 0  # idempotent
+    after = _block_step(block, x, temb)
+    out0, gx0, gt0, _, kept0 = before
+    out1, gx1, gt1, _, kept1 = after
+    assert torch.equal(out0, out1) and torch.equal(gx0, gx1) and torch.equal(gt0, gt1)
+    # norm1 keeps x, norm2 keeps conv1's output; unfused each SiLU kept a second tensor of the same size
+    assert kept1 < 0.75 * kept0, (kept1, kept0)
+    # a trained norm gets the same weight and bias gradients through the recomputation
+    lean = _block_step(block, x, temb, train_norms=True)
+    assert torch.equal(lean[1], ref[1]) and len(lean[3]) == 4
+    for a, b in zip(lean[3], ref[3]):
+        assert torch.equal(a, b) and a.abs().sum() > 0
+    with torch.no_grad():  # no graph: the ordinary path, same output
+        assert torch.equal(block(x, temb), out0)
+
+
+def test_groupnorm_silu_fusion_leaves_a_scale_shift_norm_alone_and_follows_autocast():
+    block = _resnet(time_embedding_norm="scale_shift")
+    x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+    before = _block_step(block, x, temb)
+    assert lean_norm_act(block, devices=None) == 1  # norm2 has a scale/shift before the SiLU: not a pair
+    after = _block_step(block, x, temb)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    plain = _resnet()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _block_step(plain, x, temb)
+        lean_norm_act(plain, devices=None)
+        lean = _block_step(plain, x, temb)
+    assert ref[0].dtype == torch.bfloat16 and torch.equal(ref[0], lean[0])
+    assert torch.equal(ref[1], lean[1]) and torch.equal(ref[2], lean[2])
+
+
+def test_an_activation_outside_a_fused_pair_still_applies():
+    """The block's SiLU also activates the time embedding, which no norm produced."""
+    block = _resnet()
+    lean_norm_act(block, devices=None)
+    t = torch.randn(3, 12, requires_grad=True)
+    assert torch.equal(block.nonlinearity(t), torch.nn.functional.silu(t))
+    x = torch.randn(1, 8, 4, 4, requires_grad=True)
+    once = block.norm1(x)  # the fused pair's output, consumed by the activation that follows it
+    assert torch.equal(block.nonlinearity(once), torch.nn.functional.silu(torch.nn.functional.group_norm(
+        x, 4, block.norm1.weight, block.norm1.bias, block.norm1.eps)))
+    assert torch.equal(block.nonlinearity(once), torch.nn.functional.silu(once))  # not skipped a second time
+
+
 def _unet_step(model, names):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *model.latent_shape(), generator=g).requires_grad_(True)
@@ -127,7 +201,10 @@ def test_the_trainer_switches_the_frozen_convolutions_and_geglus(tmp_path, tiny_
     model = fresh_tiny()
     from diffusers.models.activations import GEGLU
 
+    from shortft_core.memory import _pairs
+
     convs = [m for net in (model.unet, model.vae) for m in net.modules() if type(m) in (torch.nn.Conv2d, GEGLU)]
+    convs += [norm for net in (model.unet, model.vae) for norm, _ in _pairs(net)]
     Trainer(model, tiny_rewards[0], TrainConfig(iterations=1, batch_size=1, rank=4, eval_prompts=0),
             PromptSource(held_out_prompts(2)), out=tmp_path)
     assert convs and all(getattr(m, "_shortft_lean", None) == ("cuda",) for m in convs)  # the lean path on CUDA
