@@ -6,6 +6,7 @@
 #
 #   bash bench/distill_tiny_gpu.sh runs/distill-tiny-gpu                       # CUDA; MINUTES=6 BATCH=128
 #   DEVICE=cpu MINUTES=1 BATCH=8 THREADS=2 bash bench/distill_tiny_gpu.sh /tmp/t  # the same path on CPU
+#   EVAL=0 ...                                                                 # distill only
 set -euo pipefail
 out=${1:-runs/distill-tiny-gpu}
 device=${DEVICE:-cuda}
@@ -23,5 +24,6 @@ echo "probe: $probe s/step at batch $batch -> $steps steps for $minutes min"
 t0=$(date +%s)
 python -m shortft_core "${common[@]}" --out "$out/run" --steps "$steps" --checkpoint-every $((steps / 4))
 echo "distilled $steps steps in $(( $(date +%s) - t0 )) s"
+[ "${EVAL:-1}" = 0 ] && exit 0  # EVAL=0: score it elsewhere (bench_shortcut.py runs on CPU)
 python bench/bench_shortcut.py --shortcut "$out/run/shortcut.safetensors" --out "$out/bench" --groups 4 \
   --threads "${THREADS:-8}"
