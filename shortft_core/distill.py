@@ -448,7 +448,7 @@ class Distiller:
         cfg = self.cfg
         self.unet.train()
         metrics: dict = {}
-        t0 = time.perf_counter()
+        t0, first = time.perf_counter(), self.step  # speed of this run, not averaged over the resumed steps
         while self.step < cfg.steps:
             if should_stop is not None and should_stop():
                 log.info("stopped at step %d on request", self.step)
@@ -472,7 +472,7 @@ class Distiller:
             self.sched.step()
             self.step += 1
             metrics = {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
-                       "sec_per_step": (time.perf_counter() - t0) / max(1, self.step)}
+                       "sec_per_step": (time.perf_counter() - t0) / max(1, self.step - first)}
             if on_step is not None:
                 on_step(self.step, metrics)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:

@@ -89,6 +89,22 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+def test_a_resumed_run_reports_its_own_speed(tmp_path, monkeypatch):
+    """s/step after a resume is this run's time over this run's steps (it was divided by every step since 0)."""
+    import shortft_core.distill as distill
+
+    cfg = DistillConfig(steps=4, batch_size=2, rank=4, checkpoint_every=2, pool_size=2, pool_reuse=4)
+    a = Distiller(load_tiny_model(), cfg, tmp_path)
+    a.run(should_stop=lambda: a.step >= 2)
+    ticks = iter(range(1000))  # a clock that advances 1 s each time it is read: one read per step, one at the start
+    monkeypatch.setattr(distill.time, "perf_counter", lambda: float(next(ticks)))
+    b = Distiller(load_tiny_model(), cfg, tmp_path)
+    assert b.resume() and b.step == 2
+    seen = []
+    last = b.run(on_step=lambda step, m: seen.append(m["sec_per_step"]))
+    assert b.step == 4 and seen == [1.0, 1.0] and last["sec_per_step"] == 1.0
+
+
 def test_bad_inputs_are_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match="strictly decreasing"):
         DistillConfig(edges=(249, 499, 749, 999)).validate()
