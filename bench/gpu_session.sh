@@ -4,7 +4,7 @@
 # long cannot starve the next, and each writes its files before the next starts:
 #   1. issue 5 (S1 s): the batch-2 rows without checkpointing, now with every lean switch of memory.py (the
 #      <= 24 GB target), then the ShortFT / full-BPTT timing pair (the >= 4x target), 5 timed iterations each;
-#   2. issue 3 (S2 s): the tiny shortcut distilled on CUDA (bench/distill_tiny_gpu.sh, EVAL=0; its BATCH, default 128),
+#   2. issue 3 (S2 s): the tiny shortcut distilled on CUDA (bench/distill_tiny_gpu.sh, EVAL=0; batch 128 or 512, whichever its probe finds faster per sample),
 #      copied to OUT; score it afterwards on any machine, as the shipped one was scored:
 #      python bench/bench_shortcut.py --shortcut OUT/shortcut.safetensors --groups 4
 #   3. issue 5 (whatever is left, if over a minute): SDXL rows, ShortFT first, then the baselines. At 1024 px a
