@@ -4,8 +4,9 @@
 # long cannot starve the next, and each writes its files before the next starts:
 #   1. issue 5 (S1 s): the batch-2 rows without checkpointing, now with every lean switch of memory.py (the
 #      <= 24 GB target), then the ShortFT / full-BPTT timing pair (the >= 4x target), 5 timed iterations each;
-#   2. issue 3 (S2 s): the tiny shortcut distilled on CUDA (bench/distill_tiny_gpu.sh, EVAL=0; batch 128 or 512, whichever its probe finds faster per sample),
-#      copied to OUT; score it afterwards on any machine, as the shipped one was scored:
+#   2. issue 3 (S2 s): the tiny shortcut distilled on CUDA (bench/distill_tiny_gpu.sh, EVAL=0; batch 128 or 512,
+#      whichever its probe finds faster per sample), copied to OUT; score it afterwards on any machine, as the
+#      shipped one was scored:
 #      python bench/bench_shortcut.py --shortcut OUT/shortcut.safetensors --groups 4
 #   3. issue 5 (whatever is left, if over a minute): SDXL rows, ShortFT first, then the baselines. At 1024 px a
 #      full-BPTT iteration takes about a minute, so the SDXL grid needs a session of its own (S1=0 S2=0).
@@ -32,7 +33,7 @@ if [ "$s1" -gt 0 ]; then
   echo "stage 1 (sd15 rows): rc=$? at $(( $(date +%s) - t0 )) s"
 fi
 
-# 2. (distill_tiny_gpu.sh sizes its run by a 100-step probe; ~60 s go to loading, the probe and the export)
+# 2. (distill_tiny_gpu.sh sizes its run by two 64-step probes; ~60 s go to loading, the probes and the export)
 if [ "$s2" -gt 0 ]; then
   minutes=$(python -c "print(max(0.5, ($s2 - 60) / 60))")
   DEVICE=$device MINUTES=$minutes EVAL=0 timeout $((s2 + 20)) bash bench/distill_tiny_gpu.sh "$out/dist" \
