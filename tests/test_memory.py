@@ -116,20 +116,34 @@ def test_groupnorm_silu_pairs_keep_only_the_norm_input_with_identical_gradients(
         assert torch.equal(block(x, temb), out0)
 
 
-def test_groupnorm_silu_fusion_leaves_a_scale_shift_norm_alone_and_follows_autocast():
+def test_groupnorm_silu_fusion_leaves_a_scale_shift_norm_alone_and_follows_autocast(monkeypatch):
     block = _resnet(time_embedding_norm="scale_shift")
     x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
     before = _block_step(block, x, temb)
     assert lean_norm_act(block, devices=None) == 1  # norm2 has a scale/shift before the SiLU: not a pair
     after = _block_step(block, x, temb)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    # backward recomputes the pair under the autocast state of the forward (on CUDA autocast runs group_norm in
+    # fp32; CPU autocast leaves it alone, so the state itself is what is checked here)
+    seen = []
+    group_norm = torch.nn.functional.group_norm
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return group_norm(*args, **kwargs)
+
     plain = _resnet()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = _block_step(plain, x, temb)
         lean_norm_act(plain, devices=None)
-        lean = _block_step(plain, x, temb)
-    assert ref[0].dtype == torch.bfloat16 and torch.equal(ref[0], lean[0])
-    assert torch.equal(ref[1], lean[1]) and torch.equal(ref[2], lean[2])
+        xi = x.clone().requires_grad_(True)
+        monkeypatch.setattr(torch.nn.functional, "group_norm", spy)
+        out = plain(xi, temb)
+    assert seen == [True, True]  # the two fused norms' forwards
+    out.float().mul(torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # outside autocast
+    assert seen == [True] * 4, seen  # their recomputations in backward, under the forward's autocast
+    assert ref[0].dtype == torch.bfloat16 and torch.equal(ref[0], out.detach())
+    assert torch.equal(ref[1], xi.grad)
 
 
 def test_an_activation_outside_a_fused_pair_still_applies():
