@@ -138,31 +138,44 @@ def freeze_all_but(unet: torch.nn.Module, trainable: Sequence[str]) -> list[torc
     return out
 
 
+def _active_of(layer: torch.nn.Module) -> tuple[str, ...]:
+    a = layer._active_adapter
+    return (a,) if isinstance(a, str) else tuple(a)
+
+
 class AdapterSwitch:
-    """Chooses which adapters a UNet call uses, without changing which parameters are trainable."""
+    """Chooses which adapters a UNet call uses, without changing which parameters are trainable.
+
+    Whether a change is needed is read from the LoRA layers themselves, not from a remembered last setting: another
+    switch of the same UNet (an evaluation's beside a trainer's) or peft (adding or loading an adapter activates it)
+    may have changed them since.
+    """
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
         self.layers = lora_layers(unet)
         self.known = set(adapter_names(unet))
-        self.current: tuple[str, ...] | None = None
+
+    @property
+    def current(self) -> tuple[str, ...] | None:
+        """The adapters every LoRA layer uses now; None when the layers disagree (or there are none)."""
+        sets = {_active_of(layer) for layer in self.layers}
+        return sets.pop() if len(sets) == 1 else None
 
     def refresh(self) -> None:
         """Call after adding adapters."""
         self.layers = lora_layers(self.unet)
         self.known = set(adapter_names(self.unet))
-        self.current = None
 
     def activate(self, names: Sequence[str]) -> None:
         names = tuple(names)
-        if names == self.current:
+        if self.layers and all(_active_of(layer) == names for layer in self.layers):
             return
         unknown = set(names) - self.known
         if unknown:
             raise KeyError(f"unknown adapter(s) {sorted(unknown)}; the UNet has {sorted(self.known)}")
         for layer in self.layers:
             layer._active_adapter = list(names)
-        self.current = names
 
     @contextlib.contextmanager
     def using(self, names: Sequence[str]) -> Iterator[None]:

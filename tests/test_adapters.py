@@ -65,3 +65,30 @@ def test_fp32_base_is_unchanged_bit_for_bit():
     out_ours, grads_ours, *_ = _step(model, enable=True)
     assert torch.equal(out_ours, out_peft)
     assert all(torch.equal(a, b) for a, b in zip(grads_ours, grads_peft))
+
+
+def test_two_switches_of_one_unet_never_skip_a_change():
+    """An evaluation's switch beside a trainer's (or peft activating a newly added adapter) changes the layers; a
+    switch must then still apply its own setting instead of trusting the last one it made."""
+    model = _model(torch.float32)
+    x = torch.randn(1, *model.latent_shape(), generator=torch.Generator().manual_seed(3))
+    cond = model.encode_prompts(["a red circle"])
+    t = torch.tensor([500])
+
+    def out():
+        with torch.no_grad():
+            return model.eps(x, t, cond)
+
+    trainer, evaluation = AdapterSwitch(model.unet), AdapterSwitch(model.unet)
+    trainer.activate(["a"])
+    with_a = out()
+    evaluation.activate([])
+    base = out()
+    assert (with_a - base).abs().max() > 1e-3  # the adapter has an effect
+    trainer.activate(["a"])  # its own last setting, but the layers were changed behind its back
+    assert torch.equal(out(), with_a)
+    assert trainer.current == ("a",) and evaluation.current == ("a",)
+    add_lora(model.unet, "c", 4, seed=3)  # peft activates the new adapter on the layers it adapts
+    trainer.refresh()
+    trainer.activate(["a"])
+    assert torch.equal(out(), with_a)
