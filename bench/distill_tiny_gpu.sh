@@ -22,7 +22,7 @@ args() {  # the run's settings at batch $1
   echo distill --model tiny --device "$device" --batch-size "$1" --lr "$lr" --rank 32 --target teacher \
     --student-guidance 3 --pool-size $((2 * $1)) --pool-reuse 32 --no-progress
 }
-best=0; batch=0; probe=0
+best=-1; batch=0; probe=0  # -1: a rate that rounds to 0 samples/s still picks its batch
 for b in $batches; do
   rm -rf "$out/probe"
   sec=$(python -m shortft_core $(args "$b") --out "$out/probe" --steps 64 | grep -o '[0-9.]* s/step' | cut -d' ' -f1)
