@@ -15,6 +15,7 @@ one (results.json) and the table is printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -96,17 +97,44 @@ def build(family: str, small: bool, device, dtype):
     return model, RandomClipReward(small, device, dtype)
 
 
-def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, iters: int,
-               peft_cast: bool = False) -> dict:
-    """One configuration; ``peft_cast`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison."""
+def parse_row(spec: str) -> tuple:
+    """``FAMILY:METHOD:CKPT:BATCH[:peft]`` (as ``--only`` takes it) -> a PLAN entry; ValueError naming the fix."""
+    parts = spec.split(":")
+    ok = len(parts) in (4, 5) and parts[0] in ("sd15", "sdxl") and parts[1] in METHOD and parts[2] in CKPT \
+        and parts[3].isdigit() and int(parts[3]) > 0 and (len(parts) == 4 or parts[4] == "peft")
+    if not ok:
+        raise ValueError(f"--only {spec!r}: expected FAMILY:METHOD:CKPT:BATCH[:peft] with FAMILY sd15 or sdxl, "
+                         f"METHOD in {sorted(METHOD)}, CKPT in {sorted(CKPT)} and BATCH a positive integer")
+    return (parts[0], parts[1], parts[2], int(parts[3]), *parts[4:])
+
+
+@contextlib.contextmanager
+def configured(model, reward, method: str, ckpt: str, batch: int, small: bool, peft_cast: bool = False):
+    """A Trainer for one configuration on the shared model; its adapters and switches are removed afterwards.
+    ``peft_cast`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison."""
     ck_unet, ck_vae = CKPT[ckpt]
     cfg = TrainConfig(**{"guidance": 7.5, **METHOD[method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
                       batch_size=batch, rank=8 if small else 128, eval_prompts=0, iterations=10**6, lr=1e-5,
                       mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")
     tr = Trainer(model, reward, cfg, PromptSource(["a photograph of an astronaut riding a horse"]))
     lora_compute_in_input_dtype(model.unet, enable=not peft_cast)
-    cuda = model.device.type == "cuda"
     try:
+        yield tr
+    finally:
+        model.unet.delete_adapters(list(tr.lora.names))
+        lora_compute_in_input_dtype(model.unet)
+        model.unet.zero_grad(set_to_none=True)
+        model.vae.disable_gradient_checkpointing()
+        del tr
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, iters: int,
+               peft_cast: bool = False) -> dict:
+    """Time one configuration and take its peak memory (CUDA) and efficiency ratio."""
+    cuda = model.device.type == "cuda"
+    with configured(model, reward, method, ckpt, batch, small, peft_cast) as tr:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -127,14 +155,6 @@ def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, i
         return {"sec_per_iter": statistics.median(times), "peak_gib": peak, "efficiency_ratio":
                 statistics.median(times) / ideal, "network_calls": plans[0].network_calls,
                 "grad_calls": plans[0].grad_calls, "iters": iters}
-    finally:
-        model.unet.delete_adapters(list(tr.lora.names))
-        lora_compute_in_input_dtype(model.unet)
-        model.unet.zero_grad(set_to_none=True)
-        model.vae.disable_gradient_checkpointing()
-        del tr
-        if cuda:
-            torch.cuda.empty_cache()
 
 
 def table(results: list[dict], device_name: str) -> str:
@@ -172,14 +192,10 @@ def main() -> int:
     args = p.parse_args()
     plan = [tuple(c) for c in PLAN]
     if args.only:
-        plan = []
-        for spec in args.only:
-            parts = spec.split(":")
-            if len(parts) not in (4, 5) or parts[1] not in METHOD or parts[2] not in CKPT or \
-                    (len(parts) == 5 and parts[4] != "peft"):
-                p.error(f"--only {spec!r}: expected FAMILY:METHOD:CKPT:BATCH[:peft] with METHOD in {sorted(METHOD)} "
-                        f"and CKPT in {sorted(CKPT)}")
-            plan.append((parts[0], parts[1], parts[2], int(parts[3]), *parts[4:]))
+        try:
+            plan = [parse_row(spec) for spec in args.only]
+        except ValueError as e:
+            p.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

@@ -1,4 +1,5 @@
-"""Benchmark helpers: what each kind of network pass costs alone, what a plan should cost, what backward keeps.
+"""Benchmark helpers: what each kind of network pass costs alone, what a plan should cost, what backward keeps,
+and the peak of the tensor memory a piece of work allocates (on any device, so on CPU before a GPU is rented).
 
 The efficiency ratio of a method is its measured iteration time divided by the sum of the network passes its plan
 makes, each timed alone exactly as the plan makes it (the same adapter set, guidance, gradient and checkpointing;
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from typing import Callable, Iterable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def timed(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> float:
@@ -44,6 +48,92 @@ def kept_for_backward(fn: Callable[[], object], exclude: Iterable[torch.Tensor] 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(kept.values())
+
+
+class LivePeak(TorchDispatchMode):
+    """While active, the bytes of the tensor storages allocated by torch ops and still alive (``live``) and their
+    maximum (``peak``): on a GPU, what ``torch.cuda.max_memory_allocated`` adds to what existed before (weights),
+    without the allocator's rounding and library workspaces. Works on any device, so a CUDA configuration's peak can
+    be measured on CPU. Outputs that share a storage with an input (views, in-place ops) are not new memory.
+    ``trace=True`` also records ``live`` after every op (``trace``) and the op's name (``ops``): two runs of the same
+    code at different sizes then give every moment's memory as a function of size, not only the maximum."""
+
+    def __init__(self, trace: bool = False) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self.trace: list[int] | None = [] if trace else None
+        self.ops: list[str] | None = [] if trace else None
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is alive now."""
+        self.peak = self.live
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = _storage_key(t)
+            if key is None or key in inputs or key in self._sizes:
+                continue
+            storage = t.untyped_storage()
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            # the storage's Python object lives exactly as long as the storage (torch preserves it), so this fires
+            # when the memory is released
+            weakref.finalize(storage, self._freed, key)
+        if self.trace is not None:
+            self.trace.append(self.live)
+            self.ops.append(str(func))
+        return out
+
+
+def align_traces(a: list[str], b: list[str], look: int = 16) -> list[tuple[int, int]] | None:
+    """Index pairs of the ops two runs of the same code share, in order (op names from ``LivePeak.ops``). An op
+    only one run makes (a resize one image size needs and the other not) is skipped when the sequences meet again
+    within ``look`` ops; None when they do not."""
+    pairs, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        if a[i] == b[j]:
+            pairs.append((i, j))
+            i, j = i + 1, j + 1
+            continue
+        step = next(((di, dj) for d in range(1, look + 1) for di, dj in ((0, d), (d, 0))
+                     if i + di < len(a) and j + dj < len(b) and a[i + di] == b[j + dj]), None)
+        if step is None:
+            return None
+        i, j = i + step[0], j + step[1]
+    return pairs
+
+
+def extrapolate_peak(trace_a: list[int], ops_a: list[str], x_a: float, trace_b: list[int], ops_b: list[str],
+                     x_b: float, x: float, base_a: int = 0, base_b: int = 0) -> tuple[float, int | None]:
+    """Peak memory at size ``x`` from two traced runs at sizes ``x_a`` and ``x_b`` (any measure memory grows
+    linearly with, e.g. pixel count): every shared moment is carried to ``x`` on the line through its two values
+    and the largest is returned with its index in run a, plus the bases (weights) on their own line. Runs whose ops
+    cannot be aligned give the line through the two peaks and index None."""
+    f = (x - x_a) / (x_b - x_a)
+    base = base_a + (base_b - base_a) * f
+    pairs = align_traces(ops_a, ops_b)
+    if not pairs:
+        pa, pb = max(trace_a, default=0), max(trace_b, default=0)
+        return base + pa + (pb - pa) * f, None
+    i, j = max(pairs, key=lambda ij: trace_a[ij[0]] + (trace_b[ij[1]] - trace_a[ij[0]]) * f)
+    return base + trace_a[i] + (trace_b[j] - trace_a[i]) * f, i
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
+        return None
 
 
 def _trainable(plan, lora) -> frozenset[str]:

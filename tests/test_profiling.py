@@ -58,3 +58,60 @@ def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards, fresh_
     assert all(p.grad is None for p in model.unet.parameters())  # timing leaves no gradients behind
     # the trainer's stage-4 state (only align_4 trainable) is what timing found and what it leaves
     assert [n for n in cfg.lora.names if any(p.requires_grad for p in adapter_parameters(model.unet, n))] == ["align_4"]
+
+
+def test_live_peak_counts_new_storages_until_they_are_freed():
+    import gc
+
+    from shortft_core.profiling import LivePeak
+
+    before = torch.ones(1000)  # made outside: not counted, nor are its views or in-place updates
+    with LivePeak() as mem:
+        a = torch.empty(1000)  # 4,000 bytes
+        b = torch.empty(2000, dtype=torch.float64)  # 16,000
+        before.view(10, 100).add_(1)
+        a.view(-1)[:10].mul_(2)
+        assert mem.live == 20_000
+        del a
+        gc.collect()
+        c = torch.empty(500, dtype=torch.bfloat16)  # 1,000
+        assert (mem.live, mem.peak) == (17_000, 20_000)
+        mem.reset_peak()
+        assert mem.peak == 17_000
+        del b, c
+        gc.collect()
+        assert mem.live == 0
+
+
+def test_live_peak_follows_a_backward_pass():
+    import gc
+
+    from shortft_core.profiling import LivePeak
+
+    n = 10_000
+    x = torch.randn(n, requires_grad=True)
+    with LivePeak() as mem:
+        loss = x.exp().sum()  # exp's output (4n bytes) is kept for backward
+        assert 4 * n <= mem.live <= 4 * n + 64
+        loss.backward()  # its gradient (4n) is made while the output is still kept, then becomes x.grad
+        del loss
+        gc.collect()
+        assert 8 * n <= mem.peak <= 8 * n + 64
+        assert mem.live == 4 * n and x.grad.untyped_storage().nbytes() == 4 * n
+
+
+def test_extrapolated_peak_finds_the_moment_that_grows_fastest():
+    from shortft_core.profiling import align_traces, extrapolate_peak
+
+    # moment 1 is the peak at both measured sizes, moment 3 grows faster and is the peak at x = 16
+    ops = ["conv", "reward", "mm", "silu_backward"]
+    at1, at4 = [1, 10, 2, 4], [4, 13, 8, 12]
+    total, i = extrapolate_peak(at1, ops, 1, at4, ops, 4, 16, base_a=100, base_b=100)
+    assert (total, i) == (100 + 4 + (12 - 4) * 5, 3)  # the line through the two peaks would give 100 + 25
+    # an op one size makes and the other not (a resize) is skipped; the moments around it stay paired
+    ops4 = ["conv", "resize", "reward", "mm", "silu_backward"]
+    assert align_traces(ops, ops4) == [(0, 0), (1, 2), (2, 3), (3, 4)]
+    total, i = extrapolate_peak(at1, ops, 1, [4, 99, 13, 8, 12], ops4, 4, 16)
+    assert (total, i) == (4 + 8 * 5, 3)
+    # runs that do not meet again fall back to the two peaks' line
+    assert extrapolate_peak([1, 2], ["a", "b"], 1, [2, 5], ["c", "d"], 2, 3) == (8, None)

@@ -1,0 +1,128 @@
+"""Peak GPU memory of bench_gpu.py configurations, predicted on CPU (no GPU needed).
+
+    python bench/bench_peak_cpu.py --only sd15:shortft:none:2 sd15:shortft-cfg1:none:2   # ~4 min a row, 2 cores
+    python bench/bench_peak_cpu.py --small --only sd15:shortft:none:1 --sizes 32 64 --size 128  # quick check
+
+Each configuration runs as bench_gpu.py runs it on CUDA (bf16 weights, the same adapters, reward and Trainer, the
+lean activation switches on as the trainer sets them on CUDA, AdamW's foreach path), warm-up plus one iteration,
+at two reduced image sizes, under ``profiling.LivePeak``, which records the live tensor bytes after every op. The
+two runs make the same ops in the same order, so each moment's memory is known at two sizes; carried to the full
+size on the straight line in pixel count (activations grow with the pixels, attention memory too with
+flash-style kernels; weights and optimizer state do not), the largest moment is the prediction. (Extrapolating only
+the two peaks would miss a moment that is small at low resolution and dominates at full size.)
+Against ``torch.cuda.max_memory_allocated`` on an H100 it read 2-11 % low in 8 of 8 configurations (median 4 %; it
+leaves out the allocator's rounding and cuDNN's workspaces): BENCHMARKS.md, "Peak memory predicted on CPU".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_gpu import build, configured, parse_row  # noqa: E402
+
+from shortft_core.memory import lean_saved_activations  # noqa: E402
+from shortft_core.profiling import LivePeak, extrapolate_peak  # noqa: E402
+
+DEFAULT_ROWS = ["sd15:shortft:none:2", "sd15:shortft-cfg1:none:2", "sd15:shortft:unet:1"]  # the memory targets
+
+
+def weight_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct storages of the modules' parameters and buffers."""
+    seen: dict[int, int] = {}
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def measure(model, reward, row: tuple, size: int, small: bool, steps: int) -> dict:
+    """Weights (bytes) and the live-bytes trace of ``steps`` iterations of ``row`` at ``size`` px."""
+    _, method, ckpt, batch, *peft = row
+    model.unet.register_to_config(sample_size=size // model.vae_scale)
+    with configured(model, reward, method, ckpt, batch, small, bool(peft)) as tr:
+        for group in tr.opt.param_groups:  # CUDA's default AdamW path (whole-list temporaries)
+            group["foreach"] = True
+        weights = weight_bytes(model.unet, model.vae, *model.text_encoders, reward)
+        t0 = time.perf_counter()
+        with LivePeak(trace=True) as mem:
+            for _ in range(steps):
+                tr.train_step()
+        return {"size": size, "weights": weights, "peak": mem.peak, "seconds": time.perf_counter() - t0,
+                "trace": mem.trace, "ops": mem.ops}
+
+
+def predict(a: dict, b: dict, size: int) -> tuple[float, str]:
+    """Total bytes at ``size`` px (weights plus the largest moment) from the measurements ``a`` and ``b``, and the
+    op at that moment."""
+    total, i = extrapolate_peak(a["trace"], a["ops"], a["size"] ** 2, b["trace"], b["ops"], b["size"] ** 2,
+                                size ** 2, a["weights"], b["weights"])
+    return total, "(peaks only: the runs' ops differ)" if i is None else f"{a['ops'][i]} at {i / len(a['ops']):.0%}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", default=DEFAULT_ROWS, metavar="FAMILY:METHOD:CKPT:BATCH[:peft]",
+                   help="configurations, as bench_gpu.py --only takes them (default: the memory-target rows)")
+    p.add_argument("--sizes", nargs=2, type=int, default=None, metavar=("A", "B"),
+                   help="the two measured image sizes (default 128 256 for sd15, 256 384 for sdxl)")
+    p.add_argument("--size", type=int, default=None, help="predicted image size (default: the family's native)")
+    p.add_argument("--small", action="store_true", help="reduced model configs (a quick check of the script)")
+    p.add_argument("--no-lean", action="store_true", help="leave the lean activation switches off (the code "
+                                                           "before memory.py; for comparison with older GPU rows)")
+    p.add_argument("--steps", type=int, default=2, help="iterations measured (the first one is the warm-up)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args()
+    try:
+        rows = [parse_row(s) for s in args.only]
+    except ValueError as e:
+        p.error(str(e))
+    if args.sizes and (min(args.sizes) <= 0 or args.sizes[0] == args.sizes[1] or any(s % 8 for s in args.sizes)):
+        p.error(f"--sizes {args.sizes}: two different positive multiples of 8")
+    if args.steps < 2:
+        p.error("--steps must be >= 2: the optimizer's state exists from the second iteration on")
+    torch.set_num_threads(args.threads)
+    results = []
+    for family in dict.fromkeys(r[0] for r in rows):
+        model, reward = build(family, args.small, torch.device("cpu"), torch.bfloat16)
+        native = model.default_size
+        if not args.no_lean:  # as the trainer switches them on CUDA
+            lean_saved_activations(model.unet, model.vae, devices=None)
+        sizes = args.sizes or ([128, 256] if family == "sd15" else [256, 384])
+        target = args.size or native
+        for row in (r for r in rows if r[0] == family):
+            a, b = (measure(model, reward, row, s, args.small, args.steps) for s in sizes)
+            total, where = predict(a, b, target)
+            for m in (a, b):
+                del m["trace"], m["ops"]
+            res = {"row": ":".join(map(str, row)), "lean": not args.no_lean, "measured": [a, b], "size": target,
+                   "predicted_gib": total / 2**30, "peak_at": where}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        model.unet.register_to_config(sample_size=native // model.vae_scale)
+        del model, reward
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(args.out)
+    lines = ["| configuration | lean | measured GiB (at px) | predicted GiB | at px | predicted peak at (op, share "
+             "of the run) |", "|---|---|---|---|---|---|"]
+    for r in results:
+        seen = ", ".join(f"{(m['weights'] + m['peak']) / 2**30:.2f} ({m['size']})" for m in r["measured"])
+        lines.append(f"| {r['row']} | {'yes' if r['lean'] else 'no'} | {seen} | {r['predicted_gib']:.1f} | "
+                     f"{r['size']} | {r['peak_at']} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
