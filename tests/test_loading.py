@@ -21,14 +21,6 @@ from shortft_core.models import load_model
 PROMPTS = ["a red cube on a table", "two cats"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """Reduced SD1.5 and SDXL models, their configs and single-file checkpoints (fp32, exact)."""

@@ -146,15 +146,6 @@ def rel_err(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small forwards are ~400x slower with 2 threads on a busy 2-core machine (spin-waiting); use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def small_unets():
     return {f: random_unet(small_unet_config(f), seed=1) for f in ("sd15", "sdxl")}

@@ -13,14 +13,6 @@ from shortft_core.schedule import FINAL, SD15_SCHEDULER_CONFIG
 from test_lora_io import random_lora, small_unet_config, write_layout  # noqa: E402  (tests/ is on sys.path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_preset_grids_match_the_diffusers_schedulers_the_model_cards_use():
     from diffusers import DDIMScheduler, TCDScheduler
 
