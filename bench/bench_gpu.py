@@ -53,6 +53,7 @@ PLAN = [
     ("sdxl", "draft-1", "none", 1), ("sdxl", "refl", "none", 1), ("sdxl", "alignprop", "unet", 1),
     ("sdxl", "shortft", "none", 1), ("sdxl", "shortft", "unet", 1), ("sdxl", "shortft", "unet", 2),
 ]
+RANK = 128  # the alignment set's rank (the paper's)
 CKPT = {"none": (False, False), "unet": (True, False), "vae": (False, True), "all": (True, True)}
 METHOD = {"shortft": {"method": "shortft"}, "draft-1": {"method": "draft", "draft_k": 1},
           "alignprop": {"method": "alignprop"}, "refl": {"method": "refl"}, "full-bptt": {"method": "full-bptt"},
@@ -109,12 +110,14 @@ def parse_row(spec: str) -> tuple:
 
 
 @contextlib.contextmanager
-def configured(model, reward, method: str, ckpt: str, batch: int, small: bool, peft_cast: bool = False):
+def configured(model, reward, method: str, ckpt: str, batch: int, small: bool, peft_cast: bool = False,
+               rank: int | None = None):
     """A Trainer for one configuration on the shared model; its adapters and switches are removed afterwards.
-    ``peft_cast`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison."""
+    ``peft_cast`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison; ``rank`` overrides the
+    alignment set's rank (default: 128, the paper's; 8 with ``small``)."""
     ck_unet, ck_vae = CKPT[ckpt]
     cfg = TrainConfig(**{"guidance": 7.5, **METHOD[method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
-                      batch_size=batch, rank=8 if small else 128, eval_prompts=0, iterations=10**6, lr=1e-5,
+                      batch_size=batch, rank=rank or (8 if small else RANK), eval_prompts=0, iterations=10**6, lr=1e-5,
                       mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")
     tr = Trainer(model, reward, cfg, PromptSource(["a photograph of an astronaut riding a horse"]))
     lora_compute_in_input_dtype(model.unet, enable=not peft_cast)

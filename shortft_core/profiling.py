@@ -113,6 +113,20 @@ def align_traces(a: list[str], b: list[str], look: int = 16) -> list[tuple[int, 
     return pairs
 
 
+def carry_trace(trace_a: list[float], ops_a: list[str], x_a: float, trace_b: list[float], ops_b: list[str],
+                x_b: float, x: float) -> tuple[list[float], list[str], list[int]] | None:
+    """Every moment two traced runs share, carried to ``x`` on the line through its values at ``x_a`` and ``x_b``
+    (any measure memory is affine in: pixel count, LoRA rank): the carried trace, its ops and each moment's index
+    in run a; None when the runs' ops cannot be aligned. A carried trace can be carried again along another
+    measure (pixels, then rank)."""
+    pairs = align_traces(ops_a, ops_b)
+    if not pairs:
+        return None
+    f = (x - x_a) / (x_b - x_a)
+    return ([trace_a[i] + (trace_b[j] - trace_a[i]) * f for i, j in pairs], [ops_a[i] for i, _ in pairs],
+            [i for i, _ in pairs])
+
+
 def extrapolate_peak(trace_a: list[int], ops_a: list[str], x_a: float, trace_b: list[int], ops_b: list[str],
                      x_b: float, x: float, base_a: int = 0, base_b: int = 0) -> tuple[float, int | None]:
     """Peak memory at size ``x`` from two traced runs at sizes ``x_a`` and ``x_b`` (any measure memory grows
@@ -121,12 +135,13 @@ def extrapolate_peak(trace_a: list[int], ops_a: list[str], x_a: float, trace_b: 
     cannot be aligned give the line through the two peaks and index None."""
     f = (x - x_a) / (x_b - x_a)
     base = base_a + (base_b - base_a) * f
-    pairs = align_traces(ops_a, ops_b)
-    if not pairs:
+    carried = carry_trace(trace_a, ops_a, x_a, trace_b, ops_b, x_b, x)
+    if carried is None:
         pa, pb = max(trace_a, default=0), max(trace_b, default=0)
         return base + pa + (pb - pa) * f, None
-    i, j = max(pairs, key=lambda ij: trace_a[ij[0]] + (trace_b[ij[1]] - trace_a[ij[0]]) * f)
-    return base + trace_a[i] + (trace_b[j] - trace_a[i]) * f, i
+    values, _, index = carried
+    k = max(range(len(values)), key=values.__getitem__)
+    return base + values[k], index[k]
 
 
 def _storage_key(t: torch.Tensor) -> int | None:

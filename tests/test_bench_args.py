@@ -17,3 +17,24 @@ def test_only_rows_parse_and_bad_ones_name_the_fix():
                 "sd15:shortft:none:0", "sd15:shortft:none:2:fp8", "sd15:shortft:none"):
         with pytest.raises(ValueError, match="FAMILY sd15 or sdxl.*BATCH a positive integer"):
             parse_row(bad)
+
+
+def test_rank_prediction_carries_pixels_then_rank_and_names_the_peak_op():
+    """bench_peak_cpu --ranks: four synthetic runs with memory a + b p + c r + d p r per moment (plus weights
+    affine in the rank) give the exact total at the predicted size and rank, and the op where it peaks."""
+    from bench_peak_cpu import predict_rank
+
+    coef = [(5, 1, 0, 0), (1, 0, 3, 0), (0, 1, 1, 2)]
+    ops = ["aten.mm", "aten.add", "aten.silu_backward"]
+
+    def run(size, rank):
+        p = size ** 2
+        return {"size": size, "rank": rank, "weights": 1000 + 7 * rank, "ops": ops,
+                "trace": [a + b * p + c * rank + d * p * rank for a, b, c, d in coef]}
+
+    total, where = predict_rank((run(2, 4), run(4, 4)), (run(2, 8), run(4, 8)), 8, 128)
+    assert total == 1000 + 7 * 128 + max(a + b * 64 + c * 128 + d * 64 * 128 for a, b, c, d in coef)
+    assert where == "aten.silu_backward at 67%"
+    bad = dict(run(4, 4), ops=["x", "y", "z"])
+    with pytest.raises(RuntimeError, match="different ops"):
+        predict_rank((run(2, 4), bad), (run(2, 8), run(4, 8)), 8, 128)

@@ -115,3 +115,21 @@ def test_extrapolated_peak_finds_the_moment_that_grows_fastest():
     assert (total, i) == (4 + 8 * 5, 3)
     # runs that do not meet again fall back to the two peaks' line
     assert extrapolate_peak([1, 2], ["a", "b"], 1, [2, 5], ["c", "d"], 2, 3) == (8, None)
+
+
+def test_a_trace_carried_in_pixels_then_in_rank_is_exact_for_bilinear_memory():
+    """Activations grow with pixels, adapter state with rank, a LoRA's hidden activations with both: every moment
+    of M(p, r) = a + b p + c r + d p r is recovered at (p, r) from four runs by carrying twice."""
+    from shortft_core.profiling import carry_trace
+
+    coef = [(5, 1, 0, 0), (1, 0, 3, 0), (0, 1, 1, 2), (9, 2, 0, 1)]  # one moment each: (a, b, c, d)
+    ops = ["w", "x", "y", "z"]
+
+    def run(p, r):
+        return [a + b * p + c * r + d * p * r for a, b, c, d in coef]
+
+    lo = carry_trace(run(1, 2), ops, 1, run(3, 2), ops, 3, 10)
+    hi = carry_trace(run(1, 4), ops, 1, run(3, 4), ops, 3, 10)
+    values, names, index = carry_trace(lo[0], lo[1], 2, hi[0], hi[1], 4, 16)
+    assert values == run(10, 16) and names == ops and index == [0, 1, 2, 3]
+    assert carry_trace([1], ["a"], 1, [2], ["b"], 2, 3) is None
