@@ -2,7 +2,7 @@
 
     python bench/bench_peak_cpu.py --only sd15:shortft:none:2 sd15:shortft-cfg1:none:2   # ~4 min a row, 2 cores
     python bench/bench_peak_cpu.py --small --only sd15:shortft:none:1 --sizes 32 64 --size 128  # quick check
-    python bench/bench_peak_cpu.py --only sdxl:shortft:all:1 --ranks 4 8   # SDXL: ~15 min a row, 2 cores, 12 GB
+    python bench/bench_peak_cpu.py --only sdxl:shortft:all:1 --ranks 4 8   # SDXL: ~13 min a row, 2 cores, 14-22 GB RAM
 
 Each configuration runs as bench_gpu.py runs it on CUDA (bf16 weights, the same adapters, reward and Trainer, the
 lean activation switches on as the trainer sets them on CUDA, AdamW's foreach path), warm-up plus one iteration,
