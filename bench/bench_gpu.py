@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -98,15 +99,35 @@ def build(family: str, small: bool, device, dtype):
     return model, RandomClipReward(small, device, dtype)
 
 
-def parse_row(spec: str) -> tuple:
-    """``FAMILY:METHOD:CKPT:BATCH[:peft]`` (as ``--only`` takes it) -> a PLAN entry; ValueError naming the fix."""
+class Row(NamedTuple):
+    """One configuration: a PLAN entry, or an ``--only`` spec with its options (peft's casting, another rank)."""
+
+    family: str
+    method: str
+    ckpt: str
+    batch: int
+    peft: bool = False
+    rank: int | None = None  # the alignment set's rank; None: RANK (8 with --small)
+
+    def spec(self) -> str:
+        """The row as ``--only`` takes it."""
+        return ":".join([self.family, self.method, self.ckpt, str(self.batch)] + ["peft"] * self.peft
+                        + ([f"r{self.rank}"] if self.rank else []))
+
+
+def parse_row(spec: str) -> Row:
+    """``FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK]`` (as ``--only`` takes it) -> a Row; ValueError naming the fix."""
     parts = spec.split(":")
-    ok = len(parts) in (4, 5) and parts[0] in ("sd15", "sdxl") and parts[1] in METHOD and parts[2] in CKPT \
-        and parts[3].isdigit() and int(parts[3]) > 0 and (len(parts) == 4 or parts[4] == "peft")
+    extras = parts[4:]
+    ranks = [e for e in extras if len(e) > 1 and e[0] == "r" and e[1:].isdigit() and int(e[1:]) > 0]
+    ok = len(parts) >= 4 and parts[0] in ("sd15", "sdxl") and parts[1] in METHOD and parts[2] in CKPT \
+        and parts[3].isdigit() and int(parts[3]) > 0 and extras.count("peft") <= 1 and len(ranks) <= 1 \
+        and len(extras) == extras.count("peft") + len(ranks)
     if not ok:
-        raise ValueError(f"--only {spec!r}: expected FAMILY:METHOD:CKPT:BATCH[:peft] with FAMILY sd15 or sdxl, "
-                         f"METHOD in {sorted(METHOD)}, CKPT in {sorted(CKPT)} and BATCH a positive integer")
-    return (parts[0], parts[1], parts[2], int(parts[3]), *parts[4:])
+        raise ValueError(f"--only {spec!r}: expected FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK] with FAMILY sd15 or "
+                         f"sdxl, METHOD in {sorted(METHOD)}, CKPT in {sorted(CKPT)}, BATCH a positive integer and "
+                         "RANK the alignment set's rank (e.g. r32)")
+    return Row(parts[0], parts[1], parts[2], int(parts[3]), "peft" in extras, int(ranks[0][1:]) if ranks else None)
 
 
 @contextlib.contextmanager
@@ -134,10 +155,10 @@ def configured(model, reward, method: str, ckpt: str, batch: int, small: bool, p
 
 
 def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, iters: int,
-               peft_cast: bool = False) -> dict:
+               peft_cast: bool = False, rank: int | None = None) -> dict:
     """Time one configuration and take its peak memory (CUDA) and efficiency ratio."""
     cuda = model.device.type == "cuda"
-    with configured(model, reward, method, ckpt, batch, small, peft_cast) as tr:
+    with configured(model, reward, method, ckpt, batch, small, peft_cast, rank) as tr:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -169,11 +190,12 @@ def table(results: list[dict], device_name: str) -> str:
             lines.append(f"| {r['family']} | {r['method']} | {r['ckpt']} | {r['batch']} | {r['error']} | | | |")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        method = r["method"] + (" (peft fp32 LoRA inputs)" if r.get("peft_cast") else "")
+        method = r["method"] + (" (peft fp32 LoRA inputs)" if r.get("peft_cast") else "") \
+            + (f" (rank {r['rank']})" if r.get("rank") else "")
         lines.append(f"| {r['family']} | {method} | {r['ckpt']} | {r['batch']} | {r['sec_per_iter']:.2f} | {peak} | "
                      f"{r['efficiency_ratio']:.2f} | {r['network_calls']} ({r['grad_calls']}) |")
     by = {(r["family"], r["method"], r["ckpt"], r["batch"]): r for r in results
-          if "error" not in r and not r.get("peft_cast")}
+          if "error" not in r and not r.get("peft_cast") and not r.get("rank")}
     for fam in ("sd15", "sdxl"):
         a, b = by.get((fam, "shortft", "unet", 1)), by.get((fam, "full-bptt", "unet", 1))
         if a and b:
@@ -190,10 +212,11 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configurations after this")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration")
     p.add_argument("--out", default="runs/bench-gpu")
-    p.add_argument("--only", nargs="+", default=None, metavar="FAMILY:METHOD:CKPT:BATCH[:peft]",
-                   help="run these configurations, in this order, instead of the plan (':peft' = peft's LoRA casting)")
+    p.add_argument("--only", nargs="+", default=None, metavar="FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK]",
+                   help="run these configurations, in this order, instead of the plan (':peft' = peft's LoRA "
+                        f"casting, ':r32' = an alignment set of rank 32 instead of {RANK})")
     args = p.parse_args()
-    plan = [tuple(c) for c in PLAN]
+    plan = [Row(*c) for c in PLAN]
     if args.only:
         try:
             plan = [parse_row(spec) for spec in args.only]
@@ -215,13 +238,15 @@ def main() -> int:
         t0 = time.perf_counter()
         model, reward = build(family, args.small, device, dtype)
         print(f"built {family} in {time.perf_counter() - t0:.0f}s", flush=True)
-        for fam, method, ckpt, batch, *peft in todo:
+        for c in todo:
             if time.perf_counter() - t_start > args.budget_s:
-                print(f"budget spent: skipping {fam} {method} ckpt={ckpt} b{batch}", flush=True)
+                print(f"budget spent: skipping {c.spec()}", flush=True)
                 continue
-            row = {"family": fam, "method": method, "ckpt": ckpt, "batch": batch, "peft_cast": bool(peft)}
+            row = {"family": c.family, "method": c.method, "ckpt": c.ckpt, "batch": c.batch, "peft_cast": c.peft,
+                   "rank": c.rank}
             try:
-                row.update(run_config(model, reward, method, ckpt, batch, args.small, args.iters, bool(peft)))
+                row.update(run_config(model, reward, c.method, c.ckpt, c.batch, args.small, args.iters, c.peft,
+                                      c.rank))
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "OOM"
             except Exception as e:  # record and go on: one failure must not lose the other rows

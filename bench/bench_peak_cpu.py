@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gpu import RANK, build, configured, parse_row  # noqa: E402
+from bench_gpu import RANK, Row, build, configured, parse_row  # noqa: E402
 
 from shortft_core.memory import lean_saved_activations  # noqa: E402
 from shortft_core.profiling import LivePeak, carry_trace, extrapolate_peak  # noqa: E402
@@ -49,12 +49,11 @@ def weight_bytes(*modules: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def measure(model, reward, row: tuple, size: int, small: bool, steps: int, rank: int | None = None) -> dict:
+def measure(model, reward, row: Row, size: int, small: bool, steps: int, rank: int | None = None) -> dict:
     """Weights (bytes) and the live-bytes trace of ``steps`` iterations of ``row`` at ``size`` px (alignment set
-    of rank ``rank``; None: bench_gpu's)."""
-    _, method, ckpt, batch, *peft = row
+    of rank ``rank``; None: the row's)."""
     model.unet.register_to_config(sample_size=size // model.vae_scale)
-    with configured(model, reward, method, ckpt, batch, small, bool(peft), rank) as tr:
+    with configured(model, reward, row.method, row.ckpt, row.batch, small, row.peft, rank or row.rank) as tr:
         for group in tr.opt.param_groups:  # CUDA's default AdamW path (whole-list temporaries)
             group["foreach"] = True
         weights = weight_bytes(model.unet, model.vae, *model.text_encoders, reward)
@@ -98,7 +97,7 @@ def predict_rank(lo: tuple[dict, dict], hi: tuple[dict, dict], size: int, rank: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", default=DEFAULT_ROWS, metavar="FAMILY:METHOD:CKPT:BATCH[:peft]",
+    p.add_argument("--only", nargs="+", default=DEFAULT_ROWS, metavar="FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK]",
                    help="configurations, as bench_gpu.py --only takes them (default: the memory-target rows)")
     p.add_argument("--sizes", nargs=2, type=int, default=None, metavar=("A", "B"),
                    help="the two measured image sizes (default 128 256 for sd15, 256 384 for sdxl)")
@@ -141,14 +140,14 @@ def main() -> int:
                     for r in (args.ranks or [None])]
             if args.ranks:
                 predicted = {r: predict_rank(runs[0], runs[1], target, r)
-                             for r in (args.rank or [8 if args.small else RANK])}
+                             for r in (args.rank or [row.rank or (8 if args.small else RANK)])}
             else:
-                predicted = {None: predict(*runs[0], target)}
+                predicted = {row.rank: predict(*runs[0], target)}
             measured = [m for pair in runs for m in pair]
             for m in measured:
                 del m["trace"], m["ops"]
             for rank, (total, where) in predicted.items():
-                res = {"row": ":".join(map(str, row)), "lean": not args.no_lean, "measured": measured,
+                res = {"row": row.spec(), "lean": not args.no_lean, "measured": measured,
                        "size": target, "rank": rank, "predicted_gib": total / 2**30, "peak_at": where}
                 results.append(res)
                 print(json.dumps(res), flush=True)
