@@ -86,13 +86,11 @@ def predict_rank(lo: tuple[dict, dict], hi: tuple[dict, dict], size: int, rank: 
             raise RuntimeError(f"the runs at {a['size']} and {b['size']} px make different ops; use other --sizes")
         carried.append(c)
         weights.append(a["weights"])
-    c = carry_trace(carried[0][0], carried[0][1], r_lo, carried[1][0], carried[1][1], r_hi, rank)
-    if c is None:
+    total, k = extrapolate_peak(carried[0][0], carried[0][1], r_lo, carried[1][0], carried[1][1], r_hi, rank,
+                                weights[0], weights[1])
+    if k is None:
         raise RuntimeError(f"the runs at ranks {r_lo} and {r_hi} make different ops")
-    values, ops, index = c
-    k = max(range(len(values)), key=values.__getitem__)
-    base = weights[0] + (weights[1] - weights[0]) * (rank - r_lo) / (r_hi - r_lo)
-    return base + values[k], f"{ops[k]} at {carried[0][2][index[k]] / len(lo[0]['ops']):.0%}"
+    return total, f"{carried[0][1][k]} at {carried[0][2][k] / len(lo[0]['ops']):.0%}"
 
 
 def main() -> int:
@@ -109,7 +107,7 @@ def main() -> int:
                    help="measure the alignment set at these two ranks and predict rank --rank from them (SDXL: its "
                         "rank-128 set with AdamW state does not fit a 24 GB machine)")
     p.add_argument("--rank", type=int, nargs="+", default=None,
-                   help=f"predicted rank(s) with --ranks (default {RANK}, bench_gpu's)")
+                   help=f"predicted rank(s) with --ranks (default: the row's, else {RANK})")
     p.add_argument("--steps", type=int, default=2, help="iterations measured (the first one is the warm-up)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -136,13 +134,13 @@ def main() -> int:
         sizes = args.sizes or ([128, 256] if family == "sd15" else [256, 384])
         target = args.size or native
         for row in (r for r in rows if r[0] == family):
+            own = row.rank or (8 if args.small else RANK)  # the rank the row runs at without --ranks
             runs = [[measure(model, reward, row, s, args.small, args.steps, r) for s in sizes]
                     for r in (args.ranks or [None])]
             if args.ranks:
-                predicted = {r: predict_rank(runs[0], runs[1], target, r)
-                             for r in (args.rank or [row.rank or (8 if args.small else RANK)])}
+                predicted = {r: predict_rank(runs[0], runs[1], target, r) for r in (args.rank or [own])}
             else:
-                predicted = {row.rank: predict(*runs[0], target)}
+                predicted = {own: predict(*runs[0], target)}
             measured = [m for pair in runs for m in pair]
             for m in measured:
                 del m["trace"], m["ops"]
@@ -163,7 +161,7 @@ def main() -> int:
         seen = ", ".join(f"{(m['weights'] + m['peak']) / 2**30:.2f} ({m['size']}"
                          + (f", r{m['rank']})" if m["rank"] else ")") for m in r["measured"])
         lines.append(f"| {r['row']} | {'yes' if r['lean'] else 'no'} | {seen} | {r['predicted_gib']:.1f} | "
-                     f"{r['size']} | {r['rank'] or '-'} | {r['peak_at']} |")
+                     f"{r['size']} | {r['rank']} | {r['peak_at']} |")
     print("\n".join(lines))
     return 0
 

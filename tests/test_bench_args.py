@@ -43,3 +43,20 @@ def test_rank_prediction_carries_pixels_then_rank_and_names_the_peak_op():
     bad = dict(run(4, 4), ops=["x", "y", "z"])
     with pytest.raises(RuntimeError, match="different ops"):
         predict_rank((run(2, 4), bad), (run(2, 8), run(4, 8)), 8, 128)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ranks", "8", "8"], "two different positive ranks"),
+    (["--ranks", "0", "8"], "two different positive ranks"),
+    (["--rank", "32"], "--rank needs --ranks"),
+    (["--sizes", "128", "130"], "two different positive multiples of 8"),
+    (["--only", "sdxl:shortft:all:1:r-4"], "RANK the alignment set's rank"),
+])
+def test_peak_bench_refuses_bad_arguments_before_building_a_model(monkeypatch, capsys, argv, message):
+    import bench_peak_cpu
+
+    monkeypatch.setattr(sys, "argv", ["bench_peak_cpu.py", *argv])
+    monkeypatch.setattr(bench_peak_cpu, "build", lambda *a, **k: pytest.fail("built a model despite bad arguments"))
+    with pytest.raises(SystemExit) as exc:
+        bench_peak_cpu.main()
+    assert exc.value.code == 2 and message in capsys.readouterr().err
