@@ -100,7 +100,8 @@ def build(family: str, small: bool, device, dtype):
 
 
 class Row(NamedTuple):
-    """One configuration: a PLAN entry, or an ``--only`` spec with its options (peft's casting, another rank)."""
+    """One configuration: a PLAN entry, or an ``--only`` spec with its options (peft's casting, another rank, text
+    encoders offloaded)."""
 
     family: str
     method: str
@@ -108,40 +109,53 @@ class Row(NamedTuple):
     batch: int
     peft: bool = False
     rank: int | None = None  # the alignment set's rank; None: RANK (8 with --small)
+    te_offload: bool = False  # text encoders in host memory, lent to the device per new prompt
 
     def spec(self) -> str:
         """The row as ``--only`` takes it."""
         return ":".join([self.family, self.method, self.ckpt, str(self.batch)] + ["peft"] * self.peft
-                        + ([f"r{self.rank}"] if self.rank else []))
+                        + ([f"r{self.rank}"] if self.rank else []) + ["te"] * self.te_offload)
+
+    def label(self) -> str:
+        """The method column of the table: the method and every option that changes it."""
+        return self.method + (" (peft fp32 LoRA inputs)" if self.peft else "") \
+            + (f" (rank {self.rank})" if self.rank else "") + (" (text encoders offloaded)" if self.te_offload else "")
+
+
+ROW_FORMAT = "FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK][:te]"
 
 
 def parse_row(spec: str) -> Row:
-    """``FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK]`` (as ``--only`` takes it) -> a Row; ValueError naming the fix."""
+    """``FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK][:te]`` (as ``--only`` takes it) -> a Row; ValueError naming the fix."""
     parts = spec.split(":")
     extras = parts[4:]
     ranks = [e for e in extras if len(e) > 1 and e[0] == "r" and e[1:].isdigit() and int(e[1:]) > 0]
     ok = len(parts) >= 4 and parts[0] in ("sd15", "sdxl") and parts[1] in METHOD and parts[2] in CKPT \
         and parts[3].isdigit() and int(parts[3]) > 0 and extras.count("peft") <= 1 and len(ranks) <= 1 \
-        and len(extras) == extras.count("peft") + len(ranks)
+        and extras.count("te") <= 1 and len(extras) == extras.count("peft") + len(ranks) + extras.count("te")
     if not ok:
-        raise ValueError(f"--only {spec!r}: expected FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK] with FAMILY sd15 or "
-                         f"sdxl, METHOD in {sorted(METHOD)}, CKPT in {sorted(CKPT)}, BATCH a positive integer and "
-                         "RANK the alignment set's rank (e.g. r32)")
-    return Row(parts[0], parts[1], parts[2], int(parts[3]), "peft" in extras, int(ranks[0][1:]) if ranks else None)
+        raise ValueError(f"--only {spec!r}: expected {ROW_FORMAT} with FAMILY sd15 or sdxl, METHOD in "
+                         f"{sorted(METHOD)}, CKPT in {sorted(CKPT)}, BATCH a positive integer, RANK the alignment "
+                         "set's rank (e.g. r32) and te for text encoders offloaded")
+    return Row(parts[0], parts[1], parts[2], int(parts[3]), "peft" in extras, int(ranks[0][1:]) if ranks else None,
+               "te" in extras)
 
 
 @contextlib.contextmanager
-def configured(model, reward, method: str, ckpt: str, batch: int, small: bool, peft_cast: bool = False,
-               rank: int | None = None):
+def configured(model, reward, row: Row, small: bool, rank: int | None = None):
     """A Trainer for one configuration on the shared model; its adapters and switches are removed afterwards.
-    ``peft_cast`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison; ``rank`` overrides the
-    alignment set's rank (default: 128, the paper's; 8 with ``small``)."""
-    ck_unet, ck_vae = CKPT[ckpt]
-    cfg = TrainConfig(**{"guidance": 7.5, **METHOD[method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
-                      batch_size=batch, rank=rank or (8 if small else RANK), eval_prompts=0, iterations=10**6, lr=1e-5,
+    ``row.peft`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison; the alignment set's rank
+    is ``rank``, else ``row.rank``, else 128 (the paper's; 8 with ``small``); ``row.te_offload`` keeps the text
+    encoders in host memory."""
+    ck_unet, ck_vae = CKPT[row.ckpt]
+    cfg = TrainConfig(**{"guidance": 7.5, **METHOD[row.method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
+                      batch_size=row.batch, rank=rank or row.rank or (8 if small else RANK), eval_prompts=0,
+                      iterations=10**6, lr=1e-5, offload_text_encoders=row.te_offload,
                       mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")
     tr = Trainer(model, reward, cfg, PromptSource(["a photograph of an astronaut riding a horse"]))
-    lora_compute_in_input_dtype(model.unet, enable=not peft_cast)
+    if row.te_offload:  # no cache: every iteration lends the encoders, as with a prompt list far larger than it
+        model.offload_text_encoders(cache_size=0)
+    lora_compute_in_input_dtype(model.unet, enable=not row.peft)
     try:
         yield tr
     finally:
@@ -149,16 +163,16 @@ def configured(model, reward, method: str, ckpt: str, batch: int, small: bool, p
         lora_compute_in_input_dtype(model.unet)
         model.unet.zero_grad(set_to_none=True)
         model.vae.disable_gradient_checkpointing()
+        model.onload_text_encoders()
         del tr
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, iters: int,
-               peft_cast: bool = False, rank: int | None = None) -> dict:
+def run_config(model, reward, row: Row, small: bool, iters: int) -> dict:
     """Time one configuration and take its peak memory (CUDA) and efficiency ratio."""
     cuda = model.device.type == "cuda"
-    with configured(model, reward, method, ckpt, batch, small, peft_cast, rank) as tr:
+    with configured(model, reward, row, small) as tr:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -174,7 +188,7 @@ def run_config(model, reward, method: str, ckpt: str, batch: int, small: bool, i
             times.append(time.perf_counter() - t0)
             plans.append(tr.last_plan)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        costs = pass_costs(tr, batch, plans, reps=2)
+        costs = pass_costs(tr, row.batch, plans, reps=2)
         ideal = statistics.mean(ideal_seconds(p, costs, tr.lora) for p in plans)
         return {"sec_per_iter": statistics.median(times), "peak_gib": peak, "efficiency_ratio":
                 statistics.median(times) / ideal, "network_calls": plans[0].network_calls,
@@ -190,12 +204,12 @@ def table(results: list[dict], device_name: str) -> str:
             lines.append(f"| {r['family']} | {r['method']} | {r['ckpt']} | {r['batch']} | {r['error']} | | | |")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        method = r["method"] + (" (peft fp32 LoRA inputs)" if r.get("peft_cast") else "") \
-            + (f" (rank {r['rank']})" if r.get("rank") else "")
+        method = Row(r["family"], r["method"], r["ckpt"], r["batch"], bool(r.get("peft_cast")), r.get("rank"),
+                     bool(r.get("te_offload"))).label()
         lines.append(f"| {r['family']} | {method} | {r['ckpt']} | {r['batch']} | {r['sec_per_iter']:.2f} | {peak} | "
                      f"{r['efficiency_ratio']:.2f} | {r['network_calls']} ({r['grad_calls']}) |")
     by = {(r["family"], r["method"], r["ckpt"], r["batch"]): r for r in results
-          if "error" not in r and not r.get("peft_cast") and not r.get("rank")}
+          if "error" not in r and not r.get("peft_cast") and not r.get("rank") and not r.get("te_offload")}
     for fam in ("sd15", "sdxl"):
         a, b = by.get((fam, "shortft", "unet", 1)), by.get((fam, "full-bptt", "unet", 1))
         if a and b:
@@ -212,9 +226,10 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configurations after this")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration")
     p.add_argument("--out", default="runs/bench-gpu")
-    p.add_argument("--only", nargs="+", default=None, metavar="FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK]",
+    p.add_argument("--only", nargs="+", default=None, metavar=ROW_FORMAT,
                    help="run these configurations, in this order, instead of the plan (':peft' = peft's LoRA "
-                        f"casting, ':r32' = an alignment set of rank 32 instead of {RANK})")
+                        f"casting, ':r32' = an alignment set of rank 32 instead of {RANK}, ':te' = text encoders "
+                        "offloaded to host memory)")
     args = p.parse_args()
     plan = [Row(*c) for c in PLAN]
     if args.only:
@@ -243,10 +258,9 @@ def main() -> int:
                 print(f"budget spent: skipping {c.spec()}", flush=True)
                 continue
             row = {"family": c.family, "method": c.method, "ckpt": c.ckpt, "batch": c.batch, "peft_cast": c.peft,
-                   "rank": c.rank}
+                   "rank": c.rank, "te_offload": c.te_offload}
             try:
-                row.update(run_config(model, reward, c.method, c.ckpt, c.batch, args.small, args.iters, c.peft,
-                                      c.rank))
+                row.update(run_config(model, reward, c, args.small, args.iters))
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "OOM"
             except Exception as e:  # record and go on: one failure must not lose the other rows

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gpu import RANK, Row, build, configured, parse_row  # noqa: E402
+from bench_gpu import RANK, ROW_FORMAT, Row, build, configured, parse_row  # noqa: E402
 
 from shortft_core.memory import lean_saved_activations  # noqa: E402
 from shortft_core.profiling import LivePeak, carry_trace, extrapolate_peak  # noqa: E402
@@ -53,10 +53,13 @@ def measure(model, reward, row: Row, size: int, small: bool, steps: int, rank: i
     """Weights (bytes) and the live-bytes trace of ``steps`` iterations of ``row`` at ``size`` px (alignment set
     of rank ``rank``; None: the row's)."""
     model.unet.register_to_config(sample_size=size // model.vae_scale)
-    with configured(model, reward, row.method, row.ckpt, row.batch, small, row.peft, rank or row.rank) as tr:
+    with configured(model, reward, row, small, rank) as tr:
         for group in tr.opt.param_groups:  # CUDA's default AdamW path (whole-list temporaries)
             group["foreach"] = True
-        weights = weight_bytes(model.unet, model.vae, *model.text_encoders, reward)
+        # offloaded text encoders live in host memory; on CUDA they are lent to the GPU only while a new prompt is
+        # encoded, at the start of an iteration, far below the backward's peak
+        resident = [] if row.te_offload else model.text_encoders
+        weights = weight_bytes(model.unet, model.vae, *resident, reward)
         t0 = time.perf_counter()
         with LivePeak(trace=True) as mem:
             for _ in range(steps):
@@ -95,7 +98,7 @@ def predict_rank(lo: tuple[dict, dict], hi: tuple[dict, dict], size: int, rank: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", default=DEFAULT_ROWS, metavar="FAMILY:METHOD:CKPT:BATCH[:peft][:rRANK]",
+    p.add_argument("--only", nargs="+", default=DEFAULT_ROWS, metavar=ROW_FORMAT,
                    help="configurations, as bench_gpu.py --only takes them (default: the memory-target rows)")
     p.add_argument("--sizes", nargs=2, type=int, default=None, metavar=("A", "B"),
                    help="the two measured image sizes (default 128 256 for sd15, 256 384 for sdxl)")

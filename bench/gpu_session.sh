@@ -10,7 +10,9 @@
 #      python bench/bench_shortcut.py --shortcut OUT/shortcut.safetensors --groups 4
 #   3. issue 5 (whatever is left, if over a minute): SDXL rows, ShortFT first (the CPU predictions to confirm:
 #      40.5 GiB with UNet checkpointing at rank 128; 18.1 GiB for README's 24 GB-card setting, --guidance 1 and
-#      rank 32), then the baselines. At 1024 px a full-BPTT iteration takes about a minute, so the SDXL grid
+#      rank 32; 23.3 GiB with CFG on the tuned steps, 21.8 with the text encoders offloaded (':te', lent to the GPU
+#      every iteration: its time cost with no cache hits)), then the baselines. At 1024 px a full-BPTT iteration
+#      takes about a minute, so the SDXL grid
 #      needs a session of its own (S1=0 S2=0).
 # OUT receives at most 8 files, none deeper than OUT/stage/file (the device tool's limits).
 #
@@ -49,8 +51,9 @@ fi
 rest=$(left)
 if [ "$rest" -gt 60 ]; then
   timeout "$rest" python bench/bench_gpu.py "${small[@]}" --families sdxl --iters 1 --budget-s $((rest - 50)) \
-    --out "$out/sdxl" --only sdxl:shortft:unet:1 sdxl:shortft-cfg1:all:1:r32 sdxl:draft-1:none:1 sdxl:refl:none:1 \
-    sdxl:alignprop:unet:1 sdxl:full-bptt:unet:1 sdxl:shortft:all:1:r32 sdxl:shortft:none:1 > "$out/sdxl.log" 2>&1
+    --out "$out/sdxl" --only sdxl:shortft:unet:1 sdxl:shortft-cfg1:all:1:r32 sdxl:shortft:all:1:r32 \
+    sdxl:shortft:all:1:r32:te sdxl:draft-1:none:1 sdxl:refl:none:1 sdxl:alignprop:unet:1 sdxl:full-bptt:unet:1 \
+    sdxl:shortft:none:1 > "$out/sdxl.log" 2>&1
   echo "stage 3 (sdxl rows): rc=$? at $(( $(date +%s) - t0 )) s"
 else
   echo "stage 3 skipped: ${rest} s left"

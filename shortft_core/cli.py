@@ -72,6 +72,8 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
+    p.add_argument("--offload-text-encoders", action="store_true",
+                   help="keep the text encoders in host memory, lent to the GPU per batch (SDXL: 1.5 GiB less)")
     p.add_argument("--columns", type=int, default=4, help="columns of the grid image")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run in --out")
@@ -96,6 +98,8 @@ def run_sample(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     guidance = args.guidance if args.guidance is not None else (DEFAULT_GUIDANCE if args.model == TINY else 7.5)
     model = load_model(args.model, device, dtype)
+    if args.offload_text_encoders:
+        model.offload_text_encoders()
     plan, switch = None, None
     if args.lora_set or args.lora:
         from .adapters import AdapterSwitch

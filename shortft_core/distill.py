@@ -87,6 +87,7 @@ class DistillConfig:
     train_images: int = 20000  # images: size of the encoded image pool
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16: the base's weight dtype (the LoRA stays fp32); bf16 on CUDA
+    offload_text_encoders: bool = False  # text encoders in host memory, lent to the GPU per new prompt (cached)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
 
@@ -329,6 +330,8 @@ class Distiller:
                                             cfg.pool_size, cfg.pool_reuse,
                                             lambda x, t, c, u, g: self._eps((), x, t, c, u, g),
                                             cfg.focus, cfg.focus_share)
+        if cfg.offload_text_encoders:
+            model.offload_text_encoders()
         self.empty = model.encode_prompts([""])
 
     # ---- one step ----

@@ -11,16 +11,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 def test_only_rows_parse_and_bad_ones_name_the_fix():
     from bench_gpu import parse_row
 
-    assert parse_row("sd15:shortft:none:2") == ("sd15", "shortft", "none", 2, False, None)
-    assert parse_row("sdxl:draft-1:unet:1:peft") == ("sdxl", "draft-1", "unet", 1, True, None)
+    assert parse_row("sd15:shortft:none:2") == ("sd15", "shortft", "none", 2, False, None, False)
+    assert parse_row("sdxl:draft-1:unet:1:peft") == ("sdxl", "draft-1", "unet", 1, True, None, False)
+    te = parse_row("sdxl:shortft-cfg1:all:1:te:r32")
+    assert (te.te_offload, te.rank) == (True, 32) and parse_row(te.spec()) == te
+    assert te.label() == "shortft-cfg1 (rank 32) (text encoders offloaded)"
     row = parse_row("sdxl:shortft-cfg1:all:1:r32")
     assert (row.rank, row.peft) == (32, False) and parse_row(row.spec()) == row
     both = parse_row("sd15:shortft:none:2:r16:peft")
     assert (both.rank, both.peft) == (16, True) and parse_row(both.spec()) == both
     for bad in ("sd21:shortft:none:2", "sd15:bogus:none:2", "sd15:shortft:half:2", "sd15:shortft:none:x",
                 "sd15:shortft:none:0", "sd15:shortft:none:2:fp8", "sd15:shortft:none", "sd15:shortft:none:2:r0",
-                "sd15:shortft:none:2:r", "sd15:shortft:none:2:r8:r16", "sd15:shortft:none:2:peft:peft"):
-        with pytest.raises(ValueError, match="FAMILY sd15 or sdxl.*BATCH a positive integer.*RANK"):
+                "sd15:shortft:none:2:r", "sd15:shortft:none:2:r8:r16", "sd15:shortft:none:2:peft:peft",
+                "sd15:shortft:none:2:te:te"):
+        with pytest.raises(ValueError, match="FAMILY sd15 or sdxl.*BATCH a positive integer.*RANK.*te for text"):
             parse_row(bad)
 
 

@@ -23,6 +23,15 @@ def test_sample_cli_writes_pngs_grid_and_metadata(tmp_path):
     assert meta["guidance"] == 3.0 and meta["steps"] == 6
 
 
+def test_sample_cli_offloaded_text_encoders_give_the_same_images(tmp_path):
+    common = ["sample", "--prompts", "a large blue square in the center on a gray background", "", "--steps", "3"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--offload-text-encoders", "--out", str(tmp_path / "b")]) == 0
+    for name in ("0000.png", "0001.png"):
+        with Image.open(tmp_path / "a" / name) as a, Image.open(tmp_path / "b" / name) as b:
+            assert a.tobytes() == b.tobytes()
+
+
 def test_sample_cli_refuses_to_overwrite(tmp_path):
     args = ["sample", "--prompts", "a large blue square in the center on a gray background", "--steps", "2",
             "--out", str(tmp_path)]
