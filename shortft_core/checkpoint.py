@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,11 @@ class CheckpointManager:
     @staticmethod
     def load(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config dataclass field with its command-line help (``train --help`` / ``distill --help`` show it)."""
+    return field(default=default, metadata={"help": help})
 
 
 def changed_settings(saved: str, cfg: Any, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -45,17 +45,18 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
         default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{f.metadata['help']} (default {default})" if "help" in f.metadata else f"default {default}"
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(base) is tuple:
             inner = typing.get_args(base)[0]
-            parser.add_argument(flag, nargs="+", type=inner, default=None, help=f"default {default}")
+            parser.add_argument(flag, nargs="+", type=inner, default=None, help=text)
         else:
             conv = base if base in (int, float, str) else str
             if optional:
                 def conv(v, _b=conv):  # noqa: E306 - "none" clears an optional setting
                     return None if v.lower() == "none" else _b(v)
-            parser.add_argument(flag, type=conv, default=None, help=f"default {default}")
+            parser.add_argument(flag, type=conv, default=None, help=text)
 
 
 def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):

@@ -27,7 +27,7 @@ import torch
 from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, SegmentMap, adapter_parameters, adapter_state
 from .adapters import freeze_all_but, load_adapter_state
 from .chain import run_plan
-from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, restore_rng
+from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, restore_rng, setting
 from .memory import lean_saved_activations
 from .models import PRECISION, Conditioning, T2IModel
 from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune_plan, full_bptt_plan,
@@ -63,10 +63,12 @@ class TrainConfig:
     alignprop_k_mean: float = 8.0
     refl_total: int = 40
     drtune_trained: int = 5
-    checkpoint_unet: bool = False  # gradient checkpointing of UNet calls with gradient (full BPTT, AlignProp always)
-    checkpoint_vae: bool = False  # block-wise checkpointing of the VAE decoder (its full-resolution backward)
-    offload_text_encoders: bool = False  # text encoders in host memory, lent to the GPU per new prompt (cached):
-    #                                      frees their weights for the whole backward (SDXL: 1.5 GiB in bf16)
+    checkpoint_unet: bool = setting(False, "gradient checkpointing of the UNet calls with gradient: half the "
+                                           "peak memory or less, at 1.3-1.8x the time (full BPTT and AlignProp "
+                                           "always use it)")
+    checkpoint_vae: bool = setting(False, "block-wise checkpointing of the VAE decoder (its full-resolution backward)")
+    offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
+                                                 "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
     # sampling
     sample_steps: int = 50
     guidance: float = 3.0
@@ -84,7 +86,8 @@ class TrainConfig:
     batch_size: int = 4
     iterations: int = 200
     time_budget_s: float | None = None  # stop (and schedule stages) by wall clock instead of iterations
-    mixed_precision: str = "no"  # no | bf16 | fp16 (base weights; LoRA parameters stay fp32)
+    mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the LoRAs train in "
+                                         "fp32); bf16 on a GPU")
     kl_weight: float = 0.0  # DRaFT+-style penalty: mean squared distance of tuned to base eps on grad steps
     seed: int = 0
     # bookkeeping

@@ -50,6 +50,15 @@ def test_sample_cli_input_errors(tmp_path):
         main(["sample", "--prompts-file", str(tmp_path / "missing.txt"), "--out", str(tmp_path)])
 
 
+def test_config_flags_carry_their_help(capsys):
+    for command in ("train", "distill"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--offload-text-encoders" in text and "encode a prompt not cached" in text
+        assert "bf16 on a GPU (default no)" in text
+
+
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "shortft_core", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "sample" in r.stdout
