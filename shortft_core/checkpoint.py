@@ -89,6 +89,13 @@ def changed_settings(saved: str, cfg: Any, ignore: tuple[str, ...] = ()) -> list
     return sorted(k for k in now if k not in ignore and old.get(k, defaults[k]) != now[k])
 
 
+def clip_gradients(params, max_norm: float) -> float:
+    """Clip the parameters' global gradient norm to ``max_norm`` (0 or less: no clipping) and return the norm
+    before clipping; torch's own clip with 0 would zero every gradient, which no user setting 0 means."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
 def all_finite(tensors) -> bool:
     """True when every tensor (e.g. every gradient) is free of NaN and inf."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)

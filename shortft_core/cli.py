@@ -69,7 +69,7 @@ def add_sample_parser(sub) -> None:
     lora.add_argument("--lora-set", default=None, metavar="DIR",
                       help="apply an aligned LoRA set (a run's lora/ folder): segment j's LoRA at segment j's timesteps")
     lora.add_argument("--lora", default=None, metavar="FILE", help="apply one LoRA file at every timestep")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
     p.add_argument("--offload-text-encoders", action="store_true",

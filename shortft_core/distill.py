@@ -43,7 +43,8 @@ import torch
 
 from .adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
 from .adapters import load_adapter_state
-from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, restore_rng, setting
+from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, clip_gradients, restore_rng,
+                         setting)
 from .models import PRECISION, Conditioning, T2IModel
 from .chain import run_plan
 from .plans import base_chain
@@ -57,41 +58,49 @@ log = logging.getLogger(__name__)
 class DistillConfig:
     """Settings of a shortcut distillation run (all of them recorded in the LoRA's metadata)."""
 
-    edges: tuple[int, ...] = (999, 749, 499, 249)  # segment upper edges; the last segment ends at the clean sample
-    teacher_steps: int = 50  # fine DDIM grid of the teacher: solver step = 1000 // teacher_steps timesteps
-    teacher_guidance: tuple[float, float] = (3.0, 3.0)  # CFG range drawn per batch (1, 1 = no guidance)
-    student_guidance: float | None = None  # CFG the shortcut itself is used with; None: the teacher's (upper) one.
-    # 1 = none (like Hyper-SD); > 1 like PCM's normal-CFG LoRAs: the student starts as the naive guided jump and only
-    # learns the correction (on the tiny world 3x faster to beat naive jumps than an unguided student)
-    rank: int = 16
-    alpha: float | None = None
-    targets: tuple[str, ...] = SHORTCUT_TARGETS
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 5e-4
-    warmup: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
-    target: str = "teacher"  # "teacher" (full teacher solve to the segment's edge) or "consistency" (phased, as in
-    #                          PCM/Hyper-SD); the teacher target learns faster here (BENCHMARKS.md, distillation)
-    ema_decay: float = 0.0  # 0: stop-gradient student as the target network
-    data: str = "trajectories"  # "trajectories" (data-free: guided teacher trajectories from prompts) or
-    #                             "images" (tiny-world image-caption pairs, noised with q(x_t | x_0))
+    edges: tuple[int, ...] = setting((999, 749, 499, 249), "segment upper edges, descending (Hyper-SD's 4-step "
+                                                          "trailing grid); the last segment ends at the clean sample")
+    teacher_steps: int = setting(50, "fine DDIM grid of the teacher: one solver step = 1000 // teacher_steps "
+                                     "timesteps")
+    teacher_guidance: tuple[float, float] = setting((3.0, 3.0), "the teacher's CFG range, lo hi, one scale drawn "
+                                                                "per batch (1 1: no guidance)")
+    student_guidance: float | None = setting(None, "CFG the shortcut is made to be used with: 1 none (as Hyper-SD); "
+                                                   "> 1 as PCM's normal-CFG LoRAs, which start from the naive guided "
+                                                   "jump and learn only the correction (3x faster on the tiny "
+                                                   "world); none: the teacher's upper scale")
+    rank: int = setting(16, "rank of the shortcut LoRA")
+    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)")
+    targets: tuple[str, ...] = setting(SHORTCUT_TARGETS, "UNet module names the shortcut LoRA adapts (peft "
+                                                         "target_modules)")
+    steps: int = setting(3000, "optimizer steps (may be raised on --resume)")
+    batch_size: int = setting(32, "start states per step")
+    lr: float = setting(5e-4, "peak learning rate (AdamW; cosine decay to a tenth after warm-up)")
+    warmup: int = setting(100, "linear warm-up steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    loss: str = setting("huber", "huber (pseudo-Huber: every sample's error weighs alike, like the jump-error "
+                                 "metric) | l2 (squared error)")
+    target: str = setting("teacher", "teacher (the full teacher solve to the segment's edge) | consistency (the "
+                                     "target network one teacher step on, PCM/Hyper-SD style); teacher learns "
+                                     "faster here, see BENCHMARKS.md")
+    ema_decay: float = setting(0.0, "consistency target: EMA decay of the target network (0: the stop-gradient "
+                                    "student itself)")
+    data: str = setting("trajectories", "trajectories (data-free: guided teacher trajectories from prompts) | "
+                                        "images (tiny-world image-caption pairs noised with q(x_t | x_0))")
     prompts: tuple[str, ...] = ()  # trajectories: the prompts (default for the tiny world: its captions)
-    pool_size: int = 128  # trajectories per pool
-    pool_reuse: int = 32  # training steps each pool of trajectories serves
-    focus: tuple[int, ...] = ()  # start timesteps drawn more often: those the chain actually jumps from (ShortFT's
-    #                              741 / 481 / 241 on SD1.5's 50-step grid); on the teacher grid or an inner edge
-    focus_share: float = 0.0  # share of each batch drawn from ``focus`` (the rest: uniform over every start)
-    train_images: int = 20000  # images: size of the encoded image pool
-    seed: int = 0
+    pool_size: int = setting(128, "teacher trajectories solved per pool")
+    pool_reuse: int = setting(32, "training steps each pool of trajectories serves before the next is solved")
+    focus: tuple[int, ...] = setting((), "start timesteps drawn more often: those the chain jumps from (ShortFT's "
+                                         "741 481 241 on SD1.5's grid); on the teacher grid or an inner edge")
+    focus_share: float = setting(0.0, "share of each batch drawn from --focus (the rest: uniform over every start)")
+    train_images: int = setting(20000, "--data images: size of the encoded image pool")
+    seed: int = setting(0, "seed of the LoRA's initialisation, the prompts, the noise and the training images")
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the shortcut LoRA "
                                          "trains in fp32); bf16 on a GPU")
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
                                                  "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: int = setting(500, "steps between checkpoints (atomic; --resume continues exactly)")
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)")
 
     def validate(self, model: T2IModel | None = None) -> None:
         """Raise on inconsistent settings, before any heavy work."""
@@ -468,7 +477,7 @@ class Distiller:
                 if self.skipped > 20:
                     raise FloatingPointError("more than 20 non-finite steps: lower --lr; the last checkpoint is intact")
             else:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                clip_gradients(self.params, cfg.grad_clip)
                 self.opt.step()
                 if self.ema is not None:
                     with torch.no_grad():

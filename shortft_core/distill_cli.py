@@ -26,13 +26,15 @@ def add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="distill a shortcut (few-step) LoRA from a base model", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny' or a local model")
-    p.add_argument("--prompts-file", default=None, help="prompts for data-free distillation (--data prompts)")
+    p.add_argument("--prompts-file", default=None,
+                   help="prompts for data-free distillation (--data trajectories; default for the tiny world: its "
+                        "captions)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shortcut.safetensors in --out")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     add_config_flags(p, DistillConfig, skip=("prompts",))
     p.set_defaults(func=run_distill)
 

@@ -45,7 +45,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = f"{f.metadata['help']} (default {default})" if "help" in f.metadata else f"default {default}"
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = "none" if shown in (None, "") else shown  # as typed on the command line
+        text = f"{f.metadata['help']} (default {shown})" if "help" in f.metadata else f"default {shown}"
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(base) is tuple:
@@ -92,7 +94,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     add_config_flags(p, TrainConfig)

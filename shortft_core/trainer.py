@@ -27,7 +27,8 @@ import torch
 from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, SegmentMap, adapter_parameters, adapter_state
 from .adapters import freeze_all_but, load_adapter_state
 from .chain import run_plan
-from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, restore_rng, setting
+from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, clip_gradients, restore_rng,
+                         setting)
 from .memory import lean_saved_activations
 from .models import PRECISION, Conditioning, T2IModel
 from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune_plan, full_bptt_plan,
@@ -45,24 +46,32 @@ METHODS = ("shortft", "draft", "draft-lv", "alignprop", "refl", "full-bptt", "dr
 class TrainConfig:
     """Everything a run needs; saved in checkpoints and in the LoRA metadata."""
 
-    method: str = "shortft"
+    method: str = setting("shortft", "training method: shortft | draft | draft-lv | alignprop | refl | full-bptt | "
+                                     "drtune | shortcut-model (ablation: fine-tune on the shortcut's few-step chain)")
     # ShortFT
-    segments: tuple[int, ...] = (761, 501, 261, 0)  # lower ends of the k segments on the 50-step chain
-    progressive: bool = True  # k stages; False: stage 1's plan throughout
-    stage_fractions: tuple[float, ...] | None = None  # share of iterations per stage (None: equal split)
-    real_grad_steps: int | None = 1  # gradient steps inside the current real segment (None: all)
-    shortcut_net: str = "shortcut"  # shortcut | base (naive DDIM jumps) | tuned (ablations)
-    shortcut_guidance: float = 1.0
-    shortcut_edges: tuple[int, ...] = (999, 749, 499, 249)  # few-step grid of the shortcut ("shortcut-model")
-    reset_optimizer_per_stage: bool = False
-    last_anchor: str = "end"  # last segment's tuned step before stage k: end (1 -> x0, the paper; trains the reward
-    #                           2.8x as far over 3 seeds, BENCHMARKS.md) | start (241 -> 221: no stage 2-3 dip)
+    segments: tuple[int, ...] = setting((761, 501, 261, 0), "lower ends of the k trajectory segments on the "
+                                        "50-step chain, descending, the last 0; one LoRA per segment")
+    progressive: bool = setting(True, "train the segments in k stages, earliest first (ShortFT); --no-progressive "
+                                      "keeps stage 1's plan throughout")
+    stage_fractions: tuple[float, ...] | None = setting(None, "share of the iterations (or time budget) per stage, "
+                                                              "k values summing to 1 (none: equal split)")
+    real_grad_steps: int | None = setting(1, "steps with gradient inside the stage's own segment, counted from its "
+                                             "end (none: all of them)")
+    shortcut_net: str = setting("shortcut", "what jumps over the later segments: shortcut (the frozen few-step "
+                                            "LoRA) | base (naive one-step DDIM jumps, ablation) | tuned (ablation)")
+    shortcut_guidance: float = setting(1.0, "CFG scale of the shortcut jumps (1: none, as Hyper-SD's 4-step LoRAs "
+                                            "are made for)")
+    shortcut_edges: tuple[int, ...] = setting((999, 749, 499, 249), "the shortcut's few-step grid (method "
+                                                                    "shortcut-model only)")
+    reset_optimizer_per_stage: bool = setting(False, "start each stage with a fresh optimizer state")
+    last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
+                                      "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md")
     # baselines
-    draft_k: int = 1
-    lv_n: int = 2
-    alignprop_k_mean: float = 8.0
-    refl_total: int = 40
-    drtune_trained: int = 5
+    draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end")
+    lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged")
+    alignprop_k_mean: float = setting(8.0, "AlignProp: mean number of steps with gradient (drawn per batch)")
+    refl_total: int = setting(40, "ReFL: length of its sampling chain (it exits at a random step of 30-39)")
+    drtune_trained: int = setting(5, "DRTune: evenly spaced steps that carry gradient through the network")
     checkpoint_unet: bool = setting(False, "gradient checkpointing of the UNet calls with gradient: half the "
                                            "peak memory or less, at 1.3-1.8x the time (full BPTT and AlignProp "
                                            "always use it)")
@@ -70,32 +79,35 @@ class TrainConfig:
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
                                                  "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
     # sampling
-    sample_steps: int = 50
-    guidance: float = 3.0
+    sample_steps: int = setting(50, "DDIM steps of the sampling chain being fine-tuned (and of evaluation)")
+    guidance: float = setting(3.0, "CFG scale on the fine-tuned steps (1: none, one UNet pass per step, less "
+                                   "memory)")
     # LoRA
-    timestep_aware: bool = True
-    rank: int = 8
-    alpha: float | None = None
+    timestep_aware: bool = setting(True, "one LoRA per segment (ShortFT); --no-timestep-aware trains a single one")
+    rank: int = setting(8, "LoRA rank of each alignment adapter")
+    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)")
     # optimisation
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: int = 0
-    lr_schedule: str = "constant"  # constant | cosine
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    batch_size: int = 4
-    iterations: int = 200
-    time_budget_s: float | None = None  # stop (and schedule stages) by wall clock instead of iterations
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup: int = setting(0, "linear warm-up iterations")
+    lr_schedule: str = setting("constant", "learning-rate schedule after warm-up: constant | cosine")
+    grad_clip: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    grad_accum: int = setting(1, "batches whose gradients are summed per optimizer step")
+    batch_size: int = setting(4, "prompts per batch")
+    iterations: int = setting(200, "optimizer steps of the run (may be raised on --resume)")
+    time_budget_s: float | None = setting(None, "stop, and schedule the stages, by wall-clock seconds instead of "
+                                                "iterations")
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the LoRAs train in "
                                          "fp32); bf16 on a GPU")
-    kl_weight: float = 0.0  # DRaFT+-style penalty: mean squared distance of tuned to base eps on grad steps
-    seed: int = 0
+    kl_weight: float = setting(0.0, "DRaFT+-style penalty: weight of the mean squared distance between tuned and "
+                                    "base eps on the steps with gradient")
+    seed: int = setting(0, "seed of prompts, noise and the LoRAs' initialisation")
     # bookkeeping
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    eval_prompts: int = 32
-    eval_every: int = 0  # 0: evaluate before and after only
-    preview_every: int = 0
+    checkpoint_every: int = setting(100, "iterations between checkpoints (atomic; --resume continues exactly)")
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)")
+    eval_prompts: int = setting(32, "held-out prompts the reward is evaluated on")
+    eval_every: int = setting(0, "iterations between evaluations (0: before and after only)")
+    preview_every: int = setting(0, "iterations between preview images (0: none)")
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -396,7 +408,7 @@ class Trainer:
         finite = bool(torch.isfinite(torch.stack(losses)).all()) and all_finite(grads)
         grad_norm = float("nan")
         if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            grad_norm = clip_gradients(params, cfg.grad_clip)
             self.opt.step()
         else:
             self.skipped += 1

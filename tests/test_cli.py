@@ -57,6 +57,19 @@ def test_config_flags_carry_their_help(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "--offload-text-encoders" in text and "encode a prompt not cached" in text
         assert "bf16 on a GPU (default no)" in text
+        assert "(default False)" in text
+    # tuple and None defaults are shown as they are typed on the command line
+    assert "(default 999 749 499 249)" in text and "(default none)" in text and "(999," not in text
+
+
+def test_every_config_setting_has_help():
+    import dataclasses
+
+    from shortft_core.distill import DistillConfig
+    from shortft_core.trainer import TrainConfig
+    for cls, skipped in ((TrainConfig, ()), (DistillConfig, ("prompts",))):  # prompts: --prompts-file instead
+        bare = [f.name for f in dataclasses.fields(cls) if f.name not in skipped and not f.metadata.get("help")]
+        assert bare == [], f"{cls.__name__} settings without help text: {bare}"
 
 
 def test_module_entry_point_help():

@@ -75,6 +75,16 @@ def test_stage_schedule():
     assert stage_at(TrainConfig(progressive=False), 0.9) == 1
 
 
+def test_gradient_clipping_zero_means_off():
+    from shortft_core.checkpoint import clip_gradients
+    for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):
+        a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+        a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+        assert clip_gradients([a, b], limit) == pytest.approx(5.0)  # the norm before clipping
+        after = torch.cat([a.grad, b.grad]).norm().item()
+        assert after == pytest.approx(norm_after, rel=1e-5), limit
+
+
 def test_bad_configs_are_refused_before_work(tiny_rewards, fresh_tiny):
     with pytest.raises(ValueError, match="unknown method"):
         TrainConfig(method="ppo").validate()
