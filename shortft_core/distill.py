@@ -510,15 +510,22 @@ SHORTFT_JUMPS: tuple[tuple[int, int], ...] = ((741, 501), (481, 261), (241, 1))
 
 @torch.no_grad()
 def jump_errors(model: T2IModel, prompts: Sequence[str], seeds: Sequence[int], guidance: float,
-                jumps: Sequence[tuple[int, int]] = SHORTFT_JUMPS, shortcut_guidance: float = 1.0) -> dict:
+                jumps: Sequence[tuple[int, int]] = SHORTFT_JUMPS, shortcut_guidance: float = 1.0,
+                naive_steps: Sequence[int] = ()) -> dict:
     """Relative L2 error ||x_hat_s - x_s|| / ||x_s|| of one-call jumps against the teacher's 50-step DDIM.
 
     The teacher (base, CFG ``guidance``) samples from x_T on SD1.5's 50-step grid; from its state at each jump's
     start the shortcut (with the CFG it is used with, ``shortcut_guidance``) and the base itself (naive one-step
-    DDIM, guided) jump to the end, and are compared with the teacher's state there.
+    DDIM, guided) jump to the end, and are compared with the teacher's state there. Each k in ``naive_steps`` adds
+    ``naive{k}``: the base crossing the same jump in k equal guided DDIM steps, a yardstick for how many base calls
+    one shortcut call is worth (the one-step ``naive`` is k = 1).
     """
     from .chain import guided_eps
 
+    bad = [(k, t, s) for t, s in jumps for k in naive_steps if not 1 <= k <= t - s]
+    if bad:
+        k, t, s = bad[0]
+        raise ValueError(f"naive_steps must be in 1..{t - s} for the jump {t} -> {s}; got {k}")
     m = model
     switch = AdapterSwitch(m.unet)
     grid = leading_grid(50, m.schedule.num_train_timesteps)
@@ -542,6 +549,13 @@ def jump_errors(model: T2IModel, prompts: Sequence[str], seeds: Sequence[int], g
         norm = ref.flatten(1).norm(dim=1)
         errs = {name: ((ddim_step(xt, e, a_t, a_s) - ref).flatten(1).norm(dim=1) / norm)
                 for name, e in (("shortcut", e_short), ("naive", e_naive))}
+        for k in naive_steps:
+            ts = [round(t - (t - s) * i / k) for i in range(k + 1)]
+            xa = xt
+            for a, b in zip(ts, ts[1:]):
+                e = guided_eps(m, xa, a, cond, uncond, guidance)
+                xa = ddim_step(xa, e, m.schedule.abar(a, xa), m.schedule.abar(b, xa))
+            errs[f"naive{k}"] = (xa - ref).flatten(1).norm(dim=1) / norm
         out[f"{t}->{s}"] = {k: {"mean": float(v.mean()), "std": float(v.std())} for k, v in errs.items()}
         out[f"{t}->{s}"]["ratio"] = out[f"{t}->{s}"]["shortcut"]["mean"] / out[f"{t}->{s}"]["naive"]["mean"]
     return out

@@ -64,3 +64,13 @@ def test_peak_bench_refuses_bad_arguments_before_building_a_model(monkeypatch, c
     with pytest.raises(SystemExit) as exc:
         bench_peak_cpu.main()
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_shortcut_worth_in_base_steps():
+    from bench_shortcut import equivalent_steps
+
+    naive = {1: 0.08, 2: 0.04, 4: 0.01}
+    assert equivalent_steps(0.08, naive) == pytest.approx(1.0)
+    assert equivalent_steps(0.04, naive) == pytest.approx(2.0)
+    assert equivalent_steps(0.02, naive) == pytest.approx(3.0)  # halfway between 2 and 4 in log error
+    assert equivalent_steps(0.1, naive) is None and equivalent_steps(0.005, naive) is None

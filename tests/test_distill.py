@@ -44,6 +44,19 @@ def test_shortcut_beats_naive_jumps_on_fresh_seeds(distilled):
     assert sum(e["ratio"] for e in errs.values()) / len(errs) < 0.85, errs
 
 
+def test_naive_multi_step_yardstick(distilled):
+    model, _, _ = distilled
+    errs = jump_errors(model, held_out_prompts(4, seed=3), seeds=range(900, 904), guidance=3.0, shortcut_guidance=3.0,
+                       jumps=((741, 501), (241, 1)), naive_steps=(1, 2, 4, 12))
+    for jump, e in errs.items():
+        assert e["naive1"]["mean"] == pytest.approx(e["naive"]["mean"], rel=1e-6)
+        assert e["naive1"]["mean"] > e["naive2"]["mean"] > e["naive4"]["mean"] > 1e-3, (jump, e)
+        # 12 steps of 20 timesteps are the teacher's own 50-step grid: the same computation, zero error
+        assert e["naive12"]["mean"] < 1e-5, (jump, e)
+    with pytest.raises(ValueError, match="naive_steps"):
+        jump_errors(model, held_out_prompts(1), seeds=[0], guidance=3.0, jumps=((261, 241),), naive_steps=(21,))
+
+
 def test_shortcut_file_round_trips_into_our_loader_and_diffusers(distilled):
     from diffusers import StableDiffusionPipeline
 
