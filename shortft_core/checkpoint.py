@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import field
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +75,26 @@ class CheckpointManager:
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config dataclass field with its command-line help (``train --help`` / ``distill --help`` show it)."""
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, *, at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None) -> Any:
+    """A config dataclass field with its command-line help (``train --help`` / ``distill --help`` show it) and
+    the range ``check_bounds`` enforces (None values of optional settings are always allowed)."""
+    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most)) if v is not None}
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+def check_bounds(cfg: Any) -> None:
+    """Raise ValueError naming the setting, its flag and its range for the first value outside its bounds."""
+    for f in fields(cfg):
+        bounds, value = f.metadata.get("bounds"), getattr(cfg, f.name)
+        if not bounds or value is None:
+            continue
+        lo, gt, hi = bounds.get("at_least"), bounds.get("above"), bounds.get("at_most")
+        if (lo is not None and value < lo) or (gt is not None and value <= gt) or (hi is not None and value > hi):
+            parts = ([f">= {lo:g}"] if lo is not None else []) + ([f"> {gt:g}"] if gt is not None else []) \
+                + ([f"<= {hi:g}"] if hi is not None else [])
+            flag = "--" + f.name.replace("_", "-")
+            raise ValueError(f"{f.name} ({flag}) must be {' and '.join(parts)}; got {value}")
 
 
 def changed_settings(saved: str, cfg: Any, ignore: tuple[str, ...] = ()) -> list[str]:

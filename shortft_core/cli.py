@@ -19,6 +19,23 @@ import torch
 log = logging.getLogger("shortft_core")
 
 
+def number(kind: type = int, at_least: float | None = None, at_most: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` that parses ``kind`` and refuses values outside [at_least, at_most] with a usage error
+    naming the flag, before the command loads anything."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
+            span = (f"in {at_least:g}..{at_most:g}" if at_least is not None and at_most is not None
+                    else f">= {at_least:g}" if at_least is not None else f"<= {at_most:g}")
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,23 +75,23 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' (embedded tiny world) or a local diffusers folder")
     p.add_argument("--prompts", nargs="+", help="one or more prompts")
     p.add_argument("--prompts-file", help="text file with one prompt per line")
-    p.add_argument("--held-out", type=int, metavar="N", help="add N held-out tiny-world prompts")
+    p.add_argument("--held-out", type=number(int, 0), metavar="N", help="add N held-out tiny-world prompts")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first image (default 0)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=number(int, 1, 1000), default=50, help="DDIM steps (default 50)")
     p.add_argument("--spacing", choices=["leading", "trailing"], default="leading", help="timestep spacing")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=number(float, 1), default=None,
                    help="classifier-free guidance scale; 1 disables (default: 3.0 tiny, 7.5 otherwise)")
     p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
     lora = p.add_mutually_exclusive_group()
     lora.add_argument("--lora-set", default=None, metavar="DIR",
                       help="apply an aligned LoRA set (a run's lora/ folder): segment j's LoRA at segment j's timesteps")
     lora.add_argument("--lora", default=None, metavar="FILE", help="apply one LoRA file at every timestep")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together (default 16)")
+    p.add_argument("--batch-size", type=number(int, 1), default=16, help="prompts sampled together (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
     p.add_argument("--offload-text-encoders", action="store_true",
                    help="keep the text encoders in host memory, lent to the GPU per batch (SDXL: 1.5 GiB less)")
-    p.add_argument("--columns", type=int, default=4, help="columns of the grid image")
+    p.add_argument("--columns", type=number(int, 1), default=4, help="columns of the grid image")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run in --out")
     p.set_defaults(func=run_sample)

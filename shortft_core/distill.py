@@ -43,8 +43,8 @@ import torch
 
 from .adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
 from .adapters import load_adapter_state
-from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, clip_gradients, restore_rng,
-                         setting)
+from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, check_bounds, clip_gradients,
+                         restore_rng, setting)
 from .models import PRECISION, Conditioning, T2IModel
 from .chain import run_plan
 from .plans import base_chain
@@ -61,22 +61,22 @@ class DistillConfig:
     edges: tuple[int, ...] = setting((999, 749, 499, 249), "segment upper edges, descending (Hyper-SD's 4-step "
                                                           "trailing grid); the last segment ends at the clean sample")
     teacher_steps: int = setting(50, "fine DDIM grid of the teacher: one solver step = 1000 // teacher_steps "
-                                     "timesteps")
+                                     "timesteps", at_least=1, at_most=1000)
     teacher_guidance: tuple[float, float] = setting((3.0, 3.0), "the teacher's CFG range, lo hi, one scale drawn "
                                                                 "per batch (1 1: no guidance)")
     student_guidance: float | None = setting(None, "CFG the shortcut is made to be used with: 1 none (as Hyper-SD); "
                                                    "> 1 as PCM's normal-CFG LoRAs, which start from the naive guided "
                                                    "jump and learn only the correction (3x faster on the tiny "
-                                                   "world); none: the teacher's upper scale")
-    rank: int = setting(16, "rank of the shortcut LoRA")
-    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)")
+                                                   "world); none: the teacher's upper scale", at_least=1)
+    rank: int = setting(16, "rank of the shortcut LoRA", at_least=1)
+    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)", above=0)
     targets: tuple[str, ...] = setting(SHORTCUT_TARGETS, "UNet module names the shortcut LoRA adapts (peft "
                                                          "target_modules)")
-    steps: int = setting(3000, "optimizer steps (may be raised on --resume)")
-    batch_size: int = setting(32, "start states per step")
-    lr: float = setting(5e-4, "peak learning rate (AdamW; cosine decay to a tenth after warm-up)")
-    warmup: int = setting(100, "linear warm-up steps")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
+    steps: int = setting(3000, "optimizer steps (may be raised on --resume)", at_least=1)
+    batch_size: int = setting(32, "start states per step", at_least=1)
+    lr: float = setting(5e-4, "peak learning rate (AdamW; cosine decay to a tenth after warm-up)", above=0)
+    warmup: int = setting(100, "linear warm-up steps", at_least=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)")
     loss: str = setting("huber", "huber (pseudo-Huber: every sample's error weighs alike, like the jump-error "
                                  "metric) | l2 (squared error)")
@@ -88,43 +88,46 @@ class DistillConfig:
     data: str = setting("trajectories", "trajectories (data-free: guided teacher trajectories from prompts) | "
                                         "images (tiny-world image-caption pairs noised with q(x_t | x_0))")
     prompts: tuple[str, ...] = ()  # trajectories: the prompts (default for the tiny world: its captions)
-    pool_size: int = setting(128, "teacher trajectories solved per pool")
-    pool_reuse: int = setting(32, "training steps each pool of trajectories serves before the next is solved")
+    pool_size: int = setting(128, "teacher trajectories solved per pool", at_least=1)
+    pool_reuse: int = setting(32, "training steps each pool of trajectories serves before the next is solved",
+                              at_least=1)
     focus: tuple[int, ...] = setting((), "start timesteps drawn more often: those the chain jumps from (ShortFT's "
                                          "741 481 241 on SD1.5's grid); on the teacher grid or an inner edge")
-    focus_share: float = setting(0.0, "share of each batch drawn from --focus (the rest: uniform over every start)")
-    train_images: int = setting(20000, "--data images: size of the encoded image pool")
+    focus_share: float = setting(0.0, "share of each batch drawn from --focus (the rest: uniform over every start)",
+                                 at_least=0, at_most=1)
+    train_images: int = setting(20000, "--data images: size of the encoded image pool", at_least=1)
     seed: int = setting(0, "seed of the LoRA's initialisation, the prompts, the noise and the training images")
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the shortcut LoRA "
                                          "trains in fp32); bf16 on a GPU")
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
                                                  "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
-    checkpoint_every: int = setting(500, "steps between checkpoints (atomic; --resume continues exactly)")
-    keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)")
+    checkpoint_every: int = setting(500, "steps between checkpoints (atomic; --resume continues exactly)", at_least=1)
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)", at_least=1)
 
     def validate(self, model: T2IModel | None = None) -> None:
-        """Raise on inconsistent settings, before any heavy work."""
+        """Raise on settings out of range or inconsistent, before any heavy work."""
+        check_bounds(self)
         e = self.edges
         n = model.schedule.num_train_timesteps if model is not None else 1000
         if len(e) < 1 or any(a <= b for a, b in zip(e, e[1:])) or e[0] >= n or e[-1] <= 0:
             raise ValueError(f"edges must be strictly decreasing timesteps in 1..{n - 1} (e.g. 999 749 499 249); got {list(e)}")
+        if len(self.teacher_guidance) != 2:
+            raise ValueError(f"teacher_guidance is a range of two scales, lo hi (e.g. 3 3 or 2 8); got "
+                             f"{list(self.teacher_guidance)}")
         lo, hi = self.teacher_guidance
         if not 1.0 <= lo <= hi:
             raise ValueError(f"teacher_guidance must be a range lo <= hi with lo >= 1; got {self.teacher_guidance}")
         if self.target not in ("consistency", "teacher"):
             raise ValueError(f"target must be 'consistency' or 'teacher', got {self.target!r}")
-        if self.student_guidance is not None and self.student_guidance < 1.0:
-            raise ValueError(f"student_guidance must be >= 1, got {self.student_guidance}")
         if self.loss not in ("huber", "l2"):
             raise ValueError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
         if self.data not in ("trajectories", "images"):
             raise ValueError(f"data must be 'trajectories' or 'images', got {self.data!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if not 0.0 <= self.focus_share <= 1.0:
-            raise ValueError(f"focus_share must be in [0, 1], got {self.focus_share}")
+        if not self.targets:
+            raise ValueError("targets is empty: name the UNet modules the shortcut LoRA adapts (default: "
+                             f"{' '.join(SHORTCUT_TARGETS)})")
         if self.focus_share > 0 and not self.focus:
             raise ValueError("focus_share > 0 needs focus timesteps (e.g. --focus 741 481 241)")
         if self.focus:

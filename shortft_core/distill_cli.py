@@ -46,7 +46,6 @@ def run_distill(args: argparse.Namespace) -> int:
 
     prompts = tuple(read_prompts(None, args.prompts_file, None)) if args.prompts_file else ()
     cfg = config_from_args(DistillConfig, args, {"prompts": prompts})
-    cfg.validate()
     out = Path(args.out)
     target = out / "shortcut.safetensors"
     if target.exists() and not (args.overwrite or args.resume):

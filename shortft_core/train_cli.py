@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .trainer import METHODS, Callback, PromptSource, TrainConfig, Trainer
+from .trainer import Callback, PromptSource, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
 
 
 def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
+    """The config dataclass ``cls`` from ``base`` and the flags given, validated: a bad value ends the command
+    with its message (which names the flag), not a traceback, before any model is loaded."""
     values = dict(base or {})
     for f in dataclasses.fields(cls):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = tuple(v) if isinstance(v, list) else v
-    return cls(**values)
+    cfg = cls(**values)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return cfg
 
 
 def add_train_parser(sub) -> None:
@@ -166,7 +173,6 @@ def run_train(args: argparse.Namespace) -> int:
         args.reward = TINY_REWARD
     base = dict(TINY_PRESET) if args.preset == "tiny" else {}
     cfg = config_from_args(TrainConfig, args, base)
-    cfg.validate()
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):

@@ -20,15 +20,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, SegmentMap, adapter_parameters, adapter_state
 from .adapters import freeze_all_but, load_adapter_state
 from .chain import run_plan
-from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, clip_gradients, restore_rng,
-                         setting)
+from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, check_bounds, clip_gradients,
+                         restore_rng, setting)
 from .memory import lean_saved_activations
 from .models import PRECISION, Conditioning, T2IModel
 from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune_plan, full_bptt_plan,
@@ -56,22 +56,24 @@ class TrainConfig:
     stage_fractions: tuple[float, ...] | None = setting(None, "share of the iterations (or time budget) per stage, "
                                                               "k values summing to 1 (none: equal split)")
     real_grad_steps: int | None = setting(1, "steps with gradient inside the stage's own segment, counted from its "
-                                             "end (none: all of them)")
+                                             "end (none: all of them)", at_least=1)
     shortcut_net: str = setting("shortcut", "what jumps over the later segments: shortcut (the frozen few-step "
                                             "LoRA) | base (naive one-step DDIM jumps, ablation) | tuned (ablation)")
     shortcut_guidance: float = setting(1.0, "CFG scale of the shortcut jumps (1: none, as Hyper-SD's 4-step LoRAs "
-                                            "are made for)")
+                                            "are made for)", at_least=1)
     shortcut_edges: tuple[int, ...] = setting((999, 749, 499, 249), "the shortcut's few-step grid (method "
                                                                     "shortcut-model only)")
     reset_optimizer_per_stage: bool = setting(False, "start each stage with a fresh optimizer state")
     last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
                                       "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md")
     # baselines
-    draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end")
-    lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged")
-    alignprop_k_mean: float = setting(8.0, "AlignProp: mean number of steps with gradient (drawn per batch)")
-    refl_total: int = setting(40, "ReFL: length of its sampling chain (it exits at a random step of 30-39)")
-    drtune_trained: int = setting(5, "DRTune: evenly spaced steps that carry gradient through the network")
+    draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end", at_least=1)
+    lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged", at_least=1)
+    alignprop_k_mean: float = setting(8.0, "AlignProp: mean number of steps with gradient (drawn per batch)",
+                                      at_least=1)
+    refl_total: int = setting(40, "ReFL: length of its sampling chain (it exits at a random step of 30-39)",
+                              at_least=40)
+    drtune_trained: int = setting(5, "DRTune: evenly spaced steps that carry gradient through the network", at_least=1)
     checkpoint_unet: bool = setting(False, "gradient checkpointing of the UNet calls with gradient: half the "
                                            "peak memory or less, at 1.3-1.8x the time (full BPTT and AlignProp "
                                            "always use it)")
@@ -79,47 +81,51 @@ class TrainConfig:
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
                                                  "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
     # sampling
-    sample_steps: int = setting(50, "DDIM steps of the sampling chain being fine-tuned (and of evaluation)")
+    sample_steps: int = setting(50, "DDIM steps of the sampling chain being fine-tuned (and of evaluation)",
+                                at_least=1, at_most=1000)
     guidance: float = setting(3.0, "CFG scale on the fine-tuned steps (1: none, one UNet pass per step, less "
-                                   "memory)")
+                                   "memory)", at_least=1)
     # LoRA
     timestep_aware: bool = setting(True, "one LoRA per segment (ShortFT); --no-timestep-aware trains a single one")
-    rank: int = setting(8, "LoRA rank of each alignment adapter")
-    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)")
+    rank: int = setting(8, "LoRA rank of each alignment adapter", at_least=1)
+    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)", above=0)
     # optimisation
-    lr: float = setting(1e-3, "peak learning rate (AdamW)")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    warmup: int = setting(0, "linear warm-up iterations")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", above=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
+    warmup: int = setting(0, "linear warm-up iterations", at_least=0)
     lr_schedule: str = setting("constant", "learning-rate schedule after warm-up: constant | cosine")
     grad_clip: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)")
-    grad_accum: int = setting(1, "batches whose gradients are summed per optimizer step")
-    batch_size: int = setting(4, "prompts per batch")
-    iterations: int = setting(200, "optimizer steps of the run (may be raised on --resume)")
+    grad_accum: int = setting(1, "batches whose gradients are summed per optimizer step", at_least=1)
+    batch_size: int = setting(4, "prompts per batch", at_least=1)
+    iterations: int = setting(200, "optimizer steps of the run (may be raised on --resume)", at_least=1)
     time_budget_s: float | None = setting(None, "stop, and schedule the stages, by wall-clock seconds instead of "
-                                                "iterations")
+                                                "iterations", above=0)
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the LoRAs train in "
                                          "fp32); bf16 on a GPU")
     kl_weight: float = setting(0.0, "DRaFT+-style penalty: weight of the mean squared distance between tuned and "
-                                    "base eps on the steps with gradient")
+                                    "base eps on the steps with gradient", at_least=0)
     seed: int = setting(0, "seed of prompts, noise and the LoRAs' initialisation")
     # bookkeeping
-    checkpoint_every: int = setting(100, "iterations between checkpoints (atomic; --resume continues exactly)")
-    keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)")
-    eval_prompts: int = setting(32, "held-out prompts the reward is evaluated on")
-    eval_every: int = setting(0, "iterations between evaluations (0: before and after only)")
-    preview_every: int = setting(0, "iterations between preview images (0: none)")
+    checkpoint_every: int = setting(100, "iterations between checkpoints (atomic; --resume continues exactly)",
+                                    at_least=1)
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)", at_least=1)
+    eval_prompts: int = setting(32, "held-out prompts the reward is evaluated on", at_least=0)
+    eval_every: int = setting(0, "iterations between evaluations (0: before and after only)", at_least=0)
+    preview_every: int = setting(0, "iterations between preview images (0: none)", at_least=0)
 
     def validate(self) -> None:
+        """Raise on settings out of range or inconsistent, before any heavy work."""
+        check_bounds(self)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         SegmentMap(tuple(self.segments))
         if self.stage_fractions is not None:
             if len(self.stage_fractions) != len(self.segments) or abs(sum(self.stage_fractions) - 1) > 1e-6:
                 raise ValueError(f"stage_fractions needs {len(self.segments)} shares summing to 1; got {self.stage_fractions}")
-        if self.guidance < 1:
-            raise ValueError(f"guidance must be >= 1, got {self.guidance}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.iterations < 1:
-            raise ValueError("batch_size, grad_accum and iterations must be >= 1")
+        e = self.shortcut_edges
+        if not e or any(a <= b for a, b in zip(e, e[1:])) or e[0] >= 1000 or e[-1] <= 0:
+            raise ValueError(f"shortcut_edges must be strictly decreasing timesteps in 1..999 (e.g. 999 749 499 249); "
+                             f"got {list(e)}")
         if self.mixed_precision not in PRECISION:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
         if self.last_anchor not in ("end", "start"):

@@ -62,6 +62,46 @@ def test_config_flags_carry_their_help(capsys):
     assert "(default 999 749 499 249)" in text and "(default none)" in text and "(999," not in text
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--checkpoint-every", "0"], r"checkpoint_every \(--checkpoint-every\) must be >= 1; got 0"),
+    (["train", "--lr", "0"], r"lr \(--lr\) must be > 0"),
+    (["train", "--sample-steps", "2000"], r"--sample-steps\) must be >= 1 and <= 1000; got 2000"),
+    (["train", "--alpha", "0"], r"--alpha\) must be > 0"),
+    (["train", "--method", "refl", "--refl-total", "20"], r"--refl-total\) must be >= 40"),
+    (["train", "--shortcut-edges", "249", "499"], "shortcut_edges must be strictly decreasing"),
+    (["distill", "--pool-reuse", "0"], r"--pool-reuse\) must be >= 1"),
+    (["distill", "--teacher-guidance", "3"], "teacher_guidance is a range of two scales"),
+    (["distill", "--focus-share", "1.5", "--focus", "741"], r"--focus-share\) must be >= 0 and <= 1"),
+])
+def test_out_of_range_settings_end_the_command_before_any_work(tmp_path, argv, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        main(argv + ["--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--prompts", "a", "--steps", "0"], "argument --steps: must be in 1..1000, got 0"),
+    (["sample", "--prompts", "a", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["sample", "--prompts", "a", "--columns", "two"], "argument --columns: expected an integer, got 'two'"),
+    (["sample", "--prompts", "a", "--guidance", "0.5"], "argument --guidance: must be >= 1, got 0.5"),
+    (["score", "--reward", "aesthetic", "--images", ".", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+])
+def test_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_optional_settings_accept_none_and_keep_their_bounds():
+    from shortft_core.trainer import TrainConfig
+    TrainConfig(alpha=None, time_budget_s=None, real_grad_steps=None).validate()
+    TrainConfig(alpha=4.0, time_budget_s=60.0, real_grad_steps=3).validate()
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainConfig(time_budget_s=0.0).validate()
+
+
 def test_every_config_setting_has_help():
     import dataclasses
 

@@ -23,6 +23,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_score_parser(sub) -> None:
+    from ..cli import number
     from .registry import describe_rewards
 
     p = sub.add_parser("score", help="score images with reward models (HPS v2, PickScore, ImageReward, ...)",
@@ -46,7 +47,7 @@ def add_score_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="reward model precision (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (same-size images only)")
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="images per forward pass (same-size images only)")
     p.add_argument("--out", help="write per-image and mean scores to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run_score)
