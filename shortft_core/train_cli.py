@@ -207,7 +207,7 @@ def run_train(args: argparse.Namespace) -> int:
         log.info("no checkpoint in %s: starting from scratch", out)
     log.info("%s\n%s", "training plan (first iteration):",
              __import__("shortft_core.trainer", fromlist=["method_plan"]).method_plan(cfg, 1, torch.Generator()).describe())
-    grid_prompts = eval_prompts[:8]
+    grid_prompts = (eval_prompts or prompts.prompts)[:8]  # --eval-prompts 0: the grid shows training prompts
     before = trainer.sample(grid_prompts, seed=0, use_adapters=False)
     history = trainer.fit()
     if not trainer.acc.is_main_process:
@@ -218,9 +218,10 @@ def run_train(args: argparse.Namespace) -> int:
                             font_size=9, row_labels=["before", "after"]), out / "before_after.png")
     _plot_curve(history, out / "reward_curve.png", args.reward)
     atomic_write_json(out / "history.json", dataclasses.asdict(history))
-    first, last = history.evals[0], history.evals[-1]
-    for key in eval_rewards:
-        print(f"held-out {key} reward ({len(eval_prompts)} prompts): before {first[key]:.4f} -> after {last[key]:.4f}")
+    if history.evals:  # none with --eval-prompts 0
+        first, last = history.evals[0], history.evals[-1]
+        for key in eval_rewards:
+            print(f"held-out {key} reward ({len(eval_prompts)} prompts): before {first[key]:.4f} -> after {last[key]:.4f}")
     print(f"wrote {', '.join(str(p) for p in paths)}, {out / 'reward_curve.png'}, {out / 'before_after.png'}")
     return 0
 

@@ -37,6 +37,16 @@ def test_train_cli_writes_the_lora_set_report_and_history(tmp_path, capsys):
             assert im.width > 100
 
 
+def test_train_cli_without_held_out_prompts_trains_and_shows_training_prompts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(QUICK + ["--eval-prompts", "0", "--iterations", "2", "--out", str(out)]) == 0  # last flag wins
+    assert "held-out" not in capsys.readouterr().out
+    assert json.loads((out / "history.json").read_text())["evals"] == []
+    assert (out / "lora" / "segment_1.safetensors").is_file()
+    with Image.open(out / "before_after.png") as im:
+        assert im.width > 100
+
+
 def test_train_cli_refuses_an_earlier_run_and_resumes_it(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(QUICK + ["--out", str(out)]) == 0
