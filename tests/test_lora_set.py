@@ -63,6 +63,23 @@ def test_merged_is_the_step_weighted_average(trained_set):
     torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-4)
 
 
+def test_a_single_lora_run_writes_that_lora_in_every_file(tmp_path, fresh_tiny):
+    model = fresh_tiny()
+    cfg = TrainConfig(method="draft", iterations=1, rank=4, eval_prompts=0)
+    tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
+    assert tr.lora.names == ("align_1",)
+    with torch.no_grad():
+        for p in adapter_parameters(model.unet, "align_1"):
+            p.normal_(0, 0.08)
+    tr.save_lora_set(tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "set.json").read_text())["kind"] == "single"
+    first, _ = read_lora(tmp_path / "lora" / "segment_1.safetensors")
+    assert first and any(float(v.abs().max()) > 0 for k, v in first.items() if k.endswith("lora_up.weight"))
+    for name in ("segment_2", "segment_3", "segment_4", "merged"):
+        sd, _ = read_lora(tmp_path / "lora" / f"{name}.safetensors")
+        assert sd.keys() == first.keys() and all(torch.equal(sd[k], first[k]) for k in first), name
+
+
 def test_applying_the_set_reproduces_the_trainers_inference(trained_set, tmp_path):
     tr, out, _ = trained_set
     prompts = held_out_prompts(2)
