@@ -203,7 +203,11 @@ def run_train(args: argparse.Namespace) -> int:
     bar = ProgressBar(cfg.iterations, enabled=not args.no_progress)
     trainer = Trainer(model, reward, cfg, prompts, eval_prompts, out=out, callbacks=[bar], eval_reward=eval_rewards,
                       shortcut_preset=preset)
-    if args.resume and not trainer.resume():
+    try:
+        resumed = args.resume and trainer.resume()
+    except ValueError as e:  # settings differ from the checkpoint's: the message names them and the fix
+        raise SystemExit(f"error: {e}") from None
+    if args.resume and not resumed:
         log.info("no checkpoint in %s: starting from scratch", out)
     log.info("%s\n%s", "training plan (first iteration):",
              __import__("shortft_core.trainer", fromlist=["method_plan"]).method_plan(cfg, 1, torch.Generator()).describe())

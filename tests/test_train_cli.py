@@ -54,6 +54,8 @@ def test_train_cli_refuses_an_earlier_run_and_resumes_it(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--resume"):
         main(QUICK + ["--out", str(out)])
     assert (out / "lora" / "segment_4.safetensors").read_bytes() == first
+    with pytest.raises(SystemExit, match=r"settings differ in \['rank'\]"):  # a message, not a traceback
+        main(QUICK + ["--rank", "4", "--out", str(out), "--resume"])
     # a finished run resumed with more iterations continues from its last checkpoint
     assert main(QUICK[:3] + ["--iterations", "6"] + QUICK[5:] + ["--out", str(out), "--resume"]) == 0
     assert json.loads((out / "history.json").read_text())["iterations"][-1] == 6
