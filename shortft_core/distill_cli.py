@@ -57,10 +57,7 @@ def run_distill(args: argparse.Namespace) -> int:
     model = load_model(args.model, _device(args.device), PRECISION[cfg.mixed_precision])
     d = Distiller(model, cfg, out)
     if args.resume:
-        try:
-            d.resume()
-        except ValueError as e:  # settings differ from the checkpoint's: the message names them and the fix
-            raise SystemExit(f"error: {e}") from None
+        d.resume()
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm

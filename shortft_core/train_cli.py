@@ -62,18 +62,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
 
 
 def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
-    """The config dataclass ``cls`` from ``base`` and the flags given, validated: a bad value ends the command
-    with its message (which names the flag), not a traceback, before any model is loaded."""
+    """The config dataclass ``cls`` from ``base`` and the flags given, validated before any model is loaded (a bad
+    value's ValueError names the flag; ``cli.main`` prints it)."""
     values = dict(base or {})
     for f in dataclasses.fields(cls):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = tuple(v) if isinstance(v, list) else v
     cfg = cls(**values)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg.validate()
     return cfg
 
 
@@ -203,11 +200,7 @@ def run_train(args: argparse.Namespace) -> int:
     bar = ProgressBar(cfg.iterations, enabled=not args.no_progress)
     trainer = Trainer(model, reward, cfg, prompts, eval_prompts, out=out, callbacks=[bar], eval_reward=eval_rewards,
                       shortcut_preset=preset)
-    try:
-        resumed = args.resume and trainer.resume()
-    except ValueError as e:  # settings differ from the checkpoint's: the message names them and the fix
-        raise SystemExit(f"error: {e}") from None
-    if args.resume and not resumed:
+    if args.resume and not trainer.resume():
         log.info("no checkpoint in %s: starting from scratch", out)
     log.info("%s\n%s", "training plan (first iteration):",
              __import__("shortft_core.trainer", fromlist=["method_plan"]).method_plan(cfg, 1, torch.Generator()).describe())

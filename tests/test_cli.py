@@ -94,6 +94,18 @@ def test_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, argv, me
     assert not (tmp_path / "o").exists()
 
 
+def test_missing_inputs_end_with_their_message_and_v_shows_the_traceback(tmp_path):
+    argv = ["sample", "--prompts", "a", "--lora-set", str(tmp_path), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"error: .*set.json not found.*\n\(shortft -v sample"):
+        main(argv)
+    with pytest.raises(FileNotFoundError, match="set.json not found"):
+        main(["-v"] + argv)
+    r = subprocess.run([sys.executable, "-m", "shortft_core", "sample", "--prompts", "a", "--model",
+                        str(tmp_path / "no_model"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "error: model" in r.stderr
+
+
 def test_optional_settings_accept_none_and_keep_their_bounds():
     from shortft_core.trainer import TrainConfig
     TrainConfig(alpha=None, time_budget_s=None, real_grad_steps=None).validate()
