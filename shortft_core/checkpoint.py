@@ -90,7 +90,9 @@ def check_bounds(cfg: Any) -> None:
         if not bounds or value is None:
             continue
         lo, gt, hi = bounds.get("at_least"), bounds.get("above"), bounds.get("at_most")
-        if (lo is not None and value < lo) or (gt is not None and value <= gt) or (hi is not None and value > hi):
+        out = (value != value or (lo is not None and value < lo) or (gt is not None and value <= gt)  # NaN: out
+               or (hi is not None and value > hi))
+        if out:
             parts = ([f">= {lo:g}"] if lo is not None else []) + ([f"> {gt:g}"] if gt is not None else []) \
                 + ([f"<= {hi:g}"] if hi is not None else [])
             flag = "--" + f.name.replace("_", "-")

@@ -27,7 +27,7 @@ def number(kind: type = int, at_least: float | None = None, at_most: float | Non
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
+        if value != value or (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
             span = (f"in {at_least:g}..{at_most:g}" if at_least is not None and at_most is not None
                     else f">= {at_least:g}" if at_least is not None else f"<= {at_most:g}")
             raise argparse.ArgumentTypeError(f"must be {span}, got {text}")

@@ -67,6 +67,7 @@ def test_config_flags_carry_their_help(capsys):
     (["train", "--lr", "0"], r"lr \(--lr\) must be > 0"),
     (["train", "--sample-steps", "2000"], r"--sample-steps\) must be >= 1 and <= 1000; got 2000"),
     (["train", "--alpha", "0"], r"--alpha\) must be > 0"),
+    (["train", "--lr", "nan"], r"lr \(--lr\) must be > 0; got nan"),
     (["train", "--method", "refl", "--refl-total", "20"], r"--refl-total\) must be >= 40"),
     (["train", "--shortcut-edges", "249", "499"], "shortcut_edges must be strictly decreasing"),
     (["distill", "--pool-reuse", "0"], r"--pool-reuse\) must be >= 1"),
@@ -85,6 +86,7 @@ def test_out_of_range_settings_end_the_command_before_any_work(tmp_path, argv, m
     (["sample", "--prompts", "a", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
     (["sample", "--prompts", "a", "--columns", "two"], "argument --columns: expected an integer, got 'two'"),
     (["sample", "--prompts", "a", "--guidance", "0.5"], "argument --guidance: must be >= 1, got 0.5"),
+    (["sample", "--prompts", "a", "--guidance", "nan"], "argument --guidance: must be >= 1, got nan"),
     (["score", "--reward", "aesthetic", "--images", ".", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
 ])
 def test_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, argv, message):
