@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from shortft_core.adapters import adapter_state
+from shortft_core.adapters import adapter_parameters, adapter_state
 from shortft_core.tiny_world import held_out_prompts
 from shortft_core.trainer import Callback, PromptSource, TrainConfig, Trainer, stage_at
 
@@ -73,6 +73,50 @@ def test_stage_schedule():
     uneven = TrainConfig(stage_fractions=(0.1, 0.2, 0.3, 0.4))
     assert [stage_at(uneven, p) for p in (0.05, 0.15, 0.45, 0.65)] == [1, 2, 3, 4]
     assert stage_at(TrainConfig(progressive=False), 0.9) == 1
+
+
+def test_learning_rate_warms_up_then_follows_its_schedule(tiny_rewards, fresh_tiny):
+    import math
+    model = fresh_tiny()
+    cosine = Trainer(model, tiny_rewards[0], TrainConfig(warmup=4, lr_schedule="cosine", iterations=10, eval_prompts=0),
+                     PromptSource(["a"]))
+    f = [cosine._lr_factor(s) for s in range(11)]
+    assert f[0] == pytest.approx(0.25) and f[10] == pytest.approx(0.1)  # warm-up start, cosine floor at a tenth
+    assert f[5] == pytest.approx(0.55)  # half-way: halfway between the peak and the floor
+    assert f[0] < f[1] < f[2] < f[3] and all(a > b for a, b in zip(f[3:], f[4:]))  # rises, then falls
+    assert f[3] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.3)))  # warm-up done at step 3
+    const = Trainer(fresh_tiny(), tiny_rewards[0], TrainConfig(warmup=2, eval_prompts=0), PromptSource(["a"]))
+    assert [const._lr_factor(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_a_time_budget_ends_the_run_and_drives_the_stages(tiny_rewards, fresh_tiny):
+    cfg = TrainConfig(iterations=10**6, time_budget_s=1e-3, batch_size=1, rank=4, eval_prompts=0)
+    t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
+    t.fit()  # one iteration outlasts a millisecond
+    assert t.iteration == 1 and t.progress() == 1.0 and stage_at(cfg, t.progress()) == 4
+
+
+def test_kl_penalty_is_zero_at_the_base_and_adds_to_the_loss(tiny_rewards, fresh_tiny):
+    from shortft_core.trainer import method_plan
+    prompts = ["a small red circle on the left on a white background"]
+    cfg = TrainConfig(kl_weight=0.5, batch_size=1, rank=4, eval_prompts=0, guidance=1.0)
+    t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(prompts))
+    t._enter_stage(1)
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        plan = method_plan(cfg, 1, gen)
+        p, x = t._batch()
+        return t.objective(plan, x, t.model.encode_prompts(p), None, p, gen)
+
+    loss, metrics = run()  # LoRA up-weights start at zero: the tuned model is the base
+    assert float(metrics["kl"]) == 0.0 and float(loss.detach()) == pytest.approx(-float(metrics["reward"].mean()))
+    with torch.no_grad():
+        for p in adapter_parameters(t.model.unet, "align_1"):
+            p.normal_(0, 0.05)
+    loss, metrics = run()
+    assert float(metrics["kl"]) > 0
+    assert float(loss.detach()) == pytest.approx(-float(metrics["reward"].mean()) + 0.5 * float(metrics["kl"]), rel=1e-5)
 
 
 def test_gradient_clipping_zero_means_off():
