@@ -119,6 +119,29 @@ def test_kl_penalty_is_zero_at_the_base_and_adds_to_the_loss(tiny_rewards, fresh
     assert float(loss.detach()) == pytest.approx(-float(metrics["reward"].mean()) + 0.5 * float(metrics["kl"]), rel=1e-5)
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tiny_rewards, fresh_tiny):
+    """Two micro-batches of one accumulate to the gradient of one batch of both (the UNet, VAE and reward treat
+    samples independently), so --grad-accum trades memory for time without changing the update."""
+    from shortft_core.sampling import initial_noise
+    prompts = ["a small red circle on the left on a white background", "a large blue square in the center"]
+    model = fresh_tiny()
+    x = initial_noise([11, 12], model.latent_shape(), model.device, model.dtype)
+    grads = []
+    for accum, batch in ((1, 2), (2, 1)):
+        cfg = TrainConfig(grad_accum=accum, batch_size=batch, grad_clip=0.0, rank=4, eval_prompts=0, guidance=1.0)
+        t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(prompts))
+        with torch.no_grad():  # non-zero up-weights, so every LoRA parameter gets a gradient
+            for p in adapter_parameters(t.model.unet, "align_1"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        micro = iter([(prompts, x)] if batch == 2 else [(prompts[:1], x[:1]), (prompts[1:], x[1:])])
+        t._batch = lambda: next(micro)
+        t.train_step()
+        grads.append([p.grad.clone() for p in adapter_parameters(t.model.unet, "align_1")])
+    assert any(float(g.abs().max()) > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_gradient_clipping_zero_means_off():
     from shortft_core.checkpoint import clip_gradients
     for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):
