@@ -142,6 +142,41 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_rewards, fresh_tiny)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_eval_preview_and_checkpoint_intervals(tmp_path, tiny_rewards, fresh_tiny):
+    class Seen(Callback):
+        def __init__(self):
+            self.previews, self.evals = [], []
+
+        def on_preview(self, trainer, images, prompts):
+            self.previews.append((trainer.iteration, images.shape[0], len(prompts)))
+
+        def on_eval(self, trainer, result):
+            self.evals.append(result["iteration"])
+
+    seen = Seen()
+    cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_every=2, preview_every=3, checkpoint_every=1,
+                      keep_checkpoints=1, eval_prompts=2)
+    t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left on a white background"]),
+                held_out_prompts(2, seed=1), out=tmp_path, callbacks=[seen])
+    h = t.fit()
+    assert [e["iteration"] for e in h.evals] == [0, 2, 4] == seen.evals
+    assert seen.previews == [(3, 2, 2)]  # held-out prompts (at most four) at iteration 3
+    assert sorted(f.name for f in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step-0000004.pt"]
+
+
+def test_reset_optimizer_per_stage_starts_each_stage_afresh(tiny_rewards, fresh_tiny):
+    steps = {}
+    for reset in (False, True):
+        cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_prompts=0, reset_optimizer_per_stage=reset)
+        t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]),
+                    callbacks=[StopAt(2)])
+        t.fit()  # iteration 1 in stage 1 (align_1..4 train), iteration 2 in stage 2 (align_2..4)
+        assert t.stage == 2
+        p = next(iter(adapter_parameters(t.model.unet, "align_2")))
+        steps[reset] = int(t.opt.state[p]["step"])
+    assert steps == {False: 2, True: 1}
+
+
 def test_gradient_clipping_zero_means_off():
     from shortft_core.checkpoint import clip_gradients
     for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):
