@@ -151,3 +151,19 @@ def test_shortcut_model_ablation_runs_the_shortcut_at_its_own_cfg():
         assert all(s.net == SHORTCUT_NET and s.guidance == 3.0 for s in plan.steps)
     assert all(s.grad for s in method_plan(cfg, 1, torch.Generator()).steps)
     assert not any(s.grad for s in inference_plan(cfg).steps)
+
+
+def test_baseline_settings_reach_their_plans():
+    from shortft_core.trainer import TrainConfig, method_plan
+
+    g = torch.Generator().manual_seed(0)
+    refl = method_plan(TrainConfig(method="refl", refl_total=60), 1, g)
+    assert refl.info["total"] == 60 and [s.t for s in refl.steps] == leading_grid(60)[:len(refl.steps)]
+    dt = method_plan(TrainConfig(method="drtune", drtune_trained=3), 1, g)
+    assert len(dt.info["trained"]) == 3
+    lv = method_plan(TrainConfig(method="draft-lv", lv_n=4), 1, g)
+    assert sum(s.kind == "renoise" for s in lv.steps) == 4
+    ks = [method_plan(TrainConfig(method="alignprop", alignprop_k_mean=20.0), 1, g).info["k"] for _ in range(200)]
+    assert 19 < sum(ks) / len(ks) < 21
+    d = method_plan(TrainConfig(method="draft", draft_k=5), 1, g)
+    assert sum(s.grad for s in d.steps) == 5
