@@ -181,8 +181,10 @@ class T2IModel:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "T2IModel":
         offloaded = self.text_offload is not None
+        # only the arguments given: diffusers warns about fp32 modules whenever a dtype keyword is present, even None
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for m in [self.unet, self.vae, *([] if offloaded else self.text_encoders)]:
-            m.to(device=device, dtype=dtype)
+            m.to(**kw)
         if offloaded:
             self.text_offload.retarget(device, dtype)
         return self
