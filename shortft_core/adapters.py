@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
@@ -45,7 +46,9 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
         raise ValueError(f"the UNet already has an adapter named {name!r}")
     flags = {id(p): p.requires_grad for p in unet.parameters()}  # add_adapter's set_adapter flips other adapters
     fork = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
-    with fork:
+    with fork, warnings.catch_warnings():
+        # several adapters on one UNet is the design here (shortcut + alignment set), not the accident peft warns of
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         if seed is not None:
             torch.manual_seed(seed)
         unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
