@@ -60,7 +60,8 @@ class TrainConfig:
     shortcut_net: str = setting("shortcut", "what jumps over the later segments: shortcut (the frozen few-step "
                                             "LoRA) | base (naive one-step DDIM jumps, ablation) | tuned (ablation)")
     shortcut_guidance: float = setting(1.0, "CFG scale of the shortcut jumps (1: none, as Hyper-SD's 4-step LoRAs "
-                                            "are made for)", at_least=1)
+                                            "are made for); the train command takes the shortcut's own (its preset "
+                                            "or metadata) unless given", at_least=1)
     shortcut_edges: tuple[int, ...] = setting((999, 749, 499, 249), "the shortcut's few-step grid (method "
                                                                     "shortcut-model only)")
     reset_optimizer_per_stage: bool = setting(False, "start each stage with a fresh optimizer state")
