@@ -49,7 +49,7 @@ from .models import PRECISION, Conditioning, T2IModel
 from .chain import run_plan
 from .plans import base_chain
 from .sampling import initial_noise
-from .schedule import FINAL, add_noise, ddim_step, leading_grid
+from .schedule import FINAL, add_noise, check_edges, ddim_step, leading_grid
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class DistillConfig:
         check_bounds(self)
         e = self.edges
         n = model.schedule.num_train_timesteps if model is not None else 1000
-        if len(e) < 1 or any(a <= b for a, b in zip(e, e[1:])) or e[0] >= n or e[-1] <= 0:
-            raise ValueError(f"edges must be strictly decreasing timesteps in 1..{n - 1} (e.g. 999 749 499 249); got {list(e)}")
+        check_edges(e, "edges", n)
         if len(self.teacher_guidance) != 2:
             raise ValueError(f"teacher_guidance is a range of two scales, lo hi (e.g. 3 3 or 2 8); got "
                              f"{list(self.teacher_guidance)}")

@@ -104,6 +104,14 @@ def trailing_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(num_steps)]
 
 
+def check_edges(edges, name: str = "edges", num_train_timesteps: int = 1000) -> None:
+    """Raise unless ``edges`` (a few-step grid's segment upper edges) strictly decrease inside 1..T-1."""
+    e, n = tuple(edges), num_train_timesteps
+    if not e or any(a <= b for a, b in zip(e, e[1:])) or e[0] >= n or e[-1] <= 0:
+        raise ValueError(f"{name} must be strictly decreasing timesteps in 1..{n - 1} (e.g. 999 749 499 249); "
+                         f"got {list(e)}")
+
+
 def _check_steps(num_steps: int, num_train_timesteps: int) -> None:
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")

@@ -35,7 +35,7 @@ from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune
                     original_chain, refl_plan, shortcut_model_plan, shortft_plan)
 from .chain import guided_eps
 from .sampling import initial_noise, sample
-from .schedule import leading_grid
+from .schedule import check_edges, leading_grid
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,7 @@ class TrainConfig:
         if self.stage_fractions is not None:
             if len(self.stage_fractions) != len(self.segments) or abs(sum(self.stage_fractions) - 1) > 1e-6:
                 raise ValueError(f"stage_fractions needs {len(self.segments)} shares summing to 1; got {self.stage_fractions}")
-        e = self.shortcut_edges
-        if not e or any(a <= b for a, b in zip(e, e[1:])) or e[0] >= 1000 or e[-1] <= 0:
-            raise ValueError(f"shortcut_edges must be strictly decreasing timesteps in 1..999 (e.g. 999 749 499 249); "
-                             f"got {list(e)}")
+        check_edges(self.shortcut_edges, "shortcut_edges")
         if self.mixed_precision not in PRECISION:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
         if self.last_anchor not in ("end", "start"):
