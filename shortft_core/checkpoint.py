@@ -83,6 +83,13 @@ def setting(default: Any, help: str, *, at_least: float | None = None, above: fl
     return field(default=default, metadata={"help": help, "bounds": bounds})
 
 
+def outside(value: float, at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None) -> bool:
+    """True when ``value`` is NaN or breaks one of the bounds given (shared by config checks and CLI numbers)."""
+    return (value != value or (at_least is not None and value < at_least) or (above is not None and value <= above)
+            or (at_most is not None and value > at_most))
+
+
 def check_bounds(cfg: Any) -> None:
     """Raise ValueError naming the setting, its flag and its range for the first value outside its bounds."""
     for f in fields(cfg):
@@ -90,9 +97,7 @@ def check_bounds(cfg: Any) -> None:
         if not bounds or value is None:
             continue
         lo, gt, hi = bounds.get("at_least"), bounds.get("above"), bounds.get("at_most")
-        out = (value != value or (lo is not None and value < lo) or (gt is not None and value <= gt)  # NaN: out
-               or (hi is not None and value > hi))
-        if out:
+        if outside(value, lo, gt, hi):
             parts = ([f">= {lo:g}"] if lo is not None else []) + ([f"> {gt:g}"] if gt is not None else []) \
                 + ([f"<= {hi:g}"] if hi is not None else [])
             flag = "--" + f.name.replace("_", "-")

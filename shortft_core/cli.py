@@ -22,12 +22,14 @@ log = logging.getLogger("shortft_core")
 def number(kind: type = int, at_least: float | None = None, at_most: float | None = None) -> Callable[[str], float]:
     """An argparse ``type`` that parses ``kind`` and refuses values outside [at_least, at_most] with a usage error
     naming the flag, before the command loads anything."""
+    from .checkpoint import outside
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if value != value or (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
+        if outside(value, at_least=at_least, at_most=at_most):
             span = (f"in {at_least:g}..{at_most:g}" if at_least is not None and at_most is not None
                     else f">= {at_least:g}" if at_least is not None else f"<= {at_most:g}")
             raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
