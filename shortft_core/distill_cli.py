@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .distill import DistillConfig, Distiller
-from .train_cli import add_config_flags, config_from_args
+from .train_cli import add_config_flags, add_run_flags, config_from_args, prepare_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,7 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--prompts-file", default=None,
                    help="prompts for data-free distillation (--data trajectories; default for the tiny world: its "
                         "captions)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing shortcut.safetensors in --out")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    add_run_flags(p)
     add_config_flags(p, DistillConfig, skip=("prompts",))
     p.set_defaults(func=run_distill)
 
@@ -48,16 +43,13 @@ def run_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(DistillConfig, args, {"prompts": prompts})
     out = Path(args.out)
     target = out / "shortcut.safetensors"
-    if target.exists() and not (args.overwrite or args.resume):
-        raise SystemExit(f"{target} exists; pass --resume to continue that run or --overwrite to replace it")
-    if (out / "checkpoints" / "latest.json").exists() and not args.resume:
-        raise SystemExit(f"{out} holds checkpoints of an earlier run; pass --resume (or choose another --out)")
+    prepare_run_folder(out, args.resume, args.overwrite, outputs=(target.name,))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, _device(args.device), PRECISION[cfg.mixed_precision])
     d = Distiller(model, cfg, out)
-    if args.resume:
-        d.resume()
+    if args.resume and not d.resume():
+        log.info("no checkpoint in %s: starting from scratch", out)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm

@@ -74,6 +74,37 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
     return cfg
 
 
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The run-folder and machine flags that ``train`` and ``distill`` share."""
+    from .cli import number
+
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out that holds an earlier run (its checkpoints are deleted)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--threads", type=number(int, at_least=1), default=None, help="CPU threads for torch")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+
+def prepare_run_folder(out: Path, resume: bool, overwrite: bool, outputs: typing.Sequence[str]) -> None:
+    """Check ``--out`` before any model loads: an earlier run there (checkpoints, or any of ``outputs``) must be
+    continued (--resume) or replaced (--overwrite, which deletes its checkpoints now; the outputs are replaced
+    when the new run writes them), so no finished run is overwritten by accident."""
+    if resume and overwrite:
+        raise SystemExit("--resume continues the run in --out and --overwrite starts it over: pass one of them")
+    ckpt = out / "checkpoints"
+    found = [p.name for p in (ckpt, *(out / o for o in outputs))
+             if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if found and not (resume or overwrite):
+        raise SystemExit(f"--out {out} holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
+                         "--overwrite to start over")
+    if overwrite and ckpt.is_dir():
+        for f in ckpt.iterdir():
+            if f.is_file():
+                f.unlink()
+
+
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="align a model to a reward (ShortFT or a baseline)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,12 +126,7 @@ def add_train_parser(sub) -> None:
                    help="extra reward measured on the held-out prompts (repeatable), e.g. aesthetic")
     p.add_argument("--prompts-file", default=None, help="training prompts, one per line (default: tiny-world captions)")
     p.add_argument("--eval-prompts-file", default=None, help="held-out evaluation prompts (default: tiny held-out set)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    add_run_flags(p)
     add_config_flags(p, TrainConfig)
     p.set_defaults(func=run_train)
 
@@ -171,12 +197,7 @@ def run_train(args: argparse.Namespace) -> int:
     base = dict(TINY_PRESET) if args.preset == "tiny" else {}
     cfg = config_from_args(TrainConfig, args, base)
     out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
-        raise SystemExit(f"--out {out} holds an earlier run; pass --resume to continue it or --overwrite to start over")
-    if args.overwrite and not args.resume and ckpt_dir.exists():
-        for f in ckpt_dir.iterdir():
-            f.unlink()
+    prepare_run_folder(out, args.resume, args.overwrite, outputs=("lora",))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)

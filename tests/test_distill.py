@@ -221,6 +221,12 @@ def test_distill_cli_bf16_writes_resumes_and_refuses(tmp_path, capsys):
         main(common + ["--steps", "3", "--resume"])
     assert main(bf16 + ["--steps", "3", "--resume"]) == 0
     assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 3
+    with pytest.raises(SystemExit, match="pass one of them"):
+        main(bf16 + ["--steps", "1", "--resume", "--overwrite"])
+    # --overwrite starts a finished run over: its checkpoints go, the new run's file replaces the old one
+    assert main(bf16 + ["--steps", "1", "--overwrite"]) == 0
+    assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-0000001.pt"]
 
 
 def test_mixed_precision_must_match_the_base(tmp_path):

@@ -61,6 +61,24 @@ def test_train_cli_refuses_an_earlier_run_and_resumes_it(tmp_path, capsys):
     assert json.loads((out / "history.json").read_text())["iterations"][-1] == 6
 
 
+def test_run_folder_guard_sees_finished_outputs_before_any_model_loads(tmp_path, monkeypatch):
+    """A folder whose LoRA set survives without its checkpoints is still an earlier run; the refusal comes before
+    the model loads (load_model is made to fail, so reaching it would raise something else)."""
+    import shortft_core.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking --out"))
+    out = tmp_path / "run"
+    (out / "lora").mkdir(parents=True)
+    (out / "lora" / "merged.safetensors").write_bytes(b"a user's file")
+    with pytest.raises(SystemExit, match=r"holds an earlier run \(lora\)"):
+        main(QUICK + ["--out", str(out)])
+    with pytest.raises(SystemExit, match="pass one of them"):
+        main(QUICK + ["--out", str(out), "--resume", "--overwrite"])
+    assert (out / "lora" / "merged.safetensors").read_bytes() == b"a user's file"
+    with pytest.raises(SystemExit) as e:  # argparse: a usage error naming the flag
+        main(QUICK + ["--threads", "0", "--out", str(out)])
+    assert e.value.code == 2
+
 def test_train_cli_needs_a_reward_for_a_real_model(tmp_path):
     with pytest.raises(SystemExit, match="--reward is required"):
         main(["train", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
