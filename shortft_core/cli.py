@@ -173,14 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. A missing file or a bad value (FileNotFoundError / ValueError, whose messages name the
-    input and the fix) ends it with that message and exit status 1; ``-v`` shows the traceback instead."""
+    """Run one command. A missing file, a file it would overwrite, or a bad value (FileNotFoundError /
+    FileExistsError / ValueError, whose messages name the input and the fix) ends it with that message and exit
+    status 1; ``-v`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         if args.verbose:
             raise
         raise SystemExit(f"error: {e}\n(shortft -v {args.command} ... shows the traceback)") from None

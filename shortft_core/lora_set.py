@@ -107,6 +107,31 @@ def read_set_manifest(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def convert_lora_set(src: str | os.PathLike, dst: str | os.PathLike, unet: torch.nn.Module, layout: str = "kohya",
+                     overwrite: bool = False, dtype: torch.dtype | None = None) -> list[Path]:
+    """Re-write every file of a LoRA set folder (segments and merged) in ``layout`` into ``dst`` with its manifest,
+    so a set trained here loads as a set in diffusers-layout tools too; nothing is written unless all files can be."""
+    from .lora_io import convert_lora_file
+
+    src, dst = Path(src), Path(dst)
+    info = read_set_manifest(src)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"--out {dst} is the set's own folder; choose another folder for the converted set")
+    names = list(info["segment_files"]) + ([info["merged_file"]] if info.get("merged_file") else [])
+    missing = [n for n in names if not (src / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"LoRA set {src} lists {', '.join(missing)} in {SET_MANIFEST} but the folder lacks "
+                                "them; copy the whole set folder")
+    for name in names + [SET_MANIFEST]:
+        refuse_overwrite(dst / name, overwrite, "LoRA set file")
+    written = [convert_lora_file(src / n, dst / n, unet, layout=layout, overwrite=overwrite, dtype=dtype)
+               for n in names]
+    atomic_write_json(dst / SET_MANIFEST, {**info, "layout": layout})
+    written.append(dst / SET_MANIFEST)
+    log.info("wrote LoRA set (%d files, %s layout) to %s", len(names), layout, dst)
+    return written
+
+
 def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str = "segment_") -> tuple[list[str], SegmentMap]:
     """Load every segment file of a set as a frozen adapter (``segment_1`` ...); returns their names and the
     segment map, so a sampler activates ``names[segment_of(t) - 1]`` at timestep t."""
