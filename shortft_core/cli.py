@@ -38,6 +38,17 @@ def number(kind: type = int, at_least: float | None = None, at_most: float | Non
     return parse
 
 
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for a command that runs a model (on a busy CPU box fewer can be faster)."""
+    parser.add_argument("--threads", type=number(int, at_least=1), default=None,
+                        help="CPU threads for torch (default: torch's choice)")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (None keeps torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,7 +93,8 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--steps", type=number(int, 1, 1000), default=50, help="DDIM steps (default 50)")
     p.add_argument("--spacing", choices=["leading", "trailing"], default="leading", help="timestep spacing")
     p.add_argument("--guidance", type=number(float, 1), default=None,
-                   help="classifier-free guidance scale; 1 disables (default: 3.0 tiny, 7.5 otherwise)")
+                   help="classifier-free guidance scale; 1 disables (default: the scale a ShortFT --lora-set or "
+                        "--lora was trained for, else 3.0 tiny, 7.5 otherwise)")
     p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
     lora = p.add_mutually_exclusive_group()
     lora.add_argument("--lora-set", default=None, metavar="DIR",
@@ -91,6 +103,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--batch-size", type=number(int, 1), default=16, help="prompts sampled together (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
+    add_threads_flag(p)
     p.add_argument("--offload-text-encoders", action="store_true",
                    help="keep the text encoders in host memory, lent to the GPU per batch (SDXL: 1.5 GiB less)")
     p.add_argument("--columns", type=number(int, 1), default=4, help="columns of the grid image")
@@ -102,6 +115,7 @@ def add_sample_parser(sub) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     from .images import captioned_grid, save_png
     from .io import atomic_write_json
+    from .lora_set import trained_guidance
     from .models import TINY, load_model
     from .sampling import sample
     from .tiny_world import DEFAULT_GUIDANCE
@@ -113,9 +127,14 @@ def run_sample(args: argparse.Namespace) -> int:
     if clash and not args.overwrite:
         raise SystemExit(f"--out {out} already holds {clash[0]} (and {len(clash) - 1} more); "
                          "choose another folder or pass --overwrite")
+    set_threads(args.threads)
     device = _device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    guidance = args.guidance if args.guidance is not None else (DEFAULT_GUIDANCE if args.model == TINY else 7.5)
+    trained = trained_guidance(args.lora_set or args.lora) if (args.lora_set or args.lora) else None
+    guidance = args.guidance if args.guidance is not None else (
+        trained if trained is not None else DEFAULT_GUIDANCE if args.model == TINY else 7.5)
+    if args.guidance is None and trained is not None:
+        log.info("guidance %.2f: the scale the LoRA was trained for (--guidance overrides)", trained)
     model = load_model(args.model, device, dtype)
     if args.offload_text_encoders:
         model.offload_text_encoders()

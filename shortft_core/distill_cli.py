@@ -35,7 +35,7 @@ def add_distill_parser(sub) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from .cli import _device, read_prompts
+    from .cli import _device, read_prompts, set_threads
     from .lora_io import export_lora
     from .models import PRECISION, load_model
 
@@ -44,8 +44,7 @@ def run_distill(args: argparse.Namespace) -> int:
     out = Path(args.out)
     target = out / "shortcut.safetensors"
     prepare_run_folder(out, args.resume, args.overwrite, outputs=(target.name,))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = load_model(args.model, _device(args.device), PRECISION[cfg.mixed_precision])
     d = Distiller(model, cfg, out)
     if args.resume and not d.resume():

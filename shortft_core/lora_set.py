@@ -107,6 +107,23 @@ def read_set_manifest(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def trained_guidance(path: str | os.PathLike) -> float | None:
+    """The CFG scale a ShortFT LoRA set folder or LoRA file was trained (or distilled) for, from its manifest or
+    metadata; None for files from other tools. Sampling defaults to it: a set tuned unguided is meant for CFG 1."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        value = read_set_manifest(path).get("guidance")
+    elif path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:  # the header only; the tensors are read when loading
+            info = (f.metadata() or {}).get("shortft")
+        value = json.loads(info).get("guidance") if info else None
+    else:
+        value = None
+    return float(value) if value is not None else None
+
+
 def convert_lora_set(src: str | os.PathLike, dst: str | os.PathLike, unet: torch.nn.Module, layout: str = "kohya",
                      overwrite: bool = False, dtype: torch.dtype | None = None) -> list[Path]:
     """Re-write every file of a LoRA set folder (segments and merged) in ``layout`` into ``dst`` with its manifest,

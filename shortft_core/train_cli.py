@@ -76,14 +76,14 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The run-folder and machine flags that ``train`` and ``distill`` share."""
-    from .cli import number
+    from .cli import add_threads_flag
 
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --out that holds an earlier run (its checkpoints are deleted)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--threads", type=number(int, at_least=1), default=None, help="CPU threads for torch")
+    add_threads_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
@@ -182,7 +182,7 @@ def _rewards(args: argparse.Namespace, device) -> tuple:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .cli import _device
+    from .cli import _device, set_threads
     from .images import captioned_grid, save_png
     from .io import atomic_write_json
     from .models import PRECISION, load_model
@@ -198,8 +198,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args, base)
     out = Path(args.out)
     prepare_run_folder(out, args.resume, args.overwrite, outputs=("lora",))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = _device(args.device)
     dtype = PRECISION[cfg.mixed_precision]
     model = load_model(args.model, device, dtype)

@@ -43,6 +43,22 @@ def test_sample_cli_refuses_to_overwrite(tmp_path):
     assert main(args + ["--seed", "9", "--overwrite"]) == 0
 
 
+def test_every_model_command_takes_threads(tmp_path, monkeypatch):
+    """--threads reaches torch for sample (run here) and parses for every command that runs a model."""
+    import torch
+
+    from shortft_core.cli import build_parser
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["sample", "--prompts", "a red circle", "--steps", "2", "--threads", "3", "--out", str(tmp_path)]) == 0
+    assert calls == [3]
+    parser = build_parser()
+    for argv in (["train", "--out", "o"], ["distill", "--out", "o"], ["score", "--reward", "x", "--images", "i"]):
+        assert parser.parse_args(argv + ["--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sample", "--out", "o", "--threads", "0"])
+
 def test_sample_cli_input_errors(tmp_path):
     with pytest.raises(SystemExit, match="no prompts"):
         main(["sample", "--out", str(tmp_path)])

@@ -17,7 +17,7 @@ from shortft_core.trainer import PromptSource, TrainConfig, Trainer
 @pytest.fixture(scope="module")
 def trained_set(tmp_path_factory, fresh_tiny):
     model = fresh_tiny()
-    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0)
+    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0)  # unguided, as the tiny preset
     tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # distinct non-zero adapters, so every segment's network differs
@@ -91,9 +91,22 @@ def test_applying_the_set_reproduces_the_trainers_inference(trained_set, tmp_pat
     torch.testing.assert_close(got, ref, atol=3e-3, rtol=0)  # the files are fp16
     base = sample(fresh, prompts, seed=5, guidance=tr.cfg.guidance)
     assert (got - base).abs().max() > 1e-2  # and the set does change the pictures
+    # the CLI samples a set at the CFG scale it was trained for unless told otherwise, so it shows what training saw
     rc = cli_main(["sample", "--lora-set", str(out), "--prompts", *prompts, "--seed", "5", "--out", str(tmp_path)])
     meta = json.loads((tmp_path / "samples.json").read_text())
-    assert rc == 0 and meta["lora_set"] == str(out)
+    assert rc == 0 and meta["lora_set"] == str(out) and meta["guidance"] == tr.cfg.guidance == 1.0
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(tmp_path / "0000.png") as im:
+        png = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(png, ref[0], atol=3e-3 + 1 / 255, rtol=0)
+    rc = cli_main(["sample", "--lora-set", str(out), "--prompts", *prompts, "--seed", "5", "--guidance", "3",
+                   "--out", str(tmp_path / "cfg3")])
+    assert json.loads((tmp_path / "cfg3" / "samples.json").read_text())["guidance"] == 3.0
+    assert cli_main(["sample", "--lora", str(out / "merged.safetensors"), "--prompts", *prompts, "--steps", "4",
+                     "--out", str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "samples.json").read_text())["guidance"] == 1.0
 
 
 def test_export_converts_a_whole_set_that_then_samples_the_same(trained_set, tmp_path):

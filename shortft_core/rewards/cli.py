@@ -23,7 +23,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_score_parser(sub) -> None:
-    from ..cli import number
+    from ..cli import add_threads_flag, number
     from .registry import describe_rewards
 
     p = sub.add_parser("score", help="score images with reward models (HPS v2, PickScore, ImageReward, ...)",
@@ -47,6 +47,7 @@ def add_score_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="reward model precision (default bf16 on CUDA, fp32 on CPU)")
+    add_threads_flag(p)
     p.add_argument("--batch-size", type=number(int, 1), default=8, help="images per forward pass (same-size images only)")
     p.add_argument("--out", help="write per-image and mean scores to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -117,7 +118,7 @@ def _load_image(path: Path) -> torch.Tensor:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from ..cli import _DTYPES, _device
+    from ..cli import _DTYPES, _device, set_threads
     from ..io import atomic_write_json, refuse_overwrite
     from .registry import build_reward_spec, parse_reward_spec
 
@@ -132,6 +133,7 @@ def run_score(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"--reward: {e}") from None
     files, prompts = _images_and_prompts(Path(args.images), args.prompts)
+    set_threads(args.threads)
     device = _device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else None
     try:
