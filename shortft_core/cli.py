@@ -38,6 +38,9 @@ def number(kind: type = int, at_least: float | None = None, at_most: float | Non
     return parse
 
 
+MODEL_HELP = ("'tiny' (the embedded tiny world), a local SD1.5/SDXL diffusers folder, or a single-file SD1.5/SDXL "
+              "checkpoint (.safetensors, e.g. from ComfyUI's models/checkpoints)")
+
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: torch's CPU threads for a command that runs a model (on a busy CPU box fewer can be faster)."""
     parser.add_argument("--threads", type=number(int, at_least=1), default=None,
@@ -85,7 +88,7 @@ def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate images with DDIM and write PNGs plus a captioned grid",
                        description="Generate images with deterministic DDIM (SD1.5's leading grid) and "
                                    "classifier-free guidance; image i uses noise seeded seed+i.")
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded tiny world) or a local diffusers folder")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--prompts", nargs="+", help="one or more prompts")
     p.add_argument("--prompts-file", help="text file with one prompt per line")
     p.add_argument("--held-out", type=number(int, 0), metavar="N", help="add N held-out tiny-world prompts")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import MODEL_HELP
 from .distill import DistillConfig, Distiller
 from .train_cli import add_config_flags, add_run_flags, config_from_args, prepare_run_folder
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 def add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="distill a shortcut (few-step) LoRA from a base model", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' or a local model")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--prompts-file", default=None,
                    help="prompts for data-free distillation (--data trajectories; default for the tiny world: its "
                         "captions)")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import MODEL_HELP, add_threads_flag
 from .trainer import Callback, PromptSource, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The run-folder and machine flags that ``train`` and ``distill`` share."""
-    from .cli import add_threads_flag
-
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true",
@@ -111,7 +110,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--preset", choices=["tiny"], default=None,
                    help="tiny: the embedded tiny world's settings (with --model tiny, its shortcut and its "
                         "aesthetic reward; the alignment reward is evaluated alongside)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local model (diffusers folder)")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--shortcut", default=None,
                    help="shortcut LoRA file ('tiny' = the shipped tiny shortcut; 'none' with --shortcut-net base)")
     p.add_argument("--shortcut-preset", default=None,
