@@ -126,9 +126,12 @@ def _write_images(folder: Path, n: int = 3) -> list[str]:
     return names
 
 
-def test_score_cli_writes_terms_and_means(tmp_path):
+def test_score_cli_writes_terms_and_means(tmp_path, caplog):
+    import logging
+
     from shortft_core.cli import main
 
+    caplog.set_level(logging.INFO, logger="shortft_core")
     names = _write_images(tmp_path / "imgs")
     (tmp_path / "prompts.txt").write_text("a cat\n# comment\na dog\nthe sea\n", encoding="utf-8")
     out = tmp_path / "scores.json"
@@ -143,6 +146,8 @@ def test_score_cli_writes_terms_and_means(tmp_path):
     for e in data["images"]:
         assert e["combined"] == pytest.approx(2 * e["scores"]["symmetry"] + e["scores"]["compressibility"], abs=1e-5)
     assert data["rewards"]["symmetry"]["weight"] == 2.0
+    lines = {r.getMessage().split()[0]: r.getMessage() for r in caplog.records if r.name == "shortft_core.score"}
+    assert "weight 2" in lines["symmetry"] and "weight 1" in lines["compressibility"]  # each term's own weight
     assert data["rewards"]["compressibility"]["mean"] == pytest.approx(
         sum(e["scores"]["compressibility"] for e in data["images"]) / 3, abs=1e-6)
     with pytest.raises(SystemExit, match="already exists"):

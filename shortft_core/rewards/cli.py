@@ -166,7 +166,8 @@ def run_score(args: argparse.Namespace) -> int:
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
         summary[label] = {"weight": weight, "mean": mean, "std": std, "report_scale": r.report_scale,
                           "mean_reported": mean * r.report_scale}
-        log.info("%-16s mean %.5f  std %.5f  (x%g: %.3f)", label, mean, std, r.report_scale, mean * r.report_scale)
+        printed = f"  (papers print it x{r.report_scale:g}: {mean * r.report_scale:.3f})" if r.report_scale != 1 else ""
+        log.info("%-16s mean %.5f  std %.5f  weight %g%s", label, mean, std, weight, printed)
     combined_mean = sum(totals) / len(totals)
     log.info("%-16s mean %.5f over %d images (%s)", "combined", combined_mean, len(totals), combo.name)
     result = {
