@@ -76,11 +76,14 @@ class CheckpointManager:
 
 
 def setting(default: Any, help: str, *, at_least: float | None = None, above: float | None = None,
-            at_most: float | None = None) -> Any:
+            at_most: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """A config dataclass field with its command-line help (``train --help`` / ``distill --help`` show it) and
-    the range ``check_bounds`` enforces (None values of optional settings are always allowed)."""
+    the range or the choices ``check_bounds`` enforces (None values of optional settings are always allowed)."""
     bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most)) if v is not None}
-    return field(default=default, metadata={"help": help, "bounds": bounds})
+    meta = {"help": help, "bounds": bounds}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
 
 
 def outside(value: float, at_least: float | None = None, above: float | None = None,
@@ -91,16 +94,18 @@ def outside(value: float, at_least: float | None = None, above: float | None = N
 
 
 def check_bounds(cfg: Any) -> None:
-    """Raise ValueError naming the setting, its flag and its range for the first value outside its bounds."""
+    """Raise ValueError naming the setting, its flag and its range (or choices) for the first value outside them."""
     for f in fields(cfg):
-        bounds, value = f.metadata.get("bounds"), getattr(cfg, f.name)
+        bounds, choices, value = f.metadata.get("bounds"), f.metadata.get("choices"), getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name} ({flag}) must be one of {', '.join(choices)}; got {value!r}")
         if not bounds or value is None:
             continue
         lo, gt, hi = bounds.get("at_least"), bounds.get("above"), bounds.get("at_most")
         if outside(value, lo, gt, hi):
             parts = ([f">= {lo:g}"] if lo is not None else []) + ([f"> {gt:g}"] if gt is not None else []) \
                 + ([f"<= {hi:g}"] if hi is not None else [])
-            flag = "--" + f.name.replace("_", "-")
             raise ValueError(f"{f.name} ({flag}) must be {' and '.join(parts)}; got {value}")
 
 

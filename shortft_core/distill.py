@@ -79,14 +79,15 @@ class DistillConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
     grad_clip: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)")
     loss: str = setting("huber", "huber (pseudo-Huber: every sample's error weighs alike, like the jump-error "
-                                 "metric) | l2 (squared error)")
+                                 "metric) | l2 (squared error)", choices=("huber", "l2"))
     target: str = setting("teacher", "teacher (the full teacher solve to the segment's edge) | consistency (the "
                                      "target network one teacher step on, PCM/Hyper-SD style); teacher learns "
-                                     "faster here, see BENCHMARKS.md")
+                                     "faster here, see BENCHMARKS.md", choices=("teacher", "consistency"))
     ema_decay: float = setting(0.0, "consistency target: EMA decay of the target network (0: the stop-gradient "
                                     "student itself)")
     data: str = setting("trajectories", "trajectories (data-free: guided teacher trajectories from prompts) | "
-                                        "images (tiny-world image-caption pairs noised with q(x_t | x_0))")
+                                        "images (tiny-world image-caption pairs noised with q(x_t | x_0))",
+                        choices=("trajectories", "images"))
     prompts: tuple[str, ...] = ()  # trajectories: the prompts (default for the tiny world: its captions)
     pool_size: int = setting(128, "teacher trajectories solved per pool", at_least=1)
     pool_reuse: int = setting(32, "training steps each pool of trajectories serves before the next is solved",
@@ -98,7 +99,7 @@ class DistillConfig:
     train_images: int = setting(20000, "--data images: size of the encoded image pool", at_least=1)
     seed: int = setting(0, "seed of the LoRA's initialisation, the prompts, the noise and the training images")
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the shortcut LoRA "
-                                         "trains in fp32); bf16 on a GPU")
+                                         "trains in fp32); bf16 on a GPU", choices=tuple(PRECISION))
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
                                                  "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
     checkpoint_every: int = setting(500, "steps between checkpoints (atomic; --resume continues exactly)", at_least=1)
@@ -116,12 +117,6 @@ class DistillConfig:
         lo, hi = self.teacher_guidance
         if not 1.0 <= lo <= hi:
             raise ValueError(f"teacher_guidance must be a range lo <= hi with lo >= 1; got {self.teacher_guidance}")
-        if self.target not in ("consistency", "teacher"):
-            raise ValueError(f"target must be 'consistency' or 'teacher', got {self.target!r}")
-        if self.loss not in ("huber", "l2"):
-            raise ValueError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
-        if self.data not in ("trajectories", "images"):
-            raise ValueError(f"data must be 'trajectories' or 'images', got {self.data!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.targets:
@@ -135,8 +130,6 @@ class DistillConfig:
             if bad:
                 raise ValueError(f"focus timesteps {bad} are not start points: use timesteps of the teacher's "
                                  f"{self.teacher_steps}-step leading grid at or below {e[0]}, or inner edges {list(e[1:])}")
-        if self.mixed_precision not in PRECISION:
-            raise ValueError(f"mixed_precision must be one of {sorted(PRECISION)}; got {self.mixed_precision!r}")
         if model is not None:
             if model.dtype != PRECISION[self.mixed_precision]:
                 raise ValueError(f"the base is loaded in {model.dtype} but mixed_precision={self.mixed_precision!r}; "

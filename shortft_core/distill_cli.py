@@ -1,7 +1,7 @@
 """``python -m shortft_core distill``: distill a shortcut LoRA from a base model (see :mod:`shortft_core.distill`).
 
     python -m shortft_core distill --model tiny --out runs/shortcut                # the tiny world (CPU)
-    python -m shortft_core distill --model /models/my-sd15 --data prompts --prompts-file p.txt --out runs/sc
+    python -m shortft_core distill --model /models/my-sd15.safetensors --prompts-file p.txt --out runs/sc
 
 Writes ``shortcut.safetensors`` (kohya LoRA with ``.alpha``, loadable by diffusers, ComfyUI and ShortFT) and
 periodic atomic checkpoints; ``--resume`` continues an interrupted run exactly.

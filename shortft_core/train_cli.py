@@ -35,7 +35,8 @@ TINY_REWARD = "tiny_alignment"  # the reward of the tiny model when --reward is 
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (bools get --x/--no-x, tuples take several values)."""
+    """One flag per dataclass field (bools get --x/--no-x, tuples take several values, a setting with choices
+    refuses others as a usage error)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -59,7 +60,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
             if optional:
                 def conv(v, _b=conv):  # noqa: E306 - "none" clears an optional setting
                     return None if v.lower() == "none" else _b(v)
-            parser.add_argument(flag, type=conv, default=None, help=text)
+            parser.add_argument(flag, type=conv, default=None, help=text, choices=f.metadata.get("choices"))
 
 
 def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):

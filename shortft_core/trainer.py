@@ -47,7 +47,8 @@ class TrainConfig:
     """Everything a run needs; saved in checkpoints and in the LoRA metadata."""
 
     method: str = setting("shortft", "training method: shortft | draft | draft-lv | alignprop | refl | full-bptt | "
-                                     "drtune | shortcut-model (ablation: fine-tune on the shortcut's few-step chain)")
+                                     "drtune | shortcut-model (ablation: fine-tune on the shortcut's few-step chain)",
+                          choices=METHODS)
     # ShortFT
     segments: tuple[int, ...] = setting((761, 501, 261, 0), "lower ends of the k trajectory segments on the "
                                         "50-step chain, descending, the last 0; one LoRA per segment")
@@ -58,7 +59,8 @@ class TrainConfig:
     real_grad_steps: int | None = setting(1, "steps with gradient inside the stage's own segment, counted from its "
                                              "end (none: all of them)", at_least=1)
     shortcut_net: str = setting("shortcut", "what jumps over the later segments: shortcut (the frozen few-step "
-                                            "LoRA) | base (naive one-step DDIM jumps, ablation) | tuned (ablation)")
+                                            "LoRA) | base (naive one-step DDIM jumps, ablation) | tuned (ablation)",
+                                choices=("shortcut", "base", "tuned"))
     shortcut_guidance: float = setting(1.0, "CFG scale of the shortcut jumps (1: none, as Hyper-SD's 4-step LoRAs "
                                             "are made for); the train command takes the shortcut's own (its preset "
                                             "or metadata) unless given", at_least=1)
@@ -66,7 +68,8 @@ class TrainConfig:
                                                                     "shortcut-model only)")
     reset_optimizer_per_stage: bool = setting(False, "start each stage with a fresh optimizer state")
     last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
-                                      "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md")
+                                      "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md",
+                               choices=("end", "start"))
     # baselines
     draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end", at_least=1)
     lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged", at_least=1)
@@ -94,7 +97,8 @@ class TrainConfig:
     lr: float = setting(1e-3, "peak learning rate (AdamW)", above=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
     warmup: int = setting(0, "linear warm-up iterations", at_least=0)
-    lr_schedule: str = setting("constant", "learning-rate schedule after warm-up: constant | cosine")
+    lr_schedule: str = setting("constant", "learning-rate schedule after warm-up: constant | cosine",
+                               choices=("constant", "cosine"))
     grad_clip: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)")
     grad_accum: int = setting(1, "batches whose gradients are summed per optimizer step", at_least=1)
     batch_size: int = setting(4, "prompts per batch", at_least=1)
@@ -102,7 +106,7 @@ class TrainConfig:
     time_budget_s: float | None = setting(None, "stop, and schedule the stages, by wall-clock seconds instead of "
                                                 "iterations", above=0)
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the LoRAs train in "
-                                         "fp32); bf16 on a GPU")
+                                         "fp32); bf16 on a GPU", choices=tuple(PRECISION))
     kl_weight: float = setting(0.0, "DRaFT+-style penalty: weight of the mean squared distance between tuned and "
                                     "base eps on the steps with gradient", at_least=0)
     seed: int = setting(0, "seed of prompts, noise and the LoRAs' initialisation")
@@ -117,19 +121,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise on settings out of range or inconsistent, before any heavy work."""
         check_bounds(self)
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         SegmentMap(tuple(self.segments))
         if self.stage_fractions is not None:
             if len(self.stage_fractions) != len(self.segments) or abs(sum(self.stage_fractions) - 1) > 1e-6:
                 raise ValueError(f"stage_fractions needs {len(self.segments)} shares summing to 1; got {self.stage_fractions}")
         check_edges(self.shortcut_edges, "shortcut_edges")
-        if self.mixed_precision not in PRECISION:
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
-        if self.last_anchor not in ("end", "start"):
-            raise ValueError(f"last_anchor must be end or start; got {self.last_anchor!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine; got {self.lr_schedule!r}")
 
     @property
     def lora(self) -> LoraSetSpec:

@@ -98,6 +98,8 @@ def test_out_of_range_settings_end_the_command_before_any_work(tmp_path, argv, m
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["distill", "--data", "prompts"], "argument --data: invalid choice: 'prompts'"),
+    (["train", "--lr-schedule", "linear"], "argument --lr-schedule: invalid choice: 'linear'"),
     (["sample", "--prompts", "a", "--steps", "0"], "argument --steps: must be in 1..1000, got 0"),
     (["sample", "--prompts", "a", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
     (["sample", "--prompts", "a", "--columns", "two"], "argument --columns: expected an integer, got 'two'"),

@@ -230,7 +230,7 @@ def test_distill_cli_bf16_writes_resumes_and_refuses(tmp_path, capsys):
 
 
 def test_mixed_precision_must_match_the_base(tmp_path):
-    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+    with pytest.raises(ValueError, match=r"mixed_precision \(--mixed-precision\) must be one of no, bf16, fp16"):
         DistillConfig(mixed_precision="fp8").validate()
     with pytest.raises(ValueError, match="loaded in torch.float32"):
         Distiller(load_tiny_model(), DistillConfig(steps=1, pool_size=2, mixed_precision="bf16"), tmp_path)

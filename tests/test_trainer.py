@@ -188,8 +188,10 @@ def test_gradient_clipping_zero_means_off():
 
 
 def test_bad_configs_are_refused_before_work(tiny_rewards, fresh_tiny):
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match=r"method \(--method\) must be one of shortft, draft, .*; got 'ppo'"):
         TrainConfig(method="ppo").validate()
+    with pytest.raises(ValueError, match=r"shortcut_net \(--shortcut-net\) must be one of shortcut, base, tuned"):
+        TrainConfig(shortcut_net="teacher").validate()  # was refused only when the first plan was built
     with pytest.raises(ValueError, match="stage_fractions"):
         TrainConfig(stage_fractions=(0.5, 0.5)).validate()
     with pytest.raises(ValueError, match="shortcut adapter"):
