@@ -91,13 +91,20 @@ class LoadedLora:
 
 
 # ----- reading files -----------------------------------------------------------------------------------------
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the safetensors metadata of a LoRA file (pickles only via ``weights_only=True``)."""
+def lora_file(path: str | os.PathLike) -> Path:
+    """``path`` as an existing file, or a FileNotFoundError that says where it was looked for and how to get it
+    (the command line checks this before it loads a model)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"LoRA file {path} not found (looked for that exact file); copy the .safetensors file there "
             "(e.g. from the Hyper-SD / PCM / TCD model pages on a machine with network access)")
+    return path
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the safetensors metadata of a LoRA file (pickles only via ``weights_only=True``)."""
+    path = lora_file(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file

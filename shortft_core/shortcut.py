@@ -119,11 +119,12 @@ DEFAULT_PRESET = "hyper-sd15-4step"
 
 
 def get_preset(name: str) -> ShortcutPreset:
-    """A preset by name; the error lists the known ones."""
+    """A preset by name; the error (a ValueError, so the command line prints it) lists the known ones."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown shortcut preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+        raise ValueError(f"unknown shortcut preset {name!r} (--shortcut-preset); known: "
+                         f"{', '.join(sorted(PRESETS))}") from None
 
 
 def preset_for_file(path: str | os.PathLike) -> ShortcutPreset | None:

@@ -186,7 +186,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .images import captioned_grid, save_png
     from .io import atomic_write_json
     from .models import PRECISION, load_model
-    from .shortcut import load_shortcut
+    from .lora_io import lora_file
+    from .shortcut import get_preset, load_shortcut
     from .tiny_world import held_out_prompts, tiny_shortcut_path
 
     if args.reward is None:
@@ -201,22 +202,27 @@ def run_train(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = _device(args.device)
     dtype = PRECISION[cfg.mixed_precision]
-    model = load_model(args.model, device, dtype)
-    shortcut = args.shortcut if args.shortcut is not None else ("tiny" if args.model == "tiny" else None)
-    preset = None
-    if cfg.method == "shortcut-model" or (cfg.method == "shortft" and cfg.shortcut_net == "shortcut"):
-        if shortcut in (None, "none"):
-            raise SystemExit("ShortFT needs --shortcut FILE (a Hyper-SD/PCM/TCD or distilled LoRA), "
-                             "or --shortcut-net base for naive DDIM jumps")
-        _, preset = load_shortcut(model.unet, tiny_shortcut_path() if shortcut == "tiny" else shortcut,
-                                  preset=args.shortcut_preset, family=model.family)
-        if preset is not None and args.shortcut_guidance is None:  # run the shortcut the way it was trained
-            cfg = dataclasses.replace(cfg, shortcut_guidance=preset.guidance)
-    reward, eval_rewards = _rewards(args, device)
+    # what a user can get wrong is checked before the model loads (a minute for SDXL): prompts, shortcut, rewards
     eval_prompts = (PromptSource.from_file(args.eval_prompts_file).prompts if args.eval_prompts_file
                     else held_out_prompts(cfg.eval_prompts, seed=1))
     prompts = (PromptSource.from_file(args.prompts_file, exclude=eval_prompts) if args.prompts_file
                else PromptSource.tiny(exclude=eval_prompts))
+    shortcut = args.shortcut if args.shortcut is not None else ("tiny" if args.model == "tiny" else None)
+    needs_shortcut = cfg.method == "shortcut-model" or (cfg.method == "shortft" and cfg.shortcut_net == "shortcut")
+    if needs_shortcut:
+        if shortcut in (None, "none"):
+            raise SystemExit("ShortFT needs --shortcut FILE (a Hyper-SD/PCM/TCD or distilled LoRA), "
+                             "or --shortcut-net base for naive DDIM jumps")
+        shortcut_file = lora_file(tiny_shortcut_path() if shortcut == "tiny" else shortcut)
+        if args.shortcut_preset:
+            get_preset(args.shortcut_preset)
+    reward, eval_rewards = _rewards(args, device)
+    model = load_model(args.model, device, dtype)
+    preset = None
+    if needs_shortcut:
+        _, preset = load_shortcut(model.unet, shortcut_file, preset=args.shortcut_preset, family=model.family)
+        if preset is not None and args.shortcut_guidance is None:  # run the shortcut the way it was trained
+            cfg = dataclasses.replace(cfg, shortcut_guidance=preset.guidance)
     bar = ProgressBar(cfg.iterations, enabled=not args.no_progress)
     trainer = Trainer(model, reward, cfg, prompts, eval_prompts, out=out, callbacks=[bar], eval_reward=eval_rewards,
                       shortcut_preset=preset)

@@ -36,7 +36,7 @@ def test_paper_jumps_lie_inside_hyper_sd_segments():
     with pytest.raises(ValueError, match="leaves the trained segments"):
         p.check_jump(761, 501)
     assert shortcut.get_preset("tcd-sd15").covers(999, FINAL)  # TCD: any jump
-    with pytest.raises(KeyError, match="hyper-sd15-4step"):
+    with pytest.raises(ValueError, match="hyper-sd15-4step"):
         shortcut.get_preset("hyper-sd15-5step")
 
 

@@ -79,6 +79,21 @@ def test_run_folder_guard_sees_finished_outputs_before_any_model_loads(tmp_path,
         main(QUICK + ["--threads", "0", "--out", str(out)])
     assert e.value.code == 2
 
+@pytest.mark.parametrize("extra, message", [
+    (["--shortcut", "/nowhere/hyper.safetensors"], "LoRA file /nowhere/hyper.safetensors not found"),
+    (["--shortcut-preset", "hyper-sd15-3step"], "unknown shortcut preset 'hyper-sd15-3step'"),
+    (["--reward", "hps_v2"], "expected the file 'HPS_v2_compressed.pt'"),
+    (["--prompts-file", "/nowhere/prompts.txt"], "prompt file /nowhere/prompts.txt not found"),
+])
+def test_train_cli_checks_its_inputs_before_the_model_loads(tmp_path, monkeypatch, extra, message):
+    """A missing shortcut, reward weight or prompt file, or an unknown preset, ends the command before the base
+    model loads (a minute for SDXL): load_model is made to fail, so reaching it would raise something else."""
+    import shortft_core.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before the inputs"))
+    with pytest.raises(SystemExit, match=message):
+        main(QUICK + extra + ["--out", str(tmp_path / "run")])
+
 def test_train_cli_needs_a_reward_for_a_real_model(tmp_path):
     with pytest.raises(SystemExit, match="--reward is required"):
         main(["train", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
