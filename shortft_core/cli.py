@@ -118,6 +118,7 @@ def add_sample_parser(sub) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     from .images import captioned_grid, save_png
     from .io import atomic_write_json
+    from .lora_io import lora_file
     from .lora_set import trained_guidance
     from .models import TINY, load_model
     from .sampling import sample
@@ -133,6 +134,8 @@ def run_sample(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = _device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    if args.lora:
+        lora_file(args.lora)  # a missing file ends the command before the model loads
     trained = trained_guidance(args.lora_set or args.lora) if (args.lora_set or args.lora) else None
     guidance = args.guidance if args.guidance is not None else (
         trained if trained is not None else DEFAULT_GUIDANCE if args.model == TINY else 7.5)

@@ -120,6 +120,13 @@ def test_missing_inputs_end_with_their_message_and_v_shows_the_traceback(tmp_pat
         main(argv)
     with pytest.raises(FileNotFoundError, match="set.json not found"):
         main(["-v"] + argv)
+    import shortft_core.models as models
+
+    with pytest.MonkeyPatch.context() as mp:  # a missing --lora is found before the model loads
+        mp.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking --lora"))
+        with pytest.raises(SystemExit, match="LoRA file .*missing.safetensors not found"):
+            main(["sample", "--prompts", "a", "--lora", str(tmp_path / "missing.safetensors"), "--out",
+                  str(tmp_path / "o")])
     r = subprocess.run([sys.executable, "-m", "shortft_core", "sample", "--prompts", "a", "--model",
                         str(tmp_path / "no_model"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
                        timeout=300)
