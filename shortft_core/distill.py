@@ -139,10 +139,15 @@ class DistillConfig:
                                  "eps-prediction base (SD1.5 / SDXL family)")
             if n % self.teacher_steps:
                 raise ValueError(f"teacher_steps must divide {n}; got {self.teacher_steps}")
-            if self.data == "trajectories" and not self.prompts and model.family != "tiny":
-                raise ValueError("data-free distillation needs prompts: pass --prompts-file (one per line)")
-            if self.data == "images" and model.family != "tiny":
-                raise ValueError("data='images' uses the tiny world's generator; use data='trajectories' with prompts")
+            self.check_data(tiny=model.family == "tiny")
+
+    def check_data(self, tiny: bool) -> None:
+        """Refuse a data source the base cannot use (the CLI calls this before the model loads)."""
+        if self.data == "trajectories" and not self.prompts and not tiny:
+            raise ValueError("data-free distillation needs prompts: pass --prompts-file (one per line)")
+        if self.data == "images" and not tiny:
+            raise ValueError("data='images' (--data images) uses the tiny world's generator; use --data "
+                             "trajectories with --prompts-file")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

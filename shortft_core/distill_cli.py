@@ -45,6 +45,7 @@ def run_distill(args: argparse.Namespace) -> int:
     out = Path(args.out)
     target = out / "shortcut.safetensors"
     prepare_run_folder(out, args.resume, args.overwrite, outputs=(target.name,))
+    cfg.check_data(tiny=args.model == "tiny")
     set_threads(args.threads)
     model = load_model(args.model, _device(args.device), PRECISION[cfg.mixed_precision])
     d = Distiller(model, cfg, out)

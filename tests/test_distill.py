@@ -252,3 +252,17 @@ def test_resume_accepts_a_checkpoint_older_than_mixed_precision(tmp_path):
     with pytest.raises(ValueError, match="mixed_precision"):
         Distiller(load_tiny_model(dtype=torch.bfloat16), dataclasses.replace(cfg, mixed_precision="bf16"),
                   tmp_path).resume()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "data-free distillation needs prompts: pass --prompts-file"),
+    (["--data", "images"], "--data images.*uses the tiny world's generator"),
+])
+def test_distill_cli_refuses_data_a_real_base_cannot_use_before_loading_it(tmp_path, monkeypatch, extra, message):
+    import shortft_core.models as models
+    from shortft_core.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking --data"))
+    with pytest.raises(SystemExit, match=message):
+        main(["distill", "--model", str(tmp_path / "sd15.safetensors"), "--out", str(tmp_path / "run")] + extra)
+    assert not (tmp_path / "run").exists()
