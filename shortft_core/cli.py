@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,6 +53,35 @@ def set_threads(threads: int | None) -> None:
     """Apply ``--threads`` (None keeps torch's default)."""
     if threads:
         torch.set_num_threads(threads)
+
+class StopOnCtrlC:
+    """While active, the first Ctrl-C asks a training loop to stop after its current step, so it checkpoints and
+    writes its files (``--resume`` continues); a second Ctrl-C interrupts at once. Only in the main thread (the
+    ComfyUI nodes stop through their own interrupt); elsewhere it never asks. Call it to read the request."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnCtrlC":
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._ask)
+            self._previous = previous if previous is not None else signal.default_int_handler  # None: set from C
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # the second Ctrl-C does what it did before
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again aborts at once)")
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+    def __call__(self) -> bool:
+        return self.requested
 
 def _device(name: str) -> torch.device:
     if name == "auto":

@@ -491,6 +491,8 @@ class Distiller:
                 on_step(self.step, metrics)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.ckpt.save(self.step, self.state())
+        if self.step > first and self.step % cfg.checkpoint_every and self.step < cfg.steps:
+            self.ckpt.save(self.step, self.state())  # stopped on request: --resume continues from here
         self.unet.eval()
         return metrics
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import MODEL_HELP
+from .cli import MODEL_HELP, StopOnCtrlC
 from .distill import DistillConfig, Distiller
 from .train_cli import add_config_flags, add_run_flags, config_from_args, prepare_run_folder
 
@@ -64,7 +64,8 @@ def run_distill(args: argparse.Namespace) -> int:
         elif step % 100 == 0:
             log.info("step %d loss %.5f (%.2fs/step)", step, m["loss"], m["sec_per_step"])
 
-    metrics = d.run(on_step=on_step)
+    with StopOnCtrlC() as ctrl_c:
+        metrics = d.run(on_step=on_step, should_stop=ctrl_c)
     if bar is not None:
         bar.close()
     if metrics:  # what a user sizing a run on their own card needs: speed and the memory it took
@@ -73,4 +74,8 @@ def run_distill(args: argparse.Namespace) -> int:
         print(f"step {d.step}: loss {metrics['loss']:.5f}, {metrics['sec_per_step']:.2f} s/step{peak}")
     export_lora(model.unet, "shortcut", target, layout="kohya", metadata=d.metadata(), overwrite=True)
     print(f"wrote {target}")
+    if ctrl_c.requested:
+        print(f"interrupted at step {d.step}; {target.name} is that state, and the same command with --resume "
+              "continues the run")
+        return 130  # the shell's status for a run ended by Ctrl-C
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import MODEL_HELP, add_threads_flag
+from .cli import MODEL_HELP, StopOnCtrlC, add_threads_flag
 from .trainer import Callback, PromptSource, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,16 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=run_train)
 
 
+class StopWhen(Callback):
+    """Asks the trainer to stop when ``asked()`` turns true (the CLI's Ctrl-C)."""
+
+    def __init__(self, asked: typing.Callable[[], bool]) -> None:
+        self.asked = asked
+
+    def should_stop(self, trainer) -> bool:
+        return self.asked()
+
+
 class ProgressBar(Callback):
     """tqdm bar with the current reward and stage; the held-out evaluations are logged."""
 
@@ -224,15 +234,17 @@ def run_train(args: argparse.Namespace) -> int:
         if preset is not None and args.shortcut_guidance is None:  # run the shortcut the way it was trained
             cfg = dataclasses.replace(cfg, shortcut_guidance=preset.guidance)
     bar = ProgressBar(cfg.iterations, enabled=not args.no_progress)
-    trainer = Trainer(model, reward, cfg, prompts, eval_prompts, out=out, callbacks=[bar], eval_reward=eval_rewards,
-                      shortcut_preset=preset)
+    ctrl_c = StopOnCtrlC()
+    trainer = Trainer(model, reward, cfg, prompts, eval_prompts, out=out, callbacks=[bar, StopWhen(ctrl_c)],
+                      eval_reward=eval_rewards, shortcut_preset=preset)
     if args.resume and not trainer.resume():
         log.info("no checkpoint in %s: starting from scratch", out)
     log.info("%s\n%s", "training plan (first iteration):",
              __import__("shortft_core.trainer", fromlist=["method_plan"]).method_plan(cfg, 1, torch.Generator()).describe())
     grid_prompts = (eval_prompts or prompts.prompts)[:8]  # --eval-prompts 0: the grid shows training prompts
     before = trainer.sample(grid_prompts, seed=0, use_adapters=False)
-    history = trainer.fit()
+    with ctrl_c:
+        history = trainer.fit()
     if not trainer.acc.is_main_process:
         return 0
     after = trainer.sample(grid_prompts, seed=0)
@@ -246,6 +258,10 @@ def run_train(args: argparse.Namespace) -> int:
         for key in eval_rewards:
             print(f"held-out {key} reward ({len(eval_prompts)} prompts): before {first[key]:.4f} -> after {last[key]:.4f}")
     print(f"wrote {', '.join(str(p) for p in paths)}, {out / 'reward_curve.png'}, {out / 'before_after.png'}")
+    if ctrl_c.requested:
+        print(f"interrupted at iteration {trainer.iteration}; the files above are that state, and the same command "
+              "with --resume continues the run")
+        return 130  # the shell's status for a run ended by Ctrl-C
     return 0
 
 

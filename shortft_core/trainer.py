@@ -355,10 +355,19 @@ class Trainer:
         return self.iteration / cfg.iterations
 
     def finished(self) -> bool:
+        """Iterations done, or the time budget spent on any rank (called by every rank at the same point)."""
         cfg = self.cfg
         if cfg.time_budget_s:
-            return self.elapsed >= cfg.time_budget_s
+            return self._on_any_rank(self.elapsed >= cfg.time_budget_s)
         return self.iteration >= cfg.iterations
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """``flag`` or'ed over the processes: a time budget or a stop request (Ctrl-C reaches each rank at its own
+        moment) must end every rank at the same iteration, or the others wait forever in the next all-reduce."""
+        if self.acc.num_processes == 1:
+            return flag
+        votes = self.acc.gather(torch.tensor([1.0 if flag else 0.0], device=self.acc.device))
+        return bool(votes.max() > 0)
 
     def _enter_stage(self, stage: int) -> None:
         """Freeze everything but the stage's trainable adapters and (re)wrap the objective for DDP."""
@@ -513,7 +522,7 @@ class Trainer:
         if self.eval_prompts and not self.history.evals:
             self._eval_and_record()
         while not self.finished():
-            if any(cb.should_stop(self) for cb in self.callbacks):
+            if self._on_any_rank(any([cb.should_stop(self) for cb in self.callbacks])):
                 log.info("stopped on request at iteration %d", self.iteration)
                 break
             metrics = self.train_step()

@@ -18,9 +18,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(folder, batch, iterations, env, ranks):
+def _run(folder, batch, iterations, env, ranks, *extra):
     folder.mkdir()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(folder), str(batch), str(iterations)],
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(folder), str(batch), str(iterations), *extra],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)} if ranks > 1 else env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(ranks)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -54,3 +54,12 @@ def test_two_gloo_ranks_average_gradients(tmp_path):
     alone = _run(tmp_path / "half", 2, 1, base, 1)[0]
     assert any(not torch.allclose(x, y, rtol=1e-3, atol=1e-6)
                for n in alone["grads"] for x, y in zip(alone["grads"][n], one["grads"][n]))
+
+
+def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    """Ctrl-C (or a time budget) reaches ranks at different moments; if only the rank that saw it stopped, the
+    other would wait forever in its next all-reduce. Rank 1 alone asks at iteration 1 of 4: both end there."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    a, b = _run(tmp_path / "stop", 2, 4, env, 2, "1")
+    assert a["iteration"] == b["iteration"] == 1

@@ -266,3 +266,33 @@ def test_distill_cli_refuses_data_a_real_base_cannot_use_before_loading_it(tmp_p
     with pytest.raises(SystemExit, match=message):
         main(["distill", "--model", str(tmp_path / "sd15.safetensors"), "--out", str(tmp_path / "run")] + extra)
     assert not (tmp_path / "run").exists()
+
+
+def test_distill_cli_ctrl_c_saves_the_step_it_stopped_at(tmp_path, monkeypatch, capsys):
+    """A real SIGINT during distillation ends it after the step: checkpoint and shortcut file hold that step,
+    the status is 130, and --resume continues to the planned steps."""
+    import os
+    import signal
+
+    from shortft_core.cli import main
+
+    real_loss = Distiller.loss_on
+    calls = []
+
+    def loss_then_ctrl_c(self, batch):
+        calls.append(self.step)
+        if self.step == 1:  # during step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(Distiller, "loss_on", loss_then_ctrl_c)
+    out = tmp_path / "run"
+    args = ["distill", "--model", "tiny", "--out", str(out), "--no-progress", "--batch-size", "2", "--pool-size", "2",
+            "--rank", "4", "--steps", "5", "--checkpoint-every", "100"]
+    assert main(args) == 130
+    assert "interrupted at step 2" in capsys.readouterr().out
+    assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-0000002.pt"]
+    monkeypatch.setattr(Distiller, "loss_on", real_loss)
+    assert main(args + ["--resume"]) == 0
+    assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 5

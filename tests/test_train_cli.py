@@ -97,3 +97,33 @@ def test_train_cli_checks_its_inputs_before_the_model_loads(tmp_path, monkeypatc
 def test_train_cli_needs_a_reward_for_a_real_model(tmp_path):
     with pytest.raises(SystemExit, match="--reward is required"):
         main(["train", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_ctrl_c_stops_after_the_step_saves_everything_and_resume_continues(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C (a real SIGINT to this process) ends the run after the current iteration: checkpoint, LoRA
+    set and history are written, the status is 130, the previous SIGINT handler is back, and --resume goes on."""
+    import os
+    import signal
+
+    from shortft_core.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        metrics = real_step(self)
+        if self.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    args = QUICK[:3] + ["--iterations", "6", "--checkpoint-every", "100"] + QUICK[5:9] + QUICK[11:] + ["--out", str(out)]
+    assert main(args) == 130
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert "interrupted at iteration 2" in capsys.readouterr().out
+    assert json.loads((out / "history.json").read_text())["iterations"] == [1, 2]
+    assert (out / "checkpoints" / "step-0000002.pt").is_file() and (out / "lora" / "set.json").is_file()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "history.json").read_text())["iterations"] == [1, 2, 3, 4, 5, 6]
