@@ -43,6 +43,7 @@ def number(kind: type = int, at_least: float | None = None, at_most: float | Non
 MODEL_HELP = ("'tiny' (the embedded tiny world), a local SD1.5/SDXL diffusers folder, or a single-file SD1.5/SDXL "
               "checkpoint (.safetensors, e.g. from ComfyUI's models/checkpoints)")
 
+
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: torch's CPU threads for a command that runs a model (on a busy CPU box fewer can be faster)."""
     parser.add_argument("--threads", type=number(int, at_least=1), default=None,
@@ -53,6 +54,7 @@ def set_threads(threads: int | None) -> None:
     """Apply ``--threads`` (None keeps torch's default)."""
     if threads:
         torch.set_num_threads(threads)
+
 
 class StopOnCtrlC:
     """While active, the first Ctrl-C asks a training loop to stop after its current step, so it checkpoints and
@@ -82,6 +84,7 @@ class StopOnCtrlC:
 
     def __call__(self) -> bool:
         return self.requested
+
 
 def _device(name: str) -> torch.device:
     if name == "auto":

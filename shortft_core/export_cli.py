@@ -61,7 +61,6 @@ def run_export(args: argparse.Namespace) -> int:
     from diffusers import UNet2DConditionModel
 
     from .lora_io import LoraFormatError, convert_lora_file, read_lora
-
     from .lora_set import SET_MANIFEST, convert_lora_set, read_set_manifest
 
     src, dst = Path(args.lora).expanduser(), Path(args.out).expanduser()

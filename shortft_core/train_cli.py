@@ -102,7 +102,7 @@ def prepare_run_folder(out: Path, resume: bool, overwrite: bool, outputs: typing
     if overwrite and ckpt.is_dir():
         for f in ckpt.iterdir():
             if f.is_file():
-                f.unlink()
+                f.unlink(missing_ok=True)  # every DDP rank runs this
 
 
 def add_train_parser(sub) -> None:
