@@ -102,16 +102,24 @@ def lora_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def lora_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of a LoRA file, read from its header only ({} for other file types)."""
+    path = lora_file(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the safetensors metadata of a LoRA file (pickles only via ``weights_only=True``)."""
     path = lora_file(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+        return load_file(str(path)), lora_metadata(path)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)

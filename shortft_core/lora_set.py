@@ -114,10 +114,9 @@ def trained_guidance(path: str | os.PathLike) -> float | None:
     if path.is_dir():
         value = read_set_manifest(path).get("guidance")
     elif path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
+        from .lora_io import lora_metadata
 
-        with safe_open(str(path), framework="pt") as f:  # the header only; the tensors are read when loading
-            info = (f.metadata() or {}).get("shortft")
+        info = lora_metadata(path).get("shortft")  # the header only; the tensors are read when loading
         value = json.loads(info).get("guidance") if info else None
     else:
         value = None
