@@ -13,12 +13,13 @@ the set active in segment ``j`` is ``align_1 .. align_j`` (stacked, as in the pa
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
 import torch
+
+from .segments import Segments
 
 ATTENTION_FF_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 # Consistency-distilled shortcuts (LCM / PCM / Hyper-SD LoRAs) also adapt the ResNet blocks.
@@ -192,44 +193,6 @@ class AdapterSwitch:
 
 
 @dataclass(frozen=True)
-class SegmentMap:
-    """k trajectory segments on the 0..999 timestep axis; segment j (1-based) is ``lowers[j-1] <= t < lowers[j-2]``.
-
-    ``lowers`` are the lower ends, strictly descending, the last one 0: SD1.5's 50-step chain cut at the anchors
-    761, 501, 261 gives ``(761, 501, 261, 0)`` - segments 981..761, 741..501, 481..261, 241..1.
-    """
-
-    lowers: tuple[int, ...] = (761, 501, 261, 0)
-    num_train_timesteps: int = 1000
-
-    def __post_init__(self) -> None:
-        lw = self.lowers
-        if not lw or lw[-1] != 0 or any(a <= b for a, b in zip(lw, lw[1:])) or lw[0] >= self.num_train_timesteps:
-            raise ValueError(f"segment lower ends must be strictly descending, below {self.num_train_timesteps}, "
-                             f"and end with 0; got {lw}")
-
-    @property
-    def k(self) -> int:
-        return len(self.lowers)
-
-    def segment_of(self, t: int) -> int:
-        if not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"timestep {t} outside 0..{self.num_train_timesteps - 1}")
-        for j, low in enumerate(self.lowers, start=1):
-            if t >= low:
-                return j
-        raise AssertionError("unreachable")
-
-    def range_of(self, j: int) -> tuple[int, int]:
-        """Inclusive (low, high) timesteps of segment j."""
-        high = self.num_train_timesteps - 1 if j == 1 else self.lowers[j - 2] - 1
-        return self.lowers[j - 1], high
-
-    def to_json(self) -> str:
-        return json.dumps({"segments": [list(self.range_of(j)) for j in range(1, self.k + 1)]})
-
-
-@dataclass(frozen=True)
 class LoraSetSpec:
     """The alignment LoRA set: rank/alpha/targets and how adapters map to segments."""
 
@@ -237,7 +200,7 @@ class LoraSetSpec:
     alpha: float | None = None
     targets: tuple[str, ...] = ATTENTION_FF_TARGETS
     timestep_aware: bool = True
-    segments: SegmentMap = field(default_factory=SegmentMap)
+    segments: Segments = field(default_factory=Segments)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -49,7 +49,8 @@ from .models import PRECISION, Conditioning, T2IModel
 from .chain import run_plan
 from .plans import base_chain
 from .sampling import initial_noise
-from .schedule import FINAL, add_noise, check_edges, ddim_step, leading_grid
+from .schedule import FINAL, add_noise, ddim_step, leading_grid
+from .segments import Segments, check_edges
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,6 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def segment_of(t: int, edges: Sequence[int]) -> tuple[int, int]:
-    """(segment index 0.., lower edge) of timestep t; the lower edge of the last segment is FINAL."""
-    for j, upper in enumerate(edges):
-        lower = edges[j + 1] if j + 1 < len(edges) else FINAL
-        if lower < t <= upper or (j == 0 and t > upper):
-            return j, lower
-    raise ValueError(f"timestep {t} is below every segment")
 
 
 def start_points(grid: Sequence[int], edges: Sequence[int]) -> list[int]:
@@ -275,7 +267,7 @@ class TeacherTrajectories:
         t1 = draw_starts(self.starts, size, gen, self.focus, self.focus_share)
         lowers, t2s = [], []
         for t in t1:
-            _, lower = segment_of(t, self.edges)
+            lower = Segments.from_edges(self.edges).jump_target(t)
             nxt = next((g for g in self.grid if g < t), FINAL)
             t2s.append(max(nxt, lower) if lower != FINAL else nxt)
             lowers.append(lower)
@@ -381,7 +373,8 @@ class Distiller:
         x0, prompts = self.data.batch(cfg.batch_size, gen)
         b, sch, dev = x0.shape[0], m.schedule, x0.device
         t1 = torch.tensor(draw_starts(range(1, cfg.edges[0] + 1), b, gen, cfg.focus, cfg.focus_share))
-        lower = torch.tensor([segment_of(int(t), cfg.edges)[1] for t in t1])
+        segs = Segments.from_edges(cfg.edges)
+        lower = torch.tensor([segs.jump_target(int(t)) for t in t1])
         t2 = torch.maximum(t1 - self.solver, lower)
         lo_g, hi_g = cfg.teacher_guidance
         g = lo_g + (hi_g - lo_g) * torch.rand(b, generator=gen)

@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .adapters import LoraSetSpec, SegmentMap
+from .adapters import LoraSetSpec
+from .segments import Segments
 from .io import atomic_write_json, refuse_overwrite
 from .schedule import leading_grid
 
@@ -55,7 +57,7 @@ def stack_modules(parts: Sequence[tuple[Mapping[str, Any], float]]):
     return out
 
 
-def segment_weights(segments: SegmentMap, steps: int = 50) -> list[float]:
+def segment_weights(segments: Segments, steps: int = 50) -> list[float]:
     """Share of the sampling steps (SD1.5 leading grid) that fall in each segment."""
     grid = leading_grid(steps, segments.num_train_timesteps)
     counts = [0] * segments.k
@@ -148,15 +150,94 @@ def convert_lora_set(src: str | os.PathLike, dst: str | os.PathLike, unet: torch
     return written
 
 
-def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str = "segment_") -> tuple[list[str], SegmentMap]:
+@dataclass(frozen=True)
+class SegmentEntry:
+    """One segment of a LoRA set: its timesteps, its file and where ComfyUI's sampler reaches it."""
+
+    segment: int
+    timesteps: tuple[int, int]  # inclusive (low, high)
+    file: Path
+    percent: tuple[float, float]  # ComfyUI sampling percent [start, end), boundaries on half steps
+
+
+def set_schedule(folder: str | os.PathLike) -> list[SegmentEntry]:
+    """A LoRA set's schedule, read from its manifest alone (no tensor loaded): per segment its timestep range, its
+    file and its ComfyUI sampling-percent range (see :meth:`Segments.percent_range`)."""
+    folder = Path(folder)
+    return schedule_of(folder, read_set_manifest(folder))
+
+
+def schedule_of(folder: Path, info: Mapping[str, Any]) -> list[SegmentEntry]:
+    """:func:`set_schedule` of an already read manifest ``info`` of the set in ``folder``."""
+    segments = set_segments(info)
+    files = list(info.get("segment_files", ()))
+    if len(files) != segments.k:
+        raise ValueError(f"{folder / SET_MANIFEST}: {len(files)} segment files for {segments.k} segments")
+    return [SegmentEntry(j, segments.range_of(j), folder / files[j - 1], segments.percent_range(j))
+            for j in range(1, segments.k + 1)]
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """A saved LoRA set folder, opened from its manifest and checked file by file (no tensor loaded): what the
+    ComfyUI nodes pass between each other and what samplers apply."""
+
+    folder: Path
+    info: dict
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "LoraSet":
+        folder = Path(folder).expanduser()
+        info = read_set_manifest(folder)
+        lset = cls(folder, info)
+        missing = [e.file.name for e in lset.schedule if not e.file.is_file()]
+        if lset.merged_file is not None and not lset.merged_file.is_file():
+            missing.append(lset.merged_file.name)
+        if missing:
+            raise FileNotFoundError(f"LoRA set {folder} lists {', '.join(missing)} in {SET_MANIFEST} but the folder "
+                                    "lacks them; copy the whole set folder")
+        return lset
+
+    @property
+    def schedule(self) -> list[SegmentEntry]:
+        return schedule_of(self.folder, self.info)
+
+    @property
+    def segments(self) -> Segments:
+        return set_segments(self.info)
+
+    @property
+    def family(self) -> str | None:
+        return self.info.get("family")
+
+    @property
+    def guidance(self) -> float | None:
+        g = self.info.get("guidance")
+        return None if g is None else float(g)
+
+    @property
+    def merged_file(self) -> Path | None:
+        name = self.info.get("merged_file")
+        return self.folder / name if name else None
+
+
+def set_segments(info: Mapping[str, Any]) -> Segments:
+    """The :class:`Segments` of a set manifest (``set.json``), checked: the ranges must tile 0..T-1."""
+    ranges = [tuple(int(v) for v in r) for r in info.get("segments", ())]
+    segments = Segments(tuple(r[0] for r in ranges))
+    if [segments.range_of(j) for j in range(1, segments.k + 1)] != ranges:
+        raise ValueError(f"set manifest segments {ranges} do not tile the timestep axis 0..{segments.top}")
+    return segments
+
+
+def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str = "segment_") -> tuple[list[str], Segments]:
     """Load every segment file of a set as a frozen adapter (``segment_1`` ...); returns their names and the
     segment map, so a sampler activates ``names[segment_of(t) - 1]`` at timestep t."""
     from .lora_io import load_lora_adapter
 
     folder = Path(folder)
     info = read_set_manifest(folder)
-    lowers = tuple(r[0] for r in info["segments"])
-    segments = SegmentMap(lowers)
+    segments = set_segments(info)
     names = []
     for j, fname in enumerate(info["segment_files"], start=1):
         name = f"{prefix}{j}"
@@ -165,7 +246,7 @@ def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str 
     return names, segments
 
 
-def set_inference_plan(names: Sequence[str], segments: SegmentMap, guidance: float,
+def set_inference_plan(names: Sequence[str], segments: Segments, guidance: float,
                        grid: Sequence[int] | None = None):
     """The 50-step (or ``grid``) DDIM chain that uses segment j's LoRA ``names[j-1]`` at every timestep of segment j."""
     from .plans import TUNED, ChainPlan, Step, _chain, _mark_last_readout

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-FINAL = -1  # sentinel target timestep: the clean end of the chain
+from .segments import FINAL  # noqa: F401 - the sentinel target timestep of the clean end, re-exported
 
 
 @dataclass(frozen=True)
@@ -102,14 +102,6 @@ def trailing_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     _check_steps(num_steps, num_train_timesteps)
     ratio = num_train_timesteps / num_steps
     return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(num_steps)]
-
-
-def check_edges(edges, name: str = "edges", num_train_timesteps: int = 1000) -> None:
-    """Raise unless ``edges`` (a few-step grid's segment upper edges) strictly decrease inside 1..T-1."""
-    e, n = tuple(edges), num_train_timesteps
-    if not e or any(a <= b for a, b in zip(e, e[1:])) or e[0] >= n or e[-1] <= 0:
-        raise ValueError(f"{name} must be strictly decreasing timesteps in 1..{n - 1} (e.g. 999 749 499 249); "
-                         f"got {list(e)}")
 
 
 def _check_steps(num_steps: int, num_train_timesteps: int) -> None:

@@ -21,12 +21,11 @@ from typing import Mapping
 import torch
 
 from .lora_io import LoadedLora, LoraFormatError, _unwrap, load_lora_adapter, lora_base_family
-from .schedule import FINAL, trailing_grid
+from .adapters import SHORTCUT
+from .schedule import trailing_grid
+from .segments import Segments
 
 log = logging.getLogger(__name__)
-
-SHORTCUT_ADAPTER = "shortcut"
-
 
 def tcd_grid(num_steps: int, original_steps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
     """TCDScheduler's timesteps (strength 1): ``num_steps`` picks from the LCM-style 50-step skipping grid."""
@@ -55,18 +54,18 @@ class ShortcutPreset:
     filenames: tuple[str, ...] = ()  # published file names (case-insensitive regex)
     source: str = ""
 
+    @property
+    def segment_map(self) -> Segments:
+        """The trained segments of ``timesteps`` (one segment over the whole axis when not segmented)."""
+        return Segments.from_edges(self.timesteps) if self.segmented else Segments.whole()
+
     def segments(self) -> list[tuple[int, int]]:
         """``(upper, lower)`` timestep pairs of the trained segments; ``lower = FINAL (-1)`` is the clean end."""
-        if not self.segmented:
-            return [(self.timesteps[0], FINAL)]
-        bounds = list(self.timesteps) + [FINAL]
-        return [(bounds[i], bounds[i + 1]) for i in range(len(self.timesteps))]
+        return self.segment_map.edge_pairs()
 
     def covers(self, t_from: int, t_to: int) -> bool:
         """True when one shortcut call from ``t_from`` to ``t_to`` (``FINAL`` = the end) stays in one segment."""
-        if not t_from > t_to:
-            return False
-        return any(lower <= t_to and t_from <= upper for upper, lower in self.segments())
+        return self.segment_map.covers(t_from, t_to)
 
     def check_jump(self, t_from: int, t_to: int) -> None:
         """Raise when a planned shortcut jump leaves the range the LoRA was trained for."""
@@ -149,7 +148,7 @@ def preset_from_metadata(loaded: LoadedLora) -> ShortcutPreset | None:
 
 
 def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
-                  preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT_ADAPTER,
+                  preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT,
                   family: str | None = None, activate: bool = False) -> tuple[LoadedLora, ShortcutPreset | None]:
     """Load a published shortcut LoRA into ``unet`` as a frozen adapter; returns it with its preset.
 

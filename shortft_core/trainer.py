@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, SegmentMap, adapter_parameters, adapter_state
+from .adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, adapter_parameters, adapter_state
+from .segments import Segments
 from .adapters import freeze_all_but, load_adapter_state
 from .chain import run_plan
 from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, check_bounds, clip_gradients,
@@ -35,7 +36,8 @@ from .plans import (ChainPlan, alignprop_plan, draft_lv_plan, draft_plan, drtune
                     original_chain, refl_plan, shortcut_model_plan, shortft_plan)
 from .chain import guided_eps
 from .sampling import initial_noise, sample
-from .schedule import check_edges, leading_grid
+from .schedule import leading_grid
+from .segments import check_edges
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise on settings out of range or inconsistent, before any heavy work."""
         check_bounds(self)
-        SegmentMap(tuple(self.segments))
+        Segments(tuple(self.segments))
         if self.stage_fractions is not None:
             if len(self.stage_fractions) != len(self.segments) or abs(sum(self.stage_fractions) - 1) > 1e-6:
                 raise ValueError(f"stage_fractions needs {len(self.segments)} shares summing to 1; got {self.stage_fractions}")
@@ -131,7 +133,7 @@ class TrainConfig:
     def lora(self) -> LoraSetSpec:
         aware = self.timestep_aware and self.method == "shortft"
         return LoraSetSpec(rank=self.rank, alpha=self.alpha, timestep_aware=aware,
-                           segments=SegmentMap(tuple(self.segments)))
+                           segments=Segments(tuple(self.segments)))
 
     @property
     def num_stages(self) -> int:

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from shortft_core.adapters import SHORTCUT, AdapterSwitch, adapter_state
-from shortft_core.distill import DistillConfig, Distiller, draw_starts, few_step_plan, jump_errors, segment_of
+from shortft_core.distill import DistillConfig, Distiller, draw_starts, few_step_plan, jump_errors
 from shortft_core.lora_io import export_lora, read_lora
-from shortft_core.schedule import FINAL
 from shortft_core.tiny_world import held_out_prompts, load_tiny_model
 
 # the full-teacher target learns fastest from a zero LoRA (BENCHMARKS.md, shortcut distillation): 100 steps suffice
@@ -26,13 +25,6 @@ def distilled(tmp_path_factory):
     d.run()
     path = export_lora(model.unet, SHORTCUT, out / "shortcut.safetensors", metadata=d.metadata())
     return model, d, path
-
-
-def test_segments():
-    edges = (999, 749, 499, 249)
-    assert segment_of(741, edges) == (1, 499) and segment_of(501, edges) == (1, 499)
-    assert segment_of(481, edges) == (2, 249) and segment_of(241, edges) == (3, FINAL)
-    assert segment_of(999, edges) == (0, 749) and segment_of(750, edges) == (0, 749)
 
 
 def test_shortcut_beats_naive_jumps_on_fresh_seeds(distilled):

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shortft_core.adapters import LoraSetSpec, SegmentMap
+from shortft_core.adapters import LoraSetSpec
+from shortft_core.segments import Segments
 from shortft_core.plans import (BASE, SHORTCUT_NET, TUNED, ChainPlan, alignprop_plan, draft_lv_plan, draft_plan,
                                 drtune_plan, expand_shortcuts, full_bptt_plan, original_chain, refl_plan,
                                 shortft_plan)
@@ -37,7 +38,7 @@ def segmentations(draw):
 @given(segmentations(), st.data())
 def test_shortft_plans_cover_the_chain(seg, data):
     grid, lowers = seg
-    spec = LoraSetSpec(segments=SegmentMap(lowers))
+    spec = LoraSetSpec(segments=Segments(lowers))
     stage = data.draw(st.integers(1, spec.segments.k))
     real = data.draw(st.one_of(st.none(), st.integers(1, 3)))
     plan = shortft_plan(stage, spec, 3.0, grid, real_grad_steps=real)
@@ -135,7 +136,7 @@ def test_bad_plan_inputs():
     with pytest.raises(ValueError, match="strictly decreasing"):
         shortft_plan(1, SPEC, 3.0, grid=[1, 21, 41])
     with pytest.raises(ValueError, match="strictly descending"):
-        SegmentMap((261, 501, 761, 0))
+        Segments((261, 501, 761, 0))
     with pytest.raises(ValueError, match="K must be"):
         draft_plan(0, SPEC, 3.0)
 
