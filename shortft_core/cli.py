@@ -153,7 +153,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from .images import captioned_grid, save_png
     from .io import atomic_write_json
     from .lora_io import lora_file
-    from .lora_set import trained_guidance
+    from .lora_set import LoraSet, trained_guidance
     from .models import TINY, load_model
     from .sampling import sample
     from .tiny_world import DEFAULT_GUIDANCE
@@ -168,8 +168,11 @@ def run_sample(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = _device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    # a missing or damaged LoRA file (its safetensors header) ends the command before the model loads
     if args.lora:
-        lora_file(args.lora)  # a missing file ends the command before the model loads
+        lora_file(args.lora)
+    if args.lora_set:
+        LoraSet.open(args.lora_set)  # the manifest and every file it lists
     trained = trained_guidance(args.lora_set or args.lora) if (args.lora_set or args.lora) else None
     guidance = args.guidance if args.guidance is not None else (
         trained if trained is not None else DEFAULT_GUIDANCE if args.model == TINY else 7.5)

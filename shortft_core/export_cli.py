@@ -60,8 +60,8 @@ def run_export(args: argparse.Namespace) -> int:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from .lora_io import LoraFormatError, convert_lora_file, read_lora
-    from .lora_set import SET_MANIFEST, convert_lora_set, read_set_manifest
+    from .lora_io import LoraFormatError, convert_lora_file, lora_metadata
+    from .lora_set import SET_MANIFEST, convert_lora_set, read_set_manifest, set_files
 
     src, dst = Path(args.lora).expanduser(), Path(args.out).expanduser()
     is_set = src.is_dir()
@@ -73,7 +73,13 @@ def run_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"--out {dst} is a file; a LoRA set is written into a folder")
     if not is_set and dst.exists() and not args.overwrite:
         raise SystemExit(f"--out {dst} exists; choose another path or pass --overwrite")
-    base = args.base or (read_set_manifest(src).get("family") if is_set else read_lora(src)[1].get("shortft_family"))
+    # every input file's safetensors header is checked before the UNet is built or anything is written
+    if is_set:
+        set_files(src)
+        stored = read_set_manifest(src).get("family")
+    else:
+        stored = lora_metadata(src, "--lora").get("shortft_family")
+    base = args.base or stored
     if not base or base == "custom":
         raise SystemExit("--base is required (sd15, sdxl, tiny or a diffusers folder): the file does not say which "
                          "model it belongs to")

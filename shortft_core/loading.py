@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .io import check_safetensors
 from .schedule import NoiseSchedule
 from .tokenizer import EOS, load_clip_tokenizer, write_clip_tokenizer
 
@@ -88,6 +89,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        check_safetensors(path, "checkpoint")  # a truncated download is named here, not deep in the reader
         sd: Any = load_file(str(path))
     elif path.suffix in CHECKPOINT_SUFFIXES:
         try:

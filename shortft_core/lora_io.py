@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .adapters import lora_compute_in_input_dtype
-from .io import atomic_save, refuse_overwrite
+from .io import SafetensorsHeader, atomic_save, check_safetensors, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -91,35 +91,38 @@ class LoadedLora:
 
 
 # ----- reading files -----------------------------------------------------------------------------------------
-def lora_file(path: str | os.PathLike) -> Path:
-    """``path`` as an existing file, or a FileNotFoundError that says where it was looked for and how to get it
-    (the command line checks this before it loads a model)."""
+def _checked(path: str | os.PathLike, what: str) -> tuple[Path, SafetensorsHeader | None]:
+    """``path`` as an existing file, with its checked header when it is a ``.safetensors`` file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"LoRA file {path} not found (looked for that exact file); copy the .safetensors file there "
+            f"{what} {path} not found (looked for that exact file); copy the .safetensors file there "
             "(e.g. from the Hyper-SD / PCM / TCD model pages on a machine with network access)")
-    return path
+    return path, check_safetensors(path, what) if path.suffix == ".safetensors" else None
 
 
-def lora_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The safetensors metadata of a LoRA file, read from its header only ({} for other file types)."""
-    path = lora_file(path)
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+def lora_file(path: str | os.PathLike, what: str = "LoRA file") -> Path:
+    """``path`` as an existing, whole file: a FileNotFoundError says where it was looked for and how to get it,
+    and a ``.safetensors`` file whose header does not describe a complete file is a
+    :class:`~shortft_core.io.SafetensorsFileError` (a ValueError) naming ``what`` and the file. Only the header is
+    read, so the command line calls this before it loads a model."""
+    return _checked(path, what)[0]
 
 
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the safetensors metadata of a LoRA file (pickles only via ``weights_only=True``)."""
-    path = lora_file(path)
-    if path.suffix == ".safetensors":
+def lora_metadata(path: str | os.PathLike, what: str = "LoRA file") -> dict[str, str]:
+    """The safetensors metadata of a LoRA file, read from its checked header only ({} for other file types)."""
+    _, header = _checked(path, what)
+    return dict(header.metadata) if header is not None else {}
+
+
+def read_lora(path: str | os.PathLike, what: str = "LoRA file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the safetensors metadata of a LoRA file (pickles only via ``weights_only=True``); a damaged
+    safetensors file is refused from its header before any tensor is read."""
+    path, header = _checked(path, what)
+    if header is not None:
         from safetensors.torch import load_file
 
-        return load_file(str(path)), lora_metadata(path)
+        return load_file(str(path)), dict(header.metadata)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)

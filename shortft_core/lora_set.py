@@ -28,7 +28,7 @@ import torch
 
 from .adapters import LoraSetSpec
 from .segments import Segments
-from .io import atomic_write_json, refuse_overwrite
+from .io import atomic_write_json, check_safetensors, refuse_overwrite
 from .schedule import leading_grid
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,33 @@ def export_lora_set(unet: torch.nn.Module, spec: LoraSetSpec, folder: str | os.P
 
 
 def read_set_manifest(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / SET_MANIFEST
+    """A LoRA set folder's ``set.json``; a missing or unreadable one raises an error naming it."""
+    path = Path(folder).expanduser() / SET_MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a ShortFT LoRA set folder (expected set.json + segment files)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is damaged: copy the whole set folder again") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not a LoRA set manifest (a JSON object); copy the whole set folder again")
+    return info
+
+
+def set_files(folder: str | os.PathLike, info: Mapping[str, Any] | None = None) -> list[Path]:
+    """Every LoRA file a set folder's manifest lists (segment files, then the merged file), each checked to exist
+    and to be a whole safetensors file from its header alone, so a damaged segment is reported before any model
+    or adapter is loaded. ``info`` is the manifest when already read."""
+    folder = Path(folder).expanduser()
+    info = read_set_manifest(folder) if info is None else info
+    names = list(info.get("segment_files", ())) + ([info["merged_file"]] if info.get("merged_file") else [])
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"LoRA set {folder} lists {', '.join(missing)} in {SET_MANIFEST} but the folder lacks "
+                                "them; copy the whole set folder")
+    for name in names:
+        check_safetensors(folder / name, "LoRA set file")
+    return [folder / n for n in names]
 
 
 def trained_guidance(path: str | os.PathLike) -> float | None:
@@ -135,11 +158,7 @@ def convert_lora_set(src: str | os.PathLike, dst: str | os.PathLike, unet: torch
     info = read_set_manifest(src)
     if dst.resolve() == src.resolve():
         raise ValueError(f"--out {dst} is the set's own folder; choose another folder for the converted set")
-    names = list(info["segment_files"]) + ([info["merged_file"]] if info.get("merged_file") else [])
-    missing = [n for n in names if not (src / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"LoRA set {src} lists {', '.join(missing)} in {SET_MANIFEST} but the folder lacks "
-                                "them; copy the whole set folder")
+    names = [f.name for f in set_files(src, info)]
     for name in names + [SET_MANIFEST]:
         refuse_overwrite(dst / name, overwrite, "LoRA set file")
     written = [convert_lora_file(src / n, dst / n, unet, layout=layout, overwrite=overwrite, dtype=dtype)
@@ -190,12 +209,8 @@ class LoraSet:
         folder = Path(folder).expanduser()
         info = read_set_manifest(folder)
         lset = cls(folder, info)
-        missing = [e.file.name for e in lset.schedule if not e.file.is_file()]
-        if lset.merged_file is not None and not lset.merged_file.is_file():
-            missing.append(lset.merged_file.name)
-        if missing:
-            raise FileNotFoundError(f"LoRA set {folder} lists {', '.join(missing)} in {SET_MANIFEST} but the folder "
-                                    "lacks them; copy the whole set folder")
+        schedule_of(folder, info)  # the manifest's segments must tile the timestep axis
+        set_files(folder, info)
         return lset
 
     @property
@@ -235,9 +250,10 @@ def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str 
     segment map, so a sampler activates ``names[segment_of(t) - 1]`` at timestep t."""
     from .lora_io import load_lora_adapter
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     info = read_set_manifest(folder)
     segments = set_segments(info)
+    set_files(folder, info)  # a damaged segment file fails here, before any adapter is added to the UNet
     names = []
     for j, fname in enumerate(info["segment_files"], start=1):
         name = f"{prefix}{j}"

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from .lora_io import LoadedLora, LoraFormatError, _unwrap, load_lora_adapter, lora_base_family
+from .lora_io import LoadedLora, LoraFormatError, _unwrap, load_lora_adapter, lora_base_family, lora_file
 from .adapters import SHORTCUT
 from .schedule import trailing_grid
 from .segments import Segments
@@ -155,6 +155,8 @@ def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, 
     ``preset`` defaults to the one the file name matches; ``family`` (sd15 / sdxl) is the base model's, checked
     against the preset and the LoRA's shapes before anything is injected. Every key must be used.
     """
+    if not isinstance(path, Mapping):
+        path = lora_file(path, "shortcut")  # missing or damaged: refused from the header, before anything loads
     if isinstance(preset, str):
         preset = get_preset(preset)
     if preset is None and not isinstance(path, Mapping):

