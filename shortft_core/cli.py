@@ -227,7 +227,8 @@ def _commands() -> list[Callable]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shortft", description="ShortFT: shortcut-based reward fine-tuning "
                                      "of text-to-image diffusion models (arXiv 2507.22604).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _commands():
         add(sub)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,67 @@ def test_parse_spec_weights_presets_and_aliases():
     assert parse_reward_spec("paper_combined") == parse_reward_spec(PRESETS["paper_combined"])
     reg = dict((n, w) for w, n in parse_reward_spec("symmetry + 0.1*paper_regulariser"))
     assert reg == {"symmetry": 1.0, "hps_v2": pytest.approx(0.1), "pickscore": pytest.approx(1.0)}  # 1 : 10
-    assert parse_reward_spec("HPSv2=2 + hps_v2 + 1e-1*ImageReward") == [(3.0, "hps_v2"), (0.1, "image_reward")]
+    assert parse_reward_spec("2*HPSv2 + hps_v2 + 1e-1*ImageReward") == [(3.0, "hps_v2"), (0.1, "image_reward")]
     assert parse_reward_spec("hps_v2.1") == [(1.0, "hps_v2.1")]
     with pytest.raises(ValueError, match="unknown reward"):
         parse_reward_spec("2*hpsv3")
     with pytest.raises(ValueError, match="cannot read term"):
         parse_reward_spec("2**symmetry")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("pickscore=10 hps_v2=2", "write '10*pickscore + 2*hps_v2'"),  # the score command's former form
+    ("HPSv2=2 + hps_v2", "write '2*HPSv2 + hps_v2'"),
+    ("aesthetic symmetry", "write 'aesthetic + symmetry'"),
+    ("2**symmetry", "write [weight*]name terms joined by '+', e.g. '10*pickscore + 2*hps_v2 + 0.05*aesthetic'"),
+    ("  ", "is empty"),
+    ("0*symmetry", "the weights of symmetry add up to 0"),
+    ("symmetry + -1*symmetry", "the weights of symmetry add up to 0"),
+    ("1e999*symmetry", "weight 1e999 of symmetry is not a finite number"),
+    ("2*hpsv3", "unknown reward 'hpsv3'; choose one of hps_v2, hps_v2.1, pickscore"),
+])
+def test_one_spec_syntax_other_forms_are_refused_with_the_right_one(spec, message):
+    from shortft_core.rewards import check_reward_spec
+
+    for parse in (parse_reward_spec, check_reward_spec):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse(spec)
+
+
+def test_check_reward_spec_loads_nothing_and_finds_files_on_request(tmp_path, monkeypatch):
+    from shortft_core.io import SafetensorsFileError
+    from shortft_core.rewards import REWARDS, RewardWeightsNotFound, check_reward_spec, format_reward_spec
+
+    for name, entry in REWARDS.items():  # any build would fail the test
+        monkeypatch.setitem(REWARDS, name, dataclasses.replace(entry, build=lambda *a, **k: pytest.fail("built")))
+    spec = "10*pickscore + 2*hps_v2 + 0.05*aesthetic"
+    assert check_reward_spec(spec) == [(10.0, "pickscore"), (2.0, "hps_v2"), (0.05, "aesthetic")]
+    assert check_reward_spec("paper_combined") == check_reward_spec(spec)
+    assert format_reward_spec(check_reward_spec("hps + 0.5*Pick_Score + hps")) == "2*hps_v2 + 0.5*pickscore"
+    with pytest.raises(RewardWeightsNotFound, match="HPS_v2_compressed.pt.*xswu/HPSv2"):
+        check_reward_spec("2*hps_v2", weights_dir=tmp_path, files=True)
+    (tmp_path / "HPS_v2_compressed.pt").write_bytes(b"not read: only located")
+    (tmp_path / "PickScore_v1").mkdir()
+    (tmp_path / "PickScore_v1" / "config.json").write_text("{}", encoding="utf-8")
+    assert check_reward_spec("10*pickscore + 2*hps_v2", weights_dir=tmp_path, files=True) == [
+        (10.0, "pickscore"), (2.0, "hps_v2")]
+    (tmp_path / "PickScore_v1" / "model.safetensors").write_bytes(b"\x00" * 100)  # a damaged download
+    with pytest.raises(SafetensorsFileError, match="pickscore weights .*model.safetensors is not a valid"):
+        check_reward_spec("10*pickscore", weights_dir=tmp_path, files=True)
+    with pytest.raises(ValueError, match="unknown weight slots"):
+        check_reward_spec("hps_v2", paths={"hps_v2": {"clip": tmp_path}}, files=True)
+
+
+def test_reward_descriptions_one_line_each_and_every_name_is_a_spec():
+    from shortft_core.rewards import list_rewards, reward_descriptions
+
+    described = reward_descriptions()
+    assert list(described) == [*list_rewards(), *PRESETS]
+    for name, text in described.items():
+        assert text.strip() and "\n" not in text
+        assert parse_reward_spec(name)  # a drop-down entry alone is a valid spec
+    assert described["paper_combined"] == f"preset: {PRESETS['paper_combined']}"
+    assert described["hps_v2"].startswith("HPS v2")
 
 
 def test_build_errors_name_the_fix():
@@ -135,7 +192,7 @@ def test_score_cli_writes_terms_and_means(tmp_path, caplog):
     names = _write_images(tmp_path / "imgs")
     (tmp_path / "prompts.txt").write_text("a cat\n# comment\na dog\nthe sea\n", encoding="utf-8")
     out = tmp_path / "scores.json"
-    assert main(["score", "--reward", "symmetry=2", "compressibility", "--images", str(tmp_path / "imgs"),
+    assert main(["score", "--reward", "2*symmetry", "+", "compressibility", "--images", str(tmp_path / "imgs"),
                  "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out), "--batch-size", "2",
                  "--device", "cpu"]) == 0
     data = json.loads(out.read_text(encoding="utf-8"))
@@ -152,6 +209,34 @@ def test_score_cli_writes_terms_and_means(tmp_path, caplog):
         sum(e["scores"]["compressibility"] for e in data["images"]) / 3, abs=1e-6)
     with pytest.raises(SystemExit, match="already exists"):
         main(["score", "--reward", "symmetry", "--images", str(tmp_path / "imgs"), "--out", str(out)])
+
+
+def test_score_and_train_take_the_one_spec_and_refuse_others_like_every_command(tmp_path, monkeypatch):
+    import shortft_core.models as models
+    from shortft_core.cli import build_parser, main
+
+    _write_images(tmp_path / "imgs", 2)
+    for reward in (["2*symmetry+compressibility"], ["2*symmetry", "+", "compressibility"]):  # quoted or not
+        out = tmp_path / f"{len(reward)}.json"
+        assert main(["score", "--reward", *reward, "--images", str(tmp_path / "imgs"), "--out", str(out),
+                     "--device", "cpu"]) == 0
+        assert {k: v["weight"] for k, v in json.loads(out.read_text())["rewards"].items()} == {
+            "symmetry": 2.0, "compressibility": 1.0}
+    cases = [(["hpsv3"], "unknown reward 'hpsv3'; choose one of hps_v2"),
+             (["pickscore=10", "hps_v2=2"], "write '10*pickscore + 2*hps_v2'")]
+    for reward, message in cases:
+        argv = ["score", "--reward", *reward, "--images", str(tmp_path / "imgs")]
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        first, hint = str(exc.value.code).splitlines()
+        assert first.startswith("error: --reward: ") and message in first
+        assert hint == "(shortft -v score ... shows the traceback)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            main(["-v", *argv])
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before the spec"))
+    with pytest.raises(SystemExit, match=r"error: .*write '10\*pickscore \+ 2\*hps_v2'.*\n\(shortft -v train"):
+        main(["train", "--reward", "pickscore=10 hps_v2=2", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "traceback" in build_parser().format_help()  # what -v does
 
 
 def test_score_cli_reads_samples_json_and_checks_counts(tmp_path):

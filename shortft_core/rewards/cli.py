@@ -1,7 +1,10 @@
 """``python -m shortft_core score``: score a folder of images with any reward or weighted combination.
 
-    python -m shortft_core score --reward pickscore=10 hps_v2=2 --weights-dir ~/models/reward_models \\
+    python -m shortft_core score --reward "10*pickscore + 2*hps_v2" --weights-dir ~/models/reward_models \\
         --images out/ --prompts prompts.txt --out scores.json
+
+``--reward`` takes the weighted spec every command accepts (``[weight*]name`` terms joined by ``+``, see
+``rewards.registry``).
 
 Prompts: a text file with one prompt per image (images in file-name order), or the ``samples.json`` that
 ``shortft sample`` writes (used automatically when ``--prompts`` is omitted and the folder holds one).
@@ -24,16 +27,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def add_score_parser(sub) -> None:
     from ..cli import add_threads_flag, number
-    from .registry import describe_rewards
+    from .registry import SPEC_EXAMPLE, describe_rewards
 
     p = sub.add_parser("score", help="score images with reward models (HPS v2, PickScore, ImageReward, ...)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Score every image in a folder against its prompt with one reward or a weighted "
                                    "sum; each term is reported separately. Weights are read from local files only.",
-                       epilog="rewards:\n" + describe_rewards() + "\n\nexample:\n  shortft score --reward pickscore=10 "
-                              "hps_v2=2 --weights-dir models/reward_models --images out/ --prompts prompts.txt")
-    p.add_argument("--reward", nargs="+", required=True, metavar="NAME[=WEIGHT]",
-                   help="rewards or presets, each with an optional weight (default 1), e.g. pickscore=10 hps_v2=2")
+                       epilog="rewards:\n" + describe_rewards() + f"\n\nexample:\n  shortft score --reward "
+                              f"\"{SPEC_EXAMPLE}\" --weights-dir models/reward_models --images out/ "
+                              "--prompts prompts.txt")
+    p.add_argument("--reward", nargs="+", required=True, metavar="SPEC",
+                   help="a reward or preset name, or a weighted sum of them, the same spec train takes, e.g. "
+                        f"'{SPEC_EXAMPLE}' (weight 1 when omitted; the words after --reward are read as one spec)")
     p.add_argument("--images", required=True, help="folder of images (png, jpg, webp), scored in file-name order")
     p.add_argument("--prompts", help="text file with one prompt per image, or a samples.json from `shortft sample` "
                                      "(default: IMAGES/samples.json when present)")
@@ -127,20 +132,17 @@ def run_score(args: argparse.Namespace) -> int:
             refuse_overwrite(args.out, args.overwrite, "--out")
         except FileExistsError as e:
             raise SystemExit(str(e)) from None
-    spec = " + ".join(args.reward)
+    spec = " ".join(args.reward)
     try:
         parse_reward_spec(spec)  # refuse a bad spec before reading images or weights
     except ValueError as e:
-        raise SystemExit(f"--reward: {e}") from None
+        raise ValueError(f"--reward: {e}") from e
     files, prompts = _images_and_prompts(Path(args.images), args.prompts)
     set_threads(args.threads)
     device = _device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else None
-    try:
-        combo = build_reward_spec(spec, paths=_pairs(args.path, "--path"), weights_dir=args.weights_dir,
-                                  device=device, dtype=dtype, options=_options(args.option))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    combo = build_reward_spec(spec, paths=_pairs(args.path, "--path"), weights_dir=args.weights_dir,
+                              device=device, dtype=dtype, options=_options(args.option))
     per_term: dict[str, list[float]] = {label: [] for label in combo.labels}
     totals: list[float] = []
     i = 0

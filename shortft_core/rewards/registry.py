@@ -4,7 +4,10 @@
     build_reward_spec("10*pickscore + 2*hps_v2 + 0.05*aesthetic", weights_dir="/models/reward_models")
     build_reward_spec("symmetry + 0.1*paper_regulariser", paths={"hps_v2": ..., "pickscore": ...})
 
-A spec is ``[weight*]name`` terms joined by ``+``; a name may be a preset (expanded, weights multiplied).
+A spec is ``[weight*]name`` terms joined by ``+`` (``10*pickscore + 2*hps_v2 + 0.05*aesthetic``): the one syntax
+every command and host accepts; a name may be a preset (expanded, weights multiplied). :func:`check_reward_spec`
+validates a spec (and optionally finds its weight files) without loading anything; :func:`reward_descriptions`
+lists what can be named, one line each.
 Each reward has named file *slots* (``path`` is the main one; e.g. ``aesthetic.clip`` is the CLIP it embeds
 with). A slot is filled from ``paths`` (``{"aesthetic": p, "aesthetic.clip": q}``) or looked up under
 ``weights_dir`` by its published file name; a missing file raises an error naming the file, the places searched
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -229,11 +233,17 @@ def list_rewards() -> list[str]:
     return list(REWARDS)
 
 
+def reward_descriptions() -> dict[str, str]:
+    """Every name a spec may use, each with a one-line description: the rewards, then the presets (a host's
+    drop-down shows these; each name alone is a valid spec)."""
+    out = {e.name: e.summary for e in REWARDS.values()}
+    out.update({k: f"preset: {v}" for k, v in PRESETS.items()})
+    return out
+
+
 def describe_rewards() -> str:
     """One line per reward and preset, for ``--help``."""
-    lines = [f"  {e.name:<18} {e.summary}" for e in REWARDS.values()]
-    lines += [f"  {k:<18} preset: {v}" for k, v in PRESETS.items()]
-    return "\n".join(lines)
+    return "\n".join(f"  {name:<18} {text}" for name, text in reward_descriptions().items())
 
 
 def _resolve_files(entry: RewardEntry, paths: Mapping[str, PathLike | None], weights_dir: PathLike | None,
@@ -290,24 +300,53 @@ def build_reward(name: str, path: PathLike | None = None, *, paths: Mapping[str,
 
 
 _TERM = re.compile(r"^\s*(?:([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?([A-Za-z_][\w.\-]*)\s*$")
+_NAME_EQUALS = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+SPEC_EXAMPLE = "10*pickscore + 2*hps_v2 + 0.05*aesthetic"
+
+
+def _suggest(spec: str) -> str | None:
+    """The weighted form of a spec written another way (``pickscore=10 hps_v2=2``, terms split by spaces), or None
+    when it cannot be read as one."""
+    terms = []
+    for token in re.split(r"\s*\+\s*|\s+", spec.strip()):
+        m = _NAME_EQUALS.match(token)
+        term = f"{m.group(2)}*{m.group(1)}" if m else token
+        if not _TERM.match(term):
+            return None
+        terms.append(term)
+    return " + ".join(terms) if terms else None
+
+
+def format_reward_spec(terms: list[tuple[float, str]]) -> str:
+    """``[(10.0, "pickscore"), (1.0, "hps_v2")]`` -> ``"10*pickscore + hps_v2"``, the canonical spec string."""
+    return " + ".join(name if w == 1 else f"{w:g}*{name}" for w, name in terms)
 
 
 def parse_reward_spec(spec: str) -> list[tuple[float, str]]:
     """``"10*pickscore + 2*hps_v2"`` -> ``[(10.0, "pickscore"), (2.0, "hps_v2")]``; presets expanded, names
-    canonical, repeated names merged. ``name=weight`` (the CLI's form) is accepted for single terms."""
+    canonical, repeated names merged.
+
+    Loads nothing. A ValueError names the spec and the fix for: an empty spec, a term that is not
+    ``[weight*]name`` (``name=weight`` and space-separated terms are refused with the same spec written the one
+    accepted way), an unknown name (listing the known ones), a weight that is not finite, and a reward whose
+    weights add up to 0.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"reward spec {spec!r} is empty; give a reward name or a weighted sum such as "
+                         f"'{SPEC_EXAMPLE}'")
     weights: dict[str, float] = {}
 
     def add(text: str, factor: float, depth: int = 0) -> None:
         for raw in text.split("+"):
-            term = raw.strip()
-            if "=" in term:
-                n, _, w = term.partition("=")
-                term = f"{w.strip()}*{n.strip()}"
-            m = _TERM.match(term)
+            m = _TERM.match(raw)
             if not m:
-                raise ValueError(f"reward spec {spec!r}: cannot read term {raw.strip()!r}; write [weight*]name, "
-                                 "e.g. '10*pickscore + 2*hps_v2'")
+                suggestion = _suggest(spec)
+                fix = (f"write '{suggestion}'" if suggestion and suggestion != spec.strip()
+                       else f"write [weight*]name terms joined by '+', e.g. '{SPEC_EXAMPLE}'")
+                raise ValueError(f"reward spec {spec!r}: cannot read term {raw.strip()!r}; {fix}")
             w = float(m.group(1)) if m.group(1) else 1.0
+            if not math.isfinite(w):
+                raise ValueError(f"reward spec {spec!r}: weight {m.group(1)} of {m.group(2)} is not a finite number")
             n = m.group(2).lower()
             if n in PRESETS:
                 if depth > 4:
@@ -318,7 +357,42 @@ def parse_reward_spec(spec: str) -> list[tuple[float, str]]:
                 weights[key] = weights.get(key, 0.0) + factor * w
 
     add(spec, 1.0)
+    zero = [n for n, w in weights.items() if w == 0]
+    if zero:
+        raise ValueError(f"reward spec {spec!r}: the weights of {', '.join(zero)} add up to 0; remove the term")
     return [(w, n) for n, w in weights.items()]
+
+
+def check_reward_spec(spec: str, paths: Mapping[str, Any] | None = None, *, weights_dir: PathLike | None = None,
+                      files: bool = False) -> list[tuple[float, str]]:
+    """Validate ``spec`` without loading any weights and return its terms (see :func:`parse_reward_spec`), so a
+    host can refuse a bad spec before heavy work. With ``files=True`` every reward's weight files are also
+    located from ``paths`` / ``weights_dir`` as :func:`build_reward_spec` would, and the headers of safetensors
+    files checked: a missing file raises :class:`RewardWeightsNotFound` naming it and where it is published, a
+    damaged one :class:`~shortft_core.io.SafetensorsFileError`. Nothing is read beyond headers."""
+    terms = parse_reward_spec(spec)
+    slot_paths = _slot_paths(paths)  # names in paths are checked too (a path may serve several specs)
+    if files:
+        for _, name in terms:
+            entry = REWARDS[name]
+            extra = set(slot_paths.get(name, {})) - set(entry.slots)
+            if extra:
+                raise ValueError(f"{name}: unknown weight slots {sorted(extra)}; it takes "
+                                 f"{sorted(entry.slots) or 'none'}")
+            _resolve_files(entry, slot_paths.get(name, {}), weights_dir)
+    return terms
+
+
+def _slot_paths(paths: Mapping[str, Any] | None) -> dict[str, dict[str, PathLike]]:
+    """``{"hps_v2": p, "aesthetic.clip": q, "pickscore": {"path": r}}`` -> per canonical reward, per slot."""
+    slot_paths: dict[str, dict[str, PathLike]] = {}
+    for key, value in (paths or {}).items():
+        if isinstance(value, Mapping):
+            slot_paths.setdefault(canonical_name(key), {}).update(value)
+        else:
+            name, slot = split_slot(key)
+            slot_paths.setdefault(name, {})[slot] = value
+    return slot_paths
 
 
 def build_reward_spec(spec: str, paths: Mapping[str, Any] | None = None, *, weights_dir: PathLike | None = None,
@@ -330,13 +404,7 @@ def build_reward_spec(spec: str, paths: Mapping[str, Any] | None = None, *, weig
     (or ``name`` to a dict of slots); ``options`` maps a name to its builder options (e.g. ``{"hps_v2":
     {"arch": "ViT-H-14"}}``)."""
     terms = parse_reward_spec(spec)
-    slot_paths: dict[str, dict[str, PathLike]] = {}
-    for key, value in (paths or {}).items():
-        if isinstance(value, Mapping):
-            slot_paths.setdefault(canonical_name(key), {}).update(value)
-        else:
-            name, slot = split_slot(key)
-            slot_paths.setdefault(name, {})[slot] = value
+    slot_paths = _slot_paths(paths)
     opts = {canonical_name(k): dict(v) for k, v in (options or {}).items()}
     built = [(name, w, build_reward(name, paths=slot_paths.get(name), weights_dir=weights_dir, device=device,
                                     dtype=dtype, grad_checkpointing=grad_checkpointing, **opts.get(name, {})))
