@@ -48,3 +48,19 @@ torch.set_num_threads(int(os.environ.get("SHORTFT_TEST_THREADS", "1")))
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """One real ComfyUI server for the session (tier 2), with this repository linked into its custom_nodes; it is
+    stopped when the session ends, whatever the tests did. Skips naming what is missing."""
+    from comfy_harness import ComfyServer, find_comfyui, requirements_skip_reason
+
+    comfy, where = find_comfyui()
+    if comfy is None:
+        pytest.skip(where)
+    reason = requirements_skip_reason(comfy)
+    if reason is not None:
+        pytest.skip(reason)
+    with ComfyServer(comfy) as server:
+        yield server

@@ -1,10 +1,11 @@
 """ComfyUI reads our kohya exports: its stock LoRA key logic loads every key (no "lora key not loaded"), and its
 patched SD1.5 UNet computes what our peft adapter computes.
 
-ComfyUI is not a dependency of the project: these tests need a checkout ($COMFYUI_PATH, else ~/comfy/ComfyUI)
-and an interpreter with ComfyUI's requirements ($SHORTFT_COMFY_PYTHON, else /work/comfy_venv/bin/python, else
-this interpreter if it can import ComfyUI). The ComfyUI side runs in a subprocess; tensors go through
-safetensors files in a temporary folder. Nothing from ComfyUI is copied into the project.
+ComfyUI is not a dependency of the project: these tests need a checkout (comfy_harness.find_comfyui: $COMFYUI_PATH,
+else ../shared/comfyui beside the repository, else ~/comfy/ComfyUI) and an interpreter with ComfyUI's requirements
+($SHORTFT_COMFY_PYTHON, else this interpreter when it holds them). The ComfyUI side runs in a subprocess that writes
+nothing into the checkout; tensors go through safetensors files in a temporary folder. Nothing from ComfyUI is
+copied into the project.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from comfy_harness import find_comfyui, requirements_skip_reason
 from shortft_core import ldm_keys, lora_io, random_models
 from shortft_core.loading import bundled_config
+
+pytestmark = pytest.mark.comfyui
 
 # Runs inside ComfyUI's interpreter: argv = comfy_root, mode, args...
 COMFY_SIDE = textwrap.dedent(r'''
@@ -88,11 +92,15 @@ COMFY_SIDE = textwrap.dedent(r'''
 
 def comfy_setup() -> tuple[str, str]:
     """(ComfyUI checkout, interpreter), or a pytest skip naming what is missing."""
-    root = Path(os.environ.get("COMFYUI_PATH") or Path.home() / "comfy" / "ComfyUI").expanduser()
-    if not (root / "comfy" / "sd.py").is_file():
-        pytest.skip(f"no ComfyUI checkout at {root} (set COMFYUI_PATH or clone ComfyUI to ~/comfy/ComfyUI)")
-    python = os.environ.get("SHORTFT_COMFY_PYTHON") or next(
-        (p for p in ["/work/comfy_venv/bin/python"] if Path(p).is_file()), sys.executable)
+    root, where = find_comfyui()
+    if root is None:
+        pytest.skip(where)
+    python = os.environ.get("SHORTFT_COMFY_PYTHON")
+    if not python:
+        reason = requirements_skip_reason(root)
+        if reason is not None:
+            pytest.skip(f"{reason} (or set SHORTFT_COMFY_PYTHON to a Python that holds them)")
+        python = sys.executable
     return str(root), python
 
 
@@ -100,7 +108,7 @@ def run_comfy(tmp_path: Path, *args: str) -> None:
     root, python = comfy_setup()
     script = tmp_path / "comfy_side.py"
     script.write_text(COMFY_SIDE)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run([python, str(script), root, *args], capture_output=True, text=True, timeout=900, cwd=root,
                        env=env)
     if r.returncode == 3 and "IMPORT_FAILED" in r.stdout:
