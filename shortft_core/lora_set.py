@@ -274,3 +274,36 @@ def set_inference_plan(names: Sequence[str], segments: Segments, guidance: float
         j = segments.segment_of(t)
         steps.append(Step(t, s, TUNED, (names[j - 1],), guidance, segment=j))
     return ChainPlan("lora-set", tuple(_mark_last_readout(steps)))
+
+
+def find_lora_sets(root: str | os.PathLike) -> list[str]:
+    """The LoRA set folders (holding ``set.json``) below ``root``, as sorted '/'-separated paths relative to it: the
+    sets a LoRA folder such as ComfyUI's ``models/loras`` holds. Links are followed (a link back up the tree is
+    not), hidden folders skipped, and a set's own subfolders are not searched."""
+    root = Path(root).expanduser()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        rel = Path(dirpath).relative_to(root)
+        above = [root.joinpath(*rel.parts[:i]) for i in range(len(rel.parts))]
+        if os.path.realpath(dirpath) in {os.path.realpath(p) for p in above}:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if SET_MANIFEST in filenames and rel.parts:
+            found.append(rel.as_posix())
+            dirnames[:] = []
+    return sorted(found)
+
+
+def lora_set_folder(roots: Sequence[str | os.PathLike], name: str) -> Path:
+    """The folder of the set ``name`` (a path as :func:`find_lora_sets` lists it) in the first of ``roots`` holding
+    it. A name that is absolute, climbs out with '..' or is in none of the roots raises an error naming the roots."""
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"LoRA set name {name!r} must be a folder path relative to a LoRA folder, without '..'")
+    for root in roots:
+        folder = Path(root).expanduser() / rel
+        if (folder / SET_MANIFEST).is_file():
+            return folder
+    raise FileNotFoundError(f"no LoRA set {name!r} (a folder holding {SET_MANIFEST}) in "
+                            f"{', '.join(str(r) for r in roots) or 'no LoRA folder'}; copy the whole set folder there")
