@@ -34,7 +34,8 @@ from shortft_core.adapters import lora_compute_in_input_dtype  # noqa: E402
 from shortft_core.profiling import ideal_seconds, pass_costs  # noqa: E402
 from shortft_core.rewards.base import Reward  # noqa: E402
 from shortft_core.rewards.preprocess import Preprocess  # noqa: E402
-from shortft_core.trainer import PromptSource, TrainConfig, Trainer  # noqa: E402
+from shortft_core.trainer import PromptSource, Trainer  # noqa: E402
+from shortft_core.config import TrainConfig  # noqa: E402
 
 # (family, method, checkpointing, batch) in priority order: what is still unmeasured or unsettled first
 # (BENCHMARKS.md, "SD1.5 on an H100"), then the rows already recorded; --families sdxl for the SDXL rows.
@@ -189,7 +190,7 @@ def run_config(model, reward, row: Row, small: bool, iters: int) -> dict:
             plans.append(tr.last_plan)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         costs = pass_costs(tr, row.batch, plans, reps=2)
-        ideal = statistics.mean(ideal_seconds(p, costs, tr.lora) for p in plans)
+        ideal = statistics.mean(ideal_seconds(p, costs) for p in plans)
         return {"sec_per_iter": statistics.median(times), "peak_gib": peak, "efficiency_ratio":
                 statistics.median(times) / ideal, "network_calls": plans[0].network_calls,
                 "grad_calls": plans[0].grad_calls, "iters": iters}

@@ -56,7 +56,10 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     from shortft_core.models import load_model
     from shortft_core.shortcut import load_shortcut
     from shortft_core.tiny_world import held_out_prompts, load_tiny_rewards, tiny_shortcut_path
-    from shortft_core.trainer import Callback, PromptSource, TrainConfig, Trainer, method_plan
+    from shortft_core.loop import Callback
+    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.config import TrainConfig
+    from shortft_core.methods import method_plan
 
     model = load_model("tiny")
     _, preset = load_shortcut(model.unet, tiny_shortcut_path(), adapter_name=SHORTCUT)
@@ -90,7 +93,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     iter_times = [b - a for a, b in zip([0.0] + h.seconds[:-1], h.seconds)]
     skip = min(2, len(iter_times) - 1)  # first iterations include one-off set-up
     costs = pass_costs(tr, cfg.batch_size, plans[skip:])
-    ideal = sum(ideal_seconds(p, costs, tr.lora) for p in plans[skip:])
+    ideal = sum(ideal_seconds(p, costs) for p in plans[skip:])
     result = {
         "variant": variant, "seed": seed, "reward": reward, "budget_s": budget, "iterations": len(h.iterations),
         "guidance": cfg.guidance, "lr": cfg.lr,

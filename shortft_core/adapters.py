@@ -106,6 +106,29 @@ def adapter_names(unet: torch.nn.Module) -> list[str]:
     return list(getattr(unet, "peft_config", {}).keys())
 
 
+def remove_adapters(unet: torch.nn.Module, names: Sequence[str]) -> None:
+    """Delete the adapters ``names`` from ``unet``. A layer peft wrapped that is left without any adapter goes back
+    to its base layer, and peft's bookkeeping goes with the last adapter, so after removing every adapter the UNet
+    has the modules, parameter names and attributes it had before any was added."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    present = [n for n in names if n in (getattr(unet, "peft_config", {}) or {})]
+    if present:
+        inner = unet.module if hasattr(unet, "module") and hasattr(unet.module, "peft_config") else unet
+        with warnings.catch_warnings():  # peft names the adapter it activates instead: nothing to act on here
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            inner.delete_adapters(present)
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer) and all(len(getattr(module, a, ())) == 0
+                                                      for a in module.adapter_layer_names):
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            setattr(parent, child, module.get_base_layer())
+    if not getattr(unet, "peft_config", None):
+        unet.__dict__.pop("peft_config", None)
+        unet.__dict__.pop("_hf_peft_config_loaded", None)
+
+
 def adapter_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
     """The parameters of one adapter, in a stable order."""
     marker = f".{name}."

@@ -23,13 +23,20 @@ EpsHook = Callable[[Step, torch.Tensor, torch.Tensor], None]
 
 
 def guided_eps(model: T2IModel, x: torch.Tensor, t: int | torch.Tensor, cond: Conditioning,
-               uncond: Conditioning | None, guidance: float, unet: torch.nn.Module | None = None) -> torch.Tensor:
-    """eps with classifier-free guidance, evaluating the conditional and unconditional halves in one batch."""
-    if uncond is None or guidance == 1.0:
+               uncond: Conditioning | None, guidance: float | torch.Tensor,
+               unet: torch.nn.Module | None = None) -> torch.Tensor:
+    """eps with classifier-free guidance, evaluating the conditional and unconditional halves in one batch.
+
+    ``t`` is one timestep or one per sample; ``guidance`` one scale or one per sample (distillation draws them)."""
+    if uncond is None or (not torch.is_tensor(guidance) and guidance == 1.0):
         return model.eps(x, t, cond, unet=unet)
-    both = model.eps(torch.cat([x, x]), t, uncond.cat(cond), unet=unet)
+    tt = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim > 0 else t
+    both = model.eps(torch.cat([x, x]), tt, uncond.cat(cond), unet=unet)
     e_u, e_c = both.chunk(2)
-    return e_u + guidance * (e_c - e_u)
+    g = torch.as_tensor(guidance, device=x.device, dtype=x.dtype)
+    if g.ndim > 0:
+        g = g.reshape(-1, *([1] * (x.ndim - 1)))
+    return e_u + g * (e_c - e_u)
 
 
 def renoise(x: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

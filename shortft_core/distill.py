@@ -31,11 +31,10 @@ the trajectory data provides for free; or ``consistency``, as in the papers (BEN
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,10 +42,10 @@ import torch
 
 from .adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
 from .adapters import load_adapter_state
-from .checkpoint import (CheckpointManager, all_finite, capture_rng, changed_settings, check_bounds, clip_gradients,
-                         restore_rng, setting)
+from .loop import Callback, Loop
+from .checkpoint import (CheckpointManager, check_bounds, setting)
 from .models import PRECISION, Conditioning, T2IModel
-from .chain import run_plan
+from .chain import guided_eps, run_plan
 from .plans import base_chain
 from .sampling import initial_noise
 from .schedule import FINAL, add_noise, ddim_step, leading_grid
@@ -297,11 +296,30 @@ class TeacherTrajectories:
         self.uses = st["uses"]
 
 
-# ----- the distiller ---------------------------------------------------------------------------------------------
-class Distiller:
-    """Owns the student adapter, optimizer and loop; ``run`` trains, checkpoints and resumes exactly."""
+class _FunctionHooks(Callback):
+    """``Distiller.run``'s plain-function arguments as a loop callback."""
 
-    def __init__(self, model: T2IModel, cfg: DistillConfig, out: str | Path) -> None:
+    def __init__(self, on_step: Callable[[int, dict], None] | None, should_stop: Callable[[], bool] | None) -> None:
+        self.step_fn, self.stop_fn = on_step, should_stop
+
+    def on_step(self, loop: "Loop", metrics: dict) -> None:
+        if self.step_fn is not None:
+            self.step_fn(loop.iteration, metrics)
+
+    def should_stop(self, loop: "Loop") -> bool:
+        return bool(self.stop_fn is not None and self.stop_fn())
+
+
+# ----- the distiller ---------------------------------------------------------------------------------------------
+class Distiller(Loop):
+    """Owns the student adapter and its training loop (:class:`~shortft_core.loop.Loop`: the schedule, updates,
+    stop requests and exact checkpoint/resume shared with the trainer); ``run`` trains."""
+
+    rng_name = "data"
+    resume_may_change = ("steps", "checkpoint_every", "keep_checkpoints")
+
+    def __init__(self, model: T2IModel, cfg: DistillConfig, out: str | Path,
+                 callbacks: Sequence[Callback] = ()) -> None:
         cfg.validate(model)
         self.model, self.cfg, self.out = model, cfg, Path(out)
         self.unet = model.unet
@@ -312,13 +330,11 @@ class Distiller:
             p.requires_grad_(True)
         self.switch = AdapterSwitch(self.unet)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = max(1, cfg.warmup)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        # warm-up of at least one step and a cosine down to 0.1 of the peak over the run
+        super().__init__(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=max(1, cfg.warmup),
+                         total=cfg.steps, schedule="cosine", grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg,
+                         checkpoints=CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints),
+                         callbacks=callbacks)
         self.solver = model.schedule.num_train_timesteps // cfg.teacher_steps
         self.skipped = 0
         if cfg.data == "images":
@@ -341,12 +357,7 @@ class Distiller:
     def _eps(self, adapters: Sequence[str], x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
              uncond: Conditioning | None = None, guidance: torch.Tensor | float = 1.0) -> torch.Tensor:
         self.switch.activate(adapters)
-        if uncond is None:
-            return self.model.eps(x, t, cond)
-        both = self.model.eps(torch.cat([x, x]), torch.cat([t, t]), uncond.cat(cond))
-        e_u, e_c = both.chunk(2)
-        g = torch.as_tensor(guidance, device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return e_u + g * (e_c - e_u)
+        return guided_eps(self.model, x, t, cond, uncond, guidance)
 
     def _swap_ema(self) -> None:
         if self.ema is not None:
@@ -421,73 +432,52 @@ class Distiller:
             tc = torch.where(tc > lower, tn, tc)
         return cur
 
+    @property
+    def step(self) -> int:
+        """Distillation steps done."""
+        return self.iteration
+
     # ---- checkpoints ----
-    def state(self) -> dict:
-        return {"adapter": adapter_state(self.unet, SHORTCUT), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "rng": capture_rng({"data": self.gen}),
-                "ema": self.ema, "skipped": self.skipped, "config": json.dumps(self.cfg.to_dict()),
+    def extra_state(self) -> dict:
+        return {"adapter": adapter_state(self.unet, SHORTCUT), "ema": self.ema,
                 "pool": self.data.state_dict() if isinstance(self.data, TeacherTrajectories) else {}}
 
-    def resume(self) -> bool:
-        path = self.ckpt.latest()
-        if path is None:
-            return False
-        st = CheckpointManager.load(path)
-        diff = changed_settings(st["config"], self.cfg, ("steps", "checkpoint_every", "keep_checkpoints"))
-        if diff:
-            raise ValueError(f"cannot resume from {path}: settings differ from the checkpoint in {diff}; "
-                             "use the same settings or another --out")
+    def load_extra_state(self, st: dict) -> None:
         load_adapter_state(self.unet, SHORTCUT, st["adapter"])
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        restore_rng(st["rng"], {"data": self.gen})
         self.ema = st["ema"]
-        self.skipped = st["skipped"]
         if isinstance(self.data, TeacherTrajectories):
             self.data.load_state_dict(st["pool"])
-        self.step = st["step"]
-        log.info("resumed from %s at step %d", path, self.step)
-        return True
+
+    # ---- the loop ----
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        loss = self.loss_on(self.draw(self.gen))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        before = self.skipped
+        self.apply_gradients(bool(torch.isfinite(loss)))
+        if self.ema is not None and self.skipped == before:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1 - self.cfg.ema_decay)
+        self._times.append(time.perf_counter() - t0)
+        return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
+                "sec_per_step": sum(self._times) / len(self._times)}
 
     def run(self, on_step: Callable[[int, dict], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> dict:
-        """Train until ``cfg.steps`` (or ``should_stop()``); returns the last metrics."""
-        cfg = self.cfg
+        """Train until ``cfg.steps`` (or ``should_stop()``, or a callback's stop request); returns the last
+        metrics. ``on_step(step, metrics)`` sees every step."""
+        extra = [_FunctionHooks(on_step, should_stop)] if (on_step or should_stop) else []
+        self.callbacks += extra
+        self._times: list[float] = []  # speed of this run, not averaged over resumed steps
         self.unet.train()
-        metrics: dict = {}
-        t0, first = time.perf_counter(), self.step  # speed of this run, not averaged over the resumed steps
-        while self.step < cfg.steps:
-            if should_stop is not None and should_stop():
-                log.info("stopped at step %d on request", self.step)
-                break
-            loss = self.loss_on(self.draw(self.gen))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in self.params]
-            if not (torch.isfinite(loss) and all_finite(grads)):
-                self.skipped += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", self.step, self.skipped)
-                if self.skipped > 20:
-                    raise FloatingPointError("more than 20 non-finite steps: lower --lr; the last checkpoint is intact")
-            else:
-                clip_gradients(self.params, cfg.grad_clip)
-                self.opt.step()
-                if self.ema is not None:
-                    with torch.no_grad():
-                        for e, p in zip(self.ema, self.params):
-                            e.lerp_(p.detach(), 1 - cfg.ema_decay)
-            self.sched.step()
-            self.step += 1
-            metrics = {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
-                       "sec_per_step": (time.perf_counter() - t0) / max(1, self.step - first)}
-            if on_step is not None:
-                on_step(self.step, metrics)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.ckpt.save(self.step, self.state())
-        if self.step > first and self.step % cfg.checkpoint_every and self.step < cfg.steps:
-            self.ckpt.save(self.step, self.state())  # stopped on request: --resume continues from here
-        self.unet.eval()
-        return metrics
+        try:
+            return super().run()
+        finally:
+            self.unet.eval()
+            for cb in extra:
+                self.callbacks.remove(cb)
 
     def metadata(self) -> dict:
         """What the shortcut file records about itself (stored as its "shortft" metadata field)."""

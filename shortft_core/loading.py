@@ -63,10 +63,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shortft"
 
 
-def clip_tokenizer(pad_token: str = EOS):
-    """A CLIP BPE tokenizer built offline from open_clip's merges, cached per pad token in :func:`cache_dir`."""
+def clip_tokenizer(pad_token: str = EOS, cache: str | os.PathLike | None = None):
+    """A CLIP BPE tokenizer built offline from open_clip's merges, cached per pad token in ``cache`` (default
+    :func:`cache_dir`)."""
     name = "clip_tokenizer" if pad_token == EOS else f"clip_tokenizer_pad{ord(pad_token[0]):03d}"
-    folder = cache_dir() / name
+    folder = (Path(cache) if cache is not None else cache_dir()) / name
     try:
         return load_clip_tokenizer(folder)
     except (FileNotFoundError, RuntimeError, OSError):
@@ -208,7 +209,8 @@ def _finish(model, device: torch.device | str) -> Any:
 
 
 def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32, config_dir: str | os.PathLike | None = None):
+                     dtype: torch.dtype = torch.float32, config_dir: str | os.PathLike | None = None,
+                     cache_dir: str | os.PathLike | None = None):
     """Load an SD1.5 or SDXL single-file checkpoint (ldm layout) as a :class:`T2IModel`, offline.
 
     ``config_dir`` replaces the bundled configs (tests use reduced architectures); ``dtype`` is the weight dtype
@@ -233,7 +235,8 @@ def model_from_checkpoint(sd: dict[str, torch.Tensor], source: str = "checkpoint
     family = detect_checkpoint_family(sd, name=source)
     cfg = {part: bundled_config(family, part, config_dir) for part in ("unet", "vae", "scheduler")}
     schedule = NoiseSchedule.from_config(cfg["scheduler"])
-    tokenizers = [clip_tokenizer()] + ([clip_tokenizer(SDXL_PAD_TOKEN)] if family == "sdxl" else [])
+    tokenizers = [clip_tokenizer(cache=cache_dir)] + ([clip_tokenizer(SDXL_PAD_TOKEN, cache_dir)] if family == "sdxl"
+                                                      else [])
 
     with init_empty_weights():  # the converters want a complete config dict (defaults filled in)
         unet_cfg = dict(UNet2DConditionModel.from_config(cfg["unet"]).config)
@@ -301,7 +304,7 @@ def check_sd15_folder(path: str | os.PathLike) -> None:
 
 
 def load_sdxl_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32):
+                     dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):
     """Load a diffusers StableDiffusionXLPipeline folder (two tokenizers and text encoders) as a T2IModel."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -330,7 +333,7 @@ def load_sdxl_folder(path: str | os.PathLike, device: str | torch.device = "cpu"
             tokenizers.append(load_clip_tokenizer(path / sub))
         else:  # the tokenizer is the same public BPE everywhere: build it rather than fail
             log.info("%s has no %s; using the CLIP tokenizer built from open_clip's merges", path, sub)
-            tokenizers.append(clip_tokenizer(EOS if sub == "tokenizer" else SDXL_PAD_TOKEN))
+            tokenizers.append(clip_tokenizer(EOS if sub == "tokenizer" else SDXL_PAD_TOKEN, cache_dir))
     kw: dict[str, Any] = dict(local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype,
                                                 variant=_variant(path / "unet"), **kw)

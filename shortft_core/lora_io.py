@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .adapters import lora_compute_in_input_dtype
+from .lifecycle import outside_inference_mode
 from .io import SafetensorsHeader, atomic_save, check_safetensors, refuse_overwrite
 
 log = logging.getLogger(__name__)
@@ -483,6 +484,7 @@ def _active(unet: torch.nn.Module) -> list[str]:
     return seen
 
 
+@outside_inference_mode
 def load_lora_adapter(unet: torch.nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
                       adapter_name: str, trainable: bool = False, dtype: torch.dtype | None = None,
                       activate: bool = True, metadata: Mapping[str, str] | None = None) -> LoadedLora:

@@ -29,6 +29,7 @@ import torch
 from .adapters import LoraSetSpec
 from .segments import Segments
 from .io import atomic_write_json, check_safetensors, refuse_overwrite
+from .lifecycle import outside_inference_mode
 from .schedule import leading_grid
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def set_segments(info: Mapping[str, Any]) -> Segments:
     return segments
 
 
+@outside_inference_mode
 def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str = "segment_") -> tuple[list[str], Segments]:
     """Load every segment file of a set as a frozen adapter (``segment_1`` ...); returns their names and the
     segment map, so a sampler activates ``names[segment_of(t) - 1]`` at timestep t."""
@@ -260,6 +262,13 @@ def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str 
         load_lora_adapter(unet, folder / fname, adapter_name=name, trainable=False)
         names.append(name)
     return names, segments
+
+
+def unload_lora_set(unet: torch.nn.Module, names: Sequence[str]) -> None:
+    """Remove the segment adapters :func:`load_lora_set` added (``names``, as it returned them)."""
+    from .adapters import remove_adapters
+
+    remove_adapters(unet, names)
 
 
 def set_inference_plan(names: Sequence[str], segments: Segments, guidance: float,

@@ -12,12 +12,13 @@ import logging
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from .lifecycle import outside_inference_mode
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -311,10 +312,12 @@ def tiny_world_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent / "tiny_world" / "weights"
 
 
+@outside_inference_mode
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> T2IModel:
+               dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None) -> T2IModel:
     """Load ``"tiny"`` (the embedded tiny world), a local diffusers SD1.5/SDXL folder or a single-file SD1.5/SDXL
-    checkpoint (.safetensors / .ckpt in the original ldm layout), offline."""
+    checkpoint (.safetensors / .ckpt in the original ldm layout), offline. ``cache_dir`` holds the CLIP tokenizers
+    a single-file checkpoint needs (default: :func:`shortft_core.loading.cache_dir`)."""
     from . import loading
 
     if str(spec) == TINY:
@@ -325,9 +328,9 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",
     if path.is_dir():
         if loading.pipeline_class(path) == "StableDiffusionPipeline":
             loading.check_sd15_folder(path)
-        return load_diffusers_folder(path, device, dtype)
+        return load_diffusers_folder(path, device, dtype, cache_dir)
     if path.is_file():
-        return loading.load_single_file(path, device, dtype)
+        return loading.load_single_file(path, device, dtype, cache_dir=cache_dir)
     raise FileNotFoundError(
         f"model {spec!r} not found (no such file or folder): pass 'tiny', a local diffusers folder or a single-file "
         f"checkpoint. Supported: {loading.SUPPORTED}"
@@ -335,7 +338,7 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32) -> T2IModel:
+                          dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None) -> T2IModel:
     """Load the components of a diffusers StableDiffusionPipeline folder without building the pipeline."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -351,7 +354,7 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
     if cls == "StableDiffusionXLPipeline":
         from .loading import load_sdxl_folder
 
-        return load_sdxl_folder(path, device, dtype)
+        return load_sdxl_folder(path, device, dtype, cache_dir)
     if cls != "StableDiffusionPipeline":
         raise ValueError(
             f"{path} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline (SD1.x-layout, "

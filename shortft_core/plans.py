@@ -55,6 +55,7 @@ class ChainPlan:
     steps: tuple[Step, ...]
     stage: int | None = None
     info: dict = field(default_factory=dict, compare=False)
+    trains: tuple[str, ...] | None = None  # adapters the optimizer updates while this plan runs (None: derived)
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -77,6 +78,11 @@ class ChainPlan:
         return any(st.guidance != 1.0 for st in self.steps)
 
     def trainable_adapters(self) -> set[str]:
+        """What the optimizer updates while this plan runs: the builder's ``trains`` (ShortFT stage i trains
+        align_i..align_k although the stacked align_1.. also carry gradient), else every adapter of a tuned step
+        with gradient."""
+        if self.trains is not None:
+            return set(self.trains)
         return {a for st in self.steps if st.grad and st.net == TUNED for a in st.adapters}
 
     def describe(self) -> str:
@@ -102,6 +108,7 @@ class ChainPlan:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "stage": self.stage, "info": self.info,
+                "trains": None if self.trains is None else list(self.trains),
                 "steps": [asdict(st) for st in self.steps]}
 
     def to_json(self) -> str:
@@ -110,7 +117,8 @@ class ChainPlan:
     @classmethod
     def from_dict(cls, d: dict) -> "ChainPlan":
         steps = tuple(Step(**{**st, "adapters": tuple(st["adapters"])}) for st in d["steps"])
-        return cls(d["method"], steps, d.get("stage"), d.get("info", {}))
+        trains = d.get("trains")
+        return cls(d["method"], steps, d.get("stage"), d.get("info", {}), None if trains is None else tuple(trains))
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
@@ -196,7 +204,7 @@ def shortft_plan(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[
             steps.append(_tuned(anchor, pairs[-1][1], lora, guidance, grad=True, checkpoint=checkpoint))
     info = {"real_grad_steps": real_grad_steps, "shortcut_net": shortcut_net, "segments": list(segs.lowers),
             "last_anchor": last_anchor}
-    return ChainPlan("shortft", tuple(_mark_last_readout(steps)), stage, info)
+    return ChainPlan("shortft", tuple(_mark_last_readout(steps)), stage, info, lora.trainable_in_stage(stage))
 
 
 def _jump(t: int, s: int, segment: int, lora: LoraSetSpec, guidance: float, shortcut_guidance: float,
@@ -236,7 +244,7 @@ def shortcut_model_plan(lora: LoraSetSpec, edges: Sequence[int] = (999, 749, 499
     e = list(edges)
     pairs = [(t, e[i + 1] if i + 1 < len(e) else FINAL) for i, t in enumerate(e)]
     steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT, *lora.names[:1]), guidance, grad=grad, segment=1) for t, s in pairs]
-    return ChainPlan("shortcut-model", tuple(_mark_last_readout(steps)))
+    return ChainPlan("shortcut-model", tuple(_mark_last_readout(steps)), trains=lora.names[:1] if grad else ())
 
 
 # ----- baselines -------------------------------------------------------------------------------------------------
@@ -249,7 +257,7 @@ def draft_plan(k: int, lora: LoraSetSpec, guidance: float, grid: Sequence[int] |
     first = len(pairs) - k
     steps = [_tuned(t, s, lora, guidance, grad=i >= first, checkpoint=checkpoint and i >= first)
              for i, (t, s) in enumerate(pairs)]
-    return ChainPlan(f"draft-{k}", tuple(_mark_last_readout(steps)), info={"k": k})
+    return ChainPlan(f"draft-{k}", tuple(_mark_last_readout(steps)), info={"k": k}, trains=lora.names)
 
 
 def draft_lv_plan(n: int, lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None) -> ChainPlan:
@@ -263,7 +271,7 @@ def draft_lv_plan(n: int, lora: LoraSetSpec, guidance: float, grid: Sequence[int
     for _ in range(n):
         steps.append(Step(FINAL, t_last, kind="renoise"))
         steps.append(_tuned(t_last, FINAL, lora, guidance, grad=True, readout="x"))
-    return ChainPlan("draft-lv", tuple(steps), info={"n": n})
+    return ChainPlan("draft-lv", tuple(steps), info={"n": n}, trains=lora.names)
 
 
 def alignprop_plan(gen: torch.Generator, lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None,
@@ -275,7 +283,7 @@ def alignprop_plan(gen: torch.Generator, lora: LoraSetSpec, guidance: float, gri
     k = max(1, min(len(pairs), k))
     first = len(pairs) - k
     steps = [_tuned(t, s, lora, guidance, grad=i >= first, checkpoint=i >= first) for i, (t, s) in enumerate(pairs)]
-    return ChainPlan("alignprop", tuple(_mark_last_readout(steps)), info={"k": k})
+    return ChainPlan("alignprop", tuple(_mark_last_readout(steps)), info={"k": k}, trains=lora.names)
 
 
 def refl_plan(gen: torch.Generator, lora: LoraSetSpec, guidance: float, total: int = 40,
@@ -290,7 +298,7 @@ def refl_plan(gen: torch.Generator, lora: LoraSetSpec, guidance: float, total: i
     steps = [_tuned(t, s, lora, guidance) for t, s in pairs[:idx]]
     t, s = pairs[idx]
     steps.append(_tuned(t, s, lora, guidance, grad=True, readout="x0"))
-    return ChainPlan("refl", tuple(steps), info={"step": idx, "total": total})
+    return ChainPlan("refl", tuple(steps), info={"step": idx, "total": total}, trains=lora.names)
 
 
 def full_bptt_plan(lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None,
@@ -298,7 +306,7 @@ def full_bptt_plan(lora: LoraSetSpec, guidance: float, grid: Sequence[int] | Non
     """Gradient through every sampling step (checkpointed by default): the expensive reference."""
     pairs = _chain(grid or leading_grid(50))
     steps = [_tuned(t, s, lora, guidance, grad=True, checkpoint=checkpoint) for t, s in pairs]
-    return ChainPlan("full-bptt", tuple(_mark_last_readout(steps)))
+    return ChainPlan("full-bptt", tuple(_mark_last_readout(steps)), trains=lora.names)
 
 
 def drtune_plan(gen: torch.Generator, lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None,
@@ -318,4 +326,4 @@ def drtune_plan(gen: torch.Generator, lora: LoraSetSpec, guidance: float, grid: 
     chosen = {offset + i * stride for i in range(trained)}
     steps = [_tuned(t, s, lora, guidance, grad=i in chosen, detach_input=True,
                     readout="x0" if i == exit_at else None) for i, (t, s) in enumerate(pairs[:n])]
-    return ChainPlan("drtune", tuple(steps), info={"exit": exit_at, "trained": sorted(chosen)})
+    return ChainPlan("drtune", tuple(steps), info={"exit": exit_at, "trained": sorted(chosen)}, trains=lora.names)

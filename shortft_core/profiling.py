@@ -151,17 +151,10 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return None
 
 
-def _trainable(plan, lora) -> frozenset[str]:
-    """Adapters that are trainable while ``plan`` runs (ShortFT stage i: align_i..align_k; otherwise all)."""
-    if plan.method == "shortft" and plan.stage:
-        return frozenset(lora.trainable_in_stage(plan.stage))
-    return frozenset(lora.names)
-
-
-def _signatures(plan, lora) -> list[tuple]:
+def _signatures(plan) -> list[tuple]:
     """Per network call of ``plan``: (adapters, guidance, grad, checkpoint, input carries gradient, trainable
-    adapters among them). ``lora`` (the run's LoraSetSpec) says which adapters the plan's stage trains."""
-    train = _trainable(plan, lora)
+    adapters among them, as the plan says)."""
+    train = plan.trainable_adapters()
     out, carries = [], False
     for st in plan.steps:
         if st.kind != "ddim":
@@ -199,7 +192,7 @@ def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]
     saved = {n: [p.requires_grad for p in ps] for n, ps in params.items()}
     costs: dict[str, float] = {}
     try:
-        for sig in sorted({s for p in plans for s in _signatures(p, lora)}):
+        for sig in sorted({s for p in plans for s in _signatures(p)}):
             adapters, g, grad, ck, xin, trained = sig
             u = uncond if g != 1.0 else None
             for n, ps in params.items():
@@ -235,8 +228,7 @@ def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]
     return costs
 
 
-def ideal_seconds(plan, costs: dict[str, float], lora) -> float:
-    """Sum of the plan's passes timed alone (``costs`` from :func:`pass_costs` over plans including this one;
-    ``lora``: the run's LoraSetSpec, as given to the trainer)."""
+def ideal_seconds(plan, costs: dict[str, float]) -> float:
+    """Sum of the plan's passes timed alone (``costs`` from :func:`pass_costs` over plans including this one)."""
     readouts = sum(st.readout is not None for st in plan.steps if st.kind == "ddim")
-    return sum(costs[_key(s)] for s in _signatures(plan, lora)) + readouts * costs["decode_reward"]
+    return sum(costs[_key(s)] for s in _signatures(plan)) + readouts * costs["decode_reward"]

@@ -23,6 +23,7 @@ import torch
 from .lora_io import LoadedLora, LoraFormatError, _unwrap, load_lora_adapter, lora_base_family, lora_file
 from .adapters import SHORTCUT
 from .schedule import trailing_grid
+from .lifecycle import outside_inference_mode
 from .segments import Segments
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def preset_from_metadata(loaded: LoadedLora) -> ShortcutPreset | None:
                           source=f"distilled by ShortFT (teacher CFG {g[0]:g}..{g[1]:g})")
 
 
+@outside_inference_mode
 def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
                   preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT,
                   family: str | None = None, activate: bool = False) -> tuple[LoadedLora, ShortcutPreset | None]:
@@ -176,3 +178,10 @@ def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, 
         log.warning("shortcut %s: no preset given or recognised; pass preset= (one of %s) so jumps can be checked",
                     loaded.source, ", ".join(sorted(PRESETS)))
     return loaded, preset
+
+
+def unload_shortcut(unet: torch.nn.Module, adapter_name: str = SHORTCUT) -> None:
+    """Remove a shortcut loaded by :func:`load_shortcut` (load -> unload -> load works on one UNet)."""
+    from .adapters import remove_adapters
+
+    remove_adapters(unet, [adapter_name])

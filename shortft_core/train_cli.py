@@ -3,35 +3,30 @@
     python -m shortft_core train --preset tiny --out runs/tiny
     accelerate launch --num_processes 2 -m shortft_core train --preset tiny --out runs/tiny-ddp
 
-Every :class:`~shortft_core.trainer.TrainConfig` field is a flag (``--rank 16``, ``--method draft``,
-``--no-progressive`` ...). The run folder receives the LoRA set, a reward curve, a before/after grid on the same
-seeds, ``history.json`` and checkpoints; ``--resume`` continues an interrupted run exactly.
+Every :class:`~shortft_core.config.TrainConfig` field is a flag (``--rank 16``, ``--method draft``,
+``--no-progressive`` ...). The command is argparse around one :func:`shortft_core.session` call, the same the
+ComfyUI nodes and Python users make: the run folder receives the LoRA set, a reward curve, a before/after grid on
+the same seeds, ``history.json``, ``run.json`` and checkpoints. The same command in the same folder returns a
+finished run without training and continues an interrupted one exactly; other settings there are refused
+(``--overwrite`` starts over).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import types
 import typing
 from pathlib import Path
 
-import torch
 
 from .cli import MODEL_HELP, StopOnCtrlC, add_threads_flag
-from .trainer import Callback, PromptSource, TrainConfig, Trainer
+from .config import TINY_PRESET, TINY_REWARD, TrainConfig
+from .loop import Callback
 
 log = logging.getLogger(__name__)
-
-# The tiny preset trains the alignment reward with unguided tuned steps (CFG 1; the shortcut still runs guided, as
-# it was distilled): with CFG 3 the base already sits where a small LoRA can take the alignment in minutes, while
-# without CFG there is a direction every prompt shares (follow the caption more strongly) that the reward teaches
-# (3 seeds, BENCHMARKS.md "Tiny world: which reward trains"). The tuned steps also cost one UNet batch, not two.
-TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_prompts=32)
-TINY_REWARD = "tiny_alignment"  # the reward of the tiny model when --reward is not given
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -109,8 +104,9 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="align a model to a reward (ShortFT or a baseline)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny"], default=None,
-                   help="tiny: the embedded tiny world's settings (with --model tiny, its shortcut and its "
-                        "aesthetic reward; the alignment reward is evaluated alongside)")
+                   help="tiny: the embedded tiny world's settings (" + ", ".join(f"{k} {v}" for k, v in
+                                                                    TINY_PRESET.items()) + "; with --model tiny its "
+                        "shortcut and its alignment reward, the aesthetic reward measured alongside)")
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--shortcut", default=None,
                    help="shortcut LoRA file ('tiny' = the shipped tiny shortcut; 'none' with --shortcut-net base)")
@@ -131,18 +127,9 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=run_train)
 
 
-class StopWhen(Callback):
-    """Asks the trainer to stop when ``asked()`` turns true (the CLI's Ctrl-C)."""
-
-    def __init__(self, asked: typing.Callable[[], bool]) -> None:
-        self.asked = asked
-
-    def should_stop(self, trainer) -> bool:
-        return self.asked()
-
-
 class ProgressBar(Callback):
-    """tqdm bar with the current reward and stage; the held-out evaluations are logged."""
+    """tqdm bar over the iterations with the current reward and stage, and the sampling phases (evaluation,
+    before/after) as they go; the held-out evaluations are logged."""
 
     def __init__(self, total: int, enabled: bool = True) -> None:
         self.total, self.enabled, self.bar = total, enabled, None
@@ -160,6 +147,11 @@ class ProgressBar(Callback):
         elif m["iteration"] % 20 == 0:
             log.info("iteration %d stage %d reward %.4f (%.1fs)", m["iteration"], m["stage"], m["reward"], m["seconds"])
 
+    def on_progress(self, trainer, event: dict) -> None:
+        if self.bar is not None and event["phase"] != "train" and (event["call"] % 10 == 0
+                                                                   or event["call"] == event["calls"]):
+            self.bar.set_postfix(sampling=f"{event['phase']} {event['call']}/{event['calls']}")
+
     def on_eval(self, trainer, result: dict) -> None:
         log.info("eval at iteration %d: %s", result["iteration"],
                  ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("iteration", "seconds")))
@@ -169,127 +161,54 @@ class ProgressBar(Callback):
             self.bar.close()
 
 
-def _rewards(args: argparse.Namespace, device) -> tuple:
-    """The training reward (a weighted spec) and the evaluation rewards (the spec itself plus any --eval-reward;
-    on the tiny world also its aesthetic reward, which training never sees)."""
-    from .rewards.registry import build_reward_spec
-
+def _reward_paths(items: typing.Sequence[str] | None) -> dict[str, str]:
+    """``--reward-path NAME=FILE`` values as a mapping."""
     paths = {}
-    for item in args.reward_path or []:
+    for item in items or []:
         if "=" not in item:
             raise SystemExit(f"--reward-path {item!r}: write NAME=FILE (e.g. hps_v2=/models/HPS_v2_compressed.pt)")
         k, v = item.split("=", 1)
         paths[k.strip()] = v.strip()
-    build = lambda spec: build_reward_spec(spec, paths, weights_dir=args.reward_weights_dir, device=device)  # noqa: E731
-    reward = build(args.reward)
-    evals = {args.reward: reward}
-    extra = list(args.eval_reward or [])
-    if args.model == "tiny":
-        extra += [s for s in ("tiny_alignment", "tiny_aesthetic") if s != args.reward]
-    for spec in extra:
-        evals[spec] = build(spec)
-    return reward, evals
+    return paths
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .cli import _device, set_threads
-    from .images import captioned_grid, save_png
-    from .io import atomic_write_json
-    from .models import PRECISION, load_model
-    from .lora_io import lora_file
-    from .shortcut import get_preset, load_shortcut
-    from .tiny_world import held_out_prompts, tiny_shortcut_path
+    """argparse -> :class:`~shortft_core.session.TrainRequest` -> :func:`~shortft_core.session.train`, then the
+    report."""
+    from .cli import set_threads
+    from .session import TrainingSession, TrainRequest
 
-    if args.reward is None:
-        if args.model != "tiny":
-            raise SystemExit("--reward is required for a real model, e.g. --reward hps_v2 --reward-path "
-                             "hps_v2=/models/HPS_v2_compressed.pt (all names: `shortft score --help`)")
-        args.reward = TINY_REWARD
-    base = dict(TINY_PRESET) if args.preset == "tiny" else {}
-    cfg = config_from_args(TrainConfig, args, base)
-    out = Path(args.out)
-    prepare_run_folder(out, args.resume, args.overwrite, outputs=("lora",))
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in --out and --overwrite starts it over: pass one of them")
+    cfg = config_from_args(TrainConfig, args, dict(TINY_PRESET) if args.preset == "tiny" else {})
     set_threads(args.threads)
-    device = _device(args.device)
-    dtype = PRECISION[cfg.mixed_precision]
-    # what a user can get wrong is checked before the model loads (a minute for SDXL): prompts, shortcut, rewards
-    eval_prompts = (PromptSource.from_file(args.eval_prompts_file).prompts if args.eval_prompts_file
-                    else held_out_prompts(cfg.eval_prompts, seed=1))
-    prompts = (PromptSource.from_file(args.prompts_file, exclude=eval_prompts) if args.prompts_file
-               else PromptSource.tiny(exclude=eval_prompts))
-    shortcut = args.shortcut if args.shortcut is not None else ("tiny" if args.model == "tiny" else None)
-    needs_shortcut = cfg.method == "shortcut-model" or (cfg.method == "shortft" and cfg.shortcut_net == "shortcut")
-    if needs_shortcut:
-        if shortcut in (None, "none"):
-            raise SystemExit("ShortFT needs --shortcut FILE (a Hyper-SD/PCM/TCD or distilled LoRA), "
-                             "or --shortcut-net base for naive DDIM jumps")
-        shortcut_file = lora_file(tiny_shortcut_path() if shortcut == "tiny" else shortcut)
-        if args.shortcut_preset:
-            get_preset(args.shortcut_preset)
-    reward, eval_rewards = _rewards(args, device)
-    model = load_model(args.model, device, dtype)
-    preset = None
-    if needs_shortcut:
-        _, preset = load_shortcut(model.unet, shortcut_file, preset=args.shortcut_preset, family=model.family)
-        if preset is not None and args.shortcut_guidance is None:  # run the shortcut the way it was trained
-            cfg = dataclasses.replace(cfg, shortcut_guidance=preset.guidance)
-    bar = ProgressBar(cfg.iterations, enabled=not args.no_progress)
+    request = TrainRequest(
+        out=args.out, model=args.model, reward=args.reward, config=cfg, prompts=args.prompts_file,
+        eval_prompts=args.eval_prompts_file, shortcut=args.shortcut, shortcut_preset=args.shortcut_preset,
+        shortcut_guidance=args.shortcut_guidance, eval_rewards=tuple(args.eval_reward or ()),
+        reward_paths=_reward_paths(args.reward_path), reward_weights_dir=args.reward_weights_dir,
+        device=args.device, overwrite=args.overwrite)
     ctrl_c = StopOnCtrlC()
-    trainer = Trainer(model, reward, cfg, prompts, eval_prompts, out=out, callbacks=[bar, StopWhen(ctrl_c)],
-                      eval_reward=eval_rewards, shortcut_preset=preset)
-    if args.resume and not trainer.resume():
-        log.info("no checkpoint in %s: starting from scratch", out)
-    log.info("%s\n%s", "training plan (first iteration):",
-             __import__("shortft_core.trainer", fromlist=["method_plan"]).method_plan(cfg, 1, torch.Generator()).describe())
-    grid_prompts = (eval_prompts or prompts.prompts)[:8]  # --eval-prompts 0: the grid shows training prompts
-    before = trainer.sample(grid_prompts, seed=0, use_adapters=False)
-    with ctrl_c:
-        history = trainer.fit()
-    if not trainer.acc.is_main_process:
+    bar = ProgressBar(cfg.iterations, enabled=not args.no_progress)
+    with TrainingSession(request, callbacks=[bar], stop=ctrl_c) as session:
+        session.check()  # every input, before any model loads
+        if args.resume and session.previous is None:
+            log.info("nothing to continue in %s: starting from scratch", args.out)
+        with ctrl_c:
+            result = session.run()
+    if result.lora is None:  # another DDP rank: the main process reports
         return 0
-    after = trainer.sample(grid_prompts, seed=0)
-    paths = trainer.save_lora_set(out / "lora", overwrite=args.overwrite or args.resume)
-    save_png(captioned_grid(list(before) + list(after), grid_prompts * 2, columns=len(grid_prompts), cell=96,
-                            font_size=9, row_labels=["before", "after"]), out / "before_after.png")
-    _plot_curve(history, out / "reward_curve.png", args.reward)
-    atomic_write_json(out / "history.json", dataclasses.asdict(history))
-    if history.evals:  # none with --eval-prompts 0
-        first, last = history.evals[0], history.evals[-1]
-        for key in eval_rewards:
-            print(f"held-out {key} reward ({len(eval_prompts)} prompts): before {first[key]:.4f} -> after {last[key]:.4f}")
-    print(f"wrote {', '.join(str(p) for p in paths)}, {out / 'reward_curve.png'}, {out / 'before_after.png'}")
-    if ctrl_c.requested:
-        print(f"interrupted at iteration {trainer.iteration}; the files above are that state, and the same command "
-              "with --resume continues the run")
+    if result.status == "reused":
+        print(f"{args.out} holds this finished run ({result.iteration} iterations): nothing to train "
+              "(--overwrite starts it over; more --iterations continue it)")
+    if result.before and result.after:
+        n = len(session.eval_prompts)
+        for key in session.eval_specs:
+            print(f"held-out {key} reward ({n} prompts): before {result.before[key]:.4f} -> after "
+                  f"{result.after[key]:.4f}")
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if result.status == "stopped":
+        print(f"interrupted at iteration {result.iteration}; the checkpoint and files above are that state, and the "
+              "same command continues the run")
         return 130  # the shell's status for a run ended by Ctrl-C
     return 0
-
-
-def _plot_curve(history, path: Path, reward_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    if history.reward:
-        w = max(1, len(history.reward) // 25)
-        smooth = torch.tensor(history.reward).unfold(0, w, 1).mean(1).tolist() if len(history.reward) >= w else history.reward
-        ax.plot(history.iterations, history.reward, color="0.8", lw=0.8, label="training batch")
-        ax.plot(history.iterations[w - 1:], smooth, color="C0", lw=1.5, label=f"moving mean ({w})")
-    if history.evals:
-        key = next(k for k in history.evals[0] if k not in ("iteration", "seconds") and not k.endswith("_std"))
-        ax.plot([e["iteration"] for e in history.evals], [e[key] for e in history.evals], "o-", color="C3",
-                label=f"held-out {key}")
-    for i in range(1, len(history.stage)):
-        if history.stage[i] != history.stage[i - 1]:
-            ax.axvline(history.iterations[i], color="0.6", ls=":", lw=0.8)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(reward_name)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

@@ -134,7 +134,7 @@ def test_missing_inputs_end_with_their_message_and_v_shows_the_traceback(tmp_pat
 
 
 def test_optional_settings_accept_none_and_keep_their_bounds():
-    from shortft_core.trainer import TrainConfig
+    from shortft_core.config import TrainConfig
     TrainConfig(alpha=None, time_budget_s=None, real_grad_steps=None).validate()
     TrainConfig(alpha=4.0, time_budget_s=60.0, real_grad_steps=3).validate()
     with pytest.raises(ValueError, match="time_budget_s"):
@@ -145,7 +145,7 @@ def test_every_config_setting_has_help():
     import dataclasses
 
     from shortft_core.distill import DistillConfig
-    from shortft_core.trainer import TrainConfig
+    from shortft_core.config import TrainConfig
     for cls, skipped in ((TrainConfig, ()), (DistillConfig, ("prompts",))):  # prompts: --prompts-file instead
         bare = [f.name for f in dataclasses.fields(cls) if f.name not in skipped and not f.metadata.get("help")]
         assert bare == [], f"{cls.__name__} settings without help text: {bare}"

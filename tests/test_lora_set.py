@@ -11,7 +11,8 @@ from shortft_core.lora_io import adapter_modules, read_lora
 from shortft_core.lora_set import export_lora_set, load_lora_set, segment_weights, set_inference_plan, stack_modules
 from shortft_core.sampling import sample
 from shortft_core.tiny_world import held_out_prompts, load_tiny_model, load_tiny_rewards
-from shortft_core.trainer import PromptSource, TrainConfig, Trainer
+from shortft_core.trainer import PromptSource, Trainer
+from shortft_core.config import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,8 @@ def test_tiny_unet_and_vae_keep_less_and_train_the_same():
 
 def test_the_trainer_switches_the_frozen_convolutions_and_geglus(tmp_path, tiny_rewards, fresh_tiny):
     from shortft_core.tiny_world import held_out_prompts
-    from shortft_core.trainer import PromptSource, TrainConfig, Trainer
+    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.config import TrainConfig
 
     model = fresh_tiny()
     from diffusers.models.activations import GEGLU
@@ -240,7 +241,8 @@ def test_training_with_every_switch_matches_training_without(tmp_path, tiny_rewa
     the trainer makes on CUDA, forced on here on CPU, change neither the losses nor the trained LoRAs."""
     from shortft_core.adapters import adapter_state
     from shortft_core.tiny_world import held_out_prompts
-    from shortft_core.trainer import PromptSource, TrainConfig, Trainer
+    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.config import TrainConfig
 
     cfg = TrainConfig(iterations=4, batch_size=2, rank=4, eval_prompts=0, lr=1e-3, checkpoint_unet=True,
                       checkpoint_vae=True, guidance=3.0)
@@ -269,7 +271,8 @@ def test_each_memory_switch_lowers_the_peak_of_a_training_step(tmp_path, tiny_re
     activations the trainer makes on CUDA (forced on here)."""
     from shortft_core.profiling import LivePeak
     from shortft_core.tiny_world import held_out_prompts
-    from shortft_core.trainer import PromptSource, TrainConfig, Trainer
+    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.config import TrainConfig
 
     peaks = {}
     for name, unet, vae, lean in [("none", False, False, False), ("unet", True, False, False),

@@ -144,7 +144,8 @@ def test_bad_plan_inputs():
 def test_shortcut_model_ablation_runs_the_shortcut_at_its_own_cfg():
     """The tuned-shortcut-model ablation trains and samples at the CFG the shortcut was made for (3 on the tiny
     world); run unguided, the tiny shortcut gives broken images (aesthetic 5.8 instead of 9.2)."""
-    from shortft_core.trainer import TrainConfig, inference_plan, method_plan
+    from shortft_core.config import TrainConfig
+    from shortft_core.methods import inference_plan, method_plan
 
     cfg = TrainConfig(method="shortcut-model", shortcut_guidance=3.0)
     for plan in (method_plan(cfg, 1, torch.Generator()), inference_plan(cfg)):
@@ -155,7 +156,8 @@ def test_shortcut_model_ablation_runs_the_shortcut_at_its_own_cfg():
 
 
 def test_baseline_settings_reach_their_plans():
-    from shortft_core.trainer import TrainConfig, method_plan
+    from shortft_core.config import TrainConfig
+    from shortft_core.methods import method_plan
 
     g = torch.Generator().manual_seed(0)
     refl = method_plan(TrainConfig(method="refl", refl_total=60), 1, g)

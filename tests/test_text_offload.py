@@ -104,7 +104,8 @@ def test_trainable_encoders_and_bad_cache_size_are_refused(tiny):
 
 
 def test_trainer_flag_offloads_and_trains_like_resident(tiny):
-    from shortft_core.trainer import PromptSource, TrainConfig, Trainer
+    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.config import TrainConfig
     from shortft_core.rewards.registry import build_reward_spec
     from shortft_core.shortcut import load_shortcut
     from shortft_core.tiny_world import tiny_shortcut_path

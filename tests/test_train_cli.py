@@ -47,18 +47,26 @@ def test_train_cli_without_held_out_prompts_trains_and_shows_training_prompts(tm
         assert im.width > 100
 
 
-def test_train_cli_refuses_an_earlier_run_and_resumes_it(tmp_path, capsys):
+def test_train_cli_returns_a_finished_run_refuses_other_settings_and_continues_with_more(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The same command in the same folder returns the finished run without loading a model; other settings are
+    refused naming them; more iterations continue it from its last checkpoint."""
+    import shortft_core.models as models
+
     out = tmp_path / "run"
     assert main(QUICK + ["--out", str(out)]) == 0
     first = (out / "lora" / "segment_4.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="--resume"):
-        main(QUICK + ["--out", str(out)])
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_model", lambda *a, **k: pytest.fail("trained a finished run again"))
+        assert main(QUICK + ["--out", str(out)]) == 0
+    assert "holds this finished run (4 iterations)" in capsys.readouterr().out
     assert (out / "lora" / "segment_4.safetensors").read_bytes() == first
-    with pytest.raises(SystemExit, match=r"settings differ in \['rank'\]"):  # a message, not a traceback
-        main(QUICK + ["--rank", "4", "--out", str(out), "--resume"])
-    # a finished run resumed with more iterations continues from its last checkpoint
-    assert main(QUICK[:3] + ["--iterations", "6"] + QUICK[5:] + ["--out", str(out), "--resume"]) == 0
+    with pytest.raises(SystemExit, match=r"other settings \(rank\)"):  # a message, not a traceback
+        main(QUICK + ["--rank", "4", "--out", str(out)])
+    assert main(QUICK[:3] + ["--iterations", "6"] + QUICK[5:] + ["--out", str(out)]) == 0
     assert json.loads((out / "history.json").read_text())["iterations"][-1] == 6
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
 def test_run_folder_guard_sees_finished_outputs_before_any_model_loads(tmp_path, monkeypatch):
@@ -70,7 +78,7 @@ def test_run_folder_guard_sees_finished_outputs_before_any_model_loads(tmp_path,
     out = tmp_path / "run"
     (out / "lora").mkdir(parents=True)
     (out / "lora" / "merged.safetensors").write_bytes(b"a user's file")
-    with pytest.raises(SystemExit, match=r"holds an earlier run \(lora\)"):
+    with pytest.raises(SystemExit, match=r"hold an earlier run's files but .*run.json is missing"):
         main(QUICK + ["--out", str(out)])
     with pytest.raises(SystemExit, match="pass one of them"):
         main(QUICK + ["--out", str(out), "--resume", "--overwrite"])
@@ -95,13 +103,14 @@ def test_train_cli_checks_its_inputs_before_the_model_loads(tmp_path, monkeypatc
         main(QUICK + extra + ["--out", str(tmp_path / "run")])
 
 def test_train_cli_needs_a_reward_for_a_real_model(tmp_path):
-    with pytest.raises(SystemExit, match="--reward is required"):
+    with pytest.raises(SystemExit, match=r"reward is required for a real model \(--reward\)"):
         main(["train", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
 def test_ctrl_c_stops_after_the_step_saves_everything_and_resume_continues(tmp_path, monkeypatch, capsys):
     """The first Ctrl-C (a real SIGINT to this process) ends the run after the current iteration: checkpoint, LoRA
-    set and history are written, the status is 130, the previous SIGINT handler is back, and --resume goes on."""
+    set and history are written, the status is 130, the previous SIGINT handler is back, and the same command goes
+    on."""
     import os
     import signal
 
@@ -125,5 +134,5 @@ def test_ctrl_c_stops_after_the_step_saves_everything_and_resume_continues(tmp_p
     assert json.loads((out / "history.json").read_text())["iterations"] == [1, 2]
     assert (out / "checkpoints" / "step-0000002.pt").is_file() and (out / "lora" / "set.json").is_file()
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert main(args + ["--resume"]) == 0
+    assert main(args) == 0  # the same command continues it
     assert json.loads((out / "history.json").read_text())["iterations"] == [1, 2, 3, 4, 5, 6]

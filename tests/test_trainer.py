@@ -7,7 +7,10 @@ import torch
 
 from shortft_core.adapters import adapter_parameters, adapter_state
 from shortft_core.tiny_world import held_out_prompts
-from shortft_core.trainer import Callback, PromptSource, TrainConfig, Trainer, stage_at
+from shortft_core.loop import Callback
+from shortft_core.trainer import PromptSource, Trainer
+from shortft_core.config import TrainConfig
+from shortft_core.methods import stage_at
 
 
 class StopAt(Callback):
@@ -80,13 +83,13 @@ def test_learning_rate_warms_up_then_follows_its_schedule(tiny_rewards, fresh_ti
     model = fresh_tiny()
     cosine = Trainer(model, tiny_rewards[0], TrainConfig(warmup=4, lr_schedule="cosine", iterations=10, eval_prompts=0),
                      PromptSource(["a"]))
-    f = [cosine._lr_factor(s) for s in range(11)]
+    f = [cosine.sched.lr_lambdas[0](s) for s in range(11)]
     assert f[0] == pytest.approx(0.25) and f[10] == pytest.approx(0.1)  # warm-up start, cosine floor at a tenth
     assert f[5] == pytest.approx(0.55)  # half-way: halfway between the peak and the floor
     assert f[0] < f[1] < f[2] < f[3] and all(a > b for a, b in zip(f[3:], f[4:]))  # rises, then falls
     assert f[3] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.3)))  # warm-up done at step 3
     const = Trainer(fresh_tiny(), tiny_rewards[0], TrainConfig(warmup=2, eval_prompts=0), PromptSource(["a"]))
-    assert [const._lr_factor(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [const.sched.lr_lambdas[0](s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_a_time_budget_ends_the_run_and_drives_the_stages(tiny_rewards, fresh_tiny):
@@ -97,7 +100,7 @@ def test_a_time_budget_ends_the_run_and_drives_the_stages(tiny_rewards, fresh_ti
 
 
 def test_kl_penalty_is_zero_at_the_base_and_adds_to_the_loss(tiny_rewards, fresh_tiny):
-    from shortft_core.trainer import method_plan
+    from shortft_core.methods import method_plan
     prompts = ["a small red circle on the left on a white background"]
     cfg = TrainConfig(kl_weight=0.5, batch_size=1, rank=4, eval_prompts=0, guidance=1.0)
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(prompts))

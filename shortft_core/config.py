@@ -1,0 +1,141 @@
+"""Training settings: :class:`TrainConfig` (every setting of a run, saved in checkpoints and LoRA metadata) and the
+tiny world's preset.
+
+Each field is a :func:`~shortft_core.checkpoint.setting` carrying its help text and its range or choices, so the
+command line (one flag per field), the ComfyUI nodes and Python users share one validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from .adapters import LoraSetSpec
+from .checkpoint import check_bounds, setting
+from .methods import METHODS, Method, get_method
+from .models import PRECISION
+from .segments import Segments, check_edges
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in checkpoints and in the LoRA metadata."""
+
+    method: str = setting("shortft", "training method: " + " | ".join(METHODS) + " (shortcut-model: ablation, "
+                                     "fine-tune on the shortcut's few-step chain)", choices=tuple(METHODS))
+    # ShortFT
+    segments: tuple[int, ...] = setting((761, 501, 261, 0), "lower ends of the k trajectory segments on the "
+                                        "50-step chain, descending, the last 0; one LoRA per segment")
+    progressive: bool = setting(True, "train the segments in k stages, earliest first (ShortFT); --no-progressive "
+                                      "keeps stage 1's plan throughout")
+    stage_fractions: tuple[float, ...] | None = setting(None, "share of the iterations (or time budget) per stage, "
+                                                              "k values summing to 1 (none: equal split)")
+    real_grad_steps: int | None = setting(1, "steps with gradient inside the stage's own segment, counted from its "
+                                             "end (none: all of them)", at_least=1)
+    shortcut_net: str = setting("shortcut", "what jumps over the later segments: shortcut (the frozen few-step "
+                                            "LoRA) | base (naive one-step DDIM jumps, ablation) | tuned (ablation)",
+                                choices=("shortcut", "base", "tuned"))
+    shortcut_guidance: float = setting(1.0, "CFG scale of the shortcut jumps (1: none, as Hyper-SD's 4-step LoRAs "
+                                            "are made for); the train command takes the shortcut's own (its preset "
+                                            "or metadata) unless given", at_least=1)
+    shortcut_edges: tuple[int, ...] = setting((999, 749, 499, 249), "the shortcut's few-step grid (method "
+                                                                    "shortcut-model only)")
+    reset_optimizer_per_stage: bool = setting(False, "start each stage with a fresh optimizer state")
+    last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
+                                      "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md",
+                               choices=("end", "start"))
+    # baselines
+    draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end", at_least=1)
+    lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged", at_least=1)
+    alignprop_k_mean: float = setting(8.0, "AlignProp: mean number of steps with gradient (drawn per batch)",
+                                      at_least=1)
+    refl_total: int = setting(40, "ReFL: length of its sampling chain (it exits at a random step of 30-39)",
+                              at_least=40)
+    drtune_trained: int = setting(5, "DRTune: evenly spaced steps that carry gradient through the network", at_least=1)
+    checkpoint_unet: bool = setting(False, "gradient checkpointing of the UNet calls with gradient: half the "
+                                           "peak memory or less, at 1.3-1.8x the time (full BPTT and AlignProp "
+                                           "always use it)")
+    checkpoint_vae: bool = setting(False, "block-wise checkpointing of the VAE decoder (its full-resolution backward)")
+    offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
+                                                 "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
+    # sampling
+    sample_steps: int = setting(50, "DDIM steps of the sampling chain being fine-tuned (and of evaluation)",
+                                at_least=1, at_most=1000)
+    guidance: float = setting(3.0, "CFG scale on the fine-tuned steps (1: none, one UNet pass per step, less "
+                                   "memory)", at_least=1)
+    # LoRA
+    timestep_aware: bool = setting(True, "one LoRA per segment (ShortFT); --no-timestep-aware trains a single one")
+    rank: int = setting(8, "LoRA rank of each alignment adapter", at_least=1)
+    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)", above=0)
+    # optimisation
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", above=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
+    warmup: int = setting(0, "linear warm-up iterations", at_least=0)
+    lr_schedule: str = setting("constant", "learning-rate schedule after warm-up: constant | cosine",
+                               choices=("constant", "cosine"))
+    grad_clip: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    grad_accum: int = setting(1, "batches whose gradients are summed per optimizer step", at_least=1)
+    batch_size: int = setting(4, "prompts per batch", at_least=1)
+    iterations: int = setting(200, "optimizer steps of the run (may be raised on --resume)", at_least=1)
+    time_budget_s: float | None = setting(None, "stop, and schedule the stages, by wall-clock seconds instead of "
+                                                "iterations", above=0)
+    mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the LoRAs train in "
+                                         "fp32); bf16 on a GPU", choices=tuple(PRECISION))
+    kl_weight: float = setting(0.0, "DRaFT+-style penalty: weight of the mean squared distance between tuned and "
+                                    "base eps on the steps with gradient", at_least=0)
+    seed: int = setting(0, "seed of prompts, noise and the LoRAs' initialisation")
+    # bookkeeping
+    checkpoint_every: int = setting(100, "iterations between checkpoints (atomic; --resume continues exactly)",
+                                    at_least=1)
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)", at_least=1)
+    eval_prompts: int = setting(32, "held-out prompts the reward is evaluated on", at_least=0)
+    eval_every: int = setting(0, "iterations between evaluations (0: before and after only)", at_least=0)
+    preview_every: int = setting(0, "iterations between preview images (0: none)", at_least=0)
+
+    def validate(self) -> None:
+        """Raise on settings out of range or inconsistent, before any heavy work."""
+        check_bounds(self)
+        Segments(tuple(self.segments))
+        if self.stage_fractions is not None:
+            if len(self.stage_fractions) != len(self.segments) or abs(sum(self.stage_fractions) - 1) > 1e-6:
+                raise ValueError(f"stage_fractions needs {len(self.segments)} shares summing to 1; got {self.stage_fractions}")
+        check_edges(self.shortcut_edges, "shortcut_edges")
+
+    @property
+    def method_entry(self) -> Method:
+        """The registry entry of ``method``."""
+        return get_method(self.method)
+
+    @property
+    def lora(self) -> LoraSetSpec:
+        """The alignment LoRA set this run trains."""
+        return self.method_entry.lora(self)
+
+    @property
+    def num_stages(self) -> int:
+        return self.method_entry.stages(self)
+
+    @property
+    def needs_shortcut(self) -> bool:
+        """Whether the run needs the frozen shortcut adapter on the UNet."""
+        return self.method_entry.needs_shortcut(self)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# The tiny preset trains the alignment reward with unguided tuned steps (CFG 1; the shortcut still runs guided, as
+# it was distilled): with CFG 3 the base already sits where a small LoRA can take the alignment in minutes, while
+# without CFG there is a direction every prompt shares (follow the caption more strongly) that the reward teaches
+# (3 seeds, BENCHMARKS.md "Tiny world: which reward trains"). The tuned steps also cost one UNet batch, not two.
+TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_prompts=32)
+TINY_REWARD = "tiny_alignment"  # the reward of the tiny model when none is given
+TINY_EVAL_REWARDS = ("tiny_alignment", "tiny_aesthetic")  # measured on held-out prompts of every tiny-world run
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """The tiny preset's settings with ``overrides`` applied (validated)."""
+    cfg = TrainConfig(**{**TINY_PRESET, **overrides})
+    cfg.validate()
+    return cfg
