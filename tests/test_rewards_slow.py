@@ -100,10 +100,10 @@ def test_image_reward_blip_large(tmp_path):
 
 def test_image_reward_blip_large_matches_stock_package(tmp_path):
     """The full ViT-L of the stock package (no size patch) against ours, on a random official-layout file."""
-    from test_rewards_imagereward import IR_PYTHON, IR_VENV, _run_reference
+    from test_rewards_imagereward import IR_MISSING, IR_READY, _run_reference
 
-    if not IR_PYTHON.is_file():
-        pytest.skip(f"stock image-reward reference venv not found at {IR_VENV} (bash bench/make_imagereward_ref_venv.sh)")
+    if not IR_READY:
+        pytest.skip(IR_MISSING)
     from PIL import Image
 
     from shortft_core.rewards.image_reward import (ImageRewardModel, TextConfig, VisionConfig,
