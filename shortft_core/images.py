@@ -41,13 +41,15 @@ def captioned_grid(images: Sequence[torch.Tensor] | torch.Tensor, captions: Sequ
                    cell: int = 128, font_size: int = 11, row_labels: Sequence[str] | None = None) -> Image.Image:
     """Tile images (each upscaled to ``cell`` px, nearest for small images) with a wrapped caption under each.
 
-    ``row_labels`` (e.g. "before" / "after") are written in a left margin, one per row.
+    ``row_labels`` (e.g. "before" / "after") are written in a left margin, one per row. Fewer images than
+    ``columns`` take only the columns they fill (one image is one cell wide, not a row of blank cells).
     """
     n = len(images)
     if n == 0:
         raise ValueError("captioned_grid needs at least one image")
     if len(captions) != n:
         raise ValueError(f"{n} images but {len(captions)} captions")
+    columns = max(1, min(columns, n))
     font = _font(font_size)
     chars = max(8, int(cell / (font_size * 0.55)))
     wrapped = [textwrap.wrap(c, chars)[:4] for c in captions]

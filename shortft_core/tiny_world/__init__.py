@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from ..models import T2IModel, load_diffusers_folder, tiny_world_dir
-from .scenes import IMAGE_SIZE, held_out_prompts, train_prompts
+from .scenes import IMAGE_SIZE, held_out_prompts, is_held_out, train_prompts
 
 # Classifier-free guidance used for the tiny world unless told otherwise (chosen in BENCHMARKS.md).
 DEFAULT_GUIDANCE = 3.0
 
-__all__ = ["DEFAULT_GUIDANCE", "IMAGE_SIZE", "held_out_prompts", "train_prompts", "load_tiny_model",
-           "load_tiny_rewards", "tiny_shortcut_path", "weights_dir"]
+__all__ = ["DEFAULT_GUIDANCE", "IMAGE_SIZE", "held_out_prompts", "is_held_out", "train_prompts",
+           "load_tiny_model", "load_tiny_rewards", "tiny_shortcut_path", "weights_dir"]
 
 
 def weights_dir(root: str | os.PathLike | None = None) -> Path:

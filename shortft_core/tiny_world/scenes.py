@@ -143,6 +143,15 @@ def parse_caption(text: str) -> Scene:
     raise ValueError(f"not a tiny-world caption: {text!r}")
 
 
+def is_held_out(prompt: str) -> bool:
+    """True when ``prompt`` is a tiny-world caption naming a held-out colour-shape pair (``HELD_OUT_PAIRS``, never
+    drawn in training); False for other captions and for text outside the caption grammar, which names no pair."""
+    try:
+        return parse_caption(prompt).is_held_out
+    except ValueError:
+        return False
+
+
 def _random_scene(rng: np.random.Generator) -> Scene:
     bg = str(rng.choice(list(BACKGROUNDS)))
     if rng.random() < 0.5:
