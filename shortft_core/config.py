@@ -92,6 +92,9 @@ class TrainConfig:
     eval_prompts: int = setting(32, "held-out prompts the reward is evaluated on", at_least=0)
     eval_every: int = setting(0, "iterations between evaluations (0: before and after only)", at_least=0)
     preview_every: int = setting(0, "iterations between preview images (0: none)", at_least=0)
+    preview_chain: str = setting("full", "chain of the preview images: full (the inference chain) | shortcut (the "
+                                         "shortcut's few jumps with the aligned LoRAs: a cheap approximation)",
+                                 choices=("full", "shortcut"))
 
     def validate(self) -> None:
         """Raise on settings out of range or inconsistent, before any heavy work."""

@@ -49,6 +49,7 @@ class ModelState:
     peft_attrs: dict[str, Any] = field(default_factory=dict)
     offloaded: bool = False
     offload_cache_size: int = 0
+    info: dict = field(default_factory=dict)
 
     @classmethod
     def capture(cls, model: Any) -> "ModelState":
@@ -63,6 +64,7 @@ class ModelState:
         config = getattr(unet, "peft_config", _MISSING)
         state.peft_attrs = {"peft_config": dict(config) if isinstance(config, dict) else config,
                             "_hf_peft_config_loaded": unet.__dict__.get("_hf_peft_config_loaded", _MISSING)}
+        state.info = dict(model.info)
         state.offloaded = model.text_offload is not None
         state.offload_cache_size = model.text_offload.cache_size if state.offloaded else 0
         return state
@@ -79,6 +81,8 @@ class ModelState:
                 unet.__dict__.pop(key, None)
             else:
                 setattr(unet, key, value)
+        model.info.clear()
+        model.info.update(self.info)
         if model.text_offload is not None and not self.offloaded:
             model.onload_text_encoders()
         elif model.text_offload is None and self.offloaded:

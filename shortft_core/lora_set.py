@@ -316,3 +316,53 @@ def lora_set_folder(roots: Sequence[str | os.PathLike], name: str) -> Path:
             return folder
     raise FileNotFoundError(f"no LoRA set {name!r} (a folder holding {SET_MANIFEST}) in "
                             f"{', '.join(str(r) for r in roots) or 'no LoRA folder'}; copy the whole set folder there")
+
+
+def default_guidance(model, lora: str | os.PathLike | LoraSet | None = None) -> float:
+    """The CFG scale to sample with when none is given: the one a ShortFT set or LoRA was trained for, else the
+    tiny world's default (3) or 7.5 for a real model."""
+    if lora is not None:
+        trained = trained_guidance(lora.folder if isinstance(lora, LoraSet) else lora)
+        if trained is not None:
+            return trained
+    from .tiny_world import DEFAULT_GUIDANCE
+
+    return DEFAULT_GUIDANCE if model.family == "tiny" else 7.5
+
+
+@outside_inference_mode
+def sample_aligned(model, prompts: Sequence[str], *, lora_set: str | os.PathLike | LoraSet | None = None,
+                   lora: str | os.PathLike | None = None, seed: int = 0, steps: int = 50, spacing: str = "leading",
+                   guidance: float | None = None, negative_prompt: str = "", batch_size: int = 16,
+                   callback=None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] of ``model`` with a LoRA set (segment j's LoRA at segment j's timesteps) or one
+    LoRA file at every step, or of the bare model; the adapters are removed again afterwards, so the model is left
+    as it was. ``guidance`` defaults to :func:`default_guidance`."""
+    from .adapters import AdapterSwitch, remove_adapters
+    from .lora_io import load_lora_adapter
+    from .plans import adapter_chain
+    from .sampling import sample, timestep_grid
+
+    if lora_set is not None and lora is not None:
+        raise ValueError("give a LoRA set or one LoRA file, not both")
+    source = lora_set if lora_set is not None else lora
+    g = guidance if guidance is not None else default_guidance(model, source)
+    plan, switch, names = None, None, []
+    try:
+        if source is not None:
+            grid = timestep_grid(steps, spacing, model.schedule.num_train_timesteps)
+            if lora_set is not None:
+                folder = lora_set.folder if isinstance(lora_set, LoraSet) else lora_set
+                names, segments = load_lora_set(model.unet, folder, prefix="sample_segment_")
+                plan = set_inference_plan(names, segments, g, grid)
+            else:
+                load_lora_adapter(model.unet, lora, "sample_lora", trainable=False)
+                names = ["sample_lora"]
+                plan = adapter_chain(tuple(names), g, grid)
+            switch = AdapterSwitch(model.unet)
+        log.info("sampling %d prompts, %d steps, guidance %.2f, seed %d", len(prompts), steps, g, seed)
+        return sample(model, prompts, seed=seed, steps=steps, guidance=g, negative_prompt=negative_prompt,
+                      spacing=spacing, batch_size=batch_size, plan=plan, switch=switch, callback=callback)
+    finally:
+        if names:
+            remove_adapters(model.unet, names)

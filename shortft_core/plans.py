@@ -247,6 +247,18 @@ def shortcut_model_plan(lora: LoraSetSpec, edges: Sequence[int] = (999, 749, 499
     return ChainPlan("shortcut-model", tuple(_mark_last_readout(steps)), trains=lora.names[:1] if grad else ())
 
 
+def shortcut_preview_plan(lora: LoraSetSpec, edges: Sequence[int] = (999, 749, 499, 249),
+                          guidance: float = 1.0) -> ChainPlan:
+    """A cheap look at the aligned model during training: the shortcut's few-step chain (at its own CFG) with the
+    alignment set of each jump's starting segment stacked on the shortcut, no gradient. An approximation of the
+    full inference chain at a few network calls instead of 50."""
+    e = list(edges)
+    pairs = [(t, e[i + 1] if i + 1 < len(e) else FINAL) for i, t in enumerate(e)]
+    steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT, *lora.active_at(t)), guidance, segment=lora.segments.segment_of(t))
+             for t, s in pairs]
+    return ChainPlan("shortcut-preview", tuple(_mark_last_readout(steps)), trains=())
+
+
 # ----- baselines -------------------------------------------------------------------------------------------------
 def draft_plan(k: int, lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None,
                checkpoint: bool = False) -> ChainPlan:

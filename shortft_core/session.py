@@ -43,12 +43,11 @@ from .lifecycle import ModelState, outside_inference_mode
 from .loop import Callback
 from .methods import method_plan
 from .models import PRECISION, TINY, T2IModel
+from .trainer import History, PromptSource, Trainer, read_prompt_file
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-# settings a continued run may change: a resume extends or re-paces a run without changing what it trains
-MAY_CHANGE = ("iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every", "time_budget_s")
 
 
 @dataclass
@@ -137,8 +136,6 @@ class TrainingSession:
     def check(self) -> None:
         """Validate every input that can be checked without loading a model; raises ValueError /
         FileNotFoundError naming the input and the fix."""
-        from .trainer import PromptSource, read_prompt_file
-
         req, cfg = self.request, self.request.config
         cfg.validate()
         self.tiny = isinstance(req.model, str) and req.model == TINY or (
@@ -186,6 +183,10 @@ class TrainingSession:
             from .shortcut import get_preset
 
             get_preset(req.shortcut_preset)
+        if not isinstance(req.model, T2IModel) and str(req.model).endswith(".safetensors"):
+            from .io import check_safetensors
+
+            check_safetensors(Path(req.model).expanduser(), "model")  # a damaged checkpoint, before it loads
         self.device = req.model.device if isinstance(req.model, T2IModel) else resolve_device(req.device)
         self.settings = self._settings()
         self.previous = self._previous_run()
@@ -216,12 +217,14 @@ class TrainingSession:
         """What identifies the run: a run folder with other settings is a different run."""
         req = self.request
         model = req.model.source if isinstance(req.model, T2IModel) else str(req.model)
-        reward = self.reward_spec if isinstance(self.reward_spec, str) else getattr(self.reward_spec, "name",
-                                                                                     type(self.reward_spec).__name__)
+        reward = self.reward_spec if isinstance(self.reward_spec, str) else reward_label(self.reward_spec)
         shortcut = None
         if self.shortcut_file is not None:
             shortcut = {"file": str(self.shortcut_file), "preset": req.shortcut_preset,
                         "guidance": req.shortcut_guidance}
+        elif req.config.needs_shortcut and isinstance(req.model, T2IModel):  # the shortcut the model carries
+            shortcut = {**req.model.info.get("shortcut", {"file": "(loaded by the caller)"}),
+                        "guidance_override": req.shortcut_guidance}
         return {"config": req.config.to_dict(), "model": model, "reward": reward, "eval_rewards": self.eval_specs,
                 "shortcut": shortcut, "prompts": _digest(self.prompts.prompts),
                 "eval_prompts": _digest(self.eval_prompts)}
@@ -270,8 +273,6 @@ class TrainingSession:
             return self._run()
 
     def _run(self) -> TrainResult:
-        from .trainer import History, Trainer
-
         req, cfg = self.request, self.request.config
         previous = self.previous
         if (previous is not None and previous.get("status") == "finished" and not req.overwrite
@@ -329,26 +330,24 @@ class TrainingSession:
         req = self.request
         if not req.config.needs_shortcut:
             return None
-        from .shortcut import get_preset, load_shortcut
+        from .shortcut import attach_shortcut, get_preset
 
-        if self.shortcut_file is None:  # the model brought its own: its preset comes with the request, if any
-            return get_preset(req.shortcut_preset) if req.shortcut_preset else getattr(model, "shortcut_preset",
-                                                                                        None)
-        _, preset = load_shortcut(model.unet, self.shortcut_file, preset=req.shortcut_preset, family=model.family)
-        return preset
+        if self.shortcut_file is None:  # the model brought its own (and its preset, when it was attached here)
+            return get_preset(req.shortcut_preset) if req.shortcut_preset else model.info.get("shortcut_preset")
+        return attach_shortcut(model, self.shortcut_file, preset=req.shortcut_preset)
 
     def _build_rewards(self) -> tuple[Callable, dict[str, Callable]]:
+        """The training reward and every evaluation reward by its label (a reward given built is used as is)."""
         from .rewards.registry import build_reward_spec
 
         req = self.request
-        built: dict[str, Callable] = {}
+        label = reward_label(self.reward_spec)
+        built: dict[str, Callable] = {} if isinstance(self.reward_spec, str) else {label: self.reward_spec}
         for spec in self.eval_specs:
-            built[spec] = build_reward_spec(spec, req.reward_paths, weights_dir=req.reward_weights_dir,
-                                            device=self.model.device)
-        reward = built[self.reward_spec] if isinstance(self.reward_spec, str) else self.reward_spec
-        if not isinstance(self.reward_spec, str):
-            built = {getattr(reward, "name", "reward"): reward, **built}
-        return reward, built
+            if spec not in built:
+                built[spec] = build_reward_spec(spec, req.reward_paths, weights_dir=req.reward_weights_dir,
+                                                device=self.model.device)
+        return built[label], built
 
     def _clear_run_folder(self) -> None:
         """overwrite=True: the earlier run's checkpoints, run file and LoRA set go before the new run starts."""
@@ -392,7 +391,6 @@ class TrainingSession:
 
     def _reused(self, previous: dict) -> TrainResult:
         from .lora_set import LoraSet
-        from .trainer import History
 
         history = History(**json.loads((self.out / "history.json").read_text(encoding="utf-8")))
         files = {k: self.out / f for k, f in (("history", "history.json"), ("reward_curve", "reward_curve.png"),
@@ -404,6 +402,13 @@ class TrainingSession:
                            evals[0] if evals else None, evals[-1] if len(evals) > 1 else None, files)
 
 
+def reward_label(reward: Any) -> str:
+    """What names a reward in a run's settings and pictures: its spec, else its name, else its type."""
+    if isinstance(reward, str):
+        return reward
+    return getattr(reward, "spec", None) or getattr(reward, "name", None) or type(reward).__name__
+
+
 def differing_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Names of the settings that differ between two runs' ``settings`` (config fields by their own names)."""
     out = []
@@ -411,7 +416,7 @@ def differing_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
         a, b = old.get(key), new.get(key)
         if key == "config":
             a, b = a or {}, b or {}
-            out += sorted(k for k in set(a) | set(b) if k not in MAY_CHANGE and a.get(k) != b.get(k))
+            out += sorted(k for k in set(a) | set(b) if k not in Trainer.resume_may_change and a.get(k) != b.get(k))
         elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             out.append(key)
     return out
@@ -421,7 +426,7 @@ def _plot_reward_curve(history, path: Path, cfg: TrainConfig, eval_specs: Sequen
     """reward_curve.png of the run: training batches, every held-out evaluation, stages, the untrained reward."""
     from .plots import plot_reward_curve
 
-    name = reward_spec if isinstance(reward_spec, str) else getattr(reward_spec, "name", "reward")
+    name = reward_label(reward_spec)
     untrained = next((s for s in eval_specs if s != name), None)
     plot_reward_curve(dataclasses.asdict(history), path, method=cfg.method, reward_name=name,
                       untrained_name=untrained)

@@ -180,6 +180,18 @@ def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, 
     return loaded, preset
 
 
+def attach_shortcut(model, path: str | os.PathLike, preset: str | ShortcutPreset | None = None
+                    ) -> ShortcutPreset | None:
+    """Load a shortcut file onto a :class:`~shortft_core.models.T2IModel` and record where it came from in
+    ``model.info`` (``shortcut``: file, preset and CFG scale; ``shortcut_preset``: the preset), so a training session
+    on this model knows which shortcut it trains through. Returns the preset (None when none is known)."""
+    _, found = load_shortcut(model.unet, path, preset=preset, family=model.family)
+    model.info["shortcut"] = {"file": str(Path(path).expanduser()), "preset": found.name if found else None,
+                              "guidance": found.guidance if found else None}
+    model.info["shortcut_preset"] = found
+    return found
+
+
 def unload_shortcut(unet: torch.nn.Module, adapter_name: str = SHORTCUT) -> None:
     """Remove a shortcut loaded by :func:`load_shortcut` (load -> unload -> load works on one UNet)."""
     from .adapters import remove_adapters

@@ -35,7 +35,7 @@ from .sampling import initial_noise, sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChainObjective", "History", "PromptSource", "Trainer", "read_prompt_file"]
+__all__ = ["ChainObjective", "History", "PromptSource", "Trainer", "prompt_lines", "read_prompt_file"]
 
 
 # ----- prompts -----------------------------------------------------------------------------------------------------
@@ -75,14 +75,19 @@ class PromptSource:
         return cls(read_prompt_file(path), exclude, what=f"prompt file {path}")
 
 
+def prompt_lines(text: str) -> list[str]:
+    """Prompts of a text, one per line; blank lines and ``#`` comments are skipped."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """The usable lines of a prompt file (one prompt per line, ``#`` comments and blank lines skipped); a missing
-    file or one with no usable line is an error naming it."""
+    """The usable lines of a prompt file (:func:`prompt_lines`); a missing file or one with no usable line is an
+    error naming it."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"prompt file {p} not found (looked for that exact file)")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    usable = [ln for ln in lines if ln and not ln.startswith("#")]
+    usable = prompt_lines(p.read_text(encoding="utf-8"))
     if not usable:
         raise ValueError(f"prompt file {p} has no usable line (only blank lines or # comments)")
     return usable
@@ -152,7 +157,7 @@ class Trainer(Loop):
     """
 
     resume_may_change = ("iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every",
-                         "time_budget_s")
+                         "preview_chain", "time_budget_s")
 
     def __init__(self, model: T2IModel, reward: Callable, cfg: TrainConfig, prompts: "PromptSource",
                  eval_prompts: Sequence[str] = (), out: str | os.PathLike | None = None,
@@ -334,10 +339,22 @@ class Trainer(Loop):
         return sample(self.model, prompts, seed=seed, steps=self.cfg.sample_steps, guidance=self.cfg.guidance,
                       batch_size=batch, plan=plan, switch=self.switch, callback=hook).float()
 
+    def preview_plan(self) -> ChainPlan | None:
+        """The preview chain: the inference chain (None), or with ``preview_chain='shortcut'`` and a shortcut on the
+        UNet, its few jumps with the aligned set stacked (:func:`~shortft_core.plans.shortcut_preview_plan`)."""
+        from .adapters import SHORTCUT
+        from .plans import shortcut_preview_plan
+
+        if self.cfg.preview_chain != "shortcut" or SHORTCUT not in (getattr(self.model.unet, "peft_config", {}) or {}):
+            return None
+        preset = self.model.info.get("shortcut_preset")
+        edges = preset.timesteps if preset is not None and preset.segmented else self.cfg.shortcut_edges
+        return shortcut_preview_plan(self.lora, edges, self.cfg.shortcut_guidance)
+
     def preview(self, prompts: Sequence[str] | None = None) -> torch.Tensor:
-        """Preview images of the model as it is now (on the inference chain) for the callbacks."""
+        """Preview images of the model as it is now for the callbacks (see :meth:`preview_plan`)."""
         prompts = list(prompts or self.eval_prompts[:4] or self.prompts.prompts[:4])
-        images = self.sample(prompts, seed=0, phase="preview")
+        images = self.sample(prompts, seed=0, phase="preview", plan=self.preview_plan())
         for cb in self.callbacks:
             cb.on_preview(self, images, prompts)
         return images

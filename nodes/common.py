@@ -1,0 +1,119 @@
+"""What the pack's nodes share: the custom socket types, ComfyUI's folders for our files, and image conversions.
+
+ComfyUI runs nodes inside ``torch.inference_mode()``: tensors that cross into the library are cloned outside it,
+so training and rewards never meet an inference tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+
+# Custom sockets: a model the library trains (the tiny world is no ComfyUI MODEL), a reward, a LoRA set.
+SHORTFT_MODEL = io.Custom("SHORTFT_MODEL")
+SHORTFT_REWARD = io.Custom("SHORTFT_REWARD")
+LORA_SET = io.Custom("SHORTFT_LORA_SET")
+
+CATEGORY = "ShortFT"
+TINY = "tiny"
+DIFFUSERS_TAG = "[diffusers] "  # prefixes a diffusers folder in the base-model list
+REWARD_FOLDER = "reward_models"
+REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors", ".json", ".txt"}
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def register_folders() -> None:
+    """``models/reward_models`` as a ComfyUI model folder (extra_model_paths.yaml may add more)."""
+    path = os.path.join(folder_paths.models_dir, REWARD_FOLDER)
+    if REWARD_FOLDER in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(REWARD_FOLDER, path, is_default=True)
+    else:
+        folder_paths.folder_names_and_paths[REWARD_FOLDER] = ([path], set(REWARD_EXTENSIONS))
+
+
+def reward_folders() -> list[str]:
+    return folder_paths.get_folder_paths(REWARD_FOLDER) if REWARD_FOLDER in folder_paths.folder_names_and_paths \
+        else []
+
+
+def reward_weights_dir() -> str | None:
+    """The reward weights folder searched by name (the first registered one that exists)."""
+    return next((p for p in reward_folders() if os.path.isdir(p)), None)
+
+
+def diffusers_folders() -> list[str]:
+    """Diffusers pipeline folders (holding model_index.json) in ComfyUI's ``models/diffusers`` folders."""
+    names: list[str] = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if os.path.isdir(root):
+            names += sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "model_index.json")))
+    return names
+
+
+def base_options() -> list[str]:
+    """The base-model list: the tiny world, single-file checkpoints, diffusers folders."""
+    return [TINY, *folder_paths.get_filename_list("checkpoints"), *(DIFFUSERS_TAG + d for d in diffusers_folders())]
+
+
+def base_path(name: str) -> str:
+    """The model spec for ``load_model``: "tiny", a checkpoint's full path or a diffusers folder's."""
+    if name == TINY:
+        return TINY
+    if name.startswith(DIFFUSERS_TAG):
+        folder = name[len(DIFFUSERS_TAG):]
+        for root in folder_paths.get_folder_paths("diffusers"):
+            path = os.path.join(root, folder)
+            if os.path.isfile(os.path.join(path, "model_index.json")):
+                return path
+        raise FileNotFoundError(f"diffusers folder {folder!r} not found in {folder_paths.get_folder_paths('diffusers')}; "
+                                "copy the whole pipeline folder (with model_index.json) there")
+    return folder_paths.get_full_path_or_raise("checkpoints", name)
+
+
+def run_folders(run_name: str) -> tuple[Path, Path]:
+    """(run folder under ComfyUI's output directory, LoRA-set folder under the first LoRA folder) of a run."""
+    if not RUN_NAME.match(run_name or ""):
+        raise ValueError(f"run_name {run_name!r}: use letters, digits, '_', '-' and '.', starting with a letter or "
+                         "digit (it names the folders output/shortft/<run_name> and models/loras/shortft/<run_name>)")
+    out = Path(folder_paths.get_output_directory()) / "shortft" / run_name
+    lora = Path(folder_paths.get_folder_paths("loras")[0]) / "shortft" / run_name
+    return out, lora
+
+
+def device_options() -> list[str]:
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return out
+
+
+def from_comfy(images: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI IMAGE (B, H, W, C in [0, 1]) as the library's (B, 3, H, W), an ordinary tensor (not an
+    inference tensor), alpha dropped."""
+    with torch.inference_mode(False):
+        return images[..., :3].movedim(-1, 1).float().clone()
+
+
+def to_comfy(images: torch.Tensor) -> torch.Tensor:
+    """Library images (B, 3, H, W in [0, 1]) as a ComfyUI IMAGE (B, H, W, 3) on the CPU."""
+    return images.detach().float().clamp(0, 1).movedim(1, -1).cpu().contiguous()
+
+
+def png_image(path: str | os.PathLike) -> torch.Tensor:
+    """A PNG file as a one-image ComfyUI IMAGE."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+def pil_image(image: torch.Tensor) -> Image.Image:
+    """One library image (3, H, W in [0, 1]) as a PIL image (for previews)."""
+    arr = (image.detach().float().clamp(0, 1).movedim(0, -1).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
