@@ -217,11 +217,12 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu"
     (bf16/fp16 on CUDA). An SDXL VAE asked for in fp16 stays in fp32 (it overflows in fp16).
     """
     path = Path(path).expanduser()
-    return model_from_checkpoint(read_checkpoint(path), str(path), device, dtype, config_dir)
+    return model_from_checkpoint(read_checkpoint(path), str(path), device, dtype, config_dir, cache_dir)
 
 
 def model_from_checkpoint(sd: dict[str, torch.Tensor], source: str = "checkpoint", device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, config_dir: str | os.PathLike | None = None):
+                          dtype: torch.dtype = torch.float32, config_dir: str | os.PathLike | None = None,
+                          cache_dir: str | os.PathLike | None = None):
     """The :class:`T2IModel` of an ldm-layout state dict (see :func:`load_single_file`); ``sd`` is consumed."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
