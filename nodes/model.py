@@ -13,7 +13,7 @@ from comfy_api.latest import io
 
 from ..shortft_core.lifecycle import outside_inference_mode
 from ..shortft_core.lora_io import lora_file
-from ..shortft_core.models import load_model
+from ..shortft_core.models import load_model, resolve_device
 from ..shortft_core.shortcut import PRESETS, attach_shortcut
 from ..shortft_core.tiny_world import tiny_shortcut_path
 from ..shortft_core.trainer import prompt_lines
@@ -28,12 +28,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def shortcut_options() -> list[str]:
     return [TINY, NONE, *folder_paths.get_filename_list("loras")]
-
-
-def resolve_device(name: str) -> torch.device:
-    from ..shortft_core.session import resolve_device as core
-
-    return core(name)
 
 
 class LoadShortcutModel(io.ComfyNode):

@@ -57,7 +57,7 @@ class RewardModel(io.ComfyNode):
     @classmethod
     @outside_inference_mode
     def execute(cls, reward: str, spec: str, device: str) -> io.NodeOutput:
-        from ..shortft_core.session import resolve_device
+        from ..shortft_core.models import resolve_device
 
         text = _spec(reward, spec)
         built = build_reward_spec(text, weights_dir=reward_weights_dir(), device=resolve_device(device))

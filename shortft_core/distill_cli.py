@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import MODEL_HELP, StopOnCtrlC
 from .distill import DistillConfig, Distiller
-from .train_cli import add_config_flags, add_run_flags, config_from_args, prepare_run_folder
+from .cli_common import (MODEL_HELP, StopOnCtrlC, add_config_flags, add_run_flags, config_from_args, device,
+                         prepare_run_folder, read_prompts, set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ def add_distill_parser(sub) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from .cli import _device, read_prompts, set_threads
     from .lora_io import export_lora
     from .models import PRECISION, load_model
 
@@ -47,7 +46,7 @@ def run_distill(args: argparse.Namespace) -> int:
     prepare_run_folder(out, args.resume, args.overwrite, outputs=(target.name,))
     cfg.check_data(tiny=args.model == "tiny")
     set_threads(args.threads)
-    model = load_model(args.model, _device(args.device), PRECISION[cfg.mixed_precision])
+    model = load_model(args.model, device(args.device), PRECISION[cfg.mixed_precision])
     d = Distiller(model, cfg, out)
     if args.resume and not d.resume():
         log.info("no checkpoint in %s: starting from scratch", out)

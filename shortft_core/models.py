@@ -28,6 +28,18 @@ TINY = "tiny"
 PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A device by name: ``auto`` (cuda when available), cpu, cuda, cuda:1 ...; CUDA must exist here."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: CUDA is not available on this machine; use cpu")
+    return dev
+
+
 @dataclass
 class Conditioning:
     """Text conditioning for the UNet: cross-attention states plus, for SDXL, the added embeddings."""

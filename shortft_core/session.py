@@ -42,7 +42,7 @@ from .io import atomic_write_json
 from .lifecycle import ModelState, outside_inference_mode
 from .loop import Callback
 from .methods import method_plan
-from .models import PRECISION, TINY, T2IModel
+from .models import PRECISION, TINY, T2IModel, resolve_device
 from .trainer import History, PromptSource, Trainer, read_prompt_file
 
 log = logging.getLogger(__name__)
@@ -98,18 +98,6 @@ class _StopWhen(Callback):
 
     def should_stop(self, loop) -> bool:
         return bool(self.asked())
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` (cuda when available), or a device name that must exist here."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name}: CUDA is not available on this machine; use cpu")
-    return dev
 
 
 def _digest(items: Sequence[str]) -> str:

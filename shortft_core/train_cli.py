@@ -14,90 +14,16 @@ finished run without training and continues an interrupted one exactly; other se
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import types
 import typing
-from pathlib import Path
 
 
-from .cli import MODEL_HELP, StopOnCtrlC, add_threads_flag
+from .cli_common import MODEL_HELP, StopOnCtrlC, add_config_flags, add_run_flags, config_from_args, set_threads
 from .config import TINY_PRESET, TINY_REWARD, TrainConfig
 from .loop import Callback
 
 log = logging.getLogger(__name__)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (bools get --x/--no-x, tuples take several values, a setting with choices
-    refuses others as a usage error)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
-        default = f.default if f.default is not dataclasses.MISSING else None
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        shown = "none" if shown in (None, "") else shown  # as typed on the command line
-        text = f"{f.metadata['help']} (default {shown})" if "help" in f.metadata else f"default {shown}"
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(base) is tuple:
-            inner = typing.get_args(base)[0]
-            parser.add_argument(flag, nargs="+", type=inner, default=None, help=text)
-        else:
-            conv = base if base in (int, float, str) else str
-            if optional:
-                def conv(v, _b=conv):  # noqa: E306 - "none" clears an optional setting
-                    return None if v.lower() == "none" else _b(v)
-            parser.add_argument(flag, type=conv, default=None, help=text, choices=f.metadata.get("choices"))
-
-
-def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
-    """The config dataclass ``cls`` from ``base`` and the flags given, validated before any model is loaded (a bad
-    value's ValueError names the flag; ``cli.main`` prints it)."""
-    values = dict(base or {})
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = tuple(v) if isinstance(v, list) else v
-    cfg = cls(**values)
-    cfg.validate()
-    return cfg
-
-
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """The run-folder and machine flags that ``train`` and ``distill`` share."""
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an --out that holds an earlier run (its checkpoints are deleted)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    add_threads_flag(parser)
-    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-
-
-def prepare_run_folder(out: Path, resume: bool, overwrite: bool, outputs: typing.Sequence[str]) -> None:
-    """Check ``--out`` before any model loads: an earlier run there (checkpoints, or any of ``outputs``) must be
-    continued (--resume) or replaced (--overwrite, which deletes its checkpoints now; the outputs are replaced
-    when the new run writes them), so no finished run is overwritten by accident."""
-    if resume and overwrite:
-        raise SystemExit("--resume continues the run in --out and --overwrite starts it over: pass one of them")
-    ckpt = out / "checkpoints"
-    found = [p.name for p in (ckpt, *(out / o for o in outputs))
-             if p.is_file() or (p.is_dir() and any(p.iterdir()))]
-    if found and not (resume or overwrite):
-        raise SystemExit(f"--out {out} holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
-                         "--overwrite to start over")
-    if overwrite and ckpt.is_dir():
-        for f in ckpt.iterdir():
-            if f.is_file():
-                f.unlink(missing_ok=True)  # every DDP rank runs this
 
 
 def add_train_parser(sub) -> None:
@@ -175,7 +101,6 @@ def _reward_paths(items: typing.Sequence[str] | None) -> dict[str, str]:
 def run_train(args: argparse.Namespace) -> int:
     """argparse -> :class:`~shortft_core.session.TrainRequest` -> :func:`~shortft_core.session.train`, then the
     report."""
-    from .cli import set_threads
     from .session import TrainingSession, TrainRequest
 
     if args.resume and args.overwrite:

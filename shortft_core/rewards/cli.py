@@ -26,7 +26,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_score_parser(sub) -> None:
-    from ..cli import add_threads_flag, number
+    from ..cli_common import add_threads_flag, number
     from .registry import SPEC_EXAMPLE, describe_rewards
 
     p = sub.add_parser("score", help="score images with reward models (HPS v2, PickScore, ImageReward, ...)",
@@ -84,7 +84,7 @@ def _options(items: list[str]) -> dict[str, dict[str, object]]:
 
 
 def _images_and_prompts(folder: Path, prompts_file: str | None) -> tuple[list[Path], list[str]]:
-    from ..cli import read_prompts
+    from ..cli_common import read_prompts
 
     if not folder.is_dir():
         raise SystemExit(f"--images {folder}: no such folder")
@@ -123,7 +123,7 @@ def _load_image(path: Path) -> torch.Tensor:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from ..cli import _DTYPES, _device, set_threads
+    from ..cli_common import DTYPES, device as device_flag, set_threads
     from ..io import atomic_write_json, refuse_overwrite
     from .registry import build_reward_spec, parse_reward_spec
 
@@ -139,8 +139,8 @@ def run_score(args: argparse.Namespace) -> int:
         raise ValueError(f"--reward: {e}") from e
     files, prompts = _images_and_prompts(Path(args.images), args.prompts)
     set_threads(args.threads)
-    device = _device(args.device)
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    device = device_flag(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else None
     combo = build_reward_spec(spec, paths=_pairs(args.path, "--path"), weights_dir=args.weights_dir,
                               device=device, dtype=dtype, options=_options(args.option))
     per_term: dict[str, list[float]] = {label: [] for label in combo.labels}
