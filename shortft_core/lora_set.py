@@ -1,6 +1,6 @@
 """Timestep-aware LoRA sets as files: one standard LoRA per segment, a merged LoRA, and a manifest.
 
-Decision (issue 5): a set is a *folder*, not one file with custom keys, so that every file in it loads in stock
+A set is a *folder*, not one file with custom keys, so that every file in it loads in stock
 tools:
 
 * ``segment_<j>.safetensors`` - the exact network of segment j as ONE ordinary LoRA: the stacked adapters
