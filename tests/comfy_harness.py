@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -196,12 +197,15 @@ class _Listener:
 class ComfyServer:
     """``main.py --cpu`` of a ComfyUI checkout on 127.0.0.1, with a temporary base directory holding
     ``custom_nodes/comfyui-shortft`` (a link to this repository), ``models/{checkpoints,loras,diffusers,
-    reward_models}``, ``input/`` and ``output/``. A context manager; ``stop()`` ends its whole process group."""
+    reward_models}``, ``input/`` and ``output/``. A context manager; ``stop()`` ends its whole process group and
+    removes the base directory unless ``keep_base`` (or ``$SHORTFT_KEEP_COMFY_BASE=1``, to read the log later)."""
 
-    def __init__(self, comfy: Path, startup_timeout: float = 90.0, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, comfy: Path, startup_timeout: float = 90.0, extra_args: tuple[str, ...] = (),
+                 keep_base: bool | None = None) -> None:
         self.comfy = Path(comfy)
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
+        self.keep_base = os.environ.get("SHORTFT_KEEP_COMFY_BASE") == "1" if keep_base is None else keep_base
         self.client_id = uuid.uuid4().hex
         self.base: Path | None = None
         self.proc: subprocess.Popen | None = None
@@ -255,7 +259,8 @@ class ComfyServer:
             if self.proc.poll() is not None:
                 tail = self.log_tail()
                 self.stop()
-                raise RuntimeError(f"ComfyUI exited with status {self.proc.returncode} before answering; log tail:\n{tail}")
+                raise RuntimeError(f"ComfyUI exited with status {self.proc.returncode} before answering; "
+                                   f"log tail:\n{tail}")
             try:
                 self.get("/system_stats", timeout=2)
                 break
@@ -269,7 +274,8 @@ class ComfyServer:
         log.info("ComfyUI answers at %s (base %s)", self.url, self.base)
 
     def stop(self) -> None:
-        """Close the websockets, end the server's process group (TERM, then KILL after 20 s) and wait for it."""
+        """Close the websockets, end the server's process group (TERM, then KILL after 20 s), wait for it and
+        remove the base directory (links in it are removed, never followed)."""
         for listener in self._listeners.values():
             listener.close()
         self._listeners.clear()
@@ -287,6 +293,9 @@ class ComfyServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.base is not None and self.base.is_dir() and not self.keep_base:
+            (self.base / "custom_nodes" / PACK_NAME).unlink(missing_ok=True)
+            shutil.rmtree(self.base, ignore_errors=True)
         atexit.unregister(self.stop)
 
     # ----- what the server wrote ----------------------------------------------------------------------------------
@@ -362,7 +371,8 @@ class ComfyServer:
 
     def wait(self, prompt_id: str, timeout: float = 600, client_id: str | None = None) -> list[dict[str, Any]]:
         """Every websocket event of the prompt, from its ``execution_start`` to its ``execution_success``,
-        ``execution_error`` or ``execution_interrupted`` (custom events in between included), in order."""
+        ``execution_error`` or ``execution_interrupted`` (custom events in between included), in order; returns
+        once the prompt's history entry is written too (the server stores it just after the last event)."""
         listener = self._listener(client_id or self.client_id)
         deadline = time.monotonic() + timeout
 
@@ -386,6 +396,10 @@ class ComfyServer:
                     raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; "
                                        f"log tail:\n{self.log_tail()}")
                 listener.cond.wait(min(left, 1.0))
+        while not self.history(prompt_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} finished but has no history entry after {timeout:.0f} s")
+            time.sleep(0.05)
         return found
 
     def run(self, prompt: dict[str, Any], timeout: float = 600) -> tuple[str, list[dict[str, Any]]]:

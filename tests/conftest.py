@@ -64,3 +64,16 @@ def comfy_server():
         pytest.skip(reason)
     with ComfyServer(comfy) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(tmp_path_factory):
+    """One random-weight single-file checkpoint of the full SD1.5 architecture (fp16, ~2 GB) for the session: what
+    ComfyUI's CheckpointLoaderSimple and shortft_core.models.load_model both read (about a minute to build)."""
+    from shortft_core import random_models
+
+    model = random_models.random_model("sd15", dtype=torch.bfloat16, seed=21)
+    path = random_models.write_ldm_checkpoint(model, tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors",
+                                              dtype=torch.float16)
+    del model
+    return path

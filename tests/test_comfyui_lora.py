@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfy_harness import find_comfyui, requirements_skip_reason
-from shortft_core import ldm_keys, lora_io, random_models
+from shortft_core import ldm_keys, lora_io
 from shortft_core.loading import bundled_config
 
 pytestmark = pytest.mark.comfyui
@@ -172,14 +172,13 @@ def test_comfyui_key_map_takes_every_key_of_our_export(comfy_key_maps, family):
 
 
 @pytest.mark.slow
-def test_comfyui_lora_loader_output_equals_ours(tmp_path):
+def test_comfyui_lora_loader_output_equals_ours(tmp_path, sd15_checkpoint):
     """Parity (c): a random SD1.5 ldm checkpoint + our kohya export in ComfyUI's stock loaders give the UNet
     output our peft adapter gives. Tolerance: max |diff| <= 1e-4 x max |output| (both fp32; measured ~1e-6)."""
     from shortft_core.models import load_model
 
-    model = random_models.random_model("sd15", dtype=torch.bfloat16, seed=21)
-    ckpt = random_models.write_ldm_checkpoint(model, tmp_path / "sd15_random.safetensors", dtype=torch.float16)
-    del model
+    comfy_setup()  # skip before loading anything when ComfyUI cannot run
+    ckpt = sd15_checkpoint
     ours = load_model(ckpt, dtype=torch.float32)
     all_layers_adapter(ours.unet)
     lora_file = lora_io.export_lora(ours.unet, "align", tmp_path / "align.safetensors", family="sd15")
