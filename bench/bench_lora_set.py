@@ -25,7 +25,8 @@ from shortft_core.lora_set import load_lora_set, set_inference_plan  # noqa: E40
 from shortft_core.plans import adapter_chain, base_chain  # noqa: E402
 from shortft_core.sampling import sample  # noqa: E402
 from shortft_core.schedule import leading_grid  # noqa: E402
-from shortft_core.tiny_world import DEFAULT_GUIDANCE, held_out_prompts, load_tiny_model, load_tiny_rewards  # noqa: E402
+from shortft_core.tiny_world import DEFAULT_GUIDANCE, held_out_prompts, load_tiny_rewards  # noqa: E402
+from shortft_core.loading import load_tiny_model  # noqa: E402
 
 
 def main() -> int:

@@ -53,13 +53,12 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     torch.set_num_threads(threads)
     from shortft_core.adapters import SHORTCUT
     from shortft_core.profiling import ideal_seconds, pass_costs
-    from shortft_core.models import load_model
+    from shortft_core.loading import load_model
     from shortft_core.shortcut import load_shortcut
     from shortft_core.tiny_world import held_out_prompts, load_tiny_rewards, tiny_shortcut_path
     from shortft_core.loop import Callback
     from shortft_core.trainer import PromptSource, Trainer
     from shortft_core.config import TrainConfig
-    from shortft_core.methods import method_plan
 
     model = load_model("tiny")
     _, preset = load_shortcut(model.unet, tiny_shortcut_path(), adapter_name=SHORTCUT)

@@ -40,7 +40,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.family == "tiny":
-        from shortft_core.tiny_world import load_tiny_model
+        from shortft_core.loading import load_tiny_model
 
         model = load_tiny_model()
     else:

@@ -29,7 +29,8 @@ from shortft_core.distill import few_step_plan, jump_errors  # noqa: E402
 from shortft_core.images import captioned_grid, save_png  # noqa: E402
 from shortft_core.sampling import sample  # noqa: E402
 from shortft_core.shortcut import load_shortcut  # noqa: E402
-from shortft_core.tiny_world import (DEFAULT_GUIDANCE, held_out_prompts, load_tiny_model, load_tiny_rewards,  # noqa: E402
+from shortft_core.loading import load_tiny_model  # noqa: E402
+from shortft_core.tiny_world import (DEFAULT_GUIDANCE, held_out_prompts, load_tiny_rewards,  # noqa: E402
                                      tiny_shortcut_path)
 
 

@@ -45,7 +45,8 @@ python - "$model" "$out/run/shortcut.safetensors" "$device" "$precision" <<'EOF'
 import sys, json
 from shortft_core.lora_io import read_lora
 from shortft_core.shortcut import load_shortcut
-from shortft_core.models import PRECISION, load_model
+from shortft_core.loading import load_model
+from shortft_core.models import PRECISION
 model = load_model(sys.argv[1], sys.argv[3], PRECISION[sys.argv[4]])
 _, preset = load_shortcut(model.unet, sys.argv[2], family=model.family)
 meta = json.loads(read_lora(sys.argv[2])[1]["shortft"])

@@ -13,7 +13,8 @@ from comfy_api.latest import io
 
 from ..shortft_core.lifecycle import outside_inference_mode
 from ..shortft_core.lora_io import lora_file
-from ..shortft_core.models import load_model, resolve_device
+from ..shortft_core.loading import load_model
+from ..shortft_core.models import resolve_device
 from ..shortft_core.shortcut import PRESETS, attach_shortcut
 from ..shortft_core.tiny_world import tiny_shortcut_path
 from ..shortft_core.trainer import prompt_lines

@@ -57,7 +57,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
     from .lora_io import lora_file
     from .lora_set import LoraSet, default_guidance, sample_aligned, trained_guidance
-    from .models import load_model
+    from .loading import load_model
 
     prompts = read_prompts(args.prompts, args.prompts_file, args.held_out, args.seed)
     out = Path(args.out)

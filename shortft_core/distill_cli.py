@@ -37,7 +37,8 @@ def add_distill_parser(sub) -> None:
 
 def run_distill(args: argparse.Namespace) -> int:
     from .lora_io import export_lora
-    from .models import PRECISION, load_model
+    from .loading import load_model
+    from .models import PRECISION
 
     prompts = tuple(read_prompts(None, args.prompts_file, None)) if args.prompts_file else ()
     cfg = config_from_args(DistillConfig, args, {"prompts": prompts})

@@ -19,7 +19,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .io import check_safetensors
+from .lifecycle import outside_inference_mode
+from .models import TINY, T2IModel
 from .schedule import NoiseSchedule
+from .tiny_world import weights_dir
 from .tokenizer import EOS, load_clip_tokenizer, write_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -230,8 +233,6 @@ def model_from_checkpoint(sd: dict[str, torch.Tensor], source: str = "checkpoint
                                                      convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import T2IModel
-
     path = source
     family = detect_checkpoint_family(sd, name=source)
     cfg = {part: bundled_config(family, part, config_dir) for part in ("unet", "vae", "scheduler")}
@@ -310,8 +311,6 @@ def load_sdxl_folder(path: str | os.PathLike, device: str | torch.device = "cpu"
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import T2IModel
-
     path = Path(path).expanduser()
     cls = pipeline_class(path)
     if cls != "StableDiffusionXLPipeline":
@@ -367,3 +366,80 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return list(a) == list(b)
     return a == b
+
+
+# ----- every model by its spec -----------------------------------------------------------------------------
+@outside_inference_mode
+def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None) -> T2IModel:
+    """Load ``"tiny"`` (the embedded tiny world), a local diffusers SD1.5/SDXL folder or a single-file SD1.5/SDXL
+    checkpoint (.safetensors / .ckpt in the original ldm layout), offline. ``cache_dir`` holds the CLIP tokenizers
+    a single-file checkpoint needs (default: :func:`cache_dir`)."""
+    if str(spec) == TINY:
+        return load_tiny_model(device, dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if pipeline_class(path) == "StableDiffusionPipeline":
+            check_sd15_folder(path)
+        return load_diffusers_folder(path, device, dtype, cache_dir)
+    if path.is_file():
+        return load_single_file(path, device, dtype, cache_dir=cache_dir)
+    raise FileNotFoundError(
+        f"model {spec!r} not found (no such file or folder): pass 'tiny', a local diffusers folder or a single-file "
+        f"checkpoint. Supported: {SUPPORTED}"
+    )
+
+
+def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None) -> T2IModel:
+    """Load the components of a diffusers StableDiffusionPipeline folder without building the pipeline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file} not found: {path} is not a diffusers pipeline folder")
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    cls = index.get("_class_name", "")
+    if cls == "StableDiffusionXLPipeline":
+        return load_sdxl_folder(path, device, dtype, cache_dir)
+    if cls != "StableDiffusionPipeline":
+        raise ValueError(
+            f"{path} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline (SD1.x-layout, "
+            "eps-prediction) and StableDiffusionXLPipeline"
+        )
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"{path / sub} is missing: the pipeline folder is incomplete")
+    sched_files = sorted((path / "scheduler").glob("scheduler_config.json"))
+    if not sched_files:
+        raise FileNotFoundError(f"{path / 'scheduler' / 'scheduler_config.json'} is missing")
+    sched_cfg = json.loads(sched_files[0].read_text(encoding="utf-8"))
+    schedule = NoiseSchedule.from_config(sched_cfg)
+    if schedule.prediction_type != "epsilon":
+        raise ValueError(
+            f"{path} is a {schedule.prediction_type}-prediction model; ShortFT supports eps-prediction bases "
+            "(SD1.5, SDXL) only"
+        )
+    tokenizer = load_clip_tokenizer(path / "tokenizer")
+    kw = dict(local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw)
+    model = T2IModel("sd15", [tokenizer], [text_encoder], unet, vae, schedule, sched_cfg, source=str(path))
+    model.to(device)
+    model.requires_grad_(False)
+    for m in [unet, vae, text_encoder]:
+        m.eval()
+    log.info("loaded %s (UNet %.1fM params) from %s", model.family, sum(p.numel() for p in unet.parameters()) / 1e6, path)
+    return model
+
+
+def load_tiny_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    root: str | os.PathLike | None = None) -> T2IModel:
+    """The tiny text-to-image pipeline as a :class:`T2IModel` (family ``tiny``)."""
+    from dataclasses import replace
+
+    model = load_diffusers_folder(weights_dir(root) / "pipeline", device, dtype)
+    return replace(model, family="tiny", source="tiny" if root is None else str(root))

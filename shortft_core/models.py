@@ -7,18 +7,14 @@ a hub: every file comes from a local folder, and a missing one is reported with 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .lifecycle import outside_inference_mode
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -316,84 +312,3 @@ class T2IModel:
         dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mean
         return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
-
-
-def tiny_world_dir() -> Path:
-    """Folder of the tiny-world weights: ``$SHORTFT_TINY_WEIGHTS`` if set (a world you built), else the shipped one."""
-    env = os.environ.get("SHORTFT_TINY_WEIGHTS")
-    return Path(env) if env else Path(__file__).resolve().parent / "tiny_world" / "weights"
-
-
-@outside_inference_mode
-def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None) -> T2IModel:
-    """Load ``"tiny"`` (the embedded tiny world), a local diffusers SD1.5/SDXL folder or a single-file SD1.5/SDXL
-    checkpoint (.safetensors / .ckpt in the original ldm layout), offline. ``cache_dir`` holds the CLIP tokenizers
-    a single-file checkpoint needs (default: :func:`shortft_core.loading.cache_dir`)."""
-    from . import loading
-
-    if str(spec) == TINY:
-        from .tiny_world import load_tiny_model
-
-        return load_tiny_model(device, dtype)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if loading.pipeline_class(path) == "StableDiffusionPipeline":
-            loading.check_sd15_folder(path)
-        return load_diffusers_folder(path, device, dtype, cache_dir)
-    if path.is_file():
-        return loading.load_single_file(path, device, dtype, cache_dir=cache_dir)
-    raise FileNotFoundError(
-        f"model {spec!r} not found (no such file or folder): pass 'tiny', a local diffusers folder or a single-file "
-        f"checkpoint. Supported: {loading.SUPPORTED}"
-    )
-
-
-def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None) -> T2IModel:
-    """Load the components of a diffusers StableDiffusionPipeline folder without building the pipeline."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from .tokenizer import load_clip_tokenizer
-
-    path = Path(path)
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file} not found: {path} is not a diffusers pipeline folder")
-    index = json.loads(index_file.read_text(encoding="utf-8"))
-    cls = index.get("_class_name", "")
-    if cls == "StableDiffusionXLPipeline":
-        from .loading import load_sdxl_folder
-
-        return load_sdxl_folder(path, device, dtype, cache_dir)
-    if cls != "StableDiffusionPipeline":
-        raise ValueError(
-            f"{path} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline (SD1.x-layout, "
-            "eps-prediction) and StableDiffusionXLPipeline"
-        )
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not (path / sub).is_dir():
-            raise FileNotFoundError(f"{path / sub} is missing: the pipeline folder is incomplete")
-    sched_files = sorted((path / "scheduler").glob("scheduler_config.json"))
-    if not sched_files:
-        raise FileNotFoundError(f"{path / 'scheduler' / 'scheduler_config.json'} is missing")
-    sched_cfg = json.loads(sched_files[0].read_text(encoding="utf-8"))
-    schedule = NoiseSchedule.from_config(sched_cfg)
-    if schedule.prediction_type != "epsilon":
-        raise ValueError(
-            f"{path} is a {schedule.prediction_type}-prediction model; ShortFT supports eps-prediction bases "
-            "(SD1.5, SDXL) only"
-        )
-    tokenizer = load_clip_tokenizer(path / "tokenizer")
-    kw = dict(local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw)
-    model = T2IModel("sd15", [tokenizer], [text_encoder], unet, vae, schedule, sched_cfg, source=str(path))
-    model.to(device)
-    model.requires_grad_(False)
-    for m in [unet, vae, text_encoder]:
-        m.eval()
-    log.info("loaded %s (UNet %.1fM params) from %s", model.family, sum(p.numel() for p in unet.parameters()) / 1e6, path)
-    return model

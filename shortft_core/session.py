@@ -307,7 +307,7 @@ class TrainingSession:
             self._state = ModelState.capture(req.model)
             self.model = req.model
         else:
-            from .models import load_model
+            from .loading import load_model
 
             kw = {"cache_dir": req.cache_dir} if req.cache_dir is not None else {}
             self.model = load_model(req.model, self.device, PRECISION[req.config.mixed_precision], **kw)

@@ -7,7 +7,8 @@ import torch
 
 torch.set_num_threads(1)
 from shortft_core.adapters import SHORTCUT, adapter_parameters, adapter_state, add_lora  # noqa: E402
-from shortft_core.tiny_world import load_tiny_model, load_tiny_rewards  # noqa: E402
+from shortft_core.tiny_world import load_tiny_rewards  # noqa: E402
+from shortft_core.loading import load_tiny_model  # noqa: E402
 from shortft_core.loop import Callback  # noqa: E402
 from shortft_core.trainer import PromptSource, Trainer  # noqa: E402
 from shortft_core.config import TrainConfig  # noqa: E402

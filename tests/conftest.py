@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from shortft_core.tiny_world import load_tiny_model
+    from shortft_core.loading import load_tiny_model
 
     return load_tiny_model()
 
@@ -21,7 +21,7 @@ def fresh_tiny():
     """A factory: a new tiny model, by default with a random frozen rank-4 'shortcut' adapter (training tests)."""
     def make(with_shortcut: bool = True):
         from shortft_core.adapters import SHORTCUT, adapter_parameters, add_lora
-        from shortft_core.tiny_world import load_tiny_model
+        from shortft_core.loading import load_tiny_model
 
         model = load_tiny_model()
         if with_shortcut:
@@ -69,7 +69,7 @@ def comfy_server():
 @pytest.fixture(scope="session")
 def sd15_checkpoint(tmp_path_factory):
     """One random-weight single-file checkpoint of the full SD1.5 architecture (fp16, ~2 GB) for the session: what
-    ComfyUI's CheckpointLoaderSimple and shortft_core.models.load_model both read (about a minute to build)."""
+    ComfyUI's CheckpointLoaderSimple and shortft_core.loading.load_model both read (about a minute to build)."""
     from shortft_core import random_models
 
     model = random_models.random_model("sd15", dtype=torch.bfloat16, seed=21)

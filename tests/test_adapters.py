@@ -4,7 +4,7 @@ their parameters and gradients stay fp32, and on an fp32 base nothing changes.""
 import torch
 
 from shortft_core.adapters import AdapterSwitch, adapter_parameters, add_lora, lora_compute_in_input_dtype
-from shortft_core.tiny_world import load_tiny_model
+from shortft_core.loading import load_tiny_model
 
 
 def _model(dtype):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shortft_core.tiny_world import build as B
-from shortft_core.tiny_world import load_tiny_model, load_tiny_rewards
+from shortft_core.tiny_world import load_tiny_rewards
+from shortft_core.loading import load_tiny_model
 
 QUICK = B.BuildConfig(vae_steps=3, unet_steps=3, reward_steps=3, unet_images=128, vae_batch=8, unet_batch=8,
                       reward_batch=8)

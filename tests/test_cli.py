@@ -120,7 +120,7 @@ def test_missing_inputs_end_with_their_message_and_v_shows_the_traceback(tmp_pat
         main(argv)
     with pytest.raises(FileNotFoundError, match="set.json not found"):
         main(["-v"] + argv)
-    import shortft_core.models as models
+    import shortft_core.loading as models
 
     with pytest.MonkeyPatch.context() as mp:  # a missing --lora is found before the model loads
         mp.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking --lora"))

@@ -62,7 +62,7 @@ def world(comfy_server: ComfyServer, sd15_checkpoint):
     model with that set loaded back from the files (the fp16 values ComfyUI reads)."""
     from shortft_core.adapters import AdapterSwitch, LoraSetSpec
     from shortft_core.lora_set import export_lora_set, load_lora_set
-    from shortft_core.models import load_model
+    from shortft_core.loading import load_model
 
     (comfy_server.models / "checkpoints" / CKPT).symlink_to(sd15_checkpoint)
     folder = comfy_server.models / "loras" / SET

@@ -175,7 +175,7 @@ def test_comfyui_key_map_takes_every_key_of_our_export(comfy_key_maps, family):
 def test_comfyui_lora_loader_output_equals_ours(tmp_path, sd15_checkpoint):
     """Parity (c): a random SD1.5 ldm checkpoint + our kohya export in ComfyUI's stock loaders give the UNet
     output our peft adapter gives. Tolerance: max |diff| <= 1e-4 x max |output| (both fp32; measured ~1e-6)."""
-    from shortft_core.models import load_model
+    from shortft_core.loading import load_model
 
     comfy_setup()  # skip before loading anything when ComfyUI cannot run
     ckpt = sd15_checkpoint

@@ -53,7 +53,7 @@ def no_model(monkeypatch):
     import diffusers
 
     import shortft_core.loading as loading
-    import shortft_core.models as models
+    import shortft_core.loading as models
 
     def boom(*a, **k):
         pytest.fail("a model was loaded before the damaged file was reported")

@@ -9,7 +9,8 @@ import torch
 from shortft_core.adapters import SHORTCUT, AdapterSwitch, adapter_state
 from shortft_core.distill import DistillConfig, Distiller, draw_starts, few_step_plan, jump_errors
 from shortft_core.lora_io import export_lora, read_lora
-from shortft_core.tiny_world import held_out_prompts, load_tiny_model
+from shortft_core.tiny_world import held_out_prompts
+from shortft_core.loading import load_tiny_model
 
 # the full-teacher target learns fastest from a zero LoRA (BENCHMARKS.md, shortcut distillation): 100 steps suffice
 SMALL = DistillConfig(
@@ -52,7 +53,7 @@ def test_naive_multi_step_yardstick(distilled):
 def test_shortcut_file_round_trips_into_our_loader_and_diffusers(distilled):
     from diffusers import StableDiffusionPipeline
 
-    from shortft_core.models import tiny_world_dir
+    from shortft_core.tiny_world import tiny_world_dir
     from shortft_core.sampling import initial_noise, sample
     from shortft_core.shortcut import load_shortcut
 
@@ -251,7 +252,7 @@ def test_resume_accepts_a_checkpoint_older_than_mixed_precision(tmp_path):
     (["--data", "images"], "--data images.*uses the tiny world's generator"),
 ])
 def test_distill_cli_refuses_data_a_real_base_cannot_use_before_loading_it(tmp_path, monkeypatch, extra, message):
-    import shortft_core.models as models
+    import shortft_core.loading as models
     from shortft_core.cli import main
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking --data"))

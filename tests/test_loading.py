@@ -16,7 +16,7 @@ import torch
 
 from shortft_core import ldm_keys, loading, random_models
 from shortft_core.loading import UnsupportedModelError
-from shortft_core.models import load_model
+from shortft_core.loading import load_model
 
 PROMPTS = ["a red cube on a table", "two cats"]
 

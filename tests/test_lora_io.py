@@ -360,7 +360,8 @@ def test_load_keeps_other_adapters_and_activation(small_unets):
 
 # ----- the tiny world --------------------------------------------------------------------------------------------
 def test_tiny_world_adapter_round_trip(tmp_path):
-    from shortft_core.tiny_world import load_tiny_model, weights_dir
+    from shortft_core.tiny_world import weights_dir
+    from shortft_core.loading import load_tiny_model
 
     try:
         weights_dir()

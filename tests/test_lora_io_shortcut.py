@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shortft_core import lora_io, shortcut
 from shortft_core.lora_io import LoraFormatError

@@ -8,9 +8,10 @@ import torch
 from shortft_core.adapters import AdapterSwitch, adapter_parameters
 from shortft_core.cli import main as cli_main
 from shortft_core.lora_io import adapter_modules, read_lora
-from shortft_core.lora_set import export_lora_set, load_lora_set, segment_weights, set_inference_plan, stack_modules
+from shortft_core.lora_set import load_lora_set, segment_weights, set_inference_plan, stack_modules
 from shortft_core.sampling import sample
-from shortft_core.tiny_world import held_out_prompts, load_tiny_model, load_tiny_rewards
+from shortft_core.tiny_world import held_out_prompts, load_tiny_rewards
+from shortft_core.loading import load_tiny_model
 from shortft_core.trainer import PromptSource, Trainer
 from shortft_core.config import TrainConfig
 

@@ -6,7 +6,7 @@ import torch
 from shortft_core.adapters import SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora
 from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_norm_act, lean_saved_activations
 from shortft_core.profiling import kept_for_backward
-from shortft_core.tiny_world import load_tiny_model
+from shortft_core.loading import load_tiny_model
 
 
 def _kept(fn, module=None):

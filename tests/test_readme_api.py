@@ -26,7 +26,7 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     assert result.lora.guidance == 1.0  # the tiny preset tunes unguided; sample_aligned used that scale
 
     from shortft_core.lora_set import sample_aligned
-    from shortft_core.models import load_model
+    from shortft_core.loading import load_model
     from shortft_core.tiny_world import held_out_prompts, load_tiny_rewards
 
     prompts = held_out_prompts(4, seed=1)  # the session's held-out set and evaluation seed

@@ -135,7 +135,7 @@ def test_paper_regulariser_with_tiny_models(tiny_arch, hps_file, clip_folder):  
 def tiny_world_root(tmp_path_factory):
     """The shipped tiny world when present; otherwise an untrained one written by the build's own save_world
     (same files and loaders, random weights, ~2 s instead of a training run)."""
-    from shortft_core.models import tiny_world_dir
+    from shortft_core.tiny_world import tiny_world_dir
 
     shipped = tiny_world_dir()
     if (shipped / "pipeline" / "model_index.json").is_file():
@@ -212,7 +212,7 @@ def test_score_cli_writes_terms_and_means(tmp_path, caplog):
 
 
 def test_score_and_train_take_the_one_spec_and_refuse_others_like_every_command(tmp_path, monkeypatch):
-    import shortft_core.models as models
+    import shortft_core.loading as models
     from shortft_core.cli import build_parser, main
 
     _write_images(tmp_path / "imgs", 2)

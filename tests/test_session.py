@@ -143,7 +143,7 @@ def test_loading_training_and_sampling_from_inference_mode_in_a_worker_thread(tm
     """As ComfyUI calls nodes: a non-main thread inside torch.inference_mode() loads the model and the shortcut,
     trains (gradients flow: the LoRA moves off its zero init) and samples."""
     from shortft_core.lora_io import read_lora
-    from shortft_core.models import load_model
+    from shortft_core.loading import load_model
     from shortft_core.shortcut import load_shortcut
     from shortft_core.tiny_world import tiny_shortcut_path
 
@@ -206,7 +206,7 @@ def test_a_stop_is_honoured_within_one_network_call_and_resume_is_exact(tmp_path
 
 # ----- idempotent run folders ---------------------------------------------------------------------------------
 def test_run_folders_are_idempotent(tmp_path, monkeypatch):
-    import shortft_core.models as models
+    import shortft_core.loading as models
 
     out = tmp_path / "run"
     first = train(request(out))
@@ -226,7 +226,7 @@ def test_run_folders_are_idempotent(tmp_path, monkeypatch):
 
 
 def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
-    import shortft_core.models as models
+    import shortft_core.loading as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking"))
     cases = [

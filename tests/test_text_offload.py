@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shortft_core import random_models
-from shortft_core.models import load_model
+from shortft_core.loading import load_model
 
 PROMPTS = ["a red circle left of a blue square on a white background", "", "a green triangle on a black background"]
 

@@ -51,7 +51,7 @@ def test_train_cli_returns_a_finished_run_refuses_other_settings_and_continues_w
                                                                                           monkeypatch):
     """The same command in the same folder returns the finished run without loading a model; other settings are
     refused naming them; more iterations continue it from its last checkpoint."""
-    import shortft_core.models as models
+    import shortft_core.loading as models
 
     out = tmp_path / "run"
     assert main(QUICK + ["--out", str(out)]) == 0
@@ -72,7 +72,7 @@ def test_train_cli_returns_a_finished_run_refuses_other_settings_and_continues_w
 def test_run_folder_guard_sees_finished_outputs_before_any_model_loads(tmp_path, monkeypatch):
     """A folder whose LoRA set survives without its checkpoints is still an earlier run; the refusal comes before
     the model loads (load_model is made to fail, so reaching it would raise something else)."""
-    import shortft_core.models as models
+    import shortft_core.loading as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking --out"))
     out = tmp_path / "run"
@@ -96,7 +96,7 @@ def test_run_folder_guard_sees_finished_outputs_before_any_model_loads(tmp_path,
 def test_train_cli_checks_its_inputs_before_the_model_loads(tmp_path, monkeypatch, extra, message):
     """A missing shortcut, reward weight or prompt file, or an unknown preset, ends the command before the base
     model loads (a minute for SDXL): load_model is made to fail, so reaching it would raise something else."""
-    import shortft_core.models as models
+    import shortft_core.loading as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before the inputs"))
     with pytest.raises(SystemExit, match=message):

@@ -13,14 +13,18 @@ from pathlib import Path
 
 import torch
 
-from ..models import T2IModel, load_diffusers_folder, tiny_world_dir
 from .scenes import IMAGE_SIZE, held_out_prompts, is_held_out, train_prompts
 
 # Classifier-free guidance used for the tiny world unless told otherwise (chosen in BENCHMARKS.md).
 DEFAULT_GUIDANCE = 3.0
 
-__all__ = ["DEFAULT_GUIDANCE", "IMAGE_SIZE", "held_out_prompts", "is_held_out", "train_prompts",
-           "load_tiny_model", "load_tiny_rewards", "tiny_shortcut_path", "weights_dir"]
+__all__ = ["DEFAULT_GUIDANCE", "IMAGE_SIZE", "held_out_prompts", "is_held_out", "train_prompts", "load_tiny_rewards", "tiny_shortcut_path", "tiny_world_dir", "weights_dir"]
+
+
+def tiny_world_dir() -> Path:
+    """Folder of the tiny-world weights: ``$SHORTFT_TINY_WEIGHTS`` if set (a world you built), else the shipped one."""
+    env = os.environ.get("SHORTFT_TINY_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parent / "weights"
 
 
 def weights_dir(root: str | os.PathLike | None = None) -> Path:
@@ -32,15 +36,6 @@ def weights_dir(root: str | os.PathLike | None = None) -> Path:
             "or rebuild them with `python -m shortft_core.tiny_world.build --out DIR`"
         )
     return path
-
-
-def load_tiny_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    root: str | os.PathLike | None = None) -> T2IModel:
-    """The tiny text-to-image pipeline as a :class:`T2IModel` (family ``tiny``)."""
-    from dataclasses import replace
-
-    model = load_diffusers_folder(weights_dir(root) / "pipeline", device, dtype)
-    return replace(model, family="tiny", source="tiny" if root is None else str(root))
 
 
 def load_tiny_rewards(device: str | torch.device = "cpu", root: str | os.PathLike | None = None):

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -94,7 +93,8 @@ def _table(levels: dict, title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ..images import captioned_grid, save_png
     from ..sampling import sample
-    from . import DEFAULT_GUIDANCE, load_tiny_model, load_tiny_rewards
+    from ..loading import load_tiny_model
+    from . import DEFAULT_GUIDANCE, load_tiny_rewards
 
     p = argparse.ArgumentParser(prog="python -m shortft_core.tiny_world.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
