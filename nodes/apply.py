@@ -27,10 +27,10 @@ from comfy_api.latest import io
 
 from ..shortft_core.lora_set import LoraSet, find_lora_sets, lora_set_folder
 from ..shortft_core.segments import Segments
+from .common import CATEGORY, LORA_SET
 
 log = logging.getLogger(__name__)
 
-LORA_SET = io.Custom("SHORTFT_LORA_SET")
 NONE = "none"
 TIMESTEP_AWARE, MERGED = "timestep-aware", "merged"
 WRAPPER_KEY = "shortft_lora_set"
@@ -207,7 +207,7 @@ class LoadLoRASet(io.ComfyNode):
         return io.Schema(
             node_id="ShortFT_LoadLoRASet",
             display_name="LoadLoRASet",
-            category="ShortFT",
+            category=CATEGORY,
             description="Loads a timestep-aware LoRA set (a folder with set.json, one LoRA per trajectory segment "
                         "and a merged LoRA) from models/loras, for ApplyAlignedLoRA.",
             inputs=[
@@ -239,7 +239,7 @@ class ApplyAlignedLoRA(io.ComfyNode):
         return io.Schema(
             node_id="ShortFT_ApplyAlignedLoRA",
             display_name="ApplyAlignedLoRA",
-            category="ShortFT",
+            category=CATEGORY,
             description="Applies an aligned LoRA set to the model: timestep-aware uses segment j's LoRA at segment "
                         "j's timesteps in any sampler and scheduler; merged applies the merged LoRA everywhere, "
                         "like Load LoRA.",
