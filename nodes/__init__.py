@@ -12,6 +12,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import NODES as APPLY_NODES
 from .common import register_folders
+from .live import register_routes
 from .model import NODES as MODEL_NODES
 from .reward import NODES as REWARD_NODES
 from .train import NODES as TRAIN_NODES
@@ -22,6 +23,7 @@ class ShortFTExtension(ComfyExtension):
 
     async def on_load(self) -> None:
         register_folders()
+        register_routes()  # the live state the web chart rebuilds itself from after a page reload
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*MODEL_NODES, *REWARD_NODES, *TRAIN_NODES, *APPLY_NODES]

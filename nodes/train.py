@@ -15,6 +15,7 @@ lists its ``merged.safetensors`` and LoadLoRASet / ApplyAlignedLoRA list the set
 from __future__ import annotations
 
 import gc
+import io as _io
 import logging
 import threading
 import time
@@ -38,48 +39,81 @@ TEXT, FILE, TINY_CAPTIONS = "prompts below", "prompt file", "tiny-world captions
 BAR = 1000  # resolution of the node's progress bar
 PROGRESS_EVENT = "shortft.progress"
 
-# The latest metrics of every training node of this server, so a reloaded page rebuilds its chart.
+# The latest metrics of every training node of this server, so a reloaded page rebuilds its chart (served by
+# nodes/live.py), and the latest preview image of each (JPEG bytes).
 LIVE: dict[str, dict[str, Any]] = {}
+PREVIEWS: dict[str, bytes] = {}
 _LIVE_LOCK = threading.Lock()
 
 
+def _copy(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "points": list(entry.get("points", [])), "evals": [dict(e) for e in entry.get("evals", [])]}
+
+
 def live_state(node_id: str | None = None) -> dict[str, Any]:
-    """A copy of the live metrics (of one node, or of all)."""
+    """A copy of the live metrics (of one node, or of all), safe to serialise while training goes on."""
     with _LIVE_LOCK:
         if node_id is not None:
-            return dict(LIVE.get(node_id, {}))
-        return {k: dict(v) for k, v in LIVE.items()}
+            return _copy(LIVE[node_id]) if node_id in LIVE else {}
+        return {k: _copy(v) for k, v in LIVE.items()}
+
+
+def live_preview(node_id: str) -> bytes | None:
+    """The latest preview image of a training node as JPEG bytes, or None."""
+    with _LIVE_LOCK:
+        return PREVIEWS.get(node_id)
+
+
+def _prompt_id() -> str | None:
+    """The id of the prompt being executed (None outside a ComfyUI server)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return None
+    context = get_executing_context()
+    if context is not None:
+        return context.prompt_id
+    server = getattr(PromptServer, "instance", None)
+    return getattr(server, "last_prompt_id", None)
 
 
 def _send(event: dict[str, Any]) -> None:
     """One message, with its prompt id, to the client that queued the prompt (thread-safe; nothing when no server
     runs)."""
     try:
-        from comfy_execution.utils import get_executing_context
         from server import PromptServer
     except ImportError:
         return
     server = getattr(PromptServer, "instance", None)
     if server is None:
         return
-    context = get_executing_context()
-    prompt_id = context.prompt_id if context is not None else server.last_prompt_id
-    server.send_sync(PROGRESS_EVENT, {"prompt_id": prompt_id, **event}, server.client_id)
+    server.send_sync(PROGRESS_EVENT, {"prompt_id": _prompt_id(), **event}, server.client_id)
 
 
 class ComfyProgress(Callback):
     """The session's callbacks in ComfyUI: the node's progress bar with previews, websocket metrics, and the
-    interrupt as the stop request (a bar update that raises ComfyUI's interrupt is turned into one)."""
+    interrupt as the stop request (a bar update that raises ComfyUI's interrupt is turned into one).
 
-    def __init__(self, node_id: str | None, run_name: str, iterations: int) -> None:
+    Every callback also updates the node's entry in ``LIVE`` (and its preview in ``PREVIEWS``), which the web
+    chart reads after a page reload; ``reward_name`` is the key of the trained reward in the eval results, so the
+    chart draws those held-out points on its reward axis."""
+
+    def __init__(self, node_id: str | None, run_name: str, iterations: int, reward_name: str | None = None,
+                 method: str | None = None) -> None:
         self.node_id, self.run_name, self.iterations = node_id, run_name, iterations
+        self.reward_name, self.method = reward_name, method
         self.bar = comfy.utils.ProgressBar(BAR, node_id=node_id)
         self.interrupted = False
         self.phase = ""
         self.started = time.time()
+        self.previews = 0
         with _LIVE_LOCK:
             LIVE[str(node_id)] = {"node": node_id, "run": run_name, "iterations": iterations, "points": [],
-                                  "evals": [], "status": "running", "phase": "", "started": self.started}
+                                  "evals": [], "status": "running", "phase": "", "started": self.started,
+                                  "prompt_id": _prompt_id(), "reward_name": reward_name, "method": method,
+                                  "previews": 0}
+            PREVIEWS.pop(str(node_id), None)
 
     def _bar(self, value: float, preview: Any = None) -> None:
         if self.interrupted:
@@ -107,7 +141,8 @@ class ComfyProgress(Callback):
             with _LIVE_LOCK:
                 LIVE[str(self.node_id)]["phase"] = self.phase
             _send({"node": self.node_id, "run": self.run_name, "kind": "phase", "phase": self.phase,
-                   "iteration": loop.iteration, "iterations": self.iterations})
+                   "iteration": loop.iteration, "iterations": self.iterations, "reward_name": self.reward_name,
+                   "method": self.method})
 
     def on_step(self, loop, metrics: dict) -> None:
         point = {"iteration": metrics["iteration"], "reward": metrics["reward"], "loss": metrics["loss"],
@@ -124,7 +159,15 @@ class ComfyProgress(Callback):
                "eval": dict(result)})
 
     def on_preview(self, loop, images, prompts) -> None:
-        self._bar(BAR * self._fraction(loop), ("JPEG", pil_image(images[0]), 512))
+        picture = pil_image(images[0])
+        buffer = _io.BytesIO()
+        picture.convert("RGB").save(buffer, format="JPEG", quality=90)
+        self.previews += 1
+        with _LIVE_LOCK:
+            PREVIEWS[str(self.node_id)] = buffer.getvalue()
+            LIVE[str(self.node_id)]["previews"] = self.previews
+            LIVE[str(self.node_id)]["preview_iteration"] = loop.iteration
+        self._bar(BAR * self._fraction(loop), ("JPEG", picture, 512))
 
     def finish(self, status: str) -> None:
         with _LIVE_LOCK:
@@ -273,7 +316,7 @@ class ShortFTTrain(io.ComfyNode):
                 stage_fractions: str, checkpoint_every: int, run_name: str, resume: bool, prompt_file: str = "",
                 eval_prompts: str = "", eval_every: int = 0, preview_every: int = 20,
                 preview_chain: str = "shortcut") -> io.NodeOutput:
-        from ..shortft_core.session import TrainingSession, TrainRequest
+        from ..shortft_core.session import TrainingSession, TrainRequest, reward_label
 
         out, lora_dir = run_folders(run_name)
         held_out = prompt_lines(eval_prompts or "")
@@ -289,7 +332,8 @@ class ShortFTTrain(io.ComfyNode):
             raise ValueError("prompt_source 'tiny-world captions' needs the tiny model; give prompts for a real one")
         request = TrainRequest(out=out, model=model, reward=reward, config=cfg, prompts=source,
                                eval_prompts=held_out or None, lora_dir=lora_dir, overwrite=not resume)
-        progress = ComfyProgress(cls.hidden.unique_id, run_name, iterations)
+        progress = ComfyProgress(cls.hidden.unique_id, run_name, iterations,
+                                 reward_name=reward_label(reward), method=method)
         mm.unload_all_models()  # our modules are invisible to ComfyUI's memory management: make room first
         mm.soft_empty_cache()
         status = "failed"
