@@ -175,7 +175,7 @@ def canvas_image(editor: Editor) -> str:
 def test_tiny_workflow_runs_with_a_live_chart_that_a_reload_rebuilds(env, editor):
     run = f"browser_live_{int(time.time())}"
     editor.load(TINY)
-    settings = dict(iterations=8, batch_size=1, eval_every=4, preview_every=2, eval_prompts=HELD_OUT, run_name=run)
+    settings = dict(iterations=12, batch_size=1, eval_every=6, preview_every=2, eval_prompts=HELD_OUT, run_name=run)
     for name, value in settings.items():
         editor.set_widget(TRAIN, name, value)
     samplers = editor.nodes_of_type("ShortFT_Sample")
@@ -187,12 +187,11 @@ def test_tiny_workflow_runs_with_a_live_chart_that_a_reload_rebuilds(env, editor
     editor.page.locator("[data-testid=queue-button]").click()
 
     # mid-run: the chart moves, the stock preview and the chart's own preview show the latest image
-    editor.wait_for(f"() => {{ const d = ({CHART})(); return d && d.status === 'running' && +d.points >= 3 }}",
-                    timeout=300)
+    mid = editor.wait_for(f"() => {{ const d = ({CHART})(); return d && d.status === 'running' && +d.points >= 3 && d }}",
+                          timeout=300)
+    mid_canvas = canvas_image(editor)
     editor.wait_for("() => { const img = document.querySelector('.shortft-live .shortft-preview');"
                     " return img && img.complete && img.naturalWidth > 0 }", timeout=120)
-    mid = chart(editor)
-    mid_canvas = canvas_image(editor)
     editor.screenshot("live_1_mid_run")
     close_up(editor, "live_1_mid_run_chart")
     assert mid["run"] == run and int(mid["drawnPoints"]) == int(mid["points"]) >= 3
@@ -210,7 +209,7 @@ def test_tiny_workflow_runs_with_a_live_chart_that_a_reload_rebuilds(env, editor
     assert int(after["drawnPoints"]) == int(after["points"]) and after.get("preview")
     assert after["firstIteration"] == "1", "after the reload the chart lacks the points trained before it"
 
-    # the end: every iteration, held-out evaluations before, at 4 and after, three stage changes, a changed chart
+    # the end: every iteration, held-out evaluations before, at 6 and after, three stage changes, a changed chart
     end = editor.wait_for(f"() => {{ const d = ({CHART})(); return d && d.status === 'finished' && d }}", timeout=600)
     editor.page.wait_for_timeout(300)
     end = chart(editor)
@@ -221,7 +220,7 @@ def test_tiny_workflow_runs_with_a_live_chart_that_a_reload_rebuilds(env, editor
     assert int(end["drawnStages"]) == 3 and end["stage"] == "4"
     assert canvas_image(editor) != mid_canvas
     legend = editor.evaluate("() => document.querySelector('.shortft-live .shortft-legend').innerText")
-    assert "tiny_alignment" in legend and "held-out at iteration 8" in legend
+    assert "tiny_alignment" in legend and "held-out at iteration 12" in legend
 
     # the whole graph ran: both samplers, both scores, the previews
     server = env.server
