@@ -79,8 +79,9 @@ def env():
 
 @pytest.fixture(scope="module")
 def loader(env):
-    """One editor page that loads the workflows one after another."""
-    editor = Editor(env.browser, env.server.url, env.artifacts).open()
+    """One editor page that loads the workflows one after another; a large window, so a whole workflow fits at a
+    zoom where the editor still draws text (below about 0.6 it draws blank boxes)."""
+    editor = Editor(env.browser, env.server.url, env.artifacts, viewport={"width": 2400, "height": 1700}).open()
     yield editor
     editor.close()
 
