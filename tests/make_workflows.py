@@ -94,6 +94,7 @@ def before_after(first: int, x: float, y: float, model: int, train: int, reward:
     """Two ShortFTSample nodes on the same prompts and seeds (without / with a set), their scores, and both images
     side by side. ``before_set`` gives the first sampler a set too (comparisons of two runs)."""
     a, b, sa, sb, stitch, view = range(first, first + 6)
+    pair = f"{before_title.split(' (')[0]} (top) | {after_title.split(' (')[0]} (bottom)"
     nodes = [
         Node(a, "ShortFT_Sample", (x, y), sample_widgets(prompts, guidance), title=before_title, size=(400, 0)),
         Node(b, "ShortFT_Sample", (x, y + 330), sample_widgets(prompts, guidance), title=after_title, size=(400, 0)),
@@ -103,8 +104,8 @@ def before_after(first: int, x: float, y: float, model: int, train: int, reward:
              size=(400, 300)),
         Node(stitch, "ImageStitch", (x, y + 660), {"direction": "down", "match_image_size": True,
                                                    "spacing_width": 4, "spacing_color": "white"},
-             title="Before (top) | after (bottom)"),
-        Node(view, "PreviewImage", (x + 440, y + 660), title="Before (top) | after (bottom)", size=(400, 420)),
+             title=pair),
+        Node(view, "PreviewImage", (x + 440, y + 660), title=pair, size=(400, 420)),
     ]
     links = [(model, "model", a, "model"), (model, "model", b, "model"), (train, "lora_set", b, "lora_set"),
              (a, "images", sa, "images"), (b, "images", sb, "images"), (reward, "reward", sa, "reward"),
