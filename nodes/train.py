@@ -247,8 +247,10 @@ class ShortFTTrain(io.ComfyNode):
                 io.Float.Input("guidance", default=tiny["guidance"], min=1.0, max=30.0, step=0.1,
                                tooltip="CFG scale on the fine-tuned steps (1: none, half the cost); the set is meant "
                                        "to be sampled at this scale. The shortcut runs at the scale it was made for."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of prompts, noise and the LoRAs' initialisation."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of prompts, noise and the LoRAs' initialisation. It stays fixed after a run "
+                                     "(no randomize control): a new seed is a new run, and the same seed lets a "
+                                     "re-queued graph find its finished run instead of training again."),
                 io.String.Input("stage_fractions", default="",
                                 tooltip="Share of the run per progressive stage, e.g. 0.4,0.2,0.2,0.2 (empty: equal "
                                         "shares)."),

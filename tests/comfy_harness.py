@@ -197,12 +197,13 @@ class _Listener:
 class ComfyServer:
     """``main.py --cpu`` of a ComfyUI checkout on 127.0.0.1, with a temporary base directory holding
     ``custom_nodes/comfyui-shortft`` (a link to this repository), ``models/{checkpoints,loras,diffusers,
-    reward_models}``, ``input/`` and ``output/``. A context manager; ``stop()`` ends its whole process group and
+    reward_models}``, ``input/`` and ``output/``; ``pack`` is what is linked (default: this checkout). A context manager; ``stop()`` ends its whole process group and
     removes the base directory unless ``keep_base`` (or ``$SHORTFT_KEEP_COMFY_BASE=1``, to read the log later)."""
 
     def __init__(self, comfy: Path, startup_timeout: float = 90.0, extra_args: tuple[str, ...] = (),
-                 keep_base: bool | None = None) -> None:
+                 keep_base: bool | None = None, pack: Path = REPO) -> None:
         self.comfy = Path(comfy)
+        self.pack = Path(pack)  # the pack linked into custom_nodes: this checkout, or e.g. an unpacked archive
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
         self.keep_base = os.environ.get("SHORTFT_KEEP_COMFY_BASE") == "1" if keep_base is None else keep_base
@@ -238,7 +239,7 @@ class ComfyServer:
         """Make the base directory, start the server in its own process group and wait until it answers."""
         self.base = Path(tempfile.mkdtemp(prefix="shortft-comfy-"))
         (self.base / "custom_nodes").mkdir()
-        (self.base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+        (self.base / "custom_nodes" / PACK_NAME).symlink_to(self.pack, target_is_directory=True)
         for sub in MODEL_FOLDERS:
             (self.models / sub).mkdir(parents=True)
         for sub in ("input", "output"):
@@ -246,7 +247,10 @@ class ComfyServer:
         self.port = free_port()
         self.tree_before = tree_state(self.comfy)
         # no byte code is written: the checkout may be read-only (or shared), and nothing may be written into it
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+        # as many CPU threads as the test process uses: two oversubscribed threads can be many times slower
+        threads = os.environ.get("SHORTFT_TEST_THREADS", "1")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
                *self.extra_args]

@@ -78,7 +78,7 @@ def train_widgets(**overrides) -> dict[str, Any]:
     """ShortFTTrain's widgets: the tiny preset's defaults, with ``overrides``."""
     w = {"prompt_source": "tiny-world captions", "prompts": "", "method": "shortft", "iterations": 320,
          "time_budget_s": 0.0, "batch_size": 4, "lr": 0.0005, "rank": 8, "guidance": 1.0, "seed": 0,
-         "control_after_generate": "fixed", "stage_fractions": "", "checkpoint_every": 100, "run_name": "shortft_tiny", "resume": True,
+         "stage_fractions": "", "checkpoint_every": 100, "run_name": "shortft_tiny", "resume": True,
          "prompt_file": "", "eval_prompts": "", "eval_every": 80, "preview_every": 20, "preview_chain": "shortcut"}
     w.update(overrides)
     return w

@@ -20,7 +20,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 
@@ -115,19 +114,6 @@ def test_pack_archive_holds_the_pack_and_nothing_else(packed):
     assert leaked == [], f"the archive holds files users do not need: {leaked[:10]}"
 
 
-class PackedServer(comfy_harness.ComfyServer):
-    """A ComfyServer whose custom_nodes/comfyui-shortft links to an unpacked archive instead of this checkout
-    (ComfyServer.start links ``comfy_harness.REPO``: it is pointed at the archive's folder while starting)."""
-
-    def __init__(self, comfy: Path, pack: Path, **kw) -> None:
-        super().__init__(comfy, **kw)
-        self.pack = pack
-
-    def start(self) -> None:
-        with mock.patch.object(comfy_harness, "REPO", self.pack):
-            super().start()
-
-
 @pytest.mark.comfyui
 def test_unpacked_archive_loads_in_a_fresh_comfyui_and_trains(packed):
     from comfy_harness import PACK_NAME, execution_error, find_comfyui, requirements_skip_reason
@@ -140,7 +126,7 @@ def test_unpacked_archive_loads_in_a_fresh_comfyui_and_trains(packed):
         pytest.skip(reason)
     pack = packed.base / "unpacked" / PACK_NAME
     zipfile.ZipFile(packed.archive).extractall(pack)
-    with PackedServer(comfy, pack) as server:
+    with comfy_harness.ComfyServer(comfy, pack=pack) as server:
         linked = server.base / "custom_nodes" / PACK_NAME
         assert linked.resolve() == pack.resolve()
         times = server.import_times()
