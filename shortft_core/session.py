@@ -350,7 +350,7 @@ class TrainingSession:
 
     def _write_outputs(self, trainer, history, final: bool) -> dict[str, Path]:
         """The LoRA set, history and reward curve (always), and the before/after grid (a finished run)."""
-        from .images import captioned_grid, save_png
+        from .images import save_png
 
         cfg = trainer.cfg
         files = {"lora": self.lora_dir, "history": self.out / "history.json",
@@ -359,12 +359,24 @@ class TrainingSession:
         atomic_write_json(files["history"], dataclasses.asdict(history))
         _plot_reward_curve(history, files["reward_curve"], cfg, self.eval_specs, self.reward_spec)
         if final:
+            from .plots import before_after_grid
+
             grid_prompts = (self.eval_prompts or self.prompts.prompts)[: self.request.grid_prompts]
             before = trainer.sample(grid_prompts, seed=0, use_adapters=False, phase="before")
             after = trainer.sample(grid_prompts, seed=0, phase="after")
+            with torch.no_grad():
+                device = trainer.model.device
+                scores = [trainer.reward(images.to(device), grid_prompts).float().cpu().tolist()
+                          for images in (before, after)]
+            held_out = None
+            if self.tiny:
+                from .tiny_world import is_held_out
+
+                held_out = [is_held_out(p) for p in grid_prompts]
             files["before_after"] = self.out / "before_after.png"
-            save_png(captioned_grid(list(before) + list(after), grid_prompts * 2, columns=len(grid_prompts),
-                                    cell=96, font_size=9, row_labels=["before", "after"]), files["before_after"])
+            save_png(before_after_grid(before, after, grid_prompts, rewards_before=scores[0], rewards_after=scores[1],
+                                       held_out=held_out, reward_name=reward_label(self.reward_spec)),
+                     files["before_after"])
         return files
 
     def _write_run_file(self, status: str, iteration: int = 0) -> None:
