@@ -101,6 +101,20 @@ def requirements_skip_reason(comfy: Path) -> str | None:
             f"{sys.executable} -m pip install -r {comfy / 'requirements.txt'} {TORCHAUDIO_PIN}")
 
 
+def comfyui_or_skip() -> Path:
+    """The ComfyUI checkout to test against, or a pytest skip naming what is missing (the checkout, or ComfyUI's
+    requirements in this interpreter)."""
+    import pytest
+
+    comfy, where = find_comfyui()
+    if comfy is None:
+        pytest.skip(where)
+    reason = requirements_skip_reason(comfy)
+    if reason is not None:
+        pytest.skip(reason)
+    return comfy
+
+
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
     """(mtime_ns, size) of every file and folder under ``root``: compare two states to see what was written."""
     state = {}

@@ -54,14 +54,9 @@ def _seeded():
 def comfy_server():
     """One real ComfyUI server for the session (tier 2), with this repository linked into its custom_nodes; it is
     stopped when the session ends, whatever the tests did. Skips naming what is missing."""
-    from comfy_harness import ComfyServer, find_comfyui, requirements_skip_reason
+    from comfy_harness import ComfyServer, comfyui_or_skip
 
-    comfy, where = find_comfyui()
-    if comfy is None:
-        pytest.skip(where)
-    reason = requirements_skip_reason(comfy)
-    if reason is not None:
-        pytest.skip(reason)
+    comfy = comfyui_or_skip()
     with ComfyServer(comfy) as server:
         yield server
 

@@ -47,14 +47,9 @@ def env():
     reason = browser_skip_reason()
     if reason:
         pytest.skip(reason)
-    from comfy_harness import ComfyServer, find_comfyui, requirements_skip_reason
+    from comfy_harness import ComfyServer, comfyui_or_skip
 
-    comfy, where = find_comfyui()
-    if comfy is None:
-        pytest.skip(where)
-    reason = requirements_skip_reason(comfy)
-    if reason:
-        pytest.skip(reason)
+    comfy = comfyui_or_skip()
     from playwright.sync_api import sync_playwright
 
     artifacts = artifacts_dir()

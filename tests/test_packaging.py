@@ -116,14 +116,9 @@ def test_pack_archive_holds_the_pack_and_nothing_else(packed):
 
 @pytest.mark.comfyui
 def test_unpacked_archive_loads_in_a_fresh_comfyui_and_trains(packed):
-    from comfy_harness import PACK_NAME, execution_error, find_comfyui, requirements_skip_reason
+    from comfy_harness import PACK_NAME, comfyui_or_skip, execution_error
 
-    comfy, where = find_comfyui()
-    if comfy is None:
-        pytest.skip(where)
-    reason = requirements_skip_reason(comfy)
-    if reason:
-        pytest.skip(reason)
+    comfy = comfyui_or_skip()
     pack = packed.base / "unpacked" / PACK_NAME
     zipfile.ZipFile(packed.archive).extractall(pack)
     with comfy_harness.ComfyServer(comfy, pack=pack) as server:
