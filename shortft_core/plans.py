@@ -207,6 +207,28 @@ def shortft_plan(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[
     return ChainPlan("shortft", tuple(_mark_last_readout(steps)), stage, info, lora.trainable_in_stage(stage))
 
 
+def stage_chain(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[int] | None = None,
+                anchors: bool = True) -> ChainPlan:
+    """The inference chain of a set part-way through ShortFT stage ``stage``: the stacked set on segments up to
+    ``stage`` (the ones training has run for real), the bare base on later segments, except (``anchors``) the last
+    step of each later segment, where training runs the tuned model after its shortcut jump. After stage k it is the
+    full inference chain. No gradient; for evaluating partial runs without the untrained low-noise steps."""
+    segs = lora.segments
+    if not 1 <= stage <= segs.k:
+        raise ValueError(f"stage must be in 1..{segs.k}, got {stage}")
+    pairs = _chain(grid or leading_grid(50))
+    last_of = {segs.segment_of(t): t for t, _ in pairs}  # the anchor: each segment's last grid step
+    steps = []
+    for t, s in pairs:
+        j = segs.segment_of(t)
+        if j <= stage or (anchors and t == last_of[j]):
+            steps.append(_tuned(t, s, lora, guidance))
+        else:
+            steps.append(Step(t, s, BASE, (), guidance, segment=j))
+    name = "stage-chain" if anchors else "stage-chain-no-anchors"
+    return ChainPlan(name, tuple(_mark_last_readout(steps)), stage, {"anchors": anchors}, trains=())
+
+
 def _jump(t: int, s: int, segment: int, lora: LoraSetSpec, guidance: float, shortcut_guidance: float,
           checkpoint: bool, shortcut_net: str) -> Step:
     """One jump over a stretch of a later segment: the frozen shortcut, a naive base step, or the tuned model."""

@@ -9,7 +9,7 @@ from shortft_core.adapters import LoraSetSpec
 from shortft_core.segments import Segments
 from shortft_core.plans import (BASE, SHORTCUT_NET, TUNED, ChainPlan, alignprop_plan, draft_lv_plan, draft_plan,
                                 drtune_plan, expand_shortcuts, full_bptt_plan, original_chain, refl_plan,
-                                shortft_plan)
+                                shortft_plan, stage_chain)
 from shortft_core.schedule import FINAL, leading_grid
 
 SPEC = LoraSetSpec()
@@ -62,6 +62,28 @@ def test_shortft_plans_cover_the_chain(seg, data):
     original = original_chain(spec, 3.0, grid)
     assert [(s.t, s.s, s.adapters, s.guidance) for s in _ddim(expanded)] == \
            [(s.t, s.s, s.adapters, s.guidance) for s in _ddim(original)]
+
+
+def test_stage_chain_runs_the_set_where_training_ran_it():
+    grid = leading_grid(50)
+    for stage in (1, 2, 3):
+        for anchors in (True, False):
+            plan = stage_chain(stage, SPEC, 3.0, grid, anchors=anchors)
+            steps = _ddim(plan)
+            assert [(s.t, s.s) for s in steps] == [(s.t, s.s) for s in _ddim(original_chain(SPEC, 3.0, grid))]
+            assert plan.grad_calls == 0 and plan.trainable_adapters() == set() and plan.steps[-1].readout == "x"
+            # the tuned model (with its segment's stacked set) exactly where the stage-`stage` training plan runs it
+            train_tuned = {s.t for s in shortft_plan(stage, SPEC, 3.0, grid).steps if s.net == TUNED}
+            tuned = {s.t for s in steps if s.net == TUNED}
+            later_anchors = {t for t in train_tuned if SPEC.segments.segment_of(t) > stage}
+            assert tuned == (train_tuned if anchors else train_tuned - later_anchors)
+            assert all(s.adapters == SPEC.active_in_segment(s.segment) for s in steps if s.net == TUNED)
+            assert all(s.net == BASE and s.adapters == () for s in steps if s.t not in tuned)
+    assert len(later_anchors) == 1 and 1 in later_anchors  # stage 3: segment 4's 1 -> x0 step
+    full = stage_chain(4, SPEC, 3.0, grid)
+    assert [(s.t, s.adapters) for s in full.steps] == [(s.t, s.adapters) for s in original_chain(SPEC, 3.0, grid).steps]
+    with pytest.raises(ValueError, match="stage must be in 1..4"):
+        stage_chain(5, SPEC, 3.0, grid)
 
 
 def test_shortft_default_stage1_is_the_papers_chain():
