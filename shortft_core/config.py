@@ -42,6 +42,9 @@ class TrainConfig:
     shortcut_edges: tuple[int, ...] = setting((999, 749, 499, 249), "the shortcut's few-step grid (method "
                                                                     "shortcut-model only)")
     reset_optimizer_per_stage: bool = setting(False, "start each stage with a fresh optimizer state")
+    unrun_lr_scale: float = setting(1.0, "learning-rate factor of the LoRAs whose segment the current stage has not "
+                                         "yet run for real (stage s: align_s+1..align_k, trained only through their "
+                                         "anchor step); 1: no damping", above=0, at_most=1)
     last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
                                       "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md",
                                choices=("end", "start"))

@@ -196,7 +196,12 @@ class Trainer(Loop):
         self.objective = ChainObjective(model, reward, cfg.kl_weight)
         self.switch = self.objective.switch
         self.switch.refresh()
-        super().__init__([p for ps in self.all_params.values() for p in ps], lr=cfg.lr,
+        # one optimizer group per adapter when stages damp the LoRAs of segments not yet run for real (one group
+        # otherwise, so checkpoints of either kind keep loading)
+        self._damped = cfg.unrun_lr_scale != 1.0 and cfg.num_stages > 1 and self.lora.timestep_aware
+        params = ([{"params": ps, "adapter": n} for n, ps in self.all_params.items()] if self._damped
+                  else [p for ps in self.all_params.values() for p in ps])
+        super().__init__(params, lr=cfg.lr,
                          weight_decay=cfg.weight_decay, warmup=cfg.warmup, total=cfg.iterations,
                          schedule=cfg.lr_schedule, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg,
                          checkpoints=CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
@@ -227,6 +232,11 @@ class Trainer(Loop):
         freeze_all_but(self.model.unet, trainable)
         if self.cfg.reset_optimizer_per_stage and self.stage:
             self.opt.state.clear()
+        if self._damped:  # segment j's LoRA (align_j) is run for real from stage j on
+            later = set(self.lora.names[stage:])
+            for i, g in enumerate(self.opt.param_groups):
+                self.sched.base_lrs[i] = self.cfg.lr * (self.cfg.unrun_lr_scale if g["adapter"] in later else 1.0)
+                g["lr"] = self.sched.base_lrs[i] * self.sched.lr_lambdas[i](self.sched.last_epoch)
         self.wrapped = self.acc.prepare_model(self.objective) if self.acc.num_processes > 1 else self.objective
         self.stage = stage
         log.info("stage %d: training %s", stage, ", ".join(trainable))

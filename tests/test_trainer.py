@@ -180,6 +180,43 @@ def test_reset_optimizer_per_stage_starts_each_stage_afresh(tiny_rewards, fresh_
     assert steps == {False: 2, True: 1}
 
 
+def test_unrun_lr_scale_damps_the_loras_of_segments_not_yet_run(tmp_path, tiny_rewards, fresh_tiny):
+    """Stage s updates align_s+1..align_k at lr x unrun_lr_scale: Adam's first update moves every weight by about
+    the lr, so their first-step changes are that factor smaller; from stage j on align_j runs at the full lr; a
+    stopped run resumes to the same weights as a straight one."""
+    cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_prompts=0, lr=1e-3, unrun_lr_scale=0.1,
+                      checkpoint_every=1)
+    prompts = PromptSource(["a small red circle on the left"])
+    t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, prompts, out=tmp_path / "a", callbacks=[StopAt(1)])
+    names = cfg.lora.names
+    before = {n: [p.detach().clone() for p in adapter_parameters(t.model.unet, n)] for n in names}
+    t.fit()  # one iteration of stage 1
+    assert t.stage == 1
+    assert [g["lr"] for g in t.opt.param_groups] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-4])
+    moved = {n: max(float((p.detach() - b).abs().max()) for p, b in zip(adapter_parameters(t.model.unet, n),
+                                                                         before[n])) for n in names}
+    assert moved["align_1"] == pytest.approx(1e-3, rel=0.05)
+    for n in names[1:]:
+        assert moved[n] == pytest.approx(1e-4, rel=0.05), (n, moved)
+    t._enter_stage(3)
+    assert [g["lr"] for g in t.opt.param_groups] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
+    straight = Trainer(fresh_tiny(), tiny_rewards[0], cfg, prompts)
+    straight.fit()
+    resumed = Trainer(fresh_tiny(), tiny_rewards[0], cfg, prompts, out=tmp_path / "a")
+    assert resumed.resume() and resumed.iteration == 1
+    resumed.fit()
+    for n in names:
+        for a, b in zip(adapter_parameters(straight.model.unet, n), adapter_parameters(resumed.model.unet, n)):
+            assert torch.equal(a, b), n
+    # a single LoRA, or a method without stages, keeps one optimizer group at the full lr
+    for other in (TrainConfig(unrun_lr_scale=0.1, timestep_aware=False, iterations=1, eval_prompts=0),
+                  TrainConfig(unrun_lr_scale=0.1, method="draft", iterations=1, eval_prompts=0)):
+        o = Trainer(fresh_tiny(), tiny_rewards[0], other, prompts)
+        assert len(o.opt.param_groups) == 1 and o.opt.param_groups[0]["lr"] == other.lr
+    with pytest.raises(ValueError, match="unrun_lr_scale"):
+        TrainConfig(unrun_lr_scale=0).validate()
+
+
 def test_gradient_clipping_zero_means_off():
     from shortft_core.checkpoint import clip_gradients
     for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):
