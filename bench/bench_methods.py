@@ -2,12 +2,18 @@
 
     python bench/bench_methods.py --budget 120 --seeds 0 1 2 --jobs 2 --out runs/bench-methods
     python bench/bench_methods.py --reward alignment --guidance 1 --lr 5e-4 --budget 240 --out runs/bench-align
+    python bench/bench_methods.py --reward symmetry --guidance 3 --budget 120 --seeds 0 1 2 3 4 --eval-prompts 128 \
+        --eval-at 0.5 --stage-chains-at 0.5 --out runs/bench-symmetry
 
 Each (variant, seed) runs in a fresh subprocess (one torch thread; ``--jobs`` of them at once, so every run sees
 the same load) with the same wall-clock training budget, aligning the tiny pipeline to one of its rewards
-(``--reward``: aesthetic, the main job's, by default; alignment); evaluation time is not counted. At 0, 25, 50,
-75 and 100% of the budget both rewards are measured on 32 held-out prompts with the 50-step inference chain
-(the one not trained on exposes reward hacking). Reported per variant: final held-out rewards (mean +- std over seeds), the share of
+(``--reward``: aesthetic, the main job's, by default; alignment; symmetry, i.e. the pixel symmetry reward plus
+``--reg-weight`` times the alignment, a property decided at high noise); evaluation time is not counted. At the
+start, at the ``--eval-at`` shares of the budget and at the end, every reward is measured on ``--eval-prompts``
+held-out prompts with the 50-step inference chain, on the same noise for every run (paired; the base's evaluation
+is computed once per folder). ``--stage-chains-at`` also evaluates ShortFT part-way with the stage chains
+(:func:`shortft_core.plans.stage_chain`: the set only where training has run it so far). Reported per variant:
+final held-out rewards (mean +- std over seeds), the difference to the best baseline with its Welch t, the share of
 the budget needed to reach the best baseline's final reward, peak RSS, iterations, and the efficiency ratio =
 measured iteration time / sum of the iteration's network passes, each timed alone as the plan makes it (its
 adapter set, guidance, gradient into the adapters its stage trains, checkpointing), plus VAE decode and reward. Results: per-run JSON, table.md, reward_vs_time.png.
@@ -32,6 +38,12 @@ VARIANTS: dict[str, dict] = {
     "shortft-naive-jumps": {"shortcut_net": "base"},
     "shortft-seg1-grad-2": {"real_grad_steps": 2},
     "shortft-seg1-grad-all": {"real_grad_steps": None},
+    "shortft-grad-4": {"real_grad_steps": 4},
+    "shortft-stages-40-20-20-20": {"stage_fractions": (0.4, 0.2, 0.2, 0.2)},
+    "shortft-stages-20-20-20-40": {"stage_fractions": (0.2, 0.2, 0.2, 0.4)},
+    "shortft-reset-optimizer": {"reset_optimizer_per_stage": True},
+    "shortft-damped-unrun": {"unrun_lr_scale": 0.3},
+    "shortft-lr-3e-4": {"lr": 3e-4},  # a hyperparameter the baselines keep at --lr: read as a sensitivity check
     "shortft-anchor-start": {"last_anchor": "start"},  # open choice: the last segment's tuned step at its start
     "shortft-tune-shortcut-model": {"method": "shortcut-model"},
     "draft-1": {"method": "draft", "draft_k": 1},
@@ -43,11 +55,24 @@ VARIANTS: dict[str, dict] = {
 }
 BASELINES = ("draft-1", "draft-lv", "alignprop", "refl", "full-bptt", "drtune")
 COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32)  # lr: BENCHMARKS, "which reward trains"
+REWARDS = ("aesthetic", "alignment", "symmetry")
+EVAL_SEED = 12345  # Trainer.evaluate's: every run and every evaluation point sample the same noise (paired)
+
+
+def trained_reward(reward: str, rewards: dict, reg_weight: float):
+    """The reward a run trains: one tiny reward, or symmetry plus ``reg_weight`` times the alignment as a
+    regulariser (the paper mixes HPS and PickScore into its symmetry reward)."""
+    if reward != "symmetry":
+        return rewards[reward]
+    from shortft_core.rewards.combine import WeightedReward
+
+    return WeightedReward([("symmetry", 1.0, rewards["symmetry"]), ("alignment", reg_weight, rewards["alignment"])])
 
 
 # ----- worker ------------------------------------------------------------------------------------------------
 def worker(variant: str, seed: int, budget: float, out: Path, threads: int, reward: str,
-           overrides: dict | None = None) -> None:
+           overrides: dict | None = None, eval_at: tuple[float, ...] = (0.25, 0.5, 0.75), reg_weight: float = 0.2,
+           stage_chains_at: tuple[float, ...] = ()) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -59,6 +84,10 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     from shortft_core.loop import Callback
     from shortft_core.trainer import PromptSource, Trainer
     from shortft_core.config import TrainConfig
+    from shortft_core.methods import stage_at
+    from shortft_core.plans import stage_chain
+    from shortft_core.rewards.pixel import SymmetryReward
+    from shortft_core.schedule import leading_grid
 
     model = load_model("tiny")
     _, preset = load_shortcut(model.unet, tiny_shortcut_path(), adapter_name=SHORTCUT)
@@ -66,28 +95,52 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
                          "seed": seed,
                          "time_budget_s": budget, "iterations": 10**6})
     alignment, aesthetic = load_tiny_rewards()
+    rewards = {"alignment": alignment, "aesthetic": aesthetic, "symmetry": SymmetryReward()}
     ev = held_out_prompts(cfg.eval_prompts, seed=1)
 
     class EvalEvery(Callback):
+        """Held-out evaluation at the given shares of the budget (the end is evaluated by fit); for ShortFT also
+        the stage chains (the set only where training has run it) at ``stage_chains_at``."""
+
         def __init__(self):
-            self.next = 0.25
+            self.todo = sorted(eval_at)
+            self.chains = sorted(stage_chains_at)
 
         def on_step(self, tr, m):
-            if tr.elapsed >= self.next * budget and tr.elapsed < budget:
+            if self.chains and tr.elapsed >= self.chains[0] * budget and tr.elapsed < budget:
+                self.chains.pop(0)
+                stage = stage_at(cfg, tr.progress())
+                row = {"iteration": tr.iteration, "seconds": tr.elapsed, "stage": stage}
+                if cfg.method == "shortft" and cfg.timestep_aware and stage < cfg.num_stages:
+                    for anchors in (True, False):
+                        plan = stage_chain(stage, tr.lora, cfg.guidance, leading_grid(cfg.sample_steps), anchors)
+                        images = tr.sample(ev, seed=EVAL_SEED, plan=plan)
+                        for name, fn in rewards.items():
+                            row[f"{plan.method}/{name}"] = float(fn(images, ev).float().mean())
+                    stage_rows.append(row)
+            if self.todo and tr.elapsed >= self.todo[0] * budget and tr.elapsed < budget:
+                self.todo.pop(0)
                 tr._eval_and_record()
-                self.next += 0.25
 
+    stage_rows: list[dict] = []
     plans = []
 
     class Plans(Callback):
         def on_step(self, tr, m):
             plans.append(tr.last_plan)
 
-    trained = {"alignment": alignment, "aesthetic": aesthetic}[reward]
-    tr = Trainer(model, trained, cfg, PromptSource.tiny(exclude=ev), ev, callbacks=[EvalEvery(), Plans()],
-                 eval_reward={"alignment": alignment, "aesthetic": aesthetic}, shortcut_preset=preset)
+    tr = Trainer(model, trained_reward(reward, rewards, reg_weight), cfg, PromptSource.tiny(exclude=ev), ev,
+                 callbacks=[EvalEvery(), Plans()], eval_reward=rewards, shortcut_preset=preset)
+    # the base model's evaluation is the same for every run (same prompts, noise and settings): computed once
+    base_file = out.parent / f"base_eval.cfg{cfg.guidance:g}.n{cfg.eval_prompts}.json"
+    if base_file.is_file():
+        tr.history.evals.append(json.loads(base_file.read_text()))
     rss_setup = _rss_mib()
     h = tr.fit()
+    if not base_file.is_file():
+        tmp = base_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(h.evals[0]))
+        os.replace(tmp, base_file)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     iter_times = [b - a for a, b in zip([0.0] + h.seconds[:-1], h.seconds)]
     skip = min(2, len(iter_times) - 1)  # first iterations include one-off set-up
@@ -95,7 +148,8 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     ideal = sum(ideal_seconds(p, costs) for p in plans[skip:])
     result = {
         "variant": variant, "seed": seed, "reward": reward, "budget_s": budget, "iterations": len(h.iterations),
-        "guidance": cfg.guidance, "lr": cfg.lr,
+        "guidance": cfg.guidance, "lr": cfg.lr, "eval_prompts": cfg.eval_prompts, "reg_weight": reg_weight,
+        "stage_chain_evals": stage_rows,
         "evals": h.evals, "train_reward": h.reward, "seconds": h.seconds, "stages": h.stage,
         "efficiency_ratio": sum(iter_times[skip:]) / ideal if ideal > 0 else None,
         "sec_per_iteration": statistics.median(iter_times[skip:]) if iter_times else None,
@@ -111,15 +165,35 @@ def _rss_mib() -> float:
 
 
 # ----- driver ------------------------------------------------------------------------------------------------
+def trained_key(reward: str) -> str:
+    """The evaluation reward a table ranks by: the trained one (for symmetry, its mix with the regulariser)."""
+    return "objective" if reward == "symmetry" else reward
+
+
+def _add_objective(results: list[dict]) -> None:
+    """Held-out value of the symmetry runs' trained mix, symmetry + reg_weight * alignment, at every evaluation."""
+    for r in results:
+        if r.get("reward") == "symmetry":
+            for e in r["evals"]:
+                e["objective"] = e["symmetry"] + r["reg_weight"] * e["alignment"]
+            for row in r.get("stage_chain_evals") or []:
+                for c in ("stage-chain", "stage-chain-no-anchors"):
+                    row[f"{c}/objective"] = row[f"{c}/symmetry"] + r["reg_weight"] * row[f"{c}/alignment"]
+
+
 def aggregate(results: list[dict], out: Path) -> str:
     import numpy as np
 
+    _add_objective(results)
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["variant"], []).append(r)
 
+    def finals(rs, key):
+        return np.array([r["evals"][-1][key] for r in rs])
+
     def final(rs, key):
-        v = [r["evals"][-1][key] for r in rs]
+        v = finals(rs, key)
         return float(np.mean(v)), float(np.std(v))
 
     def curve(rs, key):
@@ -129,52 +203,115 @@ def aggregate(results: list[dict], out: Path) -> str:
         v = np.mean([[e[key] for e in r["evals"][:n]] for r in rs], axis=0)
         return t, v
 
-    key = results[0].get("reward", "alignment")
-    other = "aesthetic" if key == "alignment" else "alignment"
+    key = trained_key(results[0].get("reward", "alignment"))
+    others = [k for k in ("symmetry", "alignment", "aesthetic") if k != key and k in results[0]["evals"][-1]]
     base0 = float(np.mean([r["evals"][0][key] for r in results]))
     best_baseline = max((b for b in BASELINES if b in by), key=lambda b: final(by[b], key)[0], default=None)
     target = final(by[best_baseline], key)[0] if best_baseline else None
-    lines = [f"| variant | held-out {key} (trained) | held-out {other} (not trained) | time to best baseline | "
-             "iterations | s/iter | efficiency ratio | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    cols = [f"held-out {'symmetry + ' + format(results[0]['reg_weight'], 'g') + ' x alignment' if key == 'objective' else key} (trained)"] + [f"held-out {k}" for k in others]
+    lines = [f"| variant | {' | '.join(cols)} | vs best baseline (Welch t) | time to best baseline | "
+             "iterations | s/iter | efficiency ratio | peak RSS MiB |",
+             "|---|" + "---|" * (len(cols) + 7)]
     for name in VARIANTS:
         if name not in by:
             continue
         rs = by[name]
-        a, a_sd = final(rs, key)
-        q, q_sd = final(rs, other)
-        reach = "-"
+        cells = [f"{m:.4f} +- {sd:.4f}" for m, sd in (final(rs, k) for k in [key] + others)]
+        reach, versus = "-", "-"
         if target is not None:
             t, v = curve(rs, key)
             hit = np.nonzero(v >= target)[0]
             budget = rs[0]["budget_s"]
             reach = f"{t[hit[0]] / budget:.0%}" if len(hit) else "not reached"
+            a, b = finals(rs, key), finals(by[best_baseline], key)
+            if name != best_baseline and len(a) > 1 and len(b) > 1:
+                se = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+                versus = f"{a.mean() - b.mean():+.4f} ({(a.mean() - b.mean()) / se:+.1f})" if se > 0 else "-"
         eff = np.mean([r["efficiency_ratio"] for r in rs if r["efficiency_ratio"]])
-        lines.append(f"| {name} | {a:.4f} +- {a_sd:.4f} | {q:.4f} +- {q_sd:.4f} | {reach} | "
+        lines.append(f"| {name} | {' | '.join(cells)} | {versus} | {reach} | "
                      f"{np.mean([r['iterations'] for r in rs]):.0f} | {np.mean([r['sec_per_iteration'] for r in rs]):.2f} | "
                      f"{eff:.2f} | {max(r['peak_rss_mib'] for r in rs):.0f} |")
-    head = (f"base model held-out {key} {base0:.4f}; best baseline: {best_baseline} "
-            f"({target:.4f}); budget {results[0]['budget_s']:.0f} s of training per run, "
-            f"{len(by[next(iter(by))])} seeds\n\n" if target is not None else "")
-    table = head + "\n".join(lines)
+    seeds = len(by[next(iter(by))])
+    head = (f"base model held-out {key} {base0:.4f}; best baseline: {best_baseline} ({target:.4f}); budget "
+            f"{results[0]['budget_s']:.0f} s of training per run; {seeds} seeds; "
+            f"{results[0].get('eval_prompts', 32)} held-out prompts\n\n" if target is not None else "")
+    curves = ["", f"Seed means of the held-out {key} at each evaluation (seconds of training: value):", "",
+              "| variant | curve |", "|---|---|"]
+    for name in VARIANTS:
+        if name in by:
+            t, v = curve(by[name], key)
+            curves.append(f"| {name} | " + " / ".join(f"{a:.0f}s: {b:.4f}" for a, b in zip(t, v)) + " |")
+    stage_lines = _stage_chain_table(by, key)
+    table = head + "\n".join(lines + curves + stage_lines)
     (out / "table.md").write_text(table + "\n")
     _plot(by, out / "reward_vs_time.png", curve, key)
     return table
 
 
+def _stage_chain_table(by: dict, key: str) -> list[str]:
+    """ShortFT runs evaluated part-way with three chains: the full inference chain, the stage chain (set on the
+    segments trained for real plus the later anchors) and the stage chain without those anchors."""
+    import numpy as np
+
+    rows = []
+    for name, rs in by.items():
+        pts = [r.get("stage_chain_evals") or [] for r in rs]
+        if not all(pts) or not pts[0]:
+            continue
+        for i in range(min(len(p) for p in pts)):
+            full = []
+            for r, p in zip(rs, pts):  # the full chain's evaluation at the same iteration
+                e = [e for e in r["evals"] if e["iteration"] == p[i]["iteration"]]
+                full.append(e[0][key] if e else float("nan"))
+            cells = [np.nanmean(full)] + [np.mean([p[i][f"{c}/{key}"] for p in pts])
+                                          for c in ("stage-chain", "stage-chain-no-anchors")]
+            sds = [np.nanstd(full)] + [np.std([p[i][f"{c}/{key}"] for p in pts])
+                                       for c in ("stage-chain", "stage-chain-no-anchors")]
+            rows.append(f"| {name} | {np.mean([p[i]['seconds'] for p in pts]):.0f} s, stage {pts[0][i]['stage']} | "
+                        + " | ".join(f"{m:.4f} +- {sd:.4f}" for m, sd in zip(cells, sds)) + " |")
+    if not rows:
+        return []
+    return ["", f"Part-way held-out {key} by chain (the set everywhere / the stage chain / the stage chain without "
+            "the later anchors):", "", "| variant | point | full chain | stage chain | no later anchors |",
+            "|---|---|---|---|---|", *rows]
+
+
 def _plot(by, path: Path, curve, key: str) -> None:
+    """Held-out reward against training time (ShortFT's stage-chain evaluations as open markers); for the symmetry
+    mix a second panel with every run's final symmetry against its alignment (the trade-off the mix sets)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    mix = key == "objective"
+    fig, axes = plt.subplots(1, 2 if mix else 1, figsize=(13 if mix else 7.5, 4.8), dpi=110, squeeze=False)
+    ax = axes[0][0]
     for i, (name, rs) in enumerate(by.items()):
         t, v = curve(rs, key)
+        colour = f"C{i % 10}"
         style = "-" if name.startswith("shortft") else "--"
-        ax.plot(t, v, style, marker="o", ms=3, lw=2.2 if name == "shortft" else 1.1, label=name, color=f"C{i % 10}")
-    ax.set_xlabel("training seconds (2 CPU cores)")
-    ax.set_ylabel(f"held-out {key} reward")
+        ax.plot(t, v, style, marker="o", ms=3, lw=2.2 if name == "shortft" else 1.1, label=name, color=colour)
+        pts = [r.get("stage_chain_evals") or [] for r in rs]
+        if all(pts) and pts and f"stage-chain/{key}" in pts[0][0]:
+            n = min(len(p) for p in pts)
+            ts = np.mean([[p[j]["seconds"] for j in range(n)] for p in pts], axis=0)
+            vs = np.mean([[p[j][f"stage-chain/{key}"] for j in range(n)] for p in pts], axis=0)
+            ax.plot(ts, vs, "o", mfc="none", ms=8, mew=1.8, color=colour, label=f"{name}: stage chain")
+    ax.set_xlabel("training seconds (2 CPU cores, two runs at a time)")
+    ax.set_ylabel(f"held-out {'symmetry + w x alignment' if mix else key} (seed mean)")
     ax.legend(fontsize=7, ncol=2)
+    if mix:
+        ax2 = axes[0][1]
+        for i, (name, rs) in enumerate(by.items()):
+            ax2.plot([r["evals"][-1]["alignment"] for r in rs], [r["evals"][-1]["symmetry"] for r in rs], "o",
+                     color=f"C{i % 10}", label=name, ms=5)
+        base = next(iter(by.values()))[0]["evals"][0]
+        ax2.plot([base["alignment"]], [base["symmetry"]], "k*", ms=12, label="base")
+        ax2.set_xlabel("held-out alignment (end of run)")
+        ax2.set_ylabel("held-out symmetry (end of run; 0 = mirror-symmetric)")
+        ax2.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -188,7 +325,14 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-methods")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (every run sees the same load: keep it fixed)")
-    p.add_argument("--reward", choices=["aesthetic", "alignment"], default="aesthetic", help="reward to train")
+    p.add_argument("--reward", choices=REWARDS, default="aesthetic",
+                   help="reward to train (symmetry: symmetry + --reg-weight x alignment)")
+    p.add_argument("--reg-weight", type=float, default=0.2, help="weight of the alignment regulariser of symmetry")
+    p.add_argument("--eval-prompts", type=int, default=COMMON["eval_prompts"], help="held-out evaluation prompts")
+    p.add_argument("--eval-at", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                   help="shares of the budget evaluated besides the start and the end")
+    p.add_argument("--stage-chains-at", type=float, nargs="*", default=[],
+                   help="shares of the budget where ShortFT runs are also evaluated with the stage chains")
     p.add_argument("--guidance", type=float, default=COMMON["guidance"],
                    help="CFG of the tuned steps and of evaluation (the shortcut keeps its own)")
     p.add_argument("--lr", type=float, default=COMMON["lr"])
@@ -200,17 +344,21 @@ def main() -> int:
     if args.worker:
         v, s = args.worker
         worker(v, int(s), args.budget, out / f"{v}.seed{s}.json", args.threads, args.reward,
-               {"guidance": args.guidance, "lr": args.lr})
+               {"guidance": args.guidance, "lr": args.lr, "eval_prompts": args.eval_prompts}, tuple(args.eval_at),
+               args.reg_weight, tuple(args.stage_chains_at))
         return 0
     if not args.aggregate_only:
-        todo = [(v, seed) for seed in args.seeds for v in args.variants if not (out / f"{v}.seed{seed}.json").exists()]
+        # variant by variant (a stopped comparison leaves whole variants), two jobs at a time throughout
+        todo = [(v, seed) for v in args.variants for seed in args.seeds if not (out / f"{v}.seed{seed}.json").exists()]
         running: list[tuple[subprocess.Popen, str, int, float]] = []
         while todo or running:
             while todo and len(running) < args.jobs:
                 v, seed = todo.pop(0)
                 cmd = [sys.executable, __file__, "--worker", v, str(seed), "--budget", str(args.budget), "--out",
                        str(out), "--threads", str(args.threads), "--reward", args.reward,
-                       "--guidance", str(args.guidance), "--lr", str(args.lr)]
+                       "--guidance", str(args.guidance), "--lr", str(args.lr), "--reg-weight", str(args.reg_weight),
+                       "--eval-prompts", str(args.eval_prompts), "--eval-at", *map(str, args.eval_at),
+                       "--stage-chains-at", *map(str, args.stage_chains_at)]
                 running.append((subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}), v, seed, time.time()))
             time.sleep(1)
             for item in list(running):

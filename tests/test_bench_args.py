@@ -74,3 +74,39 @@ def test_shortcut_worth_in_base_steps():
     assert equivalent_steps(0.04, naive) == pytest.approx(2.0)
     assert equivalent_steps(0.02, naive) == pytest.approx(3.0)  # halfway between 2 and 4 in log error
     assert equivalent_steps(0.1, naive) is None and equivalent_steps(0.005, naive) is None
+
+
+def _run(variant, seed, sym, align, stage_sym=None):
+    evals = [{"iteration": 0, "seconds": 0.0, "symmetry": -0.07, "alignment": 0.84, "aesthetic": 9.2},
+             {"iteration": 10, "seconds": 60.0, "symmetry": sym - 0.01, "alignment": align, "aesthetic": 9.0},
+             {"iteration": 20, "seconds": 120.0, "symmetry": sym, "alignment": align, "aesthetic": 9.0}]
+    rows = [] if stage_sym is None else [{"iteration": 10, "seconds": 60.0, "stage": 3,
+                                          **{f"{c}/{k}": v for c in ("stage-chain", "stage-chain-no-anchors")
+                                             for k, v in (("symmetry", stage_sym), ("alignment", align),
+                                                          ("aesthetic", 9.0))}}]
+    return {"variant": variant, "seed": seed, "reward": "symmetry", "reg_weight": 0.5, "budget_s": 120.0,
+            "eval_prompts": 128, "iterations": 20, "evals": evals, "stage_chain_evals": rows,
+            "efficiency_ratio": 1.0, "sec_per_iteration": 6.0, "peak_rss_mib": 1000.0}
+
+
+def test_symmetry_tables_rank_by_the_trained_mix_with_welch_t(tmp_path):
+    """The symmetry comparison ranks by symmetry + w * alignment, not symmetry alone: a variant with the best
+    symmetry but a worse mix is behind; the difference to the best baseline and its Welch t are exact; the
+    stage-chain evaluations get their own table; the plot is written."""
+    import numpy as np
+    from bench_methods import aggregate
+
+    results = [_run("shortft", s, -0.03 + 0.001 * s, 0.60, stage_sym=-0.05) for s in range(3)]
+    results += [_run("drtune", s, -0.045 + 0.002 * s, 0.82) for s in range(3)]
+    results += [_run("refl", s, -0.046, 0.80 + 0.001 * s) for s in range(3)]
+    table = aggregate(results, tmp_path)
+    assert "best baseline: drtune" in table and "held-out symmetry + 0.5 x alignment (trained)" in table
+    a = np.array([-0.03 + 0.001 * s + 0.5 * 0.60 for s in range(3)])
+    b = np.array([-0.045 + 0.002 * s + 0.5 * 0.82 for s in range(3)])
+    t = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 3)
+    row = next(line for line in table.splitlines() if line.startswith("| shortft |"))
+    assert f"{a.mean() - b.mean():+.4f} ({t:+.1f})" in row and "not reached" in row
+    stage = next(line for line in table.splitlines() if line.startswith("| shortft | 60 s, stage 3"))
+    assert f"{-0.05 + 0.5 * 0.60:.4f}" in stage
+    assert (tmp_path / "table.md").read_text().strip() == table.strip()
+    assert (tmp_path / "reward_vs_time.png").stat().st_size > 10_000
