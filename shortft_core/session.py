@@ -410,12 +410,14 @@ def reward_label(reward: Any) -> str:
 
 
 def differing_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Names of the settings that differ between two runs' ``settings`` (config fields by their own names)."""
+    """Names of the settings that differ between two runs' ``settings`` (config fields by their own names); a
+    config field added after a run was written counts at its default, which it had then."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if key == "config":
-            a, b = a or {}, b or {}
+            defaults = TrainConfig().to_dict()
+            a, b = {**defaults, **(a or {})}, {**defaults, **(b or {})}
             out += sorted(k for k in set(a) | set(b) if k not in Trainer.resume_may_change and a.get(k) != b.get(k))
         elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             out.append(key)

@@ -217,6 +217,13 @@ def test_run_folders_are_idempotent(tmp_path, monkeypatch):
     assert again.status == "reused" and again.iteration == first.iteration == 2
     assert {p.name: p.read_bytes() for p in (out / "lora").iterdir()} == files
     assert again.history.reward == first.history.reward
+    run_file = out / "run.json"  # written before a setting existed: that setting counts at its default
+    saved = json.loads(run_file.read_text())
+    del saved["settings"]["config"]["unrun_lr_scale"]
+    run_file.write_text(json.dumps(saved))
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished run was trained again"))
+        assert train(request(out)).status == "reused"
     with pytest.raises(ValueError, match=r"other settings \(lr, rank\)"):
         train(request(out, config=small(rank=4, lr=1e-3)))
     with pytest.raises(ValueError, match=r"other settings \(prompts\)"):
