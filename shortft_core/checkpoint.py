@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -109,13 +109,19 @@ def check_bounds(cfg: Any) -> None:
             raise ValueError(f"{f.name} ({flag}) must be {' and '.join(parts)}; got {value}")
 
 
+def changed_config(old: Mapping[str, Any], now: Mapping[str, Any], defaults: Mapping[str, Any],
+                   ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names of the settings of ``now`` that differ from ``old`` (both JSON-like config dicts); a setting added after
+    ``old`` was written counts at its default, which it had then."""
+    return sorted(k for k in now if k not in ignore and old.get(k, defaults[k]) != now[k])
+
+
 def changed_settings(saved: str, cfg: Any, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Names of ``cfg``'s settings that differ from a checkpoint's (its JSON config); a setting added after the
-    checkpoint was written counts at its default, which it had then. ``cfg`` is a dataclass with ``to_dict``."""
+    """Names of ``cfg``'s settings that differ from a checkpoint's (its JSON config), by :func:`changed_config`.
+    ``cfg`` is a dataclass with ``to_dict``."""
     now = json.loads(json.dumps(cfg.to_dict()))
     defaults = json.loads(json.dumps(type(cfg)().to_dict()))
-    old = json.loads(saved)
-    return sorted(k for k in now if k not in ignore and old.get(k, defaults[k]) != now[k])
+    return changed_config(json.loads(saved), now, defaults, ignore)
 
 
 def clip_gradients(params, max_norm: float) -> float:

@@ -88,8 +88,8 @@ class Loop:
     rng_name = "train"  # name of ``self.gen``'s state in checkpoints
     resume_may_change: tuple[str, ...] = ()  # settings a resume may change (e.g. the number of steps)
 
-    def __init__(self, params: Sequence[torch.nn.Parameter] | Sequence[dict], *, lr: float, weight_decay: float, warmup: int,
-                 total: int, schedule: str, grad_clip: float, seed: int, config: Any,
+    def __init__(self, params: Sequence[torch.nn.Parameter] | Sequence[dict], *, lr: float, weight_decay: float,
+                 warmup: int, total: int, schedule: str, grad_clip: float, seed: int, config: Any,
                  checkpoints: CheckpointManager | None, callbacks: Sequence[Callback] = (),
                  procs: Any = None) -> None:
         self.config = config

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .checkpoint import changed_config
 from .config import TINY_EVAL_REWARDS, TINY_REWARD, TrainConfig
 from .io import atomic_write_json
 from .lifecycle import ModelState, outside_inference_mode
@@ -410,15 +411,13 @@ def reward_label(reward: Any) -> str:
 
 
 def differing_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Names of the settings that differ between two runs' ``settings`` (config fields by their own names); a
-    config field added after a run was written counts at its default, which it had then."""
+    """Names of the settings that differ between two runs' ``settings`` (config fields by their own names, a field
+    added after a run was written at its default: :func:`~shortft_core.checkpoint.changed_config`)."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if key == "config":
-            defaults = TrainConfig().to_dict()
-            a, b = {**defaults, **(a or {})}, {**defaults, **(b or {})}
-            out += sorted(k for k in set(a) | set(b) if k not in Trainer.resume_may_change and a.get(k) != b.get(k))
+            out += changed_config(a or {}, b or {}, TrainConfig().to_dict(), Trainer.resume_may_change)
         elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             out.append(key)
     return out
