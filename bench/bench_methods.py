@@ -43,8 +43,12 @@ VARIANTS: dict[str, dict] = {
     "shortft-stages-20-20-20-40": {"stage_fractions": (0.2, 0.2, 0.2, 0.4)},
     "shortft-reset-optimizer": {"reset_optimizer_per_stage": True},
     "shortft-damped-unrun": {"unrun_lr_scale": 0.3},
+    "shortft-damped-unrun-0.1": {"unrun_lr_scale": 0.1},
     "shortft-lr-3e-4": {"lr": 3e-4},  # a hyperparameter the baselines keep at --lr: read as a sensitivity check
     "shortft-anchor-start": {"last_anchor": "start"},  # open choice: the last segment's tuned step at its start
+    "shortft-anchor-start-damped": {"last_anchor": "start", "unrun_lr_scale": 0.3},
+    "shortft-damped-grad-4": {"unrun_lr_scale": 0.3, "real_grad_steps": 4},
+    "shortft-shortcut-cfg1": {"shortcut_guidance": 1.0},  # jumps unguided while the tuned steps use --guidance
     "shortft-tune-shortcut-model": {"method": "shortcut-model"},
     "draft-1": {"method": "draft", "draft_k": 1},
     "draft-lv": {"method": "draft-lv", "lv_n": 2},
@@ -241,16 +245,17 @@ def aggregate(results: list[dict], out: Path) -> str:
         if name in by:
             t, v = curve(by[name], key)
             curves.append(f"| {name} | " + " / ".join(f"{a:.0f}s: {b:.4f}" for a, b in zip(t, v)) + " |")
-    stage_lines = _stage_chain_table(by, key)
+    stage_lines = _stage_chain_table(by, [key] + others)
     table = head + "\n".join(lines + curves + stage_lines)
     (out / "table.md").write_text(table + "\n")
     _plot(by, out / "reward_vs_time.png", curve, key)
     return table
 
 
-def _stage_chain_table(by: dict, key: str) -> list[str]:
+def _stage_chain_table(by: dict, keys: list[str]) -> list[str]:
     """ShortFT runs evaluated part-way with three chains: the full inference chain, the stage chain (set on the
-    segments trained for real plus the later anchors) and the stage chain without those anchors."""
+    segments trained for real plus the later anchors) and the stage chain without those anchors; one row per
+    evaluation reward, so a chain's trade-off between them shows."""
     import numpy as np
 
     rows = []
@@ -259,26 +264,28 @@ def _stage_chain_table(by: dict, key: str) -> list[str]:
         if not all(pts) or not pts[0]:
             continue
         for i in range(min(len(p) for p in pts)):
-            full = []
-            for r, p in zip(rs, pts):  # the full chain's evaluation at the same iteration
-                e = [e for e in r["evals"] if e["iteration"] == p[i]["iteration"]]
-                full.append(e[0][key] if e else float("nan"))
-            cells = [np.nanmean(full)] + [np.mean([p[i][f"{c}/{key}"] for p in pts])
-                                          for c in ("stage-chain", "stage-chain-no-anchors")]
-            sds = [np.nanstd(full)] + [np.std([p[i][f"{c}/{key}"] for p in pts])
-                                       for c in ("stage-chain", "stage-chain-no-anchors")]
-            rows.append(f"| {name} | {np.mean([p[i]['seconds'] for p in pts]):.0f} s, stage {pts[0][i]['stage']} | "
-                        + " | ".join(f"{m:.4f} +- {sd:.4f}" for m, sd in zip(cells, sds)) + " |")
+            for key in keys:
+                full = []
+                for r, p in zip(rs, pts):  # the full chain's evaluation at the same iteration
+                    e = [e for e in r["evals"] if e["iteration"] == p[i]["iteration"]]
+                    full.append(e[0][key] if e else float("nan"))
+                cells = [np.nanmean(full)] + [np.mean([p[i][f"{c}/{key}"] for p in pts])
+                                              for c in ("stage-chain", "stage-chain-no-anchors")]
+                sds = [np.nanstd(full)] + [np.std([p[i][f"{c}/{key}"] for p in pts])
+                                           for c in ("stage-chain", "stage-chain-no-anchors")]
+                rows.append(f"| {name} | {np.mean([p[i]['seconds'] for p in pts]):.0f} s, stage {pts[0][i]['stage']} "
+                            f"| {key} | " + " | ".join(f"{m:.4f} +- {sd:.4f}" for m, sd in zip(cells, sds)) + " |")
     if not rows:
         return []
-    return ["", f"Part-way held-out {key} by chain (the set everywhere / the stage chain / the stage chain without "
-            "the later anchors):", "", "| variant | point | full chain | stage chain | no later anchors |",
-            "|---|---|---|---|---|", *rows]
+    return ["", ("Part-way held-out rewards by chain (the set everywhere / the stage chain / the stage chain "
+                 "without the later anchors):"), "", "| variant | point | reward | full chain | stage chain | no later anchors |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def _plot(by, path: Path, curve, key: str) -> None:
     """Held-out reward against training time (ShortFT's stage-chain evaluations as open markers); for the symmetry
-    mix a second panel with every run's final symmetry against its alignment (the trade-off the mix sets)."""
+    mix a second panel with every run's final symmetry against its alignment (the trade-off the mix sets). One
+    colour per variant (up to 20), squares for baselines, one legend under both panels."""
     import matplotlib
     import numpy as np
 
@@ -286,33 +293,40 @@ def _plot(by, path: Path, curve, key: str) -> None:
     import matplotlib.pyplot as plt
 
     mix = key == "objective"
-    fig, axes = plt.subplots(1, 2 if mix else 1, figsize=(13 if mix else 7.5, 4.8), dpi=110, squeeze=False)
+    palette = plt.get_cmap("tab20").colors
+    looks = {name: (palette[i % len(palette)], "o" if name.startswith("shortft") else "s")
+             for i, name in enumerate(by)}
+    rows = -(-(len(by) + 2) // 4)  # legend rows at four entries a row
+    fig, axes = plt.subplots(1, 2 if mix else 1, figsize=(13 if mix else 8, 4.6 + 0.22 * rows), dpi=110,
+                             squeeze=False)
     ax = axes[0][0]
-    for i, (name, rs) in enumerate(by.items()):
+    for name, rs in by.items():
         t, v = curve(rs, key)
-        colour = f"C{i % 10}"
+        colour, marker = looks[name]
         style = "-" if name.startswith("shortft") else "--"
-        ax.plot(t, v, style, marker="o", ms=3, lw=2.2 if name == "shortft" else 1.1, label=name, color=colour)
+        ax.plot(t, v, style, marker=marker, ms=3.5, lw=2.4 if name == "shortft" else 1.2, label=name, color=colour)
         pts = [r.get("stage_chain_evals") or [] for r in rs]
         if all(pts) and pts and f"stage-chain/{key}" in pts[0][0]:
             n = min(len(p) for p in pts)
             ts = np.mean([[p[j]["seconds"] for j in range(n)] for p in pts], axis=0)
             vs = np.mean([[p[j][f"stage-chain/{key}"] for j in range(n)] for p in pts], axis=0)
-            ax.plot(ts, vs, "o", mfc="none", ms=8, mew=1.8, color=colour, label=f"{name}: stage chain")
+            ax.plot(ts, vs, "o", mfc="none", ms=9, mew=1.8, color=colour, label=f"{name}: stage chain")
     ax.set_xlabel("training seconds (2 CPU cores, two runs at a time)")
     ax.set_ylabel(f"held-out {'symmetry + w x alignment' if mix else key} (seed mean)")
-    ax.legend(fontsize=7, ncol=2)
     if mix:
         ax2 = axes[0][1]
-        for i, (name, rs) in enumerate(by.items()):
-            ax2.plot([r["evals"][-1]["alignment"] for r in rs], [r["evals"][-1]["symmetry"] for r in rs], "o",
-                     color=f"C{i % 10}", label=name, ms=5)
+        for name, rs in by.items():
+            colour, marker = looks[name]
+            ax2.plot([r["evals"][-1]["alignment"] for r in rs], [r["evals"][-1]["symmetry"] for r in rs], marker,
+                     color=colour, ms=5)
         base = next(iter(by.values()))[0]["evals"][0]
         ax2.plot([base["alignment"]], [base["symmetry"]], "k*", ms=12, label="base")
-        ax2.set_xlabel("held-out alignment (end of run)")
+        ax2.set_xlabel("held-out alignment (end of run, one point per seed)")
         ax2.set_ylabel("held-out symmetry (end of run; 0 = mirror-symmetric)")
-        ax2.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    labels = [lab for a in fig.axes for lab in a.get_legend_handles_labels()[1]]
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.035 * rows, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 

@@ -92,7 +92,7 @@ def _run(variant, seed, sym, align, stage_sym=None):
 def test_symmetry_tables_rank_by_the_trained_mix_with_welch_t(tmp_path):
     """The symmetry comparison ranks by symmetry + w * alignment, not symmetry alone: a variant with the best
     symmetry but a worse mix is behind; the difference to the best baseline and its Welch t are exact; the
-    stage-chain evaluations get their own table; the plot is written."""
+    stage-chain evaluations get their own table, one row per reward; the plot is written."""
     import numpy as np
     from bench_methods import aggregate
 
@@ -106,7 +106,11 @@ def test_symmetry_tables_rank_by_the_trained_mix_with_welch_t(tmp_path):
     t = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 3)
     row = next(line for line in table.splitlines() if line.startswith("| shortft |"))
     assert f"{a.mean() - b.mean():+.4f} ({t:+.1f})" in row and "not reached" in row
-    stage = next(line for line in table.splitlines() if line.startswith("| shortft | 60 s, stage 3"))
-    assert f"{-0.05 + 0.5 * 0.60:.4f}" in stage
+    stage = {line.split(" | ")[2]: line.split(" | ")[3:] for line in table.splitlines()
+             if line.startswith("| shortft | 60 s, stage 3")}
+    assert set(stage) == {"objective", "symmetry", "alignment", "aesthetic"}
+    assert stage["objective"][1].startswith(f"{-0.05 + 0.5 * 0.60:.4f} +- 0.0000")  # the stage chain's mix
+    assert stage["symmetry"][0].startswith(f"{np.mean([-0.04 + 0.001 * s for s in range(3)]):.4f}")  # full chain
+    assert stage["symmetry"][1].startswith("-0.0500")
     assert (tmp_path / "table.md").read_text().strip() == table.strip()
     assert (tmp_path / "reward_vs_time.png").stat().st_size > 10_000
