@@ -60,7 +60,6 @@ VARIANTS: dict[str, dict] = {
 BASELINES = ("draft-1", "draft-lv", "alignprop", "refl", "full-bptt", "drtune")
 COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32)  # lr: BENCHMARKS, "which reward trains"
 REWARDS = ("aesthetic", "alignment", "symmetry")
-EVAL_SEED = 12345  # Trainer.evaluate's: every run and every evaluation point sample the same noise (paired)
 
 
 def trained_reward(reward: str, rewards: dict, reg_weight: float):
@@ -81,6 +80,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
 
     torch.set_num_threads(threads)
     from shortft_core.adapters import SHORTCUT
+    from shortft_core.io import atomic_write_json
     from shortft_core.profiling import ideal_seconds, pass_costs
     from shortft_core.loading import load_model
     from shortft_core.shortcut import load_shortcut
@@ -118,9 +118,8 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
                 if cfg.method == "shortft" and cfg.timestep_aware and stage < cfg.num_stages:
                     for anchors in (True, False):
                         plan = stage_chain(stage, tr.lora, cfg.guidance, leading_grid(cfg.sample_steps), anchors)
-                        images = tr.sample(ev, seed=EVAL_SEED, plan=plan)
-                        for name, fn in rewards.items():
-                            row[f"{plan.method}/{name}"] = float(fn(images, ev).float().mean())
+                        # Trainer.evaluate's fixed seed: the same noise as every other evaluation (paired)
+                        row.update({f"{plan.method}/{k}": v for k, v in tr.evaluate(ev, plan=plan).items()})
                     stage_rows.append(row)
             if self.todo and tr.elapsed >= self.todo[0] * budget and tr.elapsed < budget:
                 self.todo.pop(0)
@@ -142,9 +141,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     rss_setup = _rss_mib()
     h = tr.fit()
     if not base_file.is_file():
-        tmp = base_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(h.evals[0]))
-        os.replace(tmp, base_file)
+        atomic_write_json(base_file, h.evals[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     iter_times = [b - a for a, b in zip([0.0] + h.seconds[:-1], h.seconds)]
     skip = min(2, len(iter_times) - 1)  # first iterations include one-off set-up
@@ -160,7 +157,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
         "peak_rss_mib": peak, "rss_after_setup_mib": rss_setup, "pass_costs": costs,
         "first_plan": plans[0].describe() if plans else "",
     }
-    out.write_text(json.dumps(result, indent=1))
+    atomic_write_json(out, result)  # the driver takes an existing file as a finished run
 
 
 def _rss_mib() -> float:
@@ -187,6 +184,8 @@ def _add_objective(results: list[dict]) -> None:
 
 def aggregate(results: list[dict], out: Path) -> str:
     import numpy as np
+
+    from shortft_core.io import atomic_write_text
 
     _add_objective(results)
     by: dict[str, list[dict]] = {}
@@ -247,7 +246,7 @@ def aggregate(results: list[dict], out: Path) -> str:
             curves.append(f"| {name} | " + " / ".join(f"{a:.0f}s: {b:.4f}" for a, b in zip(t, v)) + " |")
     stage_lines = _stage_chain_table(by, [key] + others)
     table = head + "\n".join(lines + curves + stage_lines)
-    (out / "table.md").write_text(table + "\n")
+    atomic_write_text(out / "table.md", table + "\n")
     _plot(by, out / "reward_vs_time.png", curve, key)
     return table
 

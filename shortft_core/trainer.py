@@ -313,12 +313,14 @@ class Trainer(Loop):
 
     # ---- evaluation ----
     @torch.no_grad()
-    def evaluate(self, prompts: Sequence[str] | None = None, seed: int = 12345, phase: str = "eval") -> dict:
-        """Mean and std of every evaluation reward on the inference chain (adapters switched per timestep)."""
+    def evaluate(self, prompts: Sequence[str] | None = None, seed: int = 12345, phase: str = "eval",
+                 plan: ChainPlan | None = None) -> dict:
+        """Mean and std of every evaluation reward on the inference chain (adapters switched per timestep), or on
+        ``plan`` (e.g. a partial run's stage chain)."""
         prompts = list(prompts if prompts is not None else self.eval_prompts)
         if not prompts:
             return {}
-        images = self.sample(prompts, seed=seed, phase=phase)
+        images = self.sample(prompts, seed=seed, phase=phase, plan=plan)
         out = {}
         for name, fn in self.eval_rewards.items():
             r = fn(images.to(self.model.device), prompts).float()

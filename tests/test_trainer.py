@@ -217,6 +217,24 @@ def test_unrun_lr_scale_damps_the_loras_of_segments_not_yet_run(tmp_path, tiny_r
         TrainConfig(unrun_lr_scale=0).validate()
 
 
+def test_evaluate_scores_a_given_plan(tiny_rewards, fresh_tiny):
+    """evaluate(plan=...) scores that chain on the same noise: the stage chain after the last stage is the
+    inference chain (equal values); the stage chain of stage 1 without anchors runs trained LoRAs on fewer steps
+    (other values)."""
+    from shortft_core.plans import stage_chain
+    from shortft_core.schedule import leading_grid
+
+    cfg = TrainConfig(iterations=2, batch_size=1, rank=4, lr=1e-2, eval_prompts=0)
+    t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]))
+    t.fit()
+    ev = held_out_prompts(2, seed=1)
+    grid = leading_grid(cfg.sample_steps)
+    full = t.evaluate(ev)
+    assert t.evaluate(ev, plan=stage_chain(cfg.num_stages, t.lora, cfg.guidance, grid)) == pytest.approx(full)
+    partial = t.evaluate(ev, plan=stage_chain(1, t.lora, cfg.guidance, grid, anchors=False))
+    assert set(partial) == set(full) and partial != pytest.approx(full)
+
+
 def test_gradient_clipping_zero_means_off():
     from shortft_core.checkpoint import clip_gradients
     for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):
