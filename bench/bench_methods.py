@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+TAIL_BASE_SHARES = (1 / 3, 1 / 3, 1 / 3, 0.0)
 VARIANTS: dict[str, dict] = {
     "shortft": {},
     "shortft-single-lora": {"timestep_aware": False},
@@ -49,6 +50,12 @@ VARIANTS: dict[str, dict] = {
     "shortft-anchor-start-damped": {"last_anchor": "start", "unrun_lr_scale": 0.3},
     "shortft-damped-grad-4": {"unrun_lr_scale": 0.3, "real_grad_steps": 4},
     "shortft-shortcut-cfg1": {"shortcut_guidance": 1.0},  # jumps unguided while the tuned steps use --guidance
+    # the last segment left to the base (open choice 2 restricted to segment 4): three stages share the budget and
+    # the run is evaluated on the stage-3 chain without anchors (the set on segments 1-3, the bare base below t 261)
+    "shortft-tail-base": {"stage_fractions": TAIL_BASE_SHARES},
+    "shortft-tail-base-damped-grad-4": {"stage_fractions": TAIL_BASE_SHARES, "unrun_lr_scale": 0.3,
+                                        "real_grad_steps": 4},
+    "shortft-tail-base-cfg1": {"stage_fractions": TAIL_BASE_SHARES, "shortcut_guidance": 1.0},
     "shortft-tune-shortcut-model": {"method": "shortcut-model"},
     "draft-1": {"method": "draft", "draft_k": 1},
     "draft-lv": {"method": "draft-lv", "lv_n": 2},
@@ -57,6 +64,8 @@ VARIANTS: dict[str, dict] = {
     "full-bptt": {"method": "full-bptt"},
     "drtune": {"method": "drtune"},
 }
+# variants evaluated on a stage chain instead of the inference chain: (stage, anchors) of plans.stage_chain
+EVAL_STAGE_CHAIN = {name: (3, False) for name in VARIANTS if name.startswith("shortft-tail-base")}
 BASELINES = ("draft-1", "draft-lv", "alignprop", "refl", "full-bptt", "drtune")
 COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32)  # lr: BENCHMARKS, "which reward trains"
 REWARDS = ("aesthetic", "alignment", "symmetry")
@@ -134,6 +143,15 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
 
     tr = Trainer(model, trained_reward(reward, rewards, reg_weight), cfg, PromptSource.tiny(exclude=ev), ev,
                  callbacks=[EvalEvery(), Plans()], eval_reward=rewards, shortcut_preset=preset)
+    if variant in EVAL_STAGE_CHAIN:  # every evaluation of this run (part-way and final) on that chain
+        chain_stage, chain_anchors = EVAL_STAGE_CHAIN[variant]
+        eval_plan = stage_chain(chain_stage, tr.lora, cfg.guidance, leading_grid(cfg.sample_steps), chain_anchors)
+        inference_eval = tr.evaluate
+
+        def evaluate_on_stage_chain(*args, plan=None, **kwargs):
+            return inference_eval(*args, plan=plan if plan is not None else eval_plan, **kwargs)
+
+        tr.evaluate = evaluate_on_stage_chain
     # the base model's evaluation is the same for every run (same prompts, noise and settings): computed once
     base_file = out.parent / f"base_eval.cfg{cfg.guidance:g}.n{cfg.eval_prompts}.json"
     if base_file.is_file():
@@ -150,7 +168,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     result = {
         "variant": variant, "seed": seed, "reward": reward, "budget_s": budget, "iterations": len(h.iterations),
         "guidance": cfg.guidance, "lr": cfg.lr, "eval_prompts": cfg.eval_prompts, "reg_weight": reg_weight,
-        "stage_chain_evals": stage_rows,
+        "stage_chain_evals": stage_rows, "eval_chain": EVAL_STAGE_CHAIN.get(variant),
         "evals": h.evals, "train_reward": h.reward, "seconds": h.seconds, "stages": h.stage,
         "efficiency_ratio": sum(iter_times[skip:]) / ideal if ideal > 0 else None,
         "sec_per_iteration": statistics.median(iter_times[skip:]) if iter_times else None,
