@@ -50,12 +50,14 @@ VARIANTS: dict[str, dict] = {
     "shortft-anchor-start-damped": {"last_anchor": "start", "unrun_lr_scale": 0.3},
     "shortft-damped-grad-4": {"unrun_lr_scale": 0.3, "real_grad_steps": 4},
     "shortft-shortcut-cfg1": {"shortcut_guidance": 1.0},  # jumps unguided while the tuned steps use --guidance
-    # the last segment left to the base (open choice 2 restricted to segment 4): three stages share the budget and
-    # the run is evaluated on the stage-3 chain without anchors (the set on segments 1-3, the bare base below t 261)
+    # the last segment left to the base, approximated on a 4-LoRA set: three stages share the budget and the run is
+    # evaluated on the stage-3 chain without anchors (the set on segments 1-3, the bare base below t 261)
     "shortft-tail-base": {"stage_fractions": TAIL_BASE_SHARES},
     "shortft-tail-base-damped-grad-4": {"stage_fractions": TAIL_BASE_SHARES, "unrun_lr_scale": 0.3,
                                         "real_grad_steps": 4},
     "shortft-tail-base-cfg1": {"stage_fractions": TAIL_BASE_SHARES, "shortcut_guidance": 1.0},
+    "shortft-last-segment-base": {"last_segment": "base"},  # the same as a setting: three LoRAs, three stages
+    "shortft-last-segment-base-cfg1": {"last_segment": "base", "shortcut_guidance": 1.0},
     "shortft-tune-shortcut-model": {"method": "shortcut-model"},
     "draft-1": {"method": "draft", "draft_k": 1},
     "draft-lv": {"method": "draft-lv", "lv_n": 2},

@@ -176,8 +176,9 @@ class SegmentDelta:
 def timestep_aware(model: Any, lset: LoraSet, strength: float) -> Any:
     """A clone of ``model`` that samples with segment j's LoRA at every timestep of segment j."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    per_segment = [lora_patches(comfy.utils.load_torch_file(str(entry.file), safe_load=True), entry.file, model,
-                                key_map) for entry in lset.schedule]
+    per_segment = [{} if entry.file is None  # a segment the set leaves to the base
+                   else lora_patches(comfy.utils.load_torch_file(str(entry.file), safe_load=True), entry.file, model,
+                                     key_map) for entry in lset.schedule]
     state = SegmentState(lset.segments)
     patched = model.clone()
     for key in sorted(set().union(*per_segment)):

@@ -215,34 +215,57 @@ class AdapterSwitch:
                 self.activate(previous)
 
 
+LAST_SEGMENT_CHOICES = ("tuned", "base")
+
+
 @dataclass(frozen=True)
 class LoraSetSpec:
-    """The alignment LoRA set: rank/alpha/targets and how adapters map to segments."""
+    """The alignment LoRA set: rank/alpha/targets and how adapters map to segments.
+
+    ``last_segment='base'`` leaves the last (lowest-noise) segment to the bare base model: the set has no adapter
+    there, at inference or in training, so the set acts only on the segments a progressive run trains for real.
+    """
 
     rank: int = 8
     alpha: float | None = None
     targets: tuple[str, ...] = ATTENTION_FF_TARGETS
     timestep_aware: bool = True
     segments: Segments = field(default_factory=Segments)
+    last_segment: str = "tuned"
+
+    def __post_init__(self) -> None:
+        if self.last_segment not in LAST_SEGMENT_CHOICES:
+            raise ValueError(f"last_segment must be one of {', '.join(LAST_SEGMENT_CHOICES)}; got {self.last_segment!r}")
+        if self.last_segment == "base" and self.segments.k < 2:
+            raise ValueError("last_segment 'base' needs at least two segments (the last one is left to the base); "
+                             f"got segments {list(self.segments.lowers)}")
+
+    @property
+    def tuned_segments(self) -> int:
+        """How many segments, from the first, the set acts on (all but the last with ``last_segment='base'``)."""
+        return self.segments.k - (self.last_segment == "base")
 
     @property
     def names(self) -> tuple[str, ...]:
-        n = self.segments.k if self.timestep_aware else 1
+        n = self.tuned_segments if self.timestep_aware else 1
         return tuple(f"align_{i}" for i in range(1, n + 1))
 
     def active_in_segment(self, j: int) -> tuple[str, ...]:
-        """Adapters used by the fine-tuned model in segment j: ``align_1..align_j`` (stacked) or the single one."""
+        """Adapters used by the fine-tuned model in segment j: ``align_1..align_j`` (stacked) or the single one;
+        none in a segment left to the base."""
         if not 1 <= j <= self.segments.k:
             raise ValueError(f"segment {j} outside 1..{self.segments.k}")
+        if j > self.tuned_segments:
+            return ()
         return self.names[:j] if self.timestep_aware else self.names
 
     def active_at(self, t: int) -> tuple[str, ...]:
         return self.active_in_segment(self.segments.segment_of(t))
 
     def trainable_in_stage(self, i: int) -> tuple[str, ...]:
-        """Progressive stage i trains ``align_i..align_k`` (single mode: the one adapter)."""
-        if not 1 <= i <= self.segments.k:
-            raise ValueError(f"stage {i} outside 1..{self.segments.k}")
+        """Progressive stage i (of one per tuned segment) trains ``align_i..`` (single mode: the one adapter)."""
+        if not 1 <= i <= self.tuned_segments:
+            raise ValueError(f"stage {i} outside 1..{self.tuned_segments}")
         return self.names[i - 1 :] if self.timestep_aware else self.names
 
     def to_dict(self) -> dict:

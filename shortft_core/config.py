@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from .adapters import LoraSetSpec
+from .adapters import LAST_SEGMENT_CHOICES, LoraSetSpec
 from .checkpoint import check_bounds, setting
 from .methods import METHODS, Method, get_method
 from .models import PRECISION
@@ -30,7 +30,8 @@ class TrainConfig:
     progressive: bool = setting(True, "train the segments in k stages, earliest first (ShortFT); --no-progressive "
                                       "keeps stage 1's plan throughout")
     stage_fractions: tuple[float, ...] | None = setting(None, "share of the iterations (or time budget) per stage, "
-                                                              "k values summing to 1 (none: equal split)")
+                                                              "one per stage summing to 1 (k, or k-1 with "
+                                                              "last_segment base; none: equal split)")
     real_grad_steps: int | None = setting(1, "steps with gradient inside the stage's own segment, counted from its "
                                              "end (none: all of them)", at_least=1)
     shortcut_net: str = setting("shortcut", "what jumps over the later segments: shortcut (the frozen few-step "
@@ -48,6 +49,11 @@ class TrainConfig:
     last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
                                       "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md",
                                choices=("end", "start"))
+    last_segment: str = setting("tuned", "what samples the last (lowest-noise) segment, 241..1 on the 50-step chain: "
+                                         "tuned (its own LoRA on the stacked set, trained in a last stage; the "
+                                         "paper's) | base (the bare base: no LoRA there, one stage less, the set "
+                                         "acts only where training runs it for real; see BENCHMARKS.md)",
+                                choices=LAST_SEGMENT_CHOICES)
     # baselines
     draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end", at_least=1)
     lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged", at_least=1)
@@ -103,9 +109,13 @@ class TrainConfig:
         """Raise on settings out of range or inconsistent, before any heavy work."""
         check_bounds(self)
         Segments(tuple(self.segments))
+        lora = self.lora  # checks last_segment against the segments
         if self.stage_fractions is not None:
-            if len(self.stage_fractions) != len(self.segments) or abs(sum(self.stage_fractions) - 1) > 1e-6:
-                raise ValueError(f"stage_fractions needs {len(self.segments)} shares summing to 1; got {self.stage_fractions}")
+            k = lora.tuned_segments
+            if len(self.stage_fractions) != k or abs(sum(self.stage_fractions) - 1) > 1e-6:
+                raise ValueError(f"stage_fractions needs {k} shares summing to 1 (one per segment"
+                                 + (", the last one left to the base" if k < len(self.segments) else "")
+                                 + f"); got {self.stage_fractions}")
         check_edges(self.shortcut_edges, "shortcut_edges")
 
     @property

@@ -13,6 +13,9 @@ tools:
   in BENCHMARKS.md.
 * ``set.json`` - segment -> timestep ranges, files, base family, rank, the training config and plan. The same
   information is in every file's ``shortft`` metadata field, so a single file is self-describing.
+
+A segment the set leaves to the base (``last_segment='base'``) has no file: its ``segment_files`` entry is null,
+and a sampler runs the bare base model there.
 """
 
 from __future__ import annotations
@@ -78,16 +81,21 @@ def export_lora_set(unet: torch.nn.Module, spec: LoraSetSpec, folder: str | os.P
     files += [folder / "merged.safetensors", folder / SET_MANIFEST]
     for f in files:
         refuse_overwrite(f, overwrite, "LoRA set file")
+    segs = range(1, spec.segments.k + 1)
+    tuned = [j for j in segs if spec.active_in_segment(j)]
     per_adapter = {n: adapter_modules(unet, n) for n in spec.names}
-    ranges = [list(spec.segments.range_of(j)) for j in range(1, spec.segments.k + 1)]
+    ranges = [list(spec.segments.range_of(j)) for j in segs]
     weights = segment_weights(spec.segments)
     info = {"kind": "timestep_aware_set" if spec.timestep_aware else "single", "segments": ranges,
-            "segment_files": [f.name for f in files[:-2]], "merged_file": "merged.safetensors",
-            "merged_weights": weights, "lora": spec.to_dict(), **(dict(metadata) if metadata else {})}
+            "segment_files": [files[j - 1].name if j in tuned else None for j in segs],
+            "merged_file": "merged.safetensors", "merged_weights": weights, "lora": spec.to_dict(),
+            **(dict(metadata) if metadata else {})}
     written = []
-    for j in range(1, spec.segments.k + 1):
-        active = spec.active_in_segment(j)
-        mods = stack_modules([(per_adapter[n], 1.0) for n in active])
+    for j in segs:
+        if j not in tuned:  # left to the base: no file (one from a set written here before is removed)
+            files[j - 1].unlink(missing_ok=True)
+            continue
+        mods = stack_modules([(per_adapter[n], 1.0) for n in spec.active_in_segment(j)])
         written.append(write_lora_modules(mods, files[j - 1], family=family, overwrite=overwrite, dtype=dtype,
                                           metadata={**info, "segment": j, "timesteps": ranges[j - 1]},
                                           adapter_name=f"segment_{j}"))
@@ -123,7 +131,8 @@ def set_files(folder: str | os.PathLike, info: Mapping[str, Any] | None = None) 
     or adapter is loaded. ``info`` is the manifest when already read."""
     folder = Path(folder).expanduser()
     info = read_set_manifest(folder) if info is None else info
-    names = list(info.get("segment_files", ())) + ([info["merged_file"]] if info.get("merged_file") else [])
+    names = [n for n in info.get("segment_files", ()) if n is not None]  # null: a segment left to the base
+    names += [info["merged_file"]] if info.get("merged_file") else []
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"LoRA set {folder} lists {', '.join(missing)} in {SET_MANIFEST} but the folder lacks "
@@ -176,7 +185,7 @@ class SegmentEntry:
 
     segment: int
     timesteps: tuple[int, int]  # inclusive (low, high)
-    file: Path
+    file: Path | None  # None: the set leaves this segment to the base model
     percent: tuple[float, float]  # ComfyUI sampling percent [start, end), boundaries on half steps
 
 
@@ -193,8 +202,8 @@ def schedule_of(folder: Path, info: Mapping[str, Any]) -> list[SegmentEntry]:
     files = list(info.get("segment_files", ()))
     if len(files) != segments.k:
         raise ValueError(f"{folder / SET_MANIFEST}: {len(files)} segment files for {segments.k} segments")
-    return [SegmentEntry(j, segments.range_of(j), folder / files[j - 1], segments.percent_range(j))
-            for j in range(1, segments.k + 1)]
+    return [SegmentEntry(j, segments.range_of(j), None if files[j - 1] is None else folder / files[j - 1],
+                         segments.percent_range(j)) for j in range(1, segments.k + 1)]
 
 
 @dataclass(frozen=True)
@@ -247,9 +256,10 @@ def set_segments(info: Mapping[str, Any]) -> Segments:
 
 
 @outside_inference_mode
-def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str = "segment_") -> tuple[list[str], Segments]:
-    """Load every segment file of a set as a frozen adapter (``segment_1`` ...); returns their names and the
-    segment map, so a sampler activates ``names[segment_of(t) - 1]`` at timestep t."""
+def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike,
+                  prefix: str = "segment_") -> tuple[list[str | None], Segments]:
+    """Load every segment file of a set as a frozen adapter (``segment_1`` ...); returns their names (None for a
+    segment left to the base) and the segment map, so a sampler activates ``names[segment_of(t) - 1]`` at t."""
     from .lora_io import load_lora_adapter
 
     folder = Path(folder).expanduser()
@@ -258,30 +268,36 @@ def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike, prefix: str 
     set_files(folder, info)  # a damaged segment file fails here, before any adapter is added to the UNet
     names = []
     for j, fname in enumerate(info["segment_files"], start=1):
+        if fname is None:
+            names.append(None)
+            continue
         name = f"{prefix}{j}"
         load_lora_adapter(unet, folder / fname, adapter_name=name, trainable=False)
         names.append(name)
     return names, segments
 
 
-def unload_lora_set(unet: torch.nn.Module, names: Sequence[str]) -> None:
+def unload_lora_set(unet: torch.nn.Module, names: Sequence[str | None]) -> None:
     """Remove the segment adapters :func:`load_lora_set` added (``names``, as it returned them)."""
     from .adapters import remove_adapters
 
-    remove_adapters(unet, names)
+    remove_adapters(unet, [n for n in names if n is not None])
 
 
-def set_inference_plan(names: Sequence[str], segments: Segments, guidance: float,
+def set_inference_plan(names: Sequence[str | None], segments: Segments, guidance: float,
                        grid: Sequence[int] | None = None):
-    """The 50-step (or ``grid``) DDIM chain that uses segment j's LoRA ``names[j-1]`` at every timestep of segment j."""
-    from .plans import TUNED, ChainPlan, Step, _chain, _mark_last_readout
+    """The 50-step (or ``grid``) DDIM chain that uses segment j's LoRA ``names[j-1]`` at every timestep of segment j
+    (the bare base where it is None)."""
+    from .plans import BASE, TUNED, ChainPlan, Step, _chain, _mark_last_readout
 
     if len(names) != segments.k:
         raise ValueError(f"{len(names)} segment adapters for {segments.k} segments")
     steps = []
     for t, s in _chain(grid or leading_grid(50, segments.num_train_timesteps)):
         j = segments.segment_of(t)
-        steps.append(Step(t, s, TUNED, (names[j - 1],), guidance, segment=j))
+        name = names[j - 1]
+        steps.append(Step(t, s, BASE, (), guidance, segment=j) if name is None
+                     else Step(t, s, TUNED, (name,), guidance, segment=j))
     return ChainPlan("lora-set", tuple(_mark_last_readout(steps)))
 
 
@@ -365,4 +381,4 @@ def sample_aligned(model, prompts: Sequence[str], *, lora_set: str | os.PathLike
                       spacing=spacing, batch_size=batch_size, plan=plan, switch=switch, callback=callback)
     finally:
         if names:
-            remove_adapters(model.unet, names)
+            remove_adapters(model.unet, [n for n in names if n is not None])

@@ -40,7 +40,7 @@ class Method:
 
     def stages(self, cfg: Any) -> int:
         """Number of progressive stages of a run."""
-        return len(cfg.segments) if (self.progressive and cfg.progressive) else 1
+        return self.lora(cfg).tuned_segments if (self.progressive and cfg.progressive) else 1
 
     def needs_shortcut(self, cfg: Any) -> bool:
         return bool(self.shortcut(cfg))
@@ -48,7 +48,8 @@ class Method:
     def lora(self, cfg: Any) -> LoraSetSpec:
         """The alignment LoRA set a run trains: timestep-aware (one per segment) or a single LoRA."""
         return LoraSetSpec(rank=cfg.rank, alpha=cfg.alpha, timestep_aware=self.timestep_aware and cfg.timestep_aware,
-                           segments=Segments(tuple(cfg.segments)))
+                           segments=Segments(tuple(cfg.segments)),
+                           last_segment=cfg.last_segment if "last_segment" in self.options else "tuned")
 
     def plan(self, cfg: Any, stage: int, gen: torch.Generator) -> ChainPlan:
         """The chain plan of one iteration in ``stage`` (random choices drawn from ``gen``)."""
@@ -74,7 +75,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                                                       cfg.last_anchor),
            options=("segments", "progressive", "stage_fractions", "real_grad_steps", "shortcut_net",
                     "shortcut_guidance", "reset_optimizer_per_stage", "unrun_lr_scale", "last_anchor",
-                    "timestep_aware"),
+                    "timestep_aware", "last_segment"),
            progressive=True, timestep_aware=True, shortcut=lambda cfg: cfg.shortcut_net == "shortcut"),
     Method("draft", "DRaFT-K: gradient through the last K sampling steps",
            lambda cfg, lora, stage, gen: draft_plan(cfg.draft_k, lora, cfg.guidance, _grid(cfg), cfg.checkpoint_unet),

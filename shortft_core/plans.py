@@ -130,8 +130,10 @@ def _chain(grid: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _tuned(t: int, s: int, lora: LoraSetSpec, guidance: float, **kw) -> Step:
+    """The fine-tuned model's step: its segment's adapter set, or the bare base where the set has none."""
     seg = lora.segments.segment_of(t)
-    return Step(t, s, TUNED, lora.active_in_segment(seg), guidance, segment=seg, **kw)
+    active = lora.active_in_segment(seg)
+    return Step(t, s, TUNED if active else BASE, active, guidance, segment=seg, **kw)
 
 
 def _mark_last_readout(steps: list[Step]) -> list[Step]:
@@ -169,14 +171,15 @@ def shortft_plan(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[
     shortcut by naive one-step DDIM jumps of the base (ablation); ``'tuned'`` jumps with the fine-tuned model.
     ``last_anchor='start'`` moves the last segment's fine-tuned step to its first grid step (241 -> 221), followed
     by the jump to the clean end, instead of the jump followed by the very last step (1 -> x0), which barely changes
-    the image (BENCHMARKS.md, "The dip, isolated").
+    the image (BENCHMARKS.md, "The dip, isolated"). A set whose last segment is left to the base
+    (``lora.last_segment == 'base'``) has one stage less, and its anchor steps there are base steps.
     """
     if last_anchor not in ("end", "start"):
         raise ValueError(f"last_anchor must be 'end' or 'start', got {last_anchor!r}")
     segs = lora.segments
     k = segs.k
-    if not 1 <= stage <= k:
-        raise ValueError(f"stage must be in 1..{k}, got {stage}")
+    if not 1 <= stage <= lora.tuned_segments:
+        raise ValueError(f"stage must be in 1..{lora.tuned_segments}, got {stage}")
     grid = list(grid or leading_grid(50))
     by_seg: dict[int, list[tuple[int, int]]] = {}
     for t, s in _chain(grid):
@@ -214,8 +217,8 @@ def stage_chain(stage: int, lora: LoraSetSpec, guidance: float, grid: Sequence[i
     step of each later segment, where training runs the tuned model after its shortcut jump. After stage k it is the
     full inference chain. No gradient; for evaluating partial runs without the untrained low-noise steps."""
     segs = lora.segments
-    if not 1 <= stage <= segs.k:
-        raise ValueError(f"stage must be in 1..{segs.k}, got {stage}")
+    if not 1 <= stage <= lora.tuned_segments:
+        raise ValueError(f"stage must be in 1..{lora.tuned_segments}, got {stage}")
     pairs = _chain(grid or leading_grid(50))
     last_of = {segs.segment_of(t): t for t, _ in pairs}  # the anchor: each segment's last grid step
     steps = []

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.comfyui
 
 CKPT = "sd15_random.safetensors"
 SET, SDXL_SET, UNNAMED_SET, BROKEN_SET = "aligned/sd15_set", "sdxl_set", "unnamed_set", "broken_set"
+TAIL_SET = "aligned/sd15_tail_base"  # the same set with segment 4 left to the base
 PROMPT, NEGATIVE = "a red circle left of a blue square", ""
 SEED, CFG, LATENT = 7, 3.0, 8  # an 8x8 latent (64 px), the smallest SD1.5's three downsamplings take whole
 SD15_SCALE = 0.18215
@@ -246,6 +247,26 @@ def test_load_lora_set_socket_gives_the_set_name_result(comfy_server, euler4):
         "10": apply_node(set_name="none", lora_set=["11", 0]),
         "11": {"class_type": LOAD, "inputs": {"lora_set": SET}}})
     assert torch.equal(run_latent(comfy_server, linked) * SD15_SCALE, euler4["set"])
+
+
+def test_a_segment_left_to_the_base_runs_the_checkpoints_model(comfy_server, world, euler4):
+    """A set whose set.json names no file for segment 4 (null: the base there, as last_segment 'base' writes it)
+    samples in KSampler euler / simple (4 steps, the last in segment 4) what the core does with the base on that
+    step, and differs from the whole set there."""
+    loras = comfy_server.models / "loras"
+    shutil.copytree(loras / SET, loras / TAIL_SET)
+    info = json.loads((loras / TAIL_SET / "set.json").read_text())
+    info["segment_files"][3] = None
+    (loras / TAIL_SET / "set.json").write_text(json.dumps(info))
+    (loras / TAIL_SET / "segment_4.safetensors").unlink()
+    got = run_latent(comfy_server, with_set(4, "euler", "simple", set_name=TAIL_SET)) * SD15_SCALE
+    grid = [999, 749, 499, 249]
+    core = core_x0(SimpleNamespace(**{**vars(world), "names": world.names[:3] + [None]}), grid, lora_set=True,
+                   max_denoise=True)
+    print(f"euler4, segment 4 base: relative |ComfyUI - core| {rel(got, core):.2e}; vs the whole set "
+          f"{rel(euler4['set'], core):.2e}")
+    assert rel(got, core) <= TOL
+    assert rel(euler4["set"], core) > 100 * TOL
 
 
 def test_merged_mode_is_the_stock_lora_loader(comfy_server, euler4):

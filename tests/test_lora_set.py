@@ -146,6 +146,64 @@ def test_export_converts_a_whole_set_that_then_samples_the_same(trained_set, tmp
     with pytest.raises(SystemExit, match="without set.json"):
         cli_main(["export", "--lora", str(tmp_path / "empty"), "--out", str(tmp_path / "x")])
 
+def test_a_set_that_leaves_the_last_segment_to_the_base(trained_set, tmp_path, fresh_tiny):
+    """last_segment 'base': no file for segment 4 (null in set.json; one left by an earlier set in the folder is
+    removed when overwriting), the merged LoRA averages the three segment networks over segments 1-3 only, and the
+    set samples (core sampler, CLI export) exactly what the trainer's inference chain does, the base on segment 4."""
+    import shutil
+
+    from shortft_core.lora_set import LoraSet, convert_lora_set, sample_aligned
+
+    _, tuned_folder, _ = trained_set
+    folder = tmp_path / "lora"
+    shutil.copytree(tuned_folder, folder)  # a 4-segment set from an earlier run, to be replaced
+    model = fresh_tiny()
+    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0, last_segment="base")
+    tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in tr.lora.names:
+            for p in adapter_parameters(model.unet, n):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    with pytest.raises(FileExistsError, match="already exists"):
+        tr.save_lora_set(folder)
+    files = tr.save_lora_set(folder, overwrite=True)
+    assert [f.name for f in files] == [f"segment_{j}.safetensors" for j in (1, 2, 3)] + ["merged.safetensors", "set.json"]
+    assert not (folder / "segment_4.safetensors").exists()
+    info = json.loads((folder / "set.json").read_text())
+    assert info["segment_files"] == ["segment_1.safetensors", "segment_2.safetensors", "segment_3.safetensors", None]
+    assert info["lora"]["last_segment"] == "base"
+    lset = LoraSet.open(folder)
+    assert [e.file.name if e.file else None for e in lset.schedule] == info["segment_files"]
+    w = segment_weights(tr.lora.segments)
+    sd, _ = read_lora(folder / "merged.safetensors")
+    name = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
+    key = "lora_unet_" + name.replace(".", "_")
+    per = {n: adapter_modules(model.unet, n)[name] for n in tr.lora.names}
+    want = sum(sum(w[j - 1] for j in range(i, 4)) * (per[f"align_{i}"].up @ per[f"align_{i}"].down) * per[f"align_{i}"].scale
+               for i in range(1, 4))
+    torch.testing.assert_close(sd[key + ".lora_up.weight"].float() @ sd[key + ".lora_down.weight"].float(), want,
+                               rtol=5e-3, atol=5e-4)
+    prompts = held_out_prompts(2)
+    ref = tr.sample(prompts, seed=5)
+    fresh = load_tiny_model()
+    got = sample_aligned(fresh, prompts, lora_set=lset, seed=5, guidance=1.0)
+    torch.testing.assert_close(got, ref, atol=3e-3, rtol=0)  # the files are fp16
+    assert "sample_segment_1" not in (getattr(fresh.unet, "peft_config", {}) or {})  # removed again afterwards
+    names, segments = load_lora_set(fresh.unet, folder)
+    assert names == ["segment_1", "segment_2", "segment_3", None]
+    steps = set_inference_plan(names, segments, 1.0).steps
+    assert [s.net for s in steps if s.segment == 4] == ["base"] * 13
+    # the set with the base on segment 4 differs from the same adapters with segment 3's stack carried on
+    carried = sample(fresh, prompts, seed=5, plan=set_inference_plan(names[:3] + ["segment_3"], segments, 1.0),
+                     switch=AdapterSwitch(fresh.unet))
+    assert (carried - got).abs().max() > 1e-2
+    converted = convert_lora_set(folder, tmp_path / "diffusers", load_tiny_model().unet, layout="diffusers")
+    assert len(converted) == 5 and json.loads((tmp_path / "diffusers" / "set.json").read_text())["segment_files"][3] is None
+    torch.testing.assert_close(sample_aligned(load_tiny_model(), prompts, lora_set=tmp_path / "diffusers", seed=5,
+                                              guidance=1.0), got, atol=1e-5, rtol=0)
+
+
 def test_stack_of_nothing_and_wrong_set_folder(tmp_path):
     assert stack_modules([]) == {}
     with pytest.raises(FileNotFoundError, match="set.json"):

@@ -86,6 +86,37 @@ def test_stage_chain_runs_the_set_where_training_ran_it():
         stage_chain(5, SPEC, 3.0, grid)
 
 
+def test_a_set_that_leaves_the_last_segment_to_the_base():
+    """last_segment 'base': three adapters, three stages, the base (not the tuned model) on segment 4 in training
+    (its anchor after the jump, gradient passing through) and at inference, where the last stage's stage chain is
+    the inference chain."""
+    spec = LoraSetSpec(last_segment="base")
+    grid = leading_grid(50)
+    assert spec.names == ("align_1", "align_2", "align_3") and spec.tuned_segments == 3
+    assert [spec.active_in_segment(j) for j in (1, 2, 3, 4)] == [("align_1",), ("align_1", "align_2"),
+                                                                ("align_1", "align_2", "align_3"), ()]
+    assert spec.trainable_in_stage(3) == ("align_3",)
+    for stage in (1, 2, 3):
+        plan = shortft_plan(stage, spec, 3.0, grid)
+        tail = [s for s in _ddim(plan) if s.segment == 4]
+        assert [(s.t, s.s, s.net, s.grad) for s in tail] == [(241, 1, SHORTCUT_NET, True), (1, FINAL, BASE, True)]
+        assert plan.trainable_adapters() == set(spec.names[stage - 1:]) and _contiguous(plan)
+    with pytest.raises(ValueError, match="stage must be in 1..3"):
+        shortft_plan(4, spec, 3.0, grid)
+    inference = original_chain(spec, 3.0, grid)
+    assert [(s.t, s.net) for s in inference.steps if s.segment == 4] == [(t, BASE) for t in range(241, 0, -20)]
+    assert [(s.t, s.net, s.adapters) for s in inference.steps if s.segment < 4] == \
+           [(s.t, s.net, s.adapters) for s in original_chain(SPEC, 3.0, grid).steps if s.segment < 4]
+    assert [(s.t, s.net, s.adapters) for s in stage_chain(3, spec, 3.0, grid).steps] == \
+           [(s.t, s.net, s.adapters) for s in inference.steps]
+    single = LoraSetSpec(timestep_aware=False, last_segment="base")
+    assert single.names == ("align_1",) and single.active_in_segment(4) == () and single.active_in_segment(3) == ("align_1",)
+    with pytest.raises(ValueError, match="at least two segments"):
+        LoraSetSpec(segments=Segments((0,)), last_segment="base")
+    with pytest.raises(ValueError, match="last_segment must be one of tuned, base"):
+        LoraSetSpec(last_segment="none")
+
+
 def test_shortft_default_stage1_is_the_papers_chain():
     plan = shortft_plan(1, SPEC, 3.0)
     jumps = [(s.t, s.s) for s in plan.steps if s.net == SHORTCUT_NET]

@@ -76,6 +76,9 @@ def test_stage_schedule():
     uneven = TrainConfig(stage_fractions=(0.1, 0.2, 0.3, 0.4))
     assert [stage_at(uneven, p) for p in (0.05, 0.15, 0.45, 0.65)] == [1, 2, 3, 4]
     assert stage_at(TrainConfig(progressive=False), 0.9) == 1
+    tail = TrainConfig(last_segment="base")  # one stage per tuned segment: three
+    assert tail.num_stages == 3 and [stage_at(tail, p) for p in (0, 0.33, 0.34, 0.67, 0.99, 1.0)] == [1, 1, 2, 3, 3, 3]
+    assert TrainConfig(method="draft", last_segment="base").lora.names == ("align_1",)  # a ShortFT-only setting
 
 
 def test_learning_rate_warms_up_then_follows_its_schedule(tiny_rewards, fresh_tiny):
@@ -180,6 +183,21 @@ def test_reset_optimizer_per_stage_starts_each_stage_afresh(tiny_rewards, fresh_
     assert steps == {False: 2, True: 1}
 
 
+def test_a_run_that_leaves_the_last_segment_to_the_base_trains_three_stages(tiny_rewards, fresh_tiny):
+    """last_segment 'base': no adapter for segment 4 on the UNet, three stages, and segment 4 samples exactly as the
+    bare base does from the same input (the inference chain runs no adapter there)."""
+    cfg = TrainConfig(iterations=3, batch_size=1, rank=4, eval_prompts=0, last_segment="base")
+    t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]))
+    before = {n: adapter_state(t.model.unet, n) for n in t.lora.names}
+    h = t.fit()
+    assert h.stage == [1, 2, 3] and t.lora.names == ("align_1", "align_2", "align_3")
+    assert "align_4" not in t.model.unet.peft_config
+    after = {n: adapter_state(t.model.unet, n) for n in t.lora.names}
+    assert all(any(not torch.equal(before[n][k], after[n][k]) for k in before[n]) for n in t.lora.names)
+    plan = t.last_plan
+    assert plan.stage == 3 and [s.net for s in plan.steps if s.segment == 4] == ["shortcut", "base"]
+
+
 def test_unrun_lr_scale_damps_the_loras_of_segments_not_yet_run(tmp_path, tiny_rewards, fresh_tiny):
     """Stage s updates align_s+1..align_k at lr x unrun_lr_scale: Adam's first update moves every weight by about
     the lr, so their first-step changes are that factor smaller; from stage j on align_j runs at the full lr; a
@@ -252,6 +270,11 @@ def test_bad_configs_are_refused_before_work(tiny_rewards, fresh_tiny):
         TrainConfig(shortcut_net="teacher").validate()  # was refused only when the first plan was built
     with pytest.raises(ValueError, match="stage_fractions"):
         TrainConfig(stage_fractions=(0.5, 0.5)).validate()
+    with pytest.raises(ValueError, match=r"stage_fractions needs 3 shares .*the last one left to the base"):
+        TrainConfig(last_segment="base", stage_fractions=(0.25, 0.25, 0.25, 0.25)).validate()
+    TrainConfig(last_segment="base", stage_fractions=(0.5, 0.25, 0.25)).validate()
+    with pytest.raises(ValueError, match=r"last_segment \(--last-segment\) must be one of tuned, base"):
+        TrainConfig(last_segment="shortcut").validate()
     with pytest.raises(ValueError, match="shortcut adapter"):
         Trainer(fresh_tiny(with_shortcut=False), tiny_rewards[0], TrainConfig(), PromptSource(["a"]))
 
