@@ -177,14 +177,14 @@ class ComfyProgress(Callback):
 
 
 def parse_fractions(text: str) -> tuple[float, ...] | None:
-    """"0.4, 0.2, 0.2, 0.2" -> a tuple; "" or "equal" -> None (an equal split)."""
+    """"0.4, 0.3, 0.3" -> a tuple; "" or "equal" -> None (an equal split)."""
     text = (text or "").strip()
     if text in ("", "equal"):
         return None
     try:
         return tuple(float(v) for v in text.replace(";", ",").split(","))
     except ValueError:
-        raise ValueError(f"stage_fractions {text!r}: write one share per stage, e.g. 0.4,0.2,0.2,0.2 (or leave it "
+        raise ValueError(f"stage_fractions {text!r}: write one share per stage, e.g. 0.4,0.3,0.3 (or leave it "
                          "empty for an equal split)") from None
 
 
@@ -246,14 +246,15 @@ class ShortFTTrain(io.ComfyNode):
                              tooltip="LoRA rank of each segment's adapter (the paper: 128 on SD1.5)."),
                 io.Float.Input("guidance", default=tiny["guidance"], min=1.0, max=30.0, step=0.1,
                                tooltip="CFG scale on the fine-tuned steps (1: none, half the cost); the set is meant "
-                                       "to be sampled at this scale. The shortcut runs at the scale it was made for."),
+                                       "to be sampled at this scale. The shortcut jumps run at the scale the shortcut "
+                                       "was made for, at most this one."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of prompts, noise and the LoRAs' initialisation. It stays fixed after a run "
                                      "(no randomize control): a new seed is a new run, and the same seed lets a "
                                      "re-queued graph find its finished run instead of training again."),
                 io.String.Input("stage_fractions", default="",
-                                tooltip="Share of the run per progressive stage, e.g. 0.4,0.2,0.2,0.2 (empty: equal "
-                                        "shares)."),
+                                tooltip="Share of the run per progressive stage, e.g. 0.4,0.3,0.3 (three stages: "
+                                        "the lowest-noise segment is left to the base model; empty: equal shares)."),
                 io.Int.Input("checkpoint_every", default=100, min=1, max=10**7,
                              tooltip="Iterations between checkpoints (a cancel also writes one)."),
                 io.String.Input("run_name", default="shortft_tiny",

@@ -26,9 +26,10 @@ class TrainConfig:
                                      "fine-tune on the shortcut's few-step chain)", choices=tuple(METHODS))
     # ShortFT
     segments: tuple[int, ...] = setting((761, 501, 261, 0), "lower ends of the k trajectory segments on the "
-                                        "50-step chain, descending, the last 0; one LoRA per segment")
-    progressive: bool = setting(True, "train the segments in k stages, earliest first (ShortFT); --no-progressive "
-                                      "keeps stage 1's plan throughout")
+                                        "50-step chain, descending, the last 0; one LoRA per segment (but the "
+                                        "last with --last-segment base)")
+    progressive: bool = setting(True, "train the segments in stages (one per LoRA), earliest first (ShortFT); "
+                                      "--no-progressive keeps stage 1's plan throughout")
     stage_fractions: tuple[float, ...] | None = setting(None, "share of the iterations (or time budget) per stage, "
                                                               "one per stage summing to 1 (k, or k-1 with "
                                                               "last_segment base; none: equal split)")
@@ -38,8 +39,9 @@ class TrainConfig:
                                             "LoRA) | base (naive one-step DDIM jumps, ablation) | tuned (ablation)",
                                 choices=("shortcut", "base", "tuned"))
     shortcut_guidance: float = setting(1.0, "CFG scale of the shortcut jumps (1: none, as Hyper-SD's 4-step LoRAs "
-                                            "are made for); the train command takes the shortcut's own (its preset "
-                                            "or metadata) unless given", at_least=1)
+                                            "are made for); unless given, training takes the shortcut's own (its "
+                                            "preset or metadata), for ShortFT at most --guidance so an unguided set "
+                                            "trains through unguided jumps", at_least=1)
     shortcut_edges: tuple[int, ...] = setting((999, 749, 499, 249), "the shortcut's few-step grid (method "
                                                                     "shortcut-model only)")
     reset_optimizer_per_stage: bool = setting(False, "start each stage with a fresh optimizer state")
@@ -49,11 +51,12 @@ class TrainConfig:
     last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
                                       "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md",
                                choices=("end", "start"))
-    last_segment: str = setting("tuned", "what samples the last (lowest-noise) segment, 241..1 on the 50-step chain: "
-                                         "tuned (its own LoRA on the stacked set, trained in a last stage; the "
-                                         "paper's) | base (the bare base: no LoRA there, one stage less, the set "
-                                         "acts only where training runs it for real; see BENCHMARKS.md)",
-                                choices=LAST_SEGMENT_CHOICES)
+    last_segment: str = setting("base", "what samples the last (lowest-noise) segment, 241..1 on the 50-step chain: "
+                                        "base (the bare base: no LoRA there, one stage less, so the set acts only "
+                                        "where training runs it for real; best on both tiny-world rewards, "
+                                        "BENCHMARKS.md) | tuned (its own LoRA on the stacked set, trained in a "
+                                        "last stage: the paper's reading)",
+                                choices=LAST_SEGMENT_CHOICES, absent="tuned")
     # baselines
     draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end", at_least=1)
     lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged", at_least=1)
@@ -141,10 +144,10 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-# The tiny preset trains the alignment reward with unguided tuned steps (CFG 1; the shortcut still runs guided, as
-# it was distilled): with CFG 3 the base already sits where a small LoRA can take the alignment in minutes, while
-# without CFG there is a direction every prompt shares (follow the caption more strongly) that the reward teaches
-# (3 seeds, BENCHMARKS.md "Tiny world: which reward trains"). The tuned steps also cost one UNet batch, not two.
+# The tiny preset trains the alignment reward with unguided tuned steps (CFG 1, and so unguided jumps of its CFG-3
+# shortcut): with CFG 3 the base already sits where a small LoRA can take the alignment in minutes, while without
+# CFG there is a direction every prompt shares (follow the caption more strongly) that the reward teaches (3 seeds,
+# BENCHMARKS.md "Tiny world: which reward trains"). Every step then costs one UNet batch, not two.
 TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_prompts=32)
 TINY_REWARD = "tiny_alignment"  # the reward of the tiny model when none is given
 TINY_EVAL_REWARDS = ("tiny_alignment", "tiny_aesthetic")  # measured on held-out prompts of every tiny-world run

@@ -37,6 +37,7 @@ class Method:
     timestep_aware: bool = False  # one LoRA per segment when the config's ``timestep_aware`` is on
     shortcut: Callable[[Any], bool] = lambda cfg: False  # whether a run with ``cfg`` needs the shortcut adapter
     sampling: Callable[[Any, LoraSetSpec], ChainPlan] | None = None  # inference plan (None: the full chain)
+    jumps_stand_in: bool = False  # its shortcut jumps stand in for the tuned chain (not the sampler themselves)
 
     def stages(self, cfg: Any) -> int:
         """Number of progressive stages of a run."""
@@ -44,6 +45,13 @@ class Method:
 
     def needs_shortcut(self, cfg: Any) -> bool:
         return bool(self.shortcut(cfg))
+
+    def jump_guidance(self, cfg: Any, made_for: float) -> float:
+        """The CFG of the shortcut's jumps when none is given, for a shortcut made for ``made_for``: that scale, but
+        where the jumps stand in for the tuned chain never above the tuned steps' CFG, so a set meant to be sampled
+        unguided trains through unguided jumps, on the ODE it will sample (BENCHMARKS.md, "The CFG-1 main job with
+        a CFG-consistent shortcut")."""
+        return min(made_for, cfg.guidance) if self.jumps_stand_in else made_for
 
     def lora(self, cfg: Any) -> LoraSetSpec:
         """The alignment LoRA set a run trains: timestep-aware (one per segment) or a single LoRA."""
@@ -76,7 +84,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            options=("segments", "progressive", "stage_fractions", "real_grad_steps", "shortcut_net",
                     "shortcut_guidance", "reset_optimizer_per_stage", "unrun_lr_scale", "last_anchor",
                     "timestep_aware", "last_segment"),
-           progressive=True, timestep_aware=True, shortcut=lambda cfg: cfg.shortcut_net == "shortcut"),
+           progressive=True, timestep_aware=True, shortcut=lambda cfg: cfg.shortcut_net == "shortcut",
+           jumps_stand_in=True),
     Method("draft", "DRaFT-K: gradient through the last K sampling steps",
            lambda cfg, lora, stage, gen: draft_plan(cfg.draft_k, lora, cfg.guidance, _grid(cfg), cfg.checkpoint_unet),
            options=("draft_k",)),

@@ -9,7 +9,8 @@
 
 A session checks every input it can before loading anything (settings, prompts, the shortcut file and its
 preset, the reward spec and its weight files, the run folder), loads what it was given as a spec, runs the
-shortcut at the CFG scale it was made for unless told otherwise, trains with evaluation before and after,
+shortcut at the CFG scale it was made for (ShortFT: at most the tuned steps' scale) unless told otherwise, trains
+with evaluation before and after,
 and writes the run: the LoRA set, ``history.json``, ``reward_curve.png``, ``before_after.png`` and ``run.json``.
 
 Run folders are idempotent: a finished run with the same settings is returned without training, a partial one
@@ -37,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import changed_config
+from .checkpoint import absent_values, changed_config
 from .config import TINY_EVAL_REWARDS, TINY_REWARD, TrainConfig
 from .io import atomic_write_json
 from .lifecycle import ModelState, outside_inference_mode
@@ -63,7 +64,7 @@ class TrainRequest:
     eval_prompts: Sequence[str] | str | os.PathLike | None = None  # None: config.eval_prompts tiny held-out prompts
     shortcut: str | os.PathLike | None = None  # "tiny", a LoRA file, or None: the model's own / the tiny one
     shortcut_preset: str | None = None  # schedule preset name (default: from the file name or its metadata)
-    shortcut_guidance: float | None = None  # CFG of the shortcut jumps (None: the scale the shortcut was made for)
+    shortcut_guidance: float | None = None  # CFG of the shortcut jumps (None: Method.jump_guidance)
     eval_rewards: Sequence[str] = ()  # extra reward specs measured on the held-out prompts
     reward_paths: Mapping[str, Any] = field(default_factory=dict)  # {"hps_v2": "/models/HPS_v2_compressed.pt"}
     reward_weights_dir: str | os.PathLike | None = None  # folder searched for reward weight files
@@ -273,8 +274,8 @@ class TrainingSession:
         self.out.mkdir(parents=True, exist_ok=True)
         model = self._load_model()
         preset = self._load_shortcut(model)
-        if preset is not None and req.shortcut_guidance is None and cfg.shortcut_guidance != preset.guidance:
-            cfg = dataclasses.replace(cfg, shortcut_guidance=preset.guidance)  # run the shortcut as it was made
+        if preset is not None and req.shortcut_guidance is None:
+            cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
         elif req.shortcut_guidance is not None:
             cfg = dataclasses.replace(cfg, shortcut_guidance=req.shortcut_guidance)
         reward, eval_rewards = self._build_rewards()
@@ -412,12 +413,12 @@ def reward_label(reward: Any) -> str:
 
 def differing_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Names of the settings that differ between two runs' ``settings`` (config fields by their own names, a field
-    added after a run was written at its default: :func:`~shortft_core.checkpoint.changed_config`)."""
+    a run lacks at what it meant then: :func:`~shortft_core.checkpoint.changed_config`)."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if key == "config":
-            out += changed_config(a or {}, b or {}, TrainConfig().to_dict(), Trainer.resume_may_change)
+            out += changed_config(a or {}, b or {}, absent_values(TrainConfig), Trainer.resume_may_change)
         elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             out.append(key)
     return out

@@ -361,7 +361,8 @@ class Trainer(Loop):
             return None
         preset = self.model.info.get("shortcut_preset")
         edges = preset.timesteps if preset is not None and preset.segmented else self.cfg.shortcut_edges
-        return shortcut_preview_plan(self.lora, edges, self.cfg.shortcut_guidance)
+        guidance = preset.guidance if preset is not None else self.cfg.shortcut_guidance  # the scale it was made for
+        return shortcut_preview_plan(self.lora, edges, guidance)
 
     def preview(self, prompts: Sequence[str] | None = None) -> torch.Tensor:
         """Preview images of the model as it is now for the callbacks (see :meth:`preview_plan`)."""

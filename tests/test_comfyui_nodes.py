@@ -92,7 +92,7 @@ def test_tiny_graph_trains_samples_scores_and_never_trains_twice(comfy_server):
     assert outputs["3"]["images"]  # the before/after grid shown on the node
     # the set is in models/loras (the stock Load LoRA node lists merged.safetensors), the run in output/
     files = set_files(comfy_server, run)
-    assert sorted(files) == ["merged.safetensors"] + [f"segment_{j}.safetensors" for j in range(1, 5)]
+    assert sorted(files) == ["merged.safetensors"] + [f"segment_{j}.safetensors" for j in range(1, 4)]  # 4: the base
     loras = options(comfy_server.object_info("LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"])
     assert f"shortft/{run}/merged.safetensors" in loras
     sets = comfy_server.object_info("ShortFT_LoadLoRASet")["ShortFT_LoadLoRASet"]["input"]["required"]

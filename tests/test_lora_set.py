@@ -19,7 +19,8 @@ from shortft_core.config import TrainConfig
 @pytest.fixture(scope="module")
 def trained_set(tmp_path_factory, fresh_tiny):
     model = fresh_tiny()
-    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0)  # unguided, as the tiny preset
+    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0,  # unguided, as the tiny preset
+                      last_segment="tuned")  # a LoRA on every segment
     tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # distinct non-zero adapters, so every segment's network differs

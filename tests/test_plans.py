@@ -208,6 +208,19 @@ def test_shortcut_model_ablation_runs_the_shortcut_at_its_own_cfg():
     assert not any(s.grad for s in inference_plan(cfg).steps)
 
 
+def test_shortft_jumps_run_at_most_at_the_tuned_steps_cfg():
+    """The jumps' CFG when none is given: the shortcut's own scale, for ShortFT capped at the tuned steps' (an
+    unguided set trains through unguided jumps); the shortcut-model ablation samples with the shortcut itself."""
+    from shortft_core.config import TrainConfig
+    from shortft_core.methods import get_method
+
+    shortft, ablation = get_method("shortft"), get_method("shortcut-model")
+    assert shortft.jump_guidance(TrainConfig(guidance=1.0), 3.0) == 1.0
+    assert shortft.jump_guidance(TrainConfig(guidance=7.5), 3.0) == 3.0
+    assert shortft.jump_guidance(TrainConfig(guidance=7.5), 1.0) == 1.0  # Hyper-SD's LoRAs: made unguided
+    assert ablation.jump_guidance(TrainConfig(method="shortcut-model", guidance=1.0), 3.0) == 3.0
+
+
 def test_baseline_settings_reach_their_plans():
     from shortft_core.config import TrainConfig
     from shortft_core.methods import method_plan

@@ -8,7 +8,7 @@ from shortft_core.methods import method_plan
 
 
 def test_signatures_follow_the_plan():
-    cfg = TrainConfig(shortcut_guidance=3.0)
+    cfg = TrainConfig(shortcut_guidance=3.0, last_segment="tuned")
     plan = method_plan(cfg, 1, torch.Generator().manual_seed(0))
     sigs = _signatures(plan)
     assert len(sigs) == plan.network_calls
@@ -48,7 +48,7 @@ def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards, fresh_
     from shortft_core.trainer import PromptSource, Trainer
 
     model = fresh_tiny()
-    cfg = TrainConfig(batch_size=1, rank=2, eval_prompts=0)
+    cfg = TrainConfig(batch_size=1, rank=2, eval_prompts=0, last_segment="tuned")
     tr = Trainer(model, tiny_rewards[0], cfg, PromptSource.tiny(50))
     tr._enter_stage(4)
     plans = [method_plan(cfg, s, torch.Generator().manual_seed(0)) for s in (1, 4)]

@@ -170,7 +170,7 @@ def test_loading_training_and_sampling_from_inference_mode_in_a_worker_thread(tm
     assert results["inference_params"] is False
     result = results["result"]
     assert result.status == "finished" and result.iteration == 2
-    sd, _ = read_lora(result.lora.folder / "segment_4.safetensors")
+    sd, _ = read_lora(result.lora.folder / "segment_3.safetensors")  # the last segment with a LoRA
     ups = [v for k, v in sd.items() if k.endswith("lora_up.weight")]
     assert ups and any(float(v.abs().max()) > 0 for v in ups)  # B starts at zero: it moved, so gradients flowed
     assert results["images"].shape == (1, 3, 32, 32)
@@ -180,7 +180,9 @@ def test_loading_training_and_sampling_from_inference_mode_in_a_worker_thread(tm
 def _adapters(folder) -> dict:
     from shortft_core.lora_io import read_lora
 
-    return {j: read_lora(folder / f"segment_{j}.safetensors")[0] for j in range(1, 5)}
+    files = json.loads((folder / "set.json").read_text())["segment_files"]
+    assert files[-1] is None and all(files[:-1])  # the default leaves the last segment to the base
+    return {name: read_lora(folder / name)[0] for name in files[:-1]}
 
 
 @pytest.mark.parametrize("polls", [3, 16], ids=["forward", "backward"])
@@ -228,6 +230,15 @@ def test_run_folders_are_idempotent(tmp_path, monkeypatch):
         train(request(out, config=small(rank=4, lr=1e-3)))
     with pytest.raises(ValueError, match=r"other settings \(prompts\)"):
         train(request(out, prompts=PROMPTS[:1]))
+    # written before last_segment existed, when every segment had a LoRA: that run is 'tuned', not today's default
+    saved = json.loads(run_file.read_text())
+    del saved["settings"]["config"]["last_segment"]
+    run_file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"other settings \(last_segment\)"):
+        train(request(out))
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished run was trained again"))
+        assert train(request(out, config=small(last_segment="tuned"))).status == "reused"
     fresh = train(request(out, config=small(rank=4), overwrite=True))
     assert fresh.status == "finished" and json.loads((out / "lora" / "set.json").read_text())["lora"]["rank"] == 4
 

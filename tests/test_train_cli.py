@@ -21,17 +21,18 @@ def test_train_cli_writes_the_lora_set_report_and_history(tmp_path, capsys):
         < printed.index("held-out tiny_aesthetic reward (4 prompts): before")
 
     info = json.loads((out / "lora" / "set.json").read_text())
-    # unguided tuned steps; the shortcut runs guided as it was distilled (its file says CFG 3)
-    assert info["guidance"] == 1.0 and info["train_config"]["shortcut_guidance"] == 3.0
-    assert len(info["segments"]) == 4
-    for j in range(1, 5):
+    # unguided tuned steps, so unguided jumps too, although the shortcut was distilled at CFG 3 (its file says so)
+    assert info["guidance"] == 1.0 and info["train_config"]["shortcut_guidance"] == 1.0
+    assert len(info["segments"]) == 4 and info["train_config"]["last_segment"] == "base"
+    assert info["segment_files"][3] is None and not (out / "lora" / "segment_4.safetensors").exists()
+    for j in range(1, 4):
         sd, meta = read_lora(out / "lora" / f"segment_{j}.safetensors")
         assert sd and all(k.startswith("lora_unet_") for k in sd)
     merged, _ = read_lora(out / "lora" / "merged.safetensors")
     assert merged
     history = json.loads((out / "history.json").read_text())
     assert history["iterations"] == [1, 2, 3, 4] and len(history["evals"]) == 2
-    assert sorted(set(history["stage"])) == [1, 2, 3, 4]
+    assert sorted(set(history["stage"])) == [1, 2, 3]  # one stage per LoRA
     for name in ("before_after.png", "reward_curve.png"):
         with Image.open(out / name) as im:
             assert im.width > 100
@@ -55,13 +56,13 @@ def test_train_cli_returns_a_finished_run_refuses_other_settings_and_continues_w
 
     out = tmp_path / "run"
     assert main(QUICK + ["--out", str(out)]) == 0
-    first = (out / "lora" / "segment_4.safetensors").read_bytes()
+    first = (out / "lora" / "segment_3.safetensors").read_bytes()
     capsys.readouterr()
     with monkeypatch.context() as m:
         m.setattr(models, "load_model", lambda *a, **k: pytest.fail("trained a finished run again"))
         assert main(QUICK + ["--out", str(out)]) == 0
     assert "holds this finished run (4 iterations)" in capsys.readouterr().out
-    assert (out / "lora" / "segment_4.safetensors").read_bytes() == first
+    assert (out / "lora" / "segment_3.safetensors").read_bytes() == first
     with pytest.raises(SystemExit, match=r"other settings \(rank\)"):  # a message, not a traceback
         main(QUICK + ["--rank", "4", "--out", str(out)])
     assert main(QUICK[:3] + ["--iterations", "6"] + QUICK[5:] + ["--out", str(out)]) == 0

@@ -23,7 +23,8 @@ class StopAt(Callback):
 
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_rewards, fresh_tiny):
     alignment, _ = tiny_rewards
-    cfg = TrainConfig(iterations=6, batch_size=2, checkpoint_every=3, rank=4, eval_prompts=0, real_grad_steps=1)
+    cfg = TrainConfig(iterations=6, batch_size=2, checkpoint_every=3, rank=4, eval_prompts=0, real_grad_steps=1,
+                      last_segment="tuned")
     prompts = PromptSource.tiny(300)
 
     straight = Trainer(fresh_tiny(), alignment, cfg, prompts, out=tmp_path / "a")
@@ -70,14 +71,33 @@ def test_unguided_tuned_steps_under_a_guided_shortcut_train(tiny_rewards, fresh_
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_unguided_jumps_in_training_but_the_shortcut_preview_at_its_own_cfg(tiny_rewards):
+    """Training jumps at the configured scale (here 1, what a session gives an unguided set), while the shortcut
+    preview (the shortcut as the sampler) runs at the scale the shortcut was made for (the tiny one: CFG 3)."""
+    from shortft_core.loading import load_tiny_model
+    from shortft_core.methods import method_plan
+    from shortft_core.shortcut import attach_shortcut
+    from shortft_core.tiny_world import tiny_shortcut_path
+
+    model = load_tiny_model()
+    preset = attach_shortcut(model, tiny_shortcut_path())
+    assert preset.guidance == 3.0
+    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0, shortcut_guidance=1.0,
+                      preview_chain="shortcut")
+    t = Trainer(model, tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]), shortcut_preset=preset)
+    jumps = [s for s in method_plan(cfg, 1, torch.Generator()).steps if s.net == "shortcut"]
+    assert jumps and {s.guidance for s in jumps} == {1.0}
+    assert {s.guidance for s in t.preview_plan().steps} == {3.0}
+
+
 def test_stage_schedule():
-    cfg = TrainConfig()
+    cfg = TrainConfig(last_segment="tuned")  # four LoRAs, four stages
     assert [stage_at(cfg, p) for p in (0, 0.24, 0.25, 0.5, 0.99, 1.0)] == [1, 1, 2, 3, 4, 4]
-    uneven = TrainConfig(stage_fractions=(0.1, 0.2, 0.3, 0.4))
+    uneven = TrainConfig(stage_fractions=(0.1, 0.2, 0.3, 0.4), last_segment="tuned")
     assert [stage_at(uneven, p) for p in (0.05, 0.15, 0.45, 0.65)] == [1, 2, 3, 4]
     assert stage_at(TrainConfig(progressive=False), 0.9) == 1
-    tail = TrainConfig(last_segment="base")  # one stage per tuned segment: three
-    assert tail.num_stages == 3 and [stage_at(tail, p) for p in (0, 0.33, 0.34, 0.67, 0.99, 1.0)] == [1, 1, 2, 3, 3, 3]
+    tail = TrainConfig()  # the default leaves the last segment to the base: one stage per tuned segment, three
+    assert tail.last_segment == "base" and tail.num_stages == 3 and [stage_at(tail, p) for p in (0, 0.33, 0.34, 0.67, 0.99, 1.0)] == [1, 1, 2, 3, 3, 3]
     assert TrainConfig(method="draft", last_segment="base").lora.names == ("align_1",)  # a ShortFT-only setting
 
 
@@ -99,7 +119,7 @@ def test_a_time_budget_ends_the_run_and_drives_the_stages(tiny_rewards, fresh_ti
     cfg = TrainConfig(iterations=10**6, time_budget_s=1e-3, batch_size=1, rank=4, eval_prompts=0)
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     t.fit()  # one iteration outlasts a millisecond
-    assert t.iteration == 1 and t.progress() == 1.0 and stage_at(cfg, t.progress()) == 4
+    assert t.iteration == 1 and t.progress() == 1.0 and stage_at(cfg, t.progress()) == cfg.num_stages == 3
 
 
 def test_kl_penalty_is_zero_at_the_base_and_adds_to_the_loss(tiny_rewards, fresh_tiny):
@@ -173,7 +193,8 @@ def test_eval_preview_and_checkpoint_intervals(tmp_path, tiny_rewards, fresh_tin
 def test_reset_optimizer_per_stage_starts_each_stage_afresh(tiny_rewards, fresh_tiny):
     steps = {}
     for reset in (False, True):
-        cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_prompts=0, reset_optimizer_per_stage=reset)
+        cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_prompts=0, reset_optimizer_per_stage=reset,
+                          last_segment="tuned")
         t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]),
                     callbacks=[StopAt(2)])
         t.fit()  # iteration 1 in stage 1 (align_1..4 train), iteration 2 in stage 2 (align_2..4)
@@ -203,7 +224,7 @@ def test_unrun_lr_scale_damps_the_loras_of_segments_not_yet_run(tmp_path, tiny_r
     the lr, so their first-step changes are that factor smaller; from stage j on align_j runs at the full lr; a
     stopped run resumes to the same weights as a straight one."""
     cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_prompts=0, lr=1e-3, unrun_lr_scale=0.1,
-                      checkpoint_every=1)
+                      checkpoint_every=1, last_segment="tuned")
     prompts = PromptSource(["a small red circle on the left"])
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, prompts, out=tmp_path / "a", callbacks=[StopAt(1)])
     names = cfg.lora.names
@@ -280,21 +301,25 @@ def test_bad_configs_are_refused_before_work(tiny_rewards, fresh_tiny):
 
 
 def test_resume_accepts_a_checkpoint_older_than_a_setting_but_refuses_a_changed_one(tmp_path, tiny_rewards, fresh_tiny):
-    """A checkpoint written before a config field existed resumes when the field is at its default."""
+    """A checkpoint written before a config field existed resumes when the field is at what its absence meant: the
+    default, or for last_segment (whose default changed when it was added) the earlier behaviour, 'tuned'."""
     from dataclasses import replace
 
     from shortft_core.checkpoint import CheckpointManager
 
-    cfg = TrainConfig(iterations=1, batch_size=1, checkpoint_every=1, rank=2, eval_prompts=0)
+    cfg = TrainConfig(iterations=1, batch_size=1, checkpoint_every=1, rank=2, eval_prompts=0, last_segment="tuned")
     Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource.tiny(50), out=tmp_path).fit()
     path = CheckpointManager(tmp_path / "checkpoints").latest()
     st = CheckpointManager.load(path)
     old = json.loads(st["config"])
-    del old["checkpoint_vae"], old["last_anchor"]  # as written before these settings existed
+    del old["checkpoint_vae"], old["last_anchor"], old["last_segment"]  # as written before these settings existed
     st["config"] = json.dumps(old)
     torch.save(st, path)
     assert Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, iterations=2), PromptSource.tiny(50),
                    out=tmp_path).resume()
     with pytest.raises(ValueError, match="last_anchor"):
         Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, last_anchor="start"), PromptSource.tiny(50),
+                out=tmp_path).resume()
+    with pytest.raises(ValueError, match="last_segment"):  # the new default is another run than the old one
+        Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, last_segment="base"), PromptSource.tiny(50),
                 out=tmp_path).resume()
