@@ -177,7 +177,7 @@ class ComfyProgress(Callback):
 
 
 def parse_fractions(text: str) -> tuple[float, ...] | None:
-    """"0.4, 0.3, 0.3" -> a tuple; "" or "equal" -> None (an equal split)."""
+    """"0.4, 0.2, 0.2, 0.2" -> a tuple; "" or "equal" -> None (an equal split)."""
     text = (text or "").strip()
     if text in ("", "equal"):
         return None
@@ -191,9 +191,11 @@ def parse_fractions(text: str) -> tuple[float, ...] | None:
 def build_config(method: str, iterations: int, time_budget_s: float, batch_size: int, lr: float, rank: int,
                  guidance: float, seed: int, stage_fractions: str, checkpoint_every: int, eval_every: int = 0,
                  preview_every: int = 0, preview_chain: str = "shortcut", eval_prompts: int = 32,
-                 mixed_precision: str = "no") -> TrainConfig:
-    """The node's widgets as a validated :class:`TrainConfig` (the tiny preset's settings for the rest)."""
-    cfg = TrainConfig(**{**TINY_PRESET, "method": method, "iterations": iterations,
+                 mixed_precision: str = "no", tiny: bool = True) -> TrainConfig:
+    """The node's widgets as a validated :class:`TrainConfig` (the tiny preset's settings for the rest; for a real
+    model the library's own last_segment, the paper's, since the preset's was chosen on the tiny world)."""
+    real = {} if tiny else {"last_segment": TrainConfig().last_segment}
+    cfg = TrainConfig(**{**TINY_PRESET, **real, "method": method, "iterations": iterations,
                          "time_budget_s": time_budget_s if time_budget_s > 0 else None, "batch_size": batch_size,
                          "lr": lr, "rank": rank, "guidance": guidance, "seed": seed,
                          "stage_fractions": parse_fractions(stage_fractions), "checkpoint_every": checkpoint_every,
@@ -234,7 +236,7 @@ class ShortFTTrain(io.ComfyNode):
                                tooltip="shortft, or a baseline trained by the same loop: " + "; ".join(
                                    f"{m.name}: {m.summary}" for m in METHODS.values())),
                 io.Int.Input("iterations", default=tiny["iterations"], min=1, max=10**7,
-                             tooltip="Optimizer steps (the tiny world's preset: 320, about 5 minutes on 2 CPU "
+                             tooltip="Optimizer steps (the tiny world's preset: 320, about 5-8 minutes on 2 CPU "
                                      "cores). More iterations continue a finished run."),
                 io.Float.Input("time_budget_s", default=0.0, min=0.0, max=10**7, step=1.0,
                                tooltip="Train for this many seconds instead of a number of iterations (0: use "
@@ -253,8 +255,9 @@ class ShortFTTrain(io.ComfyNode):
                                      "(no randomize control): a new seed is a new run, and the same seed lets a "
                                      "re-queued graph find its finished run instead of training again."),
                 io.String.Input("stage_fractions", default="",
-                                tooltip="Share of the run per progressive stage, e.g. 0.4,0.3,0.3 (three stages: "
-                                        "the lowest-noise segment is left to the base model; empty: equal shares)."),
+                                tooltip="Share of the run per progressive stage, e.g. 0.4,0.3,0.3 on the tiny world "
+                                        "(three stages: its preset leaves the lowest-noise segment to the base "
+                                        "model), 0.4,0.2,0.2,0.2 on a real model (four); empty: equal shares."),
                 io.Int.Input("checkpoint_every", default=100, min=1, max=10**7,
                              tooltip="Iterations between checkpoints (a cancel also writes one)."),
                 io.String.Input("run_name", default="shortft_tiny",
@@ -299,8 +302,12 @@ class ShortFTTrain(io.ComfyNode):
                         checkpoint_every: int, run_name: str, prompt_file: str = "", eval_every: int = 0,
                         preview_every: int = 0) -> bool | str:
         try:
-            build_config(method, iterations, time_budget_s, batch_size, lr, rank, guidance, 0, stage_fractions,
-                         checkpoint_every, eval_every, preview_every)
+            try:  # the model is not known here: stage_fractions may fit the tiny world's stages or a real model's
+                build_config(method, iterations, time_budget_s, batch_size, lr, rank, guidance, 0, stage_fractions,
+                             checkpoint_every, eval_every, preview_every)
+            except ValueError:
+                build_config(method, iterations, time_budget_s, batch_size, lr, rank, guidance, 0, stage_fractions,
+                             checkpoint_every, eval_every, preview_every, tiny=False)
             run_folders(run_name)
             if prompt_source == TEXT and not prompt_lines(prompts or ""):
                 return "prompts: empty; give at least one training prompt (one per line), or choose another " \
@@ -328,7 +335,7 @@ class ShortFTTrain(io.ComfyNode):
         cfg = build_config(method, iterations, time_budget_s, batch_size, lr, rank, guidance, seed, stage_fractions,
                            checkpoint_every, eval_every, preview_every, preview_chain,
                            eval_prompts=len(held_out) if held_out else (TINY_PRESET["eval_prompts"] if tiny else 0),
-                           mixed_precision=precision)
+                           mixed_precision=precision, tiny=tiny)
         source = None if prompt_source == TINY_CAPTIONS else (
             str(_prompt_file(prompt_file)) if prompt_source == FILE else prompt_lines(prompts))
         if source is None and not tiny:

@@ -75,29 +75,15 @@ class CheckpointManager:
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-_UNSET = object()
-
-
 def setting(default: Any, help: str, *, at_least: float | None = None, above: float | None = None,
-            at_most: float | None = None, choices: tuple[str, ...] | None = None, absent: Any = _UNSET) -> Any:
+            at_most: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """A config dataclass field with its command-line help (``train --help`` / ``distill --help`` show it) and
-    the range or the choices ``check_bounds`` enforces (None values of optional settings are always allowed).
-    ``absent`` is what a saved config without this setting meant (a run written before it existed, or before its
-    default changed); by default the default."""
+    the range or the choices ``check_bounds`` enforces (None values of optional settings are always allowed)."""
     bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most)) if v is not None}
     meta = {"help": help, "bounds": bounds}
     if choices is not None:
         meta["choices"] = tuple(choices)
-    if absent is not _UNSET:
-        meta["absent"] = absent
     return field(default=default, metadata=meta)
-
-
-def absent_values(cls: type) -> dict[str, Any]:
-    """Per setting of the config dataclass ``cls``, the value a saved config lacking it is read as (JSON-like)."""
-    defaults = json.loads(json.dumps(cls().to_dict()))
-    return {f.name: json.loads(json.dumps(f.metadata["absent"])) if "absent" in f.metadata else defaults[f.name]
-            for f in fields(cls)}
 
 
 def outside(value: float, at_least: float | None = None, above: float | None = None,
@@ -123,18 +109,19 @@ def check_bounds(cfg: Any) -> None:
             raise ValueError(f"{f.name} ({flag}) must be {' and '.join(parts)}; got {value}")
 
 
-def changed_config(old: Mapping[str, Any], now: Mapping[str, Any], absent: Mapping[str, Any],
+def changed_config(old: Mapping[str, Any], now: Mapping[str, Any], defaults: Mapping[str, Any],
                    ignore: tuple[str, ...] = ()) -> list[str]:
-    """Names of the settings of ``now`` that differ from ``old`` (both JSON-like config dicts); a setting ``old``
-    lacks counts at what it meant when ``old`` was written (``absent``, from :func:`absent_values`)."""
-    return sorted(k for k in now if k not in ignore and old.get(k, absent[k]) != now[k])
+    """Names of the settings of ``now`` that differ from ``old`` (both JSON-like config dicts); a setting added after
+    ``old`` was written counts at its default, which it had then."""
+    return sorted(k for k in now if k not in ignore and old.get(k, defaults[k]) != now[k])
 
 
 def changed_settings(saved: str, cfg: Any, ignore: tuple[str, ...] = ()) -> list[str]:
     """Names of ``cfg``'s settings that differ from a checkpoint's (its JSON config), by :func:`changed_config`.
     ``cfg`` is a dataclass with ``to_dict``."""
     now = json.loads(json.dumps(cfg.to_dict()))
-    return changed_config(json.loads(saved), now, absent_values(type(cfg)), ignore)
+    defaults = json.loads(json.dumps(type(cfg)().to_dict()))
+    return changed_config(json.loads(saved), now, defaults, ignore)
 
 
 def clip_gradients(params, max_norm: float) -> float:

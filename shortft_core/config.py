@@ -51,12 +51,13 @@ class TrainConfig:
     last_anchor: str = setting("end", "where the last segment's fine-tuned step sits before stage k: end (1 -> x0, "
                                       "the paper's) | start (241 -> 221, no stage 2-3 dip); see BENCHMARKS.md",
                                choices=("end", "start"))
-    last_segment: str = setting("base", "what samples the last (lowest-noise) segment, 241..1 on the 50-step chain: "
-                                        "base (the bare base: no LoRA there, one stage less, so the set acts only "
-                                        "where training runs it for real; best on both tiny-world rewards, "
-                                        "BENCHMARKS.md) | tuned (its own LoRA on the stacked set, trained in a "
-                                        "last stage: the paper's reading)",
-                                choices=LAST_SEGMENT_CHOICES, absent="tuned")
+    last_segment: str = setting("tuned", "what samples the last (lowest-noise) segment, 241..1 on the 50-step chain: "
+                                         "tuned (its own LoRA on the stacked set, trained in a last stage: the "
+                                         "paper's reading; a reward decided at low noise, detail or cleanliness, "
+                                         "needs it) | base (the bare base: no LoRA there, one stage less, the set "
+                                         "acts only where training runs it for real; the tiny preset's, best on "
+                                         "its symmetry and alignment rewards; BENCHMARKS.md)",
+                                choices=LAST_SEGMENT_CHOICES)
     # baselines
     draft_k: int = setting(1, "DRaFT-K: sampling steps with gradient, counted from the end", at_least=1)
     lv_n: int = setting(2, "DRaFT-LV: re-noised readouts of the last step, averaged", at_least=1)
@@ -147,8 +148,11 @@ class TrainConfig:
 # The tiny preset trains the alignment reward with unguided tuned steps (CFG 1, and so unguided jumps of its CFG-3
 # shortcut): with CFG 3 the base already sits where a small LoRA can take the alignment in minutes, while without
 # CFG there is a direction every prompt shares (follow the caption more strongly) that the reward teaches (3 seeds,
-# BENCHMARKS.md "Tiny world: which reward trains"). Every step then costs one UNet batch, not two.
-TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_prompts=32)
+# BENCHMARKS.md "Tiny world: which reward trains"). Every step then costs one UNet batch, not two. It leaves the
+# last segment to the base, which measured best for its alignment reward and for a symmetry reward (5 seeds,
+# BENCHMARKS.md "The last segment left to the base"); a reward decided at low noise needs last_segment "tuned".
+TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_prompts=32,
+                   last_segment="base")
 TINY_REWARD = "tiny_alignment"  # the reward of the tiny model when none is given
 TINY_EVAL_REWARDS = ("tiny_alignment", "tiny_aesthetic")  # measured on held-out prompts of every tiny-world run
 

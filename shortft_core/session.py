@@ -10,8 +10,8 @@
 A session checks every input it can before loading anything (settings, prompts, the shortcut file and its
 preset, the reward spec and its weight files, the run folder), loads what it was given as a spec, runs the
 shortcut at the CFG scale it was made for (ShortFT: at most the tuned steps' scale) unless told otherwise, trains
-with evaluation before and after,
-and writes the run: the LoRA set, ``history.json``, ``reward_curve.png``, ``before_after.png`` and ``run.json``.
+with evaluation before and after, and writes the run: the LoRA set, ``history.json``, ``reward_curve.png``,
+``before_after.png`` and ``run.json``.
 
 Run folders are idempotent: a finished run with the same settings is returned without training, a partial one
 (checkpoints) resumes exactly, and different settings are refused naming them (``overwrite=True`` starts over).
@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import absent_values, changed_config
+from .checkpoint import changed_config
 from .config import TINY_EVAL_REWARDS, TINY_REWARD, TrainConfig
 from .io import atomic_write_json
 from .lifecycle import ModelState, outside_inference_mode
@@ -413,12 +413,12 @@ def reward_label(reward: Any) -> str:
 
 def differing_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Names of the settings that differ between two runs' ``settings`` (config fields by their own names, a field
-    a run lacks at what it meant then: :func:`~shortft_core.checkpoint.changed_config`)."""
+    added after a run was written at its default: :func:`~shortft_core.checkpoint.changed_config`)."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if key == "config":
-            out += changed_config(a or {}, b or {}, absent_values(TrainConfig), Trainer.resume_may_change)
+            out += changed_config(a or {}, b or {}, TrainConfig().to_dict(), Trainer.resume_may_change)
         elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             out.append(key)
     return out

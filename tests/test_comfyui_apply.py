@@ -266,7 +266,7 @@ def test_a_segment_left_to_the_base_runs_the_checkpoints_model(comfy_server, wor
     print(f"euler4, segment 4 base: relative |ComfyUI - core| {rel(got, core):.2e}; vs the whole set "
           f"{rel(euler4['set'], core):.2e}")
     assert rel(got, core) <= TOL
-    assert rel(euler4["set"], core) > 100 * TOL
+    assert rel(euler4["set"], core) > 10 * TOL  # the set differs on one step of four, the last
 
 
 def test_merged_mode_is_the_stock_lora_loader(comfy_server, euler4):

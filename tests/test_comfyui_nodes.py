@@ -120,6 +120,7 @@ def test_tiny_graph_trains_samples_scores_and_never_trains_twice(comfy_server):
     ("3", {"prompt_source": "prompts below", "prompts": "  \n "}, "prompts: empty"),
     ("2", {"spec": "10*no_such_reward"}, "no_such_reward"),
     ("3", {"run_name": "../escape"}, "run_name"),
+    ("3", {"stage_fractions": "0.5,0.5"}, "stage_fractions"),  # fits neither three stages nor four
 ])
 def test_bad_inputs_are_node_errors_and_the_server_serves_on(comfy_server, node, change, message):
     g = graph("tier2_bad")
@@ -146,6 +147,16 @@ def test_a_runtime_error_is_a_node_error_and_the_server_serves_on(comfy_server):
     assert error is not None and error["node_id"] == "3" and "no usable line" in error["exception_message"]
     _, ok = comfy_server.run(graph("tier2_after_error", iterations=1))
     assert ok[-1]["type"] == "execution_success"
+
+
+def test_stage_fractions_follow_the_models_stages(comfy_server):
+    """The node cannot know the model when it validates, so four shares (a real model's four stages) pass; on the
+    tiny model, whose preset leaves the last segment to the base (three stages), the train node refuses them when it
+    runs, naming the setting and the count."""
+    _, events = comfy_server.run(graph("tier2_fractions", iterations=1, stage_fractions="0.4,0.2,0.2,0.2"))
+    error = execution_error(events)
+    assert error is not None and error["node_id"] == "3"
+    assert "stage_fractions needs 3 shares" in error["exception_message"]
 
 
 def test_interrupt_stops_within_an_iteration_and_queueing_again_ends_like_an_uninterrupted_run(comfy_server):

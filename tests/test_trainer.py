@@ -9,7 +9,7 @@ from shortft_core.adapters import adapter_parameters, adapter_state
 from shortft_core.tiny_world import held_out_prompts
 from shortft_core.loop import Callback
 from shortft_core.trainer import PromptSource, Trainer
-from shortft_core.config import TrainConfig
+from shortft_core.config import TrainConfig, tiny_config
 from shortft_core.methods import stage_at
 
 
@@ -96,8 +96,9 @@ def test_stage_schedule():
     uneven = TrainConfig(stage_fractions=(0.1, 0.2, 0.3, 0.4), last_segment="tuned")
     assert [stage_at(uneven, p) for p in (0.05, 0.15, 0.45, 0.65)] == [1, 2, 3, 4]
     assert stage_at(TrainConfig(progressive=False), 0.9) == 1
-    tail = TrainConfig()  # the default leaves the last segment to the base: one stage per tuned segment, three
-    assert tail.last_segment == "base" and tail.num_stages == 3 and [stage_at(tail, p) for p in (0, 0.33, 0.34, 0.67, 0.99, 1.0)] == [1, 1, 2, 3, 3, 3]
+    assert TrainConfig().last_segment == "tuned" and tiny_config().last_segment == "base"  # the main job's
+    tail = TrainConfig(last_segment="base")  # one stage per tuned segment: three
+    assert tail.num_stages == 3 and [stage_at(tail, p) for p in (0, 0.33, 0.34, 0.67, 0.99, 1.0)] == [1, 1, 2, 3, 3, 3]
     assert TrainConfig(method="draft", last_segment="base").lora.names == ("align_1",)  # a ShortFT-only setting
 
 
@@ -119,7 +120,7 @@ def test_a_time_budget_ends_the_run_and_drives_the_stages(tiny_rewards, fresh_ti
     cfg = TrainConfig(iterations=10**6, time_budget_s=1e-3, batch_size=1, rank=4, eval_prompts=0)
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     t.fit()  # one iteration outlasts a millisecond
-    assert t.iteration == 1 and t.progress() == 1.0 and stage_at(cfg, t.progress()) == cfg.num_stages == 3
+    assert t.iteration == 1 and t.progress() == 1.0 and stage_at(cfg, t.progress()) == 4
 
 
 def test_kl_penalty_is_zero_at_the_base_and_adds_to_the_loss(tiny_rewards, fresh_tiny):
@@ -301,8 +302,8 @@ def test_bad_configs_are_refused_before_work(tiny_rewards, fresh_tiny):
 
 
 def test_resume_accepts_a_checkpoint_older_than_a_setting_but_refuses_a_changed_one(tmp_path, tiny_rewards, fresh_tiny):
-    """A checkpoint written before a config field existed resumes when the field is at what its absence meant: the
-    default, or for last_segment (whose default changed when it was added) the earlier behaviour, 'tuned'."""
+    """A checkpoint written before a config field existed resumes when the field is at its default (for
+    last_segment 'tuned', the set every earlier run trained)."""
     from dataclasses import replace
 
     from shortft_core.checkpoint import CheckpointManager
@@ -320,6 +321,6 @@ def test_resume_accepts_a_checkpoint_older_than_a_setting_but_refuses_a_changed_
     with pytest.raises(ValueError, match="last_anchor"):
         Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, last_anchor="start"), PromptSource.tiny(50),
                 out=tmp_path).resume()
-    with pytest.raises(ValueError, match="last_segment"):  # the new default is another run than the old one
+    with pytest.raises(ValueError, match="last_segment"):  # the tiny preset's setting is another run
         Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, last_segment="base"), PromptSource.tiny(50),
                 out=tmp_path).resume()
