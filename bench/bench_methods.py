@@ -66,10 +66,15 @@ VARIANTS: dict[str, dict] = {
     "full-bptt": {"method": "full-bptt"},
     "drtune": {"method": "drtune"},
 }
+# the row that runs the tiny preset's ShortFT settings, by the runs' CFG, drawn bold: the tiny shortcut is made for
+# CFG 3, so the preset's jumps run at min(3, --guidance)
+DEFAULT_ROW = {1.0: "shortft-last-segment-base-cfg1", 3.0: "shortft-last-segment-base"}
 # variants evaluated on a stage chain instead of the inference chain: (stage, anchors) of plans.stage_chain
 EVAL_STAGE_CHAIN = {name: (3, False) for name in VARIANTS if name.startswith("shortft-tail-base")}
 BASELINES = ("draft-1", "draft-lv", "alignprop", "refl", "full-bptt", "drtune")
-COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32)  # lr: BENCHMARKS, "which reward trains"
+# lr: BENCHMARKS, "which reward trains"; last_segment: a LoRA on every segment (the paper's reading) unless a variant
+# says otherwise; the tiny preset's set is the shortft-last-segment-base rows
+COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32, last_segment="tuned")
 REWARDS = ("aesthetic", "alignment", "symmetry")
 
 
@@ -323,7 +328,9 @@ def _plot(by, path: Path, curve, key: str) -> None:
         t, v = curve(rs, key)
         colour, marker = looks[name]
         style = "-" if name.startswith("shortft") else "--"
-        ax.plot(t, v, style, marker=marker, ms=3.5, lw=2.4 if name == "shortft" else 1.2, label=name, color=colour)
+        default = name == DEFAULT_ROW.get(rs[0].get("guidance"))
+        ax.plot(t, v, style, marker=marker, ms=3.5, lw=2.4 if default else 1.2,
+                label=f"{name} (the tiny preset's)" if default else name, color=colour)
         pts = [r.get("stage_chain_evals") or [] for r in rs]
         if all(pts) and pts and f"stage-chain/{key}" in pts[0][0]:
             n = min(len(p) for p in pts)
