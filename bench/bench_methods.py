@@ -55,7 +55,6 @@ VARIANTS: dict[str, dict] = {
     "shortft-tail-base": {"stage_fractions": TAIL_BASE_SHARES},
     "shortft-tail-base-damped-grad-4": {"stage_fractions": TAIL_BASE_SHARES, "unrun_lr_scale": 0.3,
                                         "real_grad_steps": 4},
-    "shortft-tail-base-cfg1": {"stage_fractions": TAIL_BASE_SHARES, "shortcut_guidance": 1.0},
     "shortft-last-segment-base": {"last_segment": "base"},  # the same as a setting: three LoRAs, three stages
     "shortft-last-segment-base-cfg1": {"last_segment": "base", "shortcut_guidance": 1.0},
     "shortft-tune-shortcut-model": {"method": "shortcut-model"},

@@ -194,8 +194,8 @@ def build_config(method: str, iterations: int, time_budget_s: float, batch_size:
                  mixed_precision: str = "no", tiny: bool = True) -> TrainConfig:
     """The node's widgets as a validated :class:`TrainConfig` (the tiny preset's settings for the rest; for a real
     model the library's own last_segment, the paper's, since the preset's was chosen on the tiny world)."""
-    real = {} if tiny else {"last_segment": TrainConfig().last_segment}
-    cfg = TrainConfig(**{**TINY_PRESET, **real, "method": method, "iterations": iterations,
+    preset = {k: v for k, v in TINY_PRESET.items() if tiny or k != "last_segment"}
+    cfg = TrainConfig(**{**preset, "method": method, "iterations": iterations,
                          "time_budget_s": time_budget_s if time_budget_s > 0 else None, "batch_size": batch_size,
                          "lr": lr, "rank": rank, "guidance": guidance, "seed": seed,
                          "stage_fractions": parse_fractions(stage_fractions), "checkpoint_every": checkpoint_every,
