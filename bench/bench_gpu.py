@@ -29,12 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shortft_core.adapters import SHORTCUT, SHORTCUT_TARGETS, add_lora, adapter_parameters  # noqa: E402
+from shortft_core.adapters import SHORTCUT_ADAPTER, SHORTCUT_TARGETS, add_lora, adapter_parameters  # noqa: E402
 from shortft_core.adapters import lora_compute_in_input_dtype  # noqa: E402
-from shortft_core.profiling import ideal_seconds, pass_costs  # noqa: E402
+from shortft_core.testing.profiling import ideal_seconds, pass_costs  # noqa: E402
 from shortft_core.rewards.base import Reward  # noqa: E402
 from shortft_core.rewards.preprocess import Preprocess  # noqa: E402
-from shortft_core.trainer import PromptSource, Trainer  # noqa: E402
+from shortft_core.prompts import PromptSource  # noqa: E402
+from shortft_core.trainer import Trainer  # noqa: E402
 from shortft_core.config import TrainConfig  # noqa: E402
 
 # (family, method, checkpointing, batch) in priority order: what is still unmeasured or unsettled first
@@ -87,14 +88,14 @@ class RandomClipReward(Reward):
 
 
 def build(family: str, small: bool, device, dtype):
-    from shortft_core.random_models import random_model, write_small_configs
+    from shortft_core.testing.random_models import random_model, write_small_configs
 
     cfg_dir = None
     if small:
         cfg_dir = write_small_configs(family, Path(os.environ.get("TMPDIR", "/tmp")) / f"small-{family}")
     model = random_model(family, dtype=dtype, config_dir=cfg_dir).to(device)
-    add_lora(model.unet, SHORTCUT, 8 if small else 64, targets=SHORTCUT_TARGETS, seed=1)
-    for p in adapter_parameters(model.unet, SHORTCUT):  # frozen, in the base's dtype: as a loaded Hyper-SD file is
+    add_lora(model.unet, SHORTCUT_ADAPTER, 8 if small else 64, targets=SHORTCUT_TARGETS, seed=1)
+    for p in adapter_parameters(model.unet, SHORTCUT_ADAPTER):  # frozen, in the base's dtype: as a loaded Hyper-SD file is
         p.requires_grad_(False)
         p.data = p.data.to(dtype)
     return model, RandomClipReward(small, device, dtype)
@@ -150,7 +151,7 @@ def configured(model, reward, row: Row, small: bool, rank: int | None = None):
     encoders in host memory."""
     ck_unet, ck_vae = CKPT[row.ckpt]
     cfg = TrainConfig(**{"guidance": 7.5, **METHOD[row.method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
-                      batch_size=row.batch, rank=rank or row.rank or (8 if small else RANK), eval_prompts=0,
+                      batch_size=row.batch, rank=rank or row.rank or (8 if small else RANK), eval_count=0,
                       iterations=10**6, lr=1e-5, offload_text_encoders=row.te_offload,
                       mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")
     tr = Trainer(model, reward, cfg, PromptSource(["a photograph of an astronaut riding a horse"]))

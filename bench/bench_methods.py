@@ -73,7 +73,7 @@ EVAL_STAGE_CHAIN = {name: (3, False) for name in VARIANTS if name.startswith("sh
 BASELINES = ("draft-1", "draft-lv", "alignprop", "refl", "full-bptt", "drtune")
 # lr: BENCHMARKS, "which reward trains"; last_segment: a LoRA on every segment (the paper's reading) unless a variant
 # says otherwise; the tiny preset's set is the shortft-last-segment-base rows
-COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_prompts=32, last_segment="tuned")
+COMMON = dict(batch_size=4, lr=1e-3, rank=8, guidance=3.0, eval_count=32, last_segment="tuned")
 REWARDS = ("aesthetic", "alignment", "symmetry")
 
 
@@ -94,14 +94,15 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     import torch
 
     torch.set_num_threads(threads)
-    from shortft_core.adapters import SHORTCUT
-    from shortft_core.io import atomic_write_json
-    from shortft_core.profiling import ideal_seconds, pass_costs
+    from shortft_core.adapters import SHORTCUT_ADAPTER
+    from shortft_core.files import atomic_write_json
+    from shortft_core.testing.profiling import ideal_seconds, pass_costs
     from shortft_core.loading import load_model
     from shortft_core.shortcut import load_shortcut
     from shortft_core.tiny_world import held_out_prompts, load_tiny_rewards, tiny_shortcut_path
     from shortft_core.loop import Callback
-    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.prompts import PromptSource
+    from shortft_core.trainer import Trainer
     from shortft_core.config import TrainConfig
     from shortft_core.methods import stage_at
     from shortft_core.plans import stage_chain
@@ -109,13 +110,13 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     from shortft_core.schedule import leading_grid
 
     model = load_model("tiny")
-    _, preset = load_shortcut(model.unet, tiny_shortcut_path(), adapter_name=SHORTCUT)
+    _, preset = load_shortcut(model.unet, tiny_shortcut_path(), adapter_name=SHORTCUT_ADAPTER)
     cfg = TrainConfig(**{**COMMON, **(overrides or {}), "shortcut_guidance": preset.guidance, **VARIANTS[variant],
                          "seed": seed,
                          "time_budget_s": budget, "iterations": 10**6})
     alignment, aesthetic = load_tiny_rewards()
     rewards = {"alignment": alignment, "aesthetic": aesthetic, "symmetry": SymmetryReward()}
-    ev = held_out_prompts(cfg.eval_prompts, seed=1)
+    ev = held_out_prompts(cfg.eval_count, seed=1)
 
     class EvalEvery(Callback):
         """Held-out evaluation at the given shares of the budget (the end is evaluated by fit); for ShortFT also
@@ -138,7 +139,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
                     stage_rows.append(row)
             if self.todo and tr.elapsed >= self.todo[0] * budget and tr.elapsed < budget:
                 self.todo.pop(0)
-                tr._eval_and_record()
+                tr.record_evaluation()
 
     stage_rows: list[dict] = []
     plans = []
@@ -147,19 +148,14 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
         def on_step(self, tr, m):
             plans.append(tr.last_plan)
 
-    tr = Trainer(model, trained_reward(reward, rewards, reg_weight), cfg, PromptSource.tiny(exclude=ev), ev,
-                 callbacks=[EvalEvery(), Plans()], eval_reward=rewards, shortcut_preset=preset)
+    eval_plan = None
     if variant in EVAL_STAGE_CHAIN:  # every evaluation of this run (part-way and final) on that chain
         chain_stage, chain_anchors = EVAL_STAGE_CHAIN[variant]
-        eval_plan = stage_chain(chain_stage, tr.lora, cfg.guidance, leading_grid(cfg.sample_steps), chain_anchors)
-        inference_eval = tr.evaluate
-
-        def evaluate_on_stage_chain(*args, plan=None, **kwargs):
-            return inference_eval(*args, plan=plan if plan is not None else eval_plan, **kwargs)
-
-        tr.evaluate = evaluate_on_stage_chain
+        eval_plan = stage_chain(chain_stage, cfg.lora, cfg.guidance, leading_grid(cfg.sample_steps), chain_anchors)
+    tr = Trainer(model, trained_reward(reward, rewards, reg_weight), cfg, PromptSource.tiny(exclude=ev), ev,
+                 callbacks=[EvalEvery(), Plans()], eval_reward=rewards, shortcut_preset=preset, eval_plan=eval_plan)
     # the base model's evaluation is the same for every run (same prompts, noise and settings): computed once
-    base_file = out.parent / f"base_eval.cfg{cfg.guidance:g}.n{cfg.eval_prompts}.json"
+    base_file = out.parent / f"base_eval.cfg{cfg.guidance:g}.n{cfg.eval_count}.json"
     if base_file.is_file():
         tr.history.evals.append(json.loads(base_file.read_text()))
     rss_setup = _rss_mib()
@@ -173,7 +169,7 @@ def worker(variant: str, seed: int, budget: float, out: Path, threads: int, rewa
     ideal = sum(ideal_seconds(p, costs) for p in plans[skip:])
     result = {
         "variant": variant, "seed": seed, "reward": reward, "budget_s": budget, "iterations": len(h.iterations),
-        "guidance": cfg.guidance, "lr": cfg.lr, "eval_prompts": cfg.eval_prompts, "reg_weight": reg_weight,
+        "guidance": cfg.guidance, "lr": cfg.lr, "eval_prompts": cfg.eval_count, "reg_weight": reg_weight,
         "stage_chain_evals": stage_rows, "eval_chain": EVAL_STAGE_CHAIN.get(variant),
         "evals": h.evals, "train_reward": h.reward, "seconds": h.seconds, "stages": h.stage,
         "efficiency_ratio": sum(iter_times[skip:]) / ideal if ideal > 0 else None,
@@ -209,7 +205,7 @@ def _add_objective(results: list[dict]) -> None:
 def aggregate(results: list[dict], out: Path) -> str:
     import numpy as np
 
-    from shortft_core.io import atomic_write_text
+    from shortft_core.files import atomic_write_text
 
     _add_objective(results)
     by: dict[str, list[dict]] = {}
@@ -367,7 +363,7 @@ def main() -> int:
     p.add_argument("--reward", choices=REWARDS, default="aesthetic",
                    help="reward to train (symmetry: symmetry + --reg-weight x alignment)")
     p.add_argument("--reg-weight", type=float, default=0.2, help="weight of the alignment regulariser of symmetry")
-    p.add_argument("--eval-prompts", type=int, default=COMMON["eval_prompts"], help="held-out evaluation prompts")
+    p.add_argument("--eval-prompts", type=int, default=COMMON["eval_count"], help="held-out evaluation prompts")
     p.add_argument("--eval-at", type=float, nargs="*", default=[0.25, 0.5, 0.75],
                    help="shares of the budget evaluated besides the start and the end")
     p.add_argument("--stage-chains-at", type=float, nargs="*", default=[],
@@ -383,7 +379,7 @@ def main() -> int:
     if args.worker:
         v, s = args.worker
         worker(v, int(s), args.budget, out / f"{v}.seed{s}.json", args.threads, args.reward,
-               {"guidance": args.guidance, "lr": args.lr, "eval_prompts": args.eval_prompts}, tuple(args.eval_at),
+               {"guidance": args.guidance, "lr": args.lr, "eval_count": args.eval_prompts}, tuple(args.eval_at),
                args.reg_weight, tuple(args.stage_chains_at))
         return 0
     if not args.aggregate_only:

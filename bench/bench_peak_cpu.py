@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_gpu import RANK, ROW_FORMAT, Row, build, configured, parse_row  # noqa: E402
 
 from shortft_core.memory import lean_saved_activations  # noqa: E402
-from shortft_core.profiling import LivePeak, carry_trace, extrapolate_peak  # noqa: E402
+from shortft_core.testing.profiling import LivePeak, carry_trace, extrapolate_peak  # noqa: E402
 
 DEFAULT_ROWS = ["sd15:shortft:none:2", "sd15:shortft-cfg1:none:2", "sd15:shortft:unet:1"]  # the memory targets
 

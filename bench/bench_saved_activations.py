@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shortft_core.adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora  # noqa: E402
+from shortft_core.adapters import SHORTCUT_ADAPTER, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora  # noqa: E402
 from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_norm_act  # noqa: E402
-from shortft_core.profiling import kept_for_backward, timed  # noqa: E402
-from shortft_core.random_models import random_model  # noqa: E402
+from shortft_core.testing.profiling import kept_for_backward, timed  # noqa: E402
+from shortft_core.testing.random_models import random_model  # noqa: E402
 
 
 def main() -> int:
@@ -47,9 +47,9 @@ def main() -> int:
         model = random_model(args.family)
     latent = args.latent or (model.latent_shape()[-1] if args.family == "tiny" else 32)
     add_lora(model.unet, "align_1", 128, seed=1)
-    add_lora(model.unet, SHORTCUT, 64, targets=SHORTCUT_TARGETS, seed=2)
+    add_lora(model.unet, SHORTCUT_ADAPTER, 64, targets=SHORTCUT_TARGETS, seed=2)
     with torch.no_grad():
-        for p_ in adapter_parameters(model.unet, SHORTCUT):
+        for p_ in adapter_parameters(model.unet, SHORTCUT_ADAPTER):
             p_.add_(0.01 * torch.randn_like(p_))
             p_.requires_grad_(False)
     switch = AdapterSwitch(model.unet)
@@ -62,7 +62,7 @@ def main() -> int:
 
     calls = {
         "tuned UNet step (alignment LoRA trained)": lambda: (switch.activate(["align_1"]), model.eps(x(), t, cond))[1],
-        "frozen shortcut jump (input gradient only)": lambda: (switch.activate([SHORTCUT]), model.eps(x(), t, cond))[1],
+        "frozen shortcut jump (input gradient only)": lambda: (switch.activate([SHORTCUT_ADAPTER]), model.eps(x(), t, cond))[1],
         "VAE decode": lambda: model.decode(x()),
     }
     weights = [w for net in (model.unet, model.vae) for w in [*net.parameters(), *net.buffers()]]

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shortft_core.adapters import AdapterSwitch  # noqa: E402
-from shortft_core.distill import few_step_plan, jump_errors  # noqa: E402
+from shortft_core.distillation import few_step_plan, jump_errors  # noqa: E402
 from shortft_core.images import captioned_grid, save_png  # noqa: E402
 from shortft_core.sampling import sample  # noqa: E402
 from shortft_core.shortcut import load_shortcut  # noqa: E402

@@ -22,7 +22,7 @@ else
   model="$out/random-$family.safetensors"
   [ -f "$model" ] || python - "$family" "$model" <<'EOF'
 import sys, time
-from shortft_core.random_models import random_model, write_ldm_checkpoint
+from shortft_core.testing.random_models import random_model, write_ldm_checkpoint
 t = time.perf_counter()
 write_ldm_checkpoint(random_model(sys.argv[1]), sys.argv[2])
 print(f"wrote a random {sys.argv[1]} checkpoint in {time.perf_counter() - t:.0f}s", flush=True)

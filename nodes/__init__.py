@@ -16,6 +16,7 @@ from .live import register_routes
 from .model import NODES as MODEL_NODES
 from .reward import NODES as REWARD_NODES
 from .train import NODES as TRAIN_NODES
+from .tiny_world import NODES as TINY_WORLD_NODES
 
 
 class ShortFTExtension(ComfyExtension):
@@ -26,4 +27,4 @@ class ShortFTExtension(ComfyExtension):
         register_routes()  # the live state the web chart rebuilds itself from after a page reload
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*MODEL_NODES, *REWARD_NODES, *TRAIN_NODES, *APPLY_NODES]
+        return [*MODEL_NODES, *REWARD_NODES, *TRAIN_NODES, *APPLY_NODES, *TINY_WORLD_NODES]

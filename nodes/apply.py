@@ -25,9 +25,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..shortft_core.lora_set import LoraSet, find_lora_sets, lora_set_folder
-from ..shortft_core.segments import Segments
+from ..shortft_core import LoraSet, Segments, find_lora_sets, lora_set_folder
 from .common import CATEGORY, LORA_SET
+from .tiny_world import is_tiny_world
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def _files_fingerprint(name: str) -> Any:
 
 
 def model_family(model: Any) -> str:
-    """The ShortFT family name of a ComfyUI MODEL (sd15, sdxl), else ComfyUI's model class name."""
+    """The ShortFT family name of a ComfyUI MODEL (tiny, sd15, sdxl), else ComfyUI's model class name."""
+    if is_tiny_world(model):
+        return "tiny"
     config = model.model.model_config
     if isinstance(config, comfy.supported_models.SDXL):
         return "sdxl"

@@ -16,7 +16,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-# Custom sockets: a model the library trains (the tiny world is no ComfyUI MODEL), a reward, a LoRA set.
+# Custom sockets: a model the library trains (its own diffusers-backed copy of a base), a reward, a LoRA set.
 SHORTFT_MODEL = io.Custom("SHORTFT_MODEL")
 SHORTFT_REWARD = io.Custom("SHORTFT_REWARD")
 LORA_SET = io.Custom("SHORTFT_LORA_SET")
@@ -63,17 +63,21 @@ def base_options() -> list[str]:
 
 
 def base_path(name: str) -> str:
-    """The model spec for ``load_model``: "tiny", a checkpoint's full path or a diffusers folder's."""
+    """The model spec for ``load_model``: "tiny", a checkpoint's full path or a diffusers folder's. Only names the
+    base list offers are accepted, so a graph cannot point the server at a folder outside ComfyUI's model folders."""
     if name == TINY:
         return TINY
     if name.startswith(DIFFUSERS_TAG):
         folder = name[len(DIFFUSERS_TAG):]
-        for root in folder_paths.get_folder_paths("diffusers"):
-            path = os.path.join(root, folder)
-            if os.path.isfile(os.path.join(path, "model_index.json")):
-                return path
-        raise FileNotFoundError(f"diffusers folder {folder!r} not found in {folder_paths.get_folder_paths('diffusers')}; "
-                                "copy the whole pipeline folder (with model_index.json) there")
+        roots = folder_paths.get_folder_paths("diffusers")
+        if folder in diffusers_folders():
+            for root in roots:
+                path = os.path.join(root, folder)
+                if os.path.isfile(os.path.join(path, "model_index.json")):
+                    return path
+        raise FileNotFoundError(f"diffusers folder {folder!r} is not one of the pipeline folders in {roots}; copy "
+                                "the whole pipeline folder (with model_index.json) into one of them and choose it by "
+                                "its name")
     return folder_paths.get_full_path_or_raise("checkpoints", name)
 
 

@@ -1,6 +1,7 @@
-"""LoadShortcutModel: the base model the library trains, with its frozen shortcut (Hyper-SD, PCM, TCD, our own),
-and ShortFTSample: images of such a model, with or without a LoRA set (the tiny world is no ComfyUI MODEL, so it
-samples here; real SD1.5/SDXL bases also sample with the stock KSampler and ApplyAlignedLoRA)."""
+"""LoadShortcutModel: the base model the library trains (its own diffusers-backed copy), with its frozen shortcut
+(Hyper-SD, PCM, TCD, our own), and ShortFTSample: images of such a model, with or without a LoRA set. The same bases
+also sample as ComfyUI MODELs in the stock KSampler with ApplyAlignedLoRA (the tiny world through Load Tiny
+World)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..shortft_core.lifecycle import outside_inference_mode
-from ..shortft_core.lora_io import lora_file
-from ..shortft_core.loading import load_model
-from ..shortft_core.models import resolve_device
-from ..shortft_core.shortcut import PRESETS, attach_shortcut
-from ..shortft_core.tiny_world import tiny_shortcut_path
-from ..shortft_core.trainer import prompt_lines
+from ..shortft_core import (SHORTCUT_PRESETS, attach_shortcut, load_model, lora_file, outside_inference_mode,
+                            prompt_lines, resolve_device, sample_aligned, tiny_shortcut_path)
 from .common import CATEGORY, LORA_SET, SHORTFT_MODEL, TINY, base_options, base_path, device_options, to_comfy
 
 log = logging.getLogger(__name__)
@@ -51,7 +47,7 @@ class LoadShortcutModel(io.ComfyNode):
                                tooltip="The frozen few-step model ShortFT jumps with: 'tiny' (the tiny world's "
                                        "distilled shortcut), a Hyper-SD / PCM / TCD LoRA from models/loras, or "
                                        "'none' (baselines, or naive DDIM jumps)."),
-                io.Combo.Input("preset", options=[AUTO, *sorted(PRESETS)], default=AUTO,
+                io.Combo.Input("preset", options=[AUTO, *sorted(SHORTCUT_PRESETS)], default=AUTO,
                                tooltip="How the shortcut was made (its grid, segments and CFG). 'auto' reads it from "
                                        "the file's metadata (our own shortcuts) or its published file name."),
                 io.Combo.Input("device", options=device_options(), default=AUTO,
@@ -69,8 +65,8 @@ class LoadShortcutModel(io.ComfyNode):
             base_path(base)
             if shortcut not in (TINY, NONE):
                 lora_file(folder_paths.get_full_path_or_raise("loras", shortcut), "shortcut")
-            if preset != AUTO and preset not in PRESETS:
-                return f"preset {preset!r} is unknown; choose one of: auto, {', '.join(sorted(PRESETS))}"
+            if preset != AUTO and preset not in SHORTCUT_PRESETS:
+                return f"preset {preset!r} is unknown; choose one of: auto, {', '.join(sorted(SHORTCUT_PRESETS))}"
         except (OSError, ValueError) as e:
             return str(e)
         return True
@@ -130,8 +126,6 @@ class ShortFTSample(io.ComfyNode):
     @classmethod
     @outside_inference_mode
     def execute(cls, model, prompts: str, seed: int, steps: int, guidance: float, lora_set=None) -> io.NodeOutput:
-        from ..shortft_core.lora_set import sample_aligned
-
         lines = prompt_lines(prompts)
         bar = comfy.utils.ProgressBar(len(lines) * steps)
         done = [0]

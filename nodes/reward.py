@@ -8,9 +8,8 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
-from ..shortft_core.lifecycle import outside_inference_mode
-from ..shortft_core.rewards.registry import build_reward_spec, check_reward_spec, reward_descriptions
-from ..shortft_core.trainer import prompt_lines
+from ..shortft_core import (build_reward_spec, check_reward_spec, outside_inference_mode, prompt_lines,
+                            resolve_device, reward_descriptions)
 from .common import CATEGORY, SHORTFT_REWARD, device_options, from_comfy, reward_folders, reward_weights_dir
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,6 @@ class RewardModel(io.ComfyNode):
     @classmethod
     @outside_inference_mode
     def execute(cls, reward: str, spec: str, device: str) -> io.NodeOutput:
-        from ..shortft_core.models import resolve_device
-
         text = _spec(reward, spec)
         built = build_reward_spec(text, weights_dir=reward_weights_dir(), device=resolve_device(device))
         built.spec = text  # the label a training run records for it

@@ -17,8 +17,8 @@ from __future__ import annotations
 import gc
 import io as _io
 import logging
-import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import comfy.model_management as mm
@@ -26,77 +26,24 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..shortft_core.config import TINY_PRESET, TrainConfig
-from ..shortft_core.loop import Callback
-from ..shortft_core.methods import METHODS
-from ..shortft_core.models import PRECISION
-from ..shortft_core.trainer import prompt_lines
+from ..shortft_core import (METHODS, TRAIN_PRESETS, Callback, TrainingSession, TrainRequest, check_settings,
+                            prompt_lines, reward_label)
+from . import live
 from .common import CATEGORY, LORA_SET, SHORTFT_MODEL, SHORTFT_REWARD, pil_image, png_image, run_folders
 
 log = logging.getLogger(__name__)
 
 TEXT, FILE, TINY_CAPTIONS = "prompts below", "prompt file", "tiny-world captions"
+PRESET = "tiny"  # the widgets' defaults and the settings the node has no widget for (resolved by the library)
 BAR = 1000  # resolution of the node's progress bar
-PROGRESS_EVENT = "shortft.progress"
-
-# The latest metrics of every training node of this server, so a reloaded page rebuilds its chart (served by
-# nodes/live.py), and the latest preview image of each (JPEG bytes).
-LIVE: dict[str, dict[str, Any]] = {}
-PREVIEWS: dict[str, bytes] = {}
-_LIVE_LOCK = threading.Lock()
-
-
-def _copy(entry: dict[str, Any]) -> dict[str, Any]:
-    return {**entry, "points": list(entry.get("points", [])), "evals": [dict(e) for e in entry.get("evals", [])]}
-
-
-def live_state(node_id: str | None = None) -> dict[str, Any]:
-    """A copy of the live metrics (of one node, or of all), safe to serialise while training goes on."""
-    with _LIVE_LOCK:
-        if node_id is not None:
-            return _copy(LIVE[node_id]) if node_id in LIVE else {}
-        return {k: _copy(v) for k, v in LIVE.items()}
-
-
-def live_preview(node_id: str) -> bytes | None:
-    """The latest preview image of a training node as JPEG bytes, or None."""
-    with _LIVE_LOCK:
-        return PREVIEWS.get(node_id)
-
-
-def _prompt_id() -> str | None:
-    """The id of the prompt being executed (None outside a ComfyUI server)."""
-    try:
-        from comfy_execution.utils import get_executing_context
-        from server import PromptServer
-    except ImportError:
-        return None
-    context = get_executing_context()
-    if context is not None:
-        return context.prompt_id
-    server = getattr(PromptServer, "instance", None)
-    return getattr(server, "last_prompt_id", None)
-
-
-def _send(event: dict[str, Any]) -> None:
-    """One message, with its prompt id, to the client that queued the prompt (thread-safe; nothing when no server
-    runs)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is None:
-        return
-    server.send_sync(PROGRESS_EVENT, {"prompt_id": _prompt_id(), **event}, server.client_id)
 
 
 class ComfyProgress(Callback):
     """The session's callbacks in ComfyUI: the node's progress bar with previews, websocket metrics, and the
     interrupt as the stop request (a bar update that raises ComfyUI's interrupt is turned into one).
 
-    Every callback also updates the node's entry in ``LIVE`` (and its preview in ``PREVIEWS``), which the web
-    chart reads after a page reload; ``reward_name`` is the key of the trained reward in the eval results, so the
+    Every callback also updates the node's live state (:mod:`.live`), which the web chart reads after a page
+    reload; ``reward_name`` is the key of the trained reward in the eval results, so the
     chart draws those held-out points on its reward axis."""
 
     def __init__(self, node_id: str | None, run_name: str, iterations: int, reward_name: str | None = None,
@@ -107,13 +54,10 @@ class ComfyProgress(Callback):
         self.interrupted = False
         self.phase = ""
         self.started = time.time()
-        self.previews = 0
-        with _LIVE_LOCK:
-            LIVE[str(node_id)] = {"node": node_id, "run": run_name, "iterations": iterations, "points": [],
-                                  "evals": [], "status": "running", "phase": "", "started": self.started,
-                                  "prompt_id": _prompt_id(), "reward_name": reward_name, "method": method,
-                                  "previews": 0}
-            PREVIEWS.pop(str(node_id), None)
+        self.key = str(node_id)
+        live.begin(self.key, {"node": node_id, "run": run_name, "iterations": iterations, "status": "running",
+                              "phase": "", "started": self.started, "prompt_id": live.prompt_id(),
+                              "reward_name": reward_name, "method": method})
 
     def _bar(self, value: float, preview: Any = None) -> None:
         if self.interrupted:
@@ -138,41 +82,33 @@ class ComfyProgress(Callback):
             self._bar(BAR * event["call"] / max(1, event["calls"]))
         if event["phase"] != self.phase:
             self.phase = event["phase"]
-            with _LIVE_LOCK:
-                LIVE[str(self.node_id)]["phase"] = self.phase
-            _send({"node": self.node_id, "run": self.run_name, "kind": "phase", "phase": self.phase,
+            live.update(self.key, phase=self.phase)
+            live.send({"node": self.node_id, "run": self.run_name, "kind": "phase", "phase": self.phase,
                    "iteration": loop.iteration, "iterations": self.iterations, "reward_name": self.reward_name,
                    "method": self.method})
 
     def on_step(self, loop, metrics: dict) -> None:
         point = {"iteration": metrics["iteration"], "reward": metrics["reward"], "loss": metrics["loss"],
                  "stage": metrics["stage"], "seconds": metrics.get("seconds", 0.0)}
-        with _LIVE_LOCK:
-            LIVE[str(self.node_id)]["points"].append(point)
-        _send({"node": self.node_id, "run": self.run_name, "kind": "step", "iterations": self.iterations, **point})
+        live.append(self.key, "points", point)
+        live.send({"node": self.node_id, "run": self.run_name, "kind": "step", "iterations": self.iterations, **point})
         self._bar(BAR * self._fraction(loop))
 
     def on_eval(self, loop, result: dict) -> None:
-        with _LIVE_LOCK:
-            LIVE[str(self.node_id)]["evals"].append(dict(result))
-        _send({"node": self.node_id, "run": self.run_name, "kind": "eval", "iterations": self.iterations,
+        live.append(self.key, "evals", result)
+        live.send({"node": self.node_id, "run": self.run_name, "kind": "eval", "iterations": self.iterations,
                "eval": dict(result)})
 
     def on_preview(self, loop, images, prompts) -> None:
         picture = pil_image(images[0])
         buffer = _io.BytesIO()
         picture.convert("RGB").save(buffer, format="JPEG", quality=90)
-        self.previews += 1
-        with _LIVE_LOCK:
-            PREVIEWS[str(self.node_id)] = buffer.getvalue()
-            LIVE[str(self.node_id)]["previews"] = self.previews
-            LIVE[str(self.node_id)]["preview_iteration"] = loop.iteration
+        live.set_preview(self.key, buffer.getvalue(), loop.iteration)
         self._bar(BAR * self._fraction(loop), ("JPEG", picture, 512))
 
     def finish(self, status: str) -> None:
-        with _LIVE_LOCK:
-            LIVE[str(self.node_id)]["status"] = status
-        _send({"node": self.node_id, "run": self.run_name, "kind": "end", "status": status,
+        live.update(self.key, status=status)
+        live.send({"node": self.node_id, "run": self.run_name, "kind": "end", "status": status,
                "iterations": self.iterations})
 
 
@@ -188,21 +124,14 @@ def parse_fractions(text: str) -> tuple[float, ...] | None:
                          "empty for an equal split)") from None
 
 
-def build_config(method: str, iterations: int, time_budget_s: float, batch_size: int, lr: float, rank: int,
-                 guidance: float, seed: int, stage_fractions: str, checkpoint_every: int, eval_every: int = 0,
-                 preview_every: int = 0, preview_chain: str = "shortcut", eval_prompts: int = 32,
-                 mixed_precision: str = "no", tiny: bool = True) -> TrainConfig:
-    """The node's widgets as a validated :class:`TrainConfig` (the tiny preset's settings for the rest; for a real
-    model the library's own last_segment, the paper's, since the preset's was chosen on the tiny world)."""
-    preset = {k: v for k, v in TINY_PRESET.items() if tiny or k != "last_segment"}
-    cfg = TrainConfig(**{**preset, "method": method, "iterations": iterations,
-                         "time_budget_s": time_budget_s if time_budget_s > 0 else None, "batch_size": batch_size,
-                         "lr": lr, "rank": rank, "guidance": guidance, "seed": seed,
-                         "stage_fractions": parse_fractions(stage_fractions), "checkpoint_every": checkpoint_every,
-                         "eval_every": eval_every, "preview_every": preview_every, "preview_chain": preview_chain,
-                         "eval_prompts": eval_prompts, "mixed_precision": mixed_precision})
-    cfg.validate()
-    return cfg
+def widget_settings(method: str, iterations: int, time_budget_s: float, batch_size: int, lr: float, rank: int,
+                    guidance: float, seed: int, stage_fractions: str, checkpoint_every: int, eval_every: int = 0,
+                    preview_every: int = 0, preview_chain: str = "shortcut") -> dict[str, Any]:
+    """The training settings the node's widgets set (the library completes them from the preset and the model)."""
+    return {"method": method, "iterations": iterations, "time_budget_s": time_budget_s if time_budget_s > 0 else None,
+            "batch_size": batch_size, "lr": lr, "rank": rank, "guidance": guidance, "seed": seed,
+            "stage_fractions": parse_fractions(stage_fractions), "checkpoint_every": checkpoint_every,
+            "eval_every": eval_every, "preview_every": preview_every, "preview_chain": preview_chain}
 
 
 class ShortFTTrain(io.ComfyNode):
@@ -210,7 +139,7 @@ class ShortFTTrain(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        tiny = TINY_PRESET
+        tiny = TRAIN_PRESETS[PRESET]
         return io.Schema(
             node_id="ShortFT_Train",
             display_name="ShortFTTrain",
@@ -225,8 +154,8 @@ class ShortFTTrain(io.ComfyNode):
                 SHORTFT_REWARD.Input("reward", tooltip="The reward to maximise, from RewardModel."),
                 io.Combo.Input("prompt_source", options=[TEXT, FILE, TINY_CAPTIONS], default=TEXT,
                                tooltip="Where the training prompts come from: the text below (one per line), a "
-                                       "prompt file (prompt_file: a path, or a file name in ComfyUI's input folder), "
-                                       "or the tiny world's captions (tiny model only)."),
+                                       "prompt file (prompt_file: a file name in ComfyUI's input folder), or the tiny "
+                                       "world's captions (tiny model only)."),
                 io.String.Input("prompts", multiline=True,
                                 default="a small red circle on the left on a white background\n"
                                         "a big blue square on the right on a white background",
@@ -268,8 +197,9 @@ class ShortFTTrain(io.ComfyNode):
                                          "Off: the run folder starts over (its checkpoints and LoRA set are "
                                          "replaced)."),
                 io.String.Input("prompt_file", default="", optional=True,
-                                tooltip="With prompt_source 'prompt file': a text file, one prompt per line (a path, "
-                                        "or a name in ComfyUI's input folder)."),
+                                tooltip="With prompt_source 'prompt file': a text file, one prompt per line, in "
+                                        "ComfyUI's input folder (its name there; 'name [output]' for the output "
+                                        "folder)."),
                 io.String.Input("eval_prompts", multiline=True, default="", optional=True,
                                 tooltip="Held-out prompts, one per line, scored before and after (and every "
                                         "eval_every iterations). Empty: the tiny world's held-out set on the tiny "
@@ -302,12 +232,8 @@ class ShortFTTrain(io.ComfyNode):
                         checkpoint_every: int, run_name: str, prompt_file: str = "", eval_every: int = 0,
                         preview_every: int = 0) -> bool | str:
         try:
-            try:  # the model is not known here: stage_fractions may fit the tiny world's stages or a real model's
-                build_config(method, iterations, time_budget_s, batch_size, lr, rank, guidance, 0, stage_fractions,
-                             checkpoint_every, eval_every, preview_every)
-            except ValueError:
-                build_config(method, iterations, time_budget_s, batch_size, lr, rank, guidance, 0, stage_fractions,
-                             checkpoint_every, eval_every, preview_every, tiny=False)
+            check_settings(widget_settings(method, iterations, time_budget_s, batch_size, lr, rank, guidance, 0,
+                                           stage_fractions, checkpoint_every, eval_every, preview_every), PRESET)
             run_folders(run_name)
             if prompt_source == TEXT and not prompt_lines(prompts or ""):
                 return "prompts: empty; give at least one training prompt (one per line), or choose another " \
@@ -326,21 +252,13 @@ class ShortFTTrain(io.ComfyNode):
                 stage_fractions: str, checkpoint_every: int, run_name: str, resume: bool, prompt_file: str = "",
                 eval_prompts: str = "", eval_every: int = 0, preview_every: int = 20,
                 preview_chain: str = "shortcut") -> io.NodeOutput:
-        from ..shortft_core.session import TrainingSession, TrainRequest, reward_label
-
         out, lora_dir = run_folders(run_name)
         held_out = prompt_lines(eval_prompts or "")
-        tiny = model.family == "tiny"
-        precision = next((k for k, v in PRECISION.items() if v == model.dtype), "no")
-        cfg = build_config(method, iterations, time_budget_s, batch_size, lr, rank, guidance, seed, stage_fractions,
-                           checkpoint_every, eval_every, preview_every, preview_chain,
-                           eval_prompts=len(held_out) if held_out else (TINY_PRESET["eval_prompts"] if tiny else 0),
-                           mixed_precision=precision, tiny=tiny)
+        settings = widget_settings(method, iterations, time_budget_s, batch_size, lr, rank, guidance, seed,
+                                   stage_fractions, checkpoint_every, eval_every, preview_every, preview_chain)
         source = None if prompt_source == TINY_CAPTIONS else (
             str(_prompt_file(prompt_file)) if prompt_source == FILE else prompt_lines(prompts))
-        if source is None and not tiny:
-            raise ValueError("prompt_source 'tiny-world captions' needs the tiny model; give prompts for a real one")
-        request = TrainRequest(out=out, model=model, reward=reward, config=cfg, prompts=source,
+        request = TrainRequest(out=out, model=model, reward=reward, config=settings, preset=PRESET, prompts=source,
                                eval_prompts=held_out or None, lora_dir=lora_dir, overwrite=not resume)
         progress = ComfyProgress(cls.hidden.unique_id, run_name, iterations,
                                  reward_name=reward_label(reward), method=method)
@@ -370,17 +288,22 @@ class ShortFTTrain(io.ComfyNode):
                              ui=ui.PreviewImage(before_after, cls=cls))
 
 
-def _prompt_file(name: str):
-    """A prompt file given as a path or as a name in ComfyUI's input folder."""
-    from pathlib import Path
-
+def _prompt_file(name: str) -> Path:
+    """A prompt file named as ComfyUI names a graph's files: a name in its input folder, or one annotated
+    ``[input]``, ``[output]`` or ``[temp]``. A path outside those folders is refused, so a graph queued on a shared
+    server reads only what its users put there."""
     if not (name or "").strip():
-        raise ValueError("prompt_file: empty; give a text file with one prompt per line")
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        path = Path(folder_paths.get_input_directory()) / name
+        raise ValueError("prompt_file: empty; give the name of a text file (one prompt per line) in ComfyUI's input "
+                         "folder")
+    where = folder_paths.get_input_directory()
+    try:
+        path = Path(folder_paths.get_annotated_filepath(name.strip()))
+    except ValueError:
+        raise ValueError(f"prompt_file {name!r} lies outside ComfyUI's input, output and temp folders; put the file "
+                         f"in the input folder ({where}) and give its name there") from None
     if not path.is_file():
-        raise FileNotFoundError(f"prompt_file {name!r}: no such file (looked for {path})")
+        raise FileNotFoundError(f"prompt_file {name!r}: no such file (looked for {path}); put it in ComfyUI's input "
+                                f"folder ({where})")
     return path
 
 

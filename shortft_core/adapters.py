@@ -27,7 +27,7 @@ SHORTCUT_TARGETS: tuple[str, ...] = ATTENTION_FF_TARGETS + (
     "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
     "upsamplers.0.conv",
 )
-SHORTCUT = "shortcut"
+SHORTCUT_ADAPTER = "shortcut"
 
 
 def lora_config(rank: int, alpha: float | None = None, targets: Sequence[str] = ATTENTION_FF_TARGETS):

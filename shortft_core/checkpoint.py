@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from .io import atomic_save, atomic_write_json
+from .files import atomic_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,64 +72,3 @@ class CheckpointManager:
     @staticmethod
     def load(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def setting(default: Any, help: str, *, at_least: float | None = None, above: float | None = None,
-            at_most: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A config dataclass field with its command-line help (``train --help`` / ``distill --help`` show it) and
-    the range or the choices ``check_bounds`` enforces (None values of optional settings are always allowed)."""
-    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most)) if v is not None}
-    meta = {"help": help, "bounds": bounds}
-    if choices is not None:
-        meta["choices"] = tuple(choices)
-    return field(default=default, metadata=meta)
-
-
-def outside(value: float, at_least: float | None = None, above: float | None = None,
-            at_most: float | None = None) -> bool:
-    """True when ``value`` is NaN or breaks one of the bounds given (shared by config checks and CLI numbers)."""
-    return (value != value or (at_least is not None and value < at_least) or (above is not None and value <= above)
-            or (at_most is not None and value > at_most))
-
-
-def check_bounds(cfg: Any) -> None:
-    """Raise ValueError naming the setting, its flag and its range (or choices) for the first value outside them."""
-    for f in fields(cfg):
-        bounds, choices, value = f.metadata.get("bounds"), f.metadata.get("choices"), getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if choices is not None and value not in choices:
-            raise ValueError(f"{f.name} ({flag}) must be one of {', '.join(choices)}; got {value!r}")
-        if not bounds or value is None:
-            continue
-        lo, gt, hi = bounds.get("at_least"), bounds.get("above"), bounds.get("at_most")
-        if outside(value, lo, gt, hi):
-            parts = ([f">= {lo:g}"] if lo is not None else []) + ([f"> {gt:g}"] if gt is not None else []) \
-                + ([f"<= {hi:g}"] if hi is not None else [])
-            raise ValueError(f"{f.name} ({flag}) must be {' and '.join(parts)}; got {value}")
-
-
-def changed_config(old: Mapping[str, Any], now: Mapping[str, Any], defaults: Mapping[str, Any],
-                   ignore: tuple[str, ...] = ()) -> list[str]:
-    """Names of the settings of ``now`` that differ from ``old`` (both JSON-like config dicts); a setting added after
-    ``old`` was written counts at its default, which it had then."""
-    return sorted(k for k in now if k not in ignore and old.get(k, defaults[k]) != now[k])
-
-
-def changed_settings(saved: str, cfg: Any, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Names of ``cfg``'s settings that differ from a checkpoint's (its JSON config), by :func:`changed_config`.
-    ``cfg`` is a dataclass with ``to_dict``."""
-    now = json.loads(json.dumps(cfg.to_dict()))
-    defaults = json.loads(json.dumps(type(cfg)().to_dict()))
-    return changed_config(json.loads(saved), now, defaults, ignore)
-
-
-def clip_gradients(params, max_norm: float) -> float:
-    """Clip the parameters' global gradient norm to ``max_norm`` (0 or less: no clipping) and return the norm
-    before clipping; torch's own clip with 0 would zero every gradient, which no user setting 0 means."""
-    limit = max_norm if max_norm > 0 else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
-
-
-def all_finite(tensors) -> bool:
-    """True when every tensor (e.g. every gradient) is free of NaN and inf."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 from .adapters import LAST_SEGMENT_CHOICES, LoraSetSpec
-from .checkpoint import check_bounds, setting
+from .settings import check_bounds, setting
 from .methods import METHODS, Method, get_method
 from .models import PRECISION
 from .segments import Segments, check_edges
@@ -21,6 +22,8 @@ from .segments import Segments, check_edges
 @dataclass
 class TrainConfig:
     """Everything a run needs; saved in checkpoints and in the LoRA metadata."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"eval_prompts": "eval_count"}  # old name -> new, for runs saved before
 
     method: str = setting("shortft", "training method: " + " | ".join(METHODS) + " (shortcut-model: ablation, "
                                      "fine-tune on the shortcut's few-step chain)", choices=tuple(METHODS))
@@ -102,7 +105,9 @@ class TrainConfig:
     checkpoint_every: int = setting(100, "iterations between checkpoints (atomic; --resume continues exactly)",
                                     at_least=1)
     keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)", at_least=1)
-    eval_prompts: int = setting(32, "held-out prompts the reward is evaluated on", at_least=0)
+    eval_count: int = setting(32, "held-out prompts of the tiny world evaluated before, during and after training "
+                                  "when no evaluation prompts are given (given ones set it to their number); 0: no "
+                                  "held-out evaluation", at_least=0)
     eval_every: int = setting(0, "iterations between evaluations (0: before and after only)", at_least=0)
     preview_every: int = setting(0, "iterations between preview images (0: none)", at_least=0)
     preview_chain: str = setting("full", "chain of the preview images: full (the inference chain) | shortcut (the "
@@ -151,10 +156,47 @@ class TrainConfig:
 # BENCHMARKS.md "Tiny world: which reward trains"). Every step then costs one UNet batch, not two. It leaves the
 # last segment to the base, which measured best for its alignment reward and for a symmetry reward (5 seeds,
 # BENCHMARKS.md "The last segment left to the base"); a reward decided at low noise needs last_segment "tuned".
-TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_prompts=32,
+TINY_PRESET = dict(iterations=320, batch_size=4, lr=5e-4, rank=8, guidance=1.0, real_grad_steps=1, eval_count=32,
                    last_segment="base")
 TINY_REWARD = "tiny_alignment"  # the reward of the tiny model when none is given
 TINY_EVAL_REWARDS = ("tiny_alignment", "tiny_aesthetic")  # measured on held-out prompts of every tiny-world run
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_PRESET}
+# Preset settings chosen by measurement on the tiny world that hold only there: on another model the library's own
+# default stands (a reward decided at low noise, as HPS / PickScore / LAION aesthetic partly are, needs the last
+# segment's LoRA; BENCHMARKS.md, "The last segment left to the base").
+TINY_WORLD_ONLY = ("last_segment",)
+
+
+def resolve_config(settings: Mapping[str, Any] | None = None, preset: str | None = None, *,
+                   tiny: bool = True) -> TrainConfig:
+    """A run's settings: TrainConfig's defaults, then ``preset``'s (its tiny-world-only ones only when the model is
+    the tiny world), then ``settings``, what the user set; validated. Raises ValueError naming a bad setting."""
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in TRAIN_PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (--preset); known: {', '.join(TRAIN_PRESETS)}")
+        base = {k: v for k, v in TRAIN_PRESETS[preset].items() if tiny or k not in TINY_WORLD_ONLY}
+    values = {**base, **dict(settings or {})}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; see TrainConfig (train --help)")
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    cfg.validate()
+    return cfg
+
+
+def check_settings(settings: Mapping[str, Any] | None = None, preset: str | None = None) -> None:
+    """Validate settings before the model is known: they must suit the tiny world or another model (stage shares,
+    for one, depend on the model's number of stages). Raises the tiny world's ValueError when neither fits."""
+    try:
+        resolve_config(settings, preset, tiny=True)
+    except ValueError as tiny_error:
+        try:
+            resolve_config(settings, preset, tiny=False)
+        except ValueError:
+            raise tiny_error from None
 
 
 def tiny_config(**overrides) -> TrainConfig:

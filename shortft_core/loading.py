@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .io import check_safetensors
+from .files import check_safetensors
 from .lifecycle import outside_inference_mode
 from .models import TINY, T2IModel
 from .schedule import NoiseSchedule
@@ -274,9 +274,11 @@ def model_from_checkpoint(sd: dict[str, torch.Tensor], source: str = "checkpoint
 def _weights_present(folder: Path) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is missing: the pipeline folder is incomplete. {_HOW_TO_GET}")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise FileNotFoundError(
-            f"no weights (*.safetensors) in {folder}: the download is incomplete (LFS files missing?). {_HOW_TO_GET}")
+    if not any(folder.glob("*.safetensors")):
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        why = (f" ({', '.join(pickled[:2])} are pickle files, which are never loaded: they can run code; convert "
+               "them to safetensors on a machine you trust)") if pickled else " (the download is incomplete?)"
+        raise FileNotFoundError(f"no weights (*.safetensors) in {folder}{why}. {_HOW_TO_GET}")
 
 
 def _variant(folder: Path) -> str | None:
@@ -334,7 +336,7 @@ def load_sdxl_folder(path: str | os.PathLike, device: str | torch.device = "cpu"
         else:  # the tokenizer is the same public BPE everywhere: build it rather than fail
             log.info("%s has no %s; using the CLIP tokenizer built from open_clip's merges", path, sub)
             tokenizers.append(clip_tokenizer(EOS if sub == "tokenizer" else SDXL_PAD_TOKEN, cache_dir))
-    kw: dict[str, Any] = dict(local_files_only=True)
+    kw: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)  # never a pickled weight file
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype,
                                                 variant=_variant(path / "unet"), **kw)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
@@ -423,7 +425,9 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
             "(SD1.5, SDXL) only"
         )
     tokenizer = load_clip_tokenizer(path / "tokenizer")
-    kw = dict(local_files_only=True)
+    for sub in ("unet", "vae", "text_encoder"):
+        _weights_present(path / sub)
+    kw = dict(local_files_only=True, use_safetensors=True)  # never a pickled weight file
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw)

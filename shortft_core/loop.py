@@ -1,5 +1,5 @@
 """The loop skeleton that reward fine-tuning (:class:`~shortft_core.trainer.Trainer`) and shortcut distillation
-(:class:`~shortft_core.distill.Distiller`) share: the learning-rate schedule, the optimizer update with its
+(:class:`~shortft_core.distillation.Distiller`) share: the learning-rate schedule, the optimizer update with its
 non-finite guard and gradient clipping, callbacks, stop requests, and exact checkpoint/resume.
 
 A subclass provides ``train_step()`` (one optimizer step: forward, backward, :meth:`Loop.apply_gradients`),
@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import CheckpointManager, all_finite, capture_rng, changed_settings, clip_gradients, restore_rng
+from .checkpoint import CheckpointManager, capture_rng, restore_rng
+from .settings import changed_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,18 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") ->
     if schedule != "constant":
         raise ValueError(f"unknown learning-rate schedule {schedule!r}: use constant or cosine")
     return warm
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Clip the parameters' global gradient norm to ``max_norm`` (0 or less: no clipping) and return the norm
+    before clipping; torch's own clip with 0 would zero every gradient, which no user setting 0 means."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def all_finite(tensors) -> bool:
+    """True when every tensor (e.g. every gradient) is free of NaN and inf."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 class Callback:
@@ -103,7 +116,7 @@ class Loop:
         self.iteration = 0
         self.skipped = 0
         self.elapsed = 0.0
-        self.stopped = False  # the last run() ended on a stop request
+        self.stopped = False  # the last iterate() ended on a stop request
         self._saved_at: int | None = None
 
     # ---- what a subclass provides ----
@@ -205,7 +218,7 @@ class Loop:
         return True
 
     # ---- the loop ----
-    def run(self) -> dict:
+    def iterate(self) -> dict:
         """Iterate until :meth:`finished` or a stop request; checkpoints every ``checkpoint_every`` iterations and
         where it ends. Returns the last iteration's metrics."""
         every = getattr(self.config, "checkpoint_every", 0)

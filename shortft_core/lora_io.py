@@ -28,7 +28,7 @@ import torch
 
 from .adapters import lora_compute_in_input_dtype
 from .lifecycle import outside_inference_mode
-from .io import SafetensorsHeader, atomic_save, check_safetensors, refuse_overwrite
+from .files import SafetensorsHeader, atomic_save, check_safetensors, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _checked(path: str | os.PathLike, what: str) -> tuple[Path, SafetensorsHeade
 def lora_file(path: str | os.PathLike, what: str = "LoRA file") -> Path:
     """``path`` as an existing, whole file: a FileNotFoundError says where it was looked for and how to get it,
     and a ``.safetensors`` file whose header does not describe a complete file is a
-    :class:`~shortft_core.io.SafetensorsFileError` (a ValueError) naming ``what`` and the file. Only the header is
+    :class:`~shortft_core.files.SafetensorsFileError` (a ValueError) naming ``what`` and the file. Only the header is
     read, so the command line calls this before it loads a model."""
     return _checked(path, what)[0]
 

@@ -31,7 +31,7 @@ import torch
 
 from .adapters import LoraSetSpec
 from .segments import Segments
-from .io import atomic_write_json, check_safetensors, refuse_overwrite
+from .files import atomic_write_json, check_safetensors, refuse_overwrite
 from .lifecycle import outside_inference_mode
 from .schedule import leading_grid
 
@@ -181,29 +181,22 @@ def convert_lora_set(src: str | os.PathLike, dst: str | os.PathLike, unet: torch
 
 @dataclass(frozen=True)
 class SegmentEntry:
-    """One segment of a LoRA set: its timesteps, its file and where ComfyUI's sampler reaches it."""
+    """One segment of a LoRA set: its timesteps and its file."""
 
     segment: int
     timesteps: tuple[int, int]  # inclusive (low, high)
     file: Path | None  # None: the set leaves this segment to the base model
-    percent: tuple[float, float]  # ComfyUI sampling percent [start, end), boundaries on half steps
-
-
-def set_schedule(folder: str | os.PathLike) -> list[SegmentEntry]:
-    """A LoRA set's schedule, read from its manifest alone (no tensor loaded): per segment its timestep range, its
-    file and its ComfyUI sampling-percent range (see :meth:`Segments.percent_range`)."""
-    folder = Path(folder)
-    return schedule_of(folder, read_set_manifest(folder))
 
 
 def schedule_of(folder: Path, info: Mapping[str, Any]) -> list[SegmentEntry]:
-    """:func:`set_schedule` of an already read manifest ``info`` of the set in ``folder``."""
+    """The schedule of the set in ``folder`` from its manifest ``info`` alone (no tensor loaded): per segment its
+    timestep range and its file."""
     segments = set_segments(info)
     files = list(info.get("segment_files", ()))
     if len(files) != segments.k:
         raise ValueError(f"{folder / SET_MANIFEST}: {len(files)} segment files for {segments.k} segments")
-    return [SegmentEntry(j, segments.range_of(j), None if files[j - 1] is None else folder / files[j - 1],
-                         segments.percent_range(j)) for j in range(1, segments.k + 1)]
+    return [SegmentEntry(j, segments.range_of(j), None if files[j - 1] is None else folder / files[j - 1])
+            for j in range(1, segments.k + 1)]
 
 
 @dataclass(frozen=True)
@@ -275,13 +268,6 @@ def load_lora_set(unet: torch.nn.Module, folder: str | os.PathLike,
         load_lora_adapter(unet, folder / fname, adapter_name=name, trainable=False)
         names.append(name)
     return names, segments
-
-
-def unload_lora_set(unet: torch.nn.Module, names: Sequence[str | None]) -> None:
-    """Remove the segment adapters :func:`load_lora_set` added (``names``, as it returned them)."""
-    from .adapters import remove_adapters
-
-    remove_adapters(unet, [n for n in names if n is not None])
 
 
 def set_inference_plan(names: Sequence[str | None], segments: Segments, guidance: float,

@@ -1,7 +1,7 @@
 """A loaded text-to-image model: tokenizer(s), text encoder(s), UNet, VAE and noise schedule in one bundle.
 
 Every part of the project (sampler, trainer, distillation, evaluation) talks to a :class:`T2IModel`, never to a
-diffusers pipeline object, so the same code serves the tiny world, SD1.5 and (later) SDXL. Nothing here reaches
+diffusers pipeline object, so the same code serves the tiny world, SD1.5 and SDXL. Nothing here reaches
 a hub: every file comes from a local folder, and a missing one is reported with where it was looked for.
 """
 

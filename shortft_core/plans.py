@@ -14,13 +14,12 @@ serialise to JSON for run metadata.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
 
-from .adapters import SHORTCUT, LoraSetSpec
+from .adapters import SHORTCUT_ADAPTER, LoraSetSpec
 from .schedule import FINAL, leading_grid
 
 TUNED, SHORTCUT_NET, BASE = "tuned", "shortcut", "base"
@@ -110,15 +109,6 @@ class ChainPlan:
         return {"method": self.method, "stage": self.stage, "info": self.info,
                 "trains": None if self.trains is None else list(self.trains),
                 "steps": [asdict(st) for st in self.steps]}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ChainPlan":
-        steps = tuple(Step(**{**st, "adapters": tuple(st["adapters"])}) for st in d["steps"])
-        trains = d.get("trains")
-        return cls(d["method"], steps, d.get("stage"), d.get("info", {}), None if trains is None else tuple(trains))
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
@@ -236,7 +226,7 @@ def _jump(t: int, s: int, segment: int, lora: LoraSetSpec, guidance: float, shor
           checkpoint: bool, shortcut_net: str) -> Step:
     """One jump over a stretch of a later segment: the frozen shortcut, a naive base step, or the tuned model."""
     if shortcut_net == SHORTCUT_NET:
-        return Step(t, s, SHORTCUT_NET, (SHORTCUT,), shortcut_guidance, grad=True, checkpoint=checkpoint,
+        return Step(t, s, SHORTCUT_NET, (SHORTCUT_ADAPTER,), shortcut_guidance, grad=True, checkpoint=checkpoint,
                     segment=segment)
     if shortcut_net == BASE:
         return Step(t, s, BASE, (), guidance, grad=True, checkpoint=checkpoint, segment=segment)
@@ -245,30 +235,13 @@ def _jump(t: int, s: int, segment: int, lora: LoraSetSpec, guidance: float, shor
     raise ValueError(f"shortcut_net must be shortcut, base or tuned; got {shortcut_net!r}")
 
 
-def expand_shortcuts(plan: ChainPlan, lora: LoraSetSpec, guidance: float,
-                     grid: Sequence[int] | None = None) -> ChainPlan:
-    """Replace every shortcut jump ``t -> s`` by the fine-tuned model's own grid steps between t and s (the part of
-    the original chain that the shortcut stands in for), keeping the jump's gradient flag."""
-    pairs = _chain(grid or leading_grid(50))
-    out: list[Step] = []
-    for st in plan.steps:
-        if st.net != SHORTCUT_NET:
-            out.append(st)
-            continue
-        inner = [(t, s) for t, s in pairs if st.s < t <= st.t]
-        if not inner or inner[-1][1] != st.s:
-            raise ValueError(f"shortcut jump {st.t} -> {st.s} does not span whole steps of the grid")
-        out += [_tuned(t, s, lora, guidance, grad=st.grad) for t, s in inner]
-    return replace(plan, steps=tuple(out), method=plan.method + "+expanded")
-
-
 def shortcut_model_plan(lora: LoraSetSpec, edges: Sequence[int] = (999, 749, 499, 249), grad: bool = True,
                         guidance: float = 1.0) -> ChainPlan:
     """Ablation "fine-tune the shortcut model instead of the base": the few-step shortcut chain (at the CFG the
     shortcut was made for) with the alignment adapter stacked on the shortcut at every step, gradient through all."""
     e = list(edges)
     pairs = [(t, e[i + 1] if i + 1 < len(e) else FINAL) for i, t in enumerate(e)]
-    steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT, *lora.names[:1]), guidance, grad=grad, segment=1) for t, s in pairs]
+    steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT_ADAPTER, *lora.names[:1]), guidance, grad=grad, segment=1) for t, s in pairs]
     return ChainPlan("shortcut-model", tuple(_mark_last_readout(steps)), trains=lora.names[:1] if grad else ())
 
 
@@ -279,7 +252,7 @@ def shortcut_preview_plan(lora: LoraSetSpec, edges: Sequence[int] = (999, 749, 4
     full inference chain at a few network calls instead of 50."""
     e = list(edges)
     pairs = [(t, e[i + 1] if i + 1 < len(e) else FINAL) for i, t in enumerate(e)]
-    steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT, *lora.active_at(t)), guidance, segment=lora.segments.segment_of(t))
+    steps = [Step(t, s, SHORTCUT_NET, (SHORTCUT_ADAPTER, *lora.active_at(t)), guidance, segment=lora.segments.segment_of(t))
              for t, s in pairs]
     return ChainPlan("shortcut-preview", tuple(_mark_last_readout(steps)), trains=())
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .images import _font, to_pil
-from .io import atomic_path
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ A target timestep ``s < 0`` means "the end of the chain" and uses ``final_alpha_
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -131,8 +130,3 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> to
 def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     a = torch.as_tensor(a, device=like.device, dtype=like.dtype)
     return a.reshape(a.shape + (1,) * (like.ndim - a.ndim)) if a.ndim else a
-
-
-def snr_db(abar: float) -> float:
-    """Signal-to-noise ratio in decibels (for logs)."""
-    return 10.0 * math.log10(abar / max(1.0 - abar, 1e-12))

@@ -7,15 +7,10 @@ up to the top, T-1). SD1.5's 50-step chain cut at the anchors 761, 501, 261 is `
 A few-step shortcut's grid (Hyper-SD 4-step: 999, 749, 499, 249) is the same object built from its *edges*
 (:meth:`Segments.from_edges`): a shortcut call may jump from anywhere in a segment down to the segment's lower edge,
 both edges included, which :meth:`covers` checks and :meth:`jump_segment` names.
-
-ComfyUI schedules by sampling *percent* p = 1 - t/999 (SD-family discrete schedule). :meth:`percent_range` gives
-each segment's [start, end) in percent with the boundary on a half step, p = 1 - (t - 0.5)/999, so the segment of
-an integer timestep never depends on float rounding.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -105,17 +100,6 @@ class Segments:
     def edge_pairs(self) -> list[tuple[int, int]]:
         """``(upper, lower)`` edge pairs per segment; the last lower edge is ``FINAL``."""
         return [(self.upper(j), self.lowers[j - 1] if j < self.k else FINAL) for j in range(1, self.k + 1)]
-
-    def percent_range(self, j: int) -> tuple[float, float]:
-        """ComfyUI sampling percent [start, end) of segment j, boundaries on half steps (1 - (t - 0.5)/999)."""
-        self._check(j)
-        top = self.top
-        start = 0.0 if j == 1 else 1.0 - (self.lowers[j - 2] - 0.5) / top
-        end = 1.0 if j == self.k else 1.0 - (self.lowers[j - 1] - 0.5) / top
-        return start, end
-
-    def to_json(self) -> str:
-        return json.dumps({"segments": [list(self.range_of(j)) for j in range(1, self.k + 1)]})
 
     def _check(self, j: int) -> None:
         if not 1 <= j <= self.k:

@@ -1,27 +1,28 @@
-"""One training session for every host: the command line, the ComfyUI nodes and Python users make the same call.
+"""The sessions every host uses: the command line, the ComfyUI nodes and Python users make the same calls.
 
-    from shortft_core.config import tiny_config
-    from shortft_core.session import TrainRequest, train
+    from shortft_core import TrainRequest, tiny_config, train
 
     result = train(TrainRequest(out="runs/api", config=tiny_config()))   # the tiny world: model, shortcut, reward
     result.lora          # the LoRA set written (shortft_core.lora_set.LoraSet): segment files, merged, set.json
     result.before, result.after   # held-out evaluation rewards before and after training
 
-A session checks every input it can before loading anything (settings, prompts, the shortcut file and its
-preset, the reward spec and its weight files, the run folder), loads what it was given as a spec, runs the
-shortcut at the CFG scale it was made for (ShortFT: at most the tuned steps' scale) unless told otherwise, trains
-with evaluation before and after, and writes the run: the LoRA set, ``history.json``, ``reward_curve.png``,
-``before_after.png`` and ``run.json``.
+A training session checks every input it can before loading anything (settings, prompts, the shortcut file and its
+preset, the reward spec and its weight files, the run folder), resolves the settings against the model (a preset's
+tiny-world-only settings, the held-out prompt count, the base's precision), loads what it was given as a spec, runs
+the shortcut at the CFG scale it was made for (ShortFT: at most the tuned steps' scale) unless told otherwise,
+trains with evaluation before and after, and writes the run: the LoRA set, ``history.json``, ``reward_curve.png``,
+``before_after.png`` and ``run.json``. A distillation session (:func:`distill`) does the same for a shortcut LoRA.
 
-Run folders are idempotent: a finished run with the same settings is returned without training, a partial one
-(checkpoints) resumes exactly, and different settings are refused naming them (``overwrite=True`` starts over).
+Run folders follow one rule (:mod:`shortft_core.runs`): a finished run with the same settings is returned without
+training, a partial one (checkpoints) resumes exactly, and different settings are refused naming them
+(``overwrite=True`` starts over).
 
 Hosts differ only in their own concerns: the command line adds argparse and a progress bar, the nodes add
 sockets, ComfyUI's progress bar and its interrupt. A session is a context manager: on exit, however it ends, the
 caller's model is left exactly as it was (adapters removed, layers unwrapped, flags and patches undone), and
 everything runs outside ``torch.inference_mode`` so a host's worker thread can call it. A stop request (a
-callback's ``should_stop`` or the ``stop`` callable) is honoured within one network call; the run is then
-checkpointed and its partial LoRA set written, and the same request continues it.
+callback's ``should_stop`` or the ``stop`` callable) is honoured between iterations, and in training within one
+network call; the run is then checkpointed and its outputs written, and the same request continues it.
 """
 
 from __future__ import annotations
@@ -38,30 +39,36 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import changed_config
-from .config import TINY_EVAL_REWARDS, TINY_REWARD, TrainConfig
-from .io import atomic_write_json
+from .config import TINY_EVAL_REWARDS, TINY_REWARD, TrainConfig, resolve_config
+from .distillation import DistillConfig, Distiller
+from .files import atomic_write_json, check_safetensors
 from .lifecycle import ModelState, outside_inference_mode
 from .loop import Callback
 from .methods import method_plan
 from .models import PRECISION, TINY, T2IModel, resolve_device
-from .trainer import History, PromptSource, Trainer, read_prompt_file
+from .prompts import PromptSource, read_prompt_file
+from .runs import FINISHED, PARTIAL, REUSED, STOPPED, RunFolder
+from .trainer import History, Trainer
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
 
 
 @dataclass
 class TrainRequest:
-    """Everything one training run needs; every field but ``out`` has a default that suits the tiny world."""
+    """Everything one training run needs; every field but ``out`` has a default that suits the tiny world.
+
+    ``config`` is either a whole :class:`TrainConfig`, used as given, or the settings the user set (a mapping of
+    TrainConfig fields, or None), which the session completes from ``preset`` and the model: the preset's values
+    under the user's, its tiny-world-only settings only for the tiny model, the held-out count from the prompts
+    given and the precision from a loaded model's dtype (:func:`~shortft_core.config.resolve_config`)."""
 
     out: str | os.PathLike  # run folder: checkpoints, history.json, pictures, run.json (and lora/ by default)
     model: str | os.PathLike | T2IModel = TINY  # a model spec (see loading) or a loaded model, left as it was
     reward: str | Callable | None = None  # a spec like "10*pickscore+2*hps_v2", or a reward callable
-    config: TrainConfig = field(default_factory=TrainConfig)
+    config: TrainConfig | Mapping[str, Any] | None = None  # None: TrainConfig's defaults (with the preset's)
+    preset: str | None = None  # "tiny": the tiny world's settings under the user's (config given as settings only)
     prompts: Sequence[str] | str | os.PathLike | None = None  # a list, a prompt file, or None: tiny-world captions
-    eval_prompts: Sequence[str] | str | os.PathLike | None = None  # None: config.eval_prompts tiny held-out prompts
+    eval_prompts: Sequence[str] | str | os.PathLike | None = None  # None: config.eval_count tiny held-out prompts
     shortcut: str | os.PathLike | None = None  # "tiny", a LoRA file, or None: the model's own / the tiny one
     shortcut_preset: str | None = None  # schedule preset name (default: from the file name or its metadata)
     shortcut_guidance: float | None = None  # CFG of the shortcut jumps (None: Method.jump_guidance)
@@ -77,8 +84,8 @@ class TrainRequest:
 
 @dataclass
 class TrainResult:
-    """What a session produced. ``status``: finished, stopped (checkpointed; the same request continues) or reused
-    (a finished run with the same settings was found and returned without training)."""
+    """What a training session produced. ``status``: finished, stopped (checkpointed; the same request continues)
+    or reused (a finished run with the same settings was found and returned without training)."""
 
     status: str
     out: Path
@@ -91,7 +98,7 @@ class TrainResult:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("finished", "reused")
+        return self.status in (FINISHED, REUSED)
 
 
 class _StopWhen(Callback):
@@ -106,30 +113,91 @@ def _digest(items: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()[:16]
 
 
-class TrainingSession:
+def _is_tiny(model: Any) -> bool:
+    return (isinstance(model, str) and model == TINY) or (isinstance(model, T2IModel) and model.family == TINY)
+
+
+def _precision_of(model: T2IModel) -> str:
+    """The mixed_precision setting that names a loaded model's dtype."""
+    return next((k for k, v in PRECISION.items() if v == model.dtype), "no")
+
+
+class _Session:
+    """What every session shares: the host's callbacks and stop request, the run folder, and on exit the caller's
+    model restored (:meth:`close`). ``check()`` validates before anything loads; ``run()`` works outside inference
+    mode with gradients on, whatever the calling thread's mode."""
+
+    def __init__(self, out: str | os.PathLike, callbacks: Sequence[Callback], stop: Callable[[], bool] | None) -> None:
+        self.callbacks = list(callbacks) + ([_StopWhen(stop)] if stop is not None else [])
+        self.out = Path(out).expanduser()
+        self.checked = False
+        self._state: ModelState | None = None
+        self.model: T2IModel | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Leave the caller's model as it was (a model the session loaded itself is simply released)."""
+        if self._state is not None:
+            with torch.inference_mode(False):
+                self._state.restore()
+            self._state = None
+        self.model = None
+
+    @outside_inference_mode
+    def run(self):
+        """Run (or reuse, or continue) the run in the folder; see the module docstring."""
+        if not self.checked:
+            self.check()
+        with torch.enable_grad():
+            return self._run()
+
+    def _run(self):
+        raise NotImplementedError
+
+    def _model(self, spec: str | os.PathLike | T2IModel, device: torch.device, precision: str,
+               cache_dir: str | os.PathLike | None = None) -> T2IModel:
+        """The model to work on: a loaded one (its state recorded, to restore on close) or one loaded from a spec."""
+        if isinstance(spec, T2IModel):
+            self._state = ModelState.capture(spec)
+            self.model = spec
+        else:
+            from .loading import load_model
+
+            kw = {"cache_dir": cache_dir} if cache_dir is not None else {}
+            self.model = load_model(spec, device, PRECISION[precision], **kw)
+        return self.model
+
+
+class TrainingSession(_Session):
     """One training run of a :class:`TrainRequest`: ``check()`` (cheap, before any model loads), ``run()``, and on
     exit the caller's model restored. Use it as a context manager; :func:`train` does all three."""
 
     def __init__(self, request: TrainRequest, callbacks: Sequence[Callback] = (),
                  stop: Callable[[], bool] | None = None, accelerator: Any = None) -> None:
+        super().__init__(request.out, callbacks, stop)
         self.request = request
-        self.callbacks = list(callbacks) + ([_StopWhen(stop)] if stop is not None else [])
         self.accelerator = accelerator
-        self.out = Path(request.out).expanduser()
         self.lora_dir = Path(request.lora_dir).expanduser() if request.lora_dir else self.out / "lora"
-        self.checked = False
-        self._state: ModelState | None = None
-        self.model: T2IModel | None = None
-        self.trainer = None
+        self.folder = RunFolder(self.out, TrainConfig, Trainer.resume_may_change, (self.lora_dir,))
+        self.trainer: Trainer | None = None
 
     # ----- before any heavy work -------------------------------------------------------------------------------
     def check(self) -> None:
-        """Validate every input that can be checked without loading a model; raises ValueError /
-        FileNotFoundError naming the input and the fix."""
-        req, cfg = self.request, self.request.config
-        cfg.validate()
-        self.tiny = isinstance(req.model, str) and req.model == TINY or (
-            isinstance(req.model, T2IModel) and req.model.family == "tiny")
+        """Validate every input that can be checked without loading a model and resolve the settings
+        (``self.config``); raises ValueError / FileNotFoundError naming the input and the fix."""
+        req = self.request
+        self.tiny = _is_tiny(req.model)
+        self.config = self._resolve_config()
+        cfg = self.config
         if req.reward is None and not self.tiny:
             raise ValueError("a reward is required for a real model (--reward), e.g. hps_v2 with its weight file: "
                              "--reward hps_v2 --reward-path hps_v2=/models/HPS_v2_compressed.pt")
@@ -144,19 +212,6 @@ class TrainingSession:
 
         for spec in self.eval_specs:
             check_reward_spec(spec, req.reward_paths, weights_dir=req.reward_weights_dir, files=True)
-        # prompts
-        if req.eval_prompts is None:
-            from .tiny_world import held_out_prompts
-
-            self.eval_prompts = held_out_prompts(cfg.eval_prompts, seed=1) if self.tiny or cfg.eval_prompts == 0 \
-                else None
-            if self.eval_prompts is None:
-                raise ValueError("evaluation prompts are required for a real model (--eval-prompts-file), or set "
-                                 "eval_prompts to 0 to skip the held-out evaluation")
-        elif isinstance(req.eval_prompts, (str, os.PathLike)):
-            self.eval_prompts = read_prompt_file(req.eval_prompts)
-        else:
-            self.eval_prompts = [p.strip() for p in req.eval_prompts if p and p.strip()]
         if req.prompts is None:
             if not self.tiny:
                 raise ValueError("training prompts are required for a real model (--prompts-file)")
@@ -165,7 +220,6 @@ class TrainingSession:
             self.prompts = PromptSource.from_file(req.prompts, exclude=self.eval_prompts)
         else:
             self.prompts = PromptSource(list(req.prompts), exclude=self.eval_prompts)
-        # the shortcut
         self.shortcut_file: Path | None = None
         if cfg.needs_shortcut:
             self.shortcut_file = self._shortcut_file()
@@ -174,28 +228,57 @@ class TrainingSession:
 
             get_preset(req.shortcut_preset)
         if not isinstance(req.model, T2IModel) and str(req.model).endswith(".safetensors"):
-            from .io import check_safetensors
-
             check_safetensors(Path(req.model).expanduser(), "model")  # a damaged checkpoint, before it loads
         self.device = req.model.device if isinstance(req.model, T2IModel) else resolve_device(req.device)
         self.settings = self._settings()
-        self.previous = self._previous_run()
+        self.previous = self.folder.previous(self.settings, req.overwrite)
         self.checked = True
+
+    def _resolve_config(self) -> TrainConfig:
+        """The run's TrainConfig (see :class:`TrainRequest`); also reads the held-out prompts (``eval_prompts``)."""
+        req = self.request
+        if isinstance(req.config, TrainConfig):
+            if req.preset is not None:
+                raise ValueError("give the settings the user set with a preset, or a whole TrainConfig without one: "
+                                 f"got a TrainConfig and preset {req.preset!r}")
+            req.config.validate()
+            cfg = req.config
+        else:
+            user = dict(req.config or {})
+            cfg = resolve_config(user, req.preset, tiny=self.tiny)
+            if isinstance(req.model, T2IModel) and "mixed_precision" not in user:
+                cfg = dataclasses.replace(cfg, mixed_precision=_precision_of(req.model))
+        if req.eval_prompts is None:
+            if self.tiny:
+                from .tiny_world import held_out_prompts
+
+                self.eval_prompts = held_out_prompts(cfg.eval_count, seed=1)
+            else:
+                self.eval_prompts = []
+                log.warning("no evaluation prompts were given for a real model: no held-out evaluation (give "
+                            "eval_prompts / --eval-prompts-file to measure the reward before and after)")
+        elif isinstance(req.eval_prompts, (str, os.PathLike)):
+            self.eval_prompts = read_prompt_file(req.eval_prompts)
+        else:
+            self.eval_prompts = [p.strip() for p in req.eval_prompts if p and p.strip()]
+        if len(self.eval_prompts) != cfg.eval_count and not isinstance(req.config, TrainConfig):
+            cfg = dataclasses.replace(cfg, eval_count=len(self.eval_prompts))
+        return cfg
 
     def _shortcut_file(self) -> Path | None:
         """The shortcut LoRA file to load, or None when the given model already carries one."""
-        from .adapters import SHORTCUT
+        from .adapters import SHORTCUT_ADAPTER
         from .lora_io import lora_file
 
         req = self.request
-        if isinstance(req.model, T2IModel) and SHORTCUT in (getattr(req.model.unet, "peft_config", {}) or {}):
+        if isinstance(req.model, T2IModel) and SHORTCUT_ADAPTER in (getattr(req.model.unet, "peft_config", {}) or {}):
             if req.shortcut not in (None, "none"):
                 raise ValueError("the model already carries a shortcut adapter; pass shortcut=None to use it, or a "
                                  "model without one")
             return None
         name = req.shortcut if req.shortcut is not None else ("tiny" if self.tiny else None)
         if name in (None, "none"):
-            raise ValueError(f"method {req.config.method} needs a shortcut: give a Hyper-SD / PCM / TCD or distilled "
+            raise ValueError(f"method {self.config.method} needs a shortcut: give a Hyper-SD / PCM / TCD or distilled "
                              "LoRA file (--shortcut FILE), or use shortcut_net 'base' for naive DDIM jumps")
         if name == "tiny":
             from .tiny_world import tiny_shortcut_path
@@ -212,67 +295,30 @@ class TrainingSession:
         if self.shortcut_file is not None:
             shortcut = {"file": str(self.shortcut_file), "preset": req.shortcut_preset,
                         "guidance": req.shortcut_guidance}
-        elif req.config.needs_shortcut and isinstance(req.model, T2IModel):  # the shortcut the model carries
+        elif self.config.needs_shortcut and isinstance(req.model, T2IModel):  # the shortcut the model carries
             shortcut = {**req.model.info.get("shortcut", {"file": "(loaded by the caller)"}),
                         "guidance_override": req.shortcut_guidance}
-        return {"config": req.config.to_dict(), "model": model, "reward": reward, "eval_rewards": self.eval_specs,
+        return {"config": self.config.to_dict(), "model": model, "reward": reward, "eval_rewards": self.eval_specs,
                 "shortcut": shortcut, "prompts": _digest(self.prompts.prompts),
                 "eval_prompts": _digest(self.eval_prompts)}
 
-    def _previous_run(self) -> dict | None:
-        """The run already in the folder (its run.json), checked against this one; None for an empty folder."""
-        run_file = self.out / RUN_FILE
-        if not run_file.is_file():
-            ckpt = self.out / "checkpoints"
-            found = [str(p) for p in (ckpt, self.lora_dir) if p.is_dir() and any(p.iterdir())]
-            if found and not self.request.overwrite:
-                raise ValueError(f"{' and '.join(found)} hold an earlier run's files but {run_file} is missing; pass "
-                                 "overwrite=True (--overwrite) to start over, or choose another folder")
-            return None
-        previous = json.loads(run_file.read_text(encoding="utf-8"))
-        diff = differing_settings(previous.get("settings", {}), self.settings)
-        if diff and not self.request.overwrite:
-            raise ValueError(f"run folder {self.out} holds a run with other settings ({', '.join(diff)}); use the same "
-                             "settings to continue or reuse it, pass overwrite=True (--overwrite) to start over, "
-                             "or choose another folder")
-        return None if diff else previous
-
     # ----- the run -------------------------------------------------------------------------------------------------
-    def __enter__(self) -> "TrainingSession":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.close()
-        return False
-
     def close(self) -> None:
-        """Leave the caller's model as it was (a model the session loaded itself is simply released)."""
-        if self._state is not None:
-            with torch.inference_mode(False):
-                self._state.restore()
-            self._state = None
+        super().close()
         self.trainer = None
-        self.model = None
-
-    @outside_inference_mode
-    def run(self) -> TrainResult:
-        """Train (or reuse, or continue) the run; see the module docstring."""
-        if not self.checked:
-            self.check()
-        with torch.enable_grad():
-            return self._run()
 
     def _run(self) -> TrainResult:
-        req, cfg = self.request, self.request.config
-        previous = self.previous
-        if (previous is not None and previous.get("status") == "finished" and not req.overwrite
-                and not self._wants_more(previous)):
+        req, cfg = self.request, self.config
+        wanted = cfg.iterations if cfg.time_budget_s is None else None
+        if not req.overwrite and RunFolder.done(self.previous, wanted):
             log.info("run folder %s holds this finished run: returning it without training", self.out)
-            return self._reused(previous)
+            return self._reused(self.previous)
         if req.overwrite:
-            self._clear_run_folder()
+            self.folder.start_over()
+            if (self.lora_dir / "set.json").is_file():
+                shutil.rmtree(self.lora_dir, ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        model = self._load_model()
+        model = self._model(req.model, self.device, cfg.mixed_precision, req.cache_dir)
         preset = self._load_shortcut(model)
         if preset is not None and req.shortcut_guidance is None:
             cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
@@ -283,42 +329,25 @@ class TrainingSession:
                                          callbacks=self.callbacks, accelerator=self.accelerator,
                                          eval_reward=eval_rewards, shortcut_preset=preset)
         resumed = trainer.resume()
-        self._write_run_file("partial")
+        self._write_run_file(PARTIAL)
         log.info("training plan (stage %d):\n%s", max(1, trainer.stage),
                  method_plan(cfg, max(1, trainer.stage), torch.Generator().manual_seed(0)).describe())
         if resumed:
             log.info("continuing the run in %s at iteration %d", self.out, trainer.iteration)
         history: History = trainer.fit()
+        status = STOPPED if trainer.stopped else FINISHED
         if not trainer.acc.is_main_process:
-            return self._result("finished" if not trainer.stopped else "stopped", None, {})
+            return self._result(status, None, {})
         files = self._write_outputs(trainer, history, final=not trainer.stopped)
-        status = "stopped" if trainer.stopped else "finished"
         self._write_run_file(status, trainer.iteration)
         from .lora_set import LoraSet
 
         return self._result(status, LoraSet.open(self.lora_dir), files)
 
-    def _wants_more(self, previous: dict) -> bool:
-        """A finished run is continued when the request asks for more iterations than it did."""
-        cfg = self.request.config
-        return cfg.time_budget_s is None and int(previous.get("iteration", 0)) < cfg.iterations
-
-    def _load_model(self) -> T2IModel:
-        req = self.request
-        if isinstance(req.model, T2IModel):
-            self._state = ModelState.capture(req.model)
-            self.model = req.model
-        else:
-            from .loading import load_model
-
-            kw = {"cache_dir": req.cache_dir} if req.cache_dir is not None else {}
-            self.model = load_model(req.model, self.device, PRECISION[req.config.mixed_precision], **kw)
-        return self.model
-
     def _load_shortcut(self, model: T2IModel):
         """Load the shortcut file (when the model has none) and return its preset, or None."""
         req = self.request
-        if not req.config.needs_shortcut:
+        if not self.config.needs_shortcut:
             return None
         from .shortcut import attach_shortcut, get_preset
 
@@ -338,17 +367,6 @@ class TrainingSession:
                 built[spec] = build_reward_spec(spec, req.reward_paths, weights_dir=req.reward_weights_dir,
                                                 device=self.model.device)
         return built[label], built
-
-    def _clear_run_folder(self) -> None:
-        """overwrite=True: the earlier run's checkpoints, run file and LoRA set go before the new run starts."""
-        ckpt = self.out / "checkpoints"
-        if ckpt.is_dir():
-            for f in ckpt.iterdir():
-                if f.is_file():
-                    f.unlink(missing_ok=True)
-        (self.out / RUN_FILE).unlink(missing_ok=True)
-        if (self.lora_dir / "set.json").is_file():
-            shutil.rmtree(self.lora_dir, ignore_errors=True)
 
     def _write_outputs(self, trainer, history, final: bool) -> dict[str, Path]:
         """The LoRA set, history and reward curve (always), and the before/after grid (a finished run)."""
@@ -382,8 +400,7 @@ class TrainingSession:
         return files
 
     def _write_run_file(self, status: str, iteration: int = 0) -> None:
-        atomic_write_json(self.out / RUN_FILE, {"status": status, "iteration": iteration, "settings": self.settings,
-                                                "lora": str(self.lora_dir)})
+        self.folder.write(status, iteration, self.settings, lora=str(self.lora_dir))
 
     def _result(self, status: str, lora: Any, files: dict[str, Path]) -> TrainResult:
         history = self.trainer.history
@@ -400,7 +417,7 @@ class TrainingSession:
         lora_dir = Path(previous.get("lora") or self.lora_dir)
         files["lora"] = lora_dir
         evals = history.evals
-        return TrainResult("reused", self.out, LoraSet.open(lora_dir), history, int(previous.get("iteration", 0)),
+        return TrainResult(REUSED, self.out, LoraSet.open(lora_dir), history, int(previous.get("iteration", 0)),
                            evals[0] if evals else None, evals[-1] if len(evals) > 1 else None, files)
 
 
@@ -409,19 +426,6 @@ def reward_label(reward: Any) -> str:
     if isinstance(reward, str):
         return reward
     return getattr(reward, "spec", None) or getattr(reward, "name", None) or type(reward).__name__
-
-
-def differing_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Names of the settings that differ between two runs' ``settings`` (config fields by their own names, a field
-    added after a run was written at its default: :func:`~shortft_core.checkpoint.changed_config`)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if key == "config":
-            out += changed_config(a or {}, b or {}, TrainConfig().to_dict(), Trainer.resume_may_change)
-        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            out.append(key)
-    return out
 
 
 def _plot_reward_curve(history, path: Path, cfg: TrainConfig, eval_specs: Sequence[str], reward_spec: Any) -> None:
@@ -438,5 +442,103 @@ def train(request: TrainRequest, callbacks: Sequence[Callback] = (), stop: Calla
           accelerator: Any = None) -> TrainResult:
     """Check, run and close one :class:`TrainingSession`."""
     with TrainingSession(request, callbacks, stop, accelerator) as session:
+        session.check()
+        return session.run()
+
+
+# ----- distillation ------------------------------------------------------------------------------------------------
+SHORTCUT_FILE = "shortcut.safetensors"
+
+
+@dataclass
+class DistillRequest:
+    """One shortcut distillation run (:mod:`shortft_core.distillation`): the run folder receives ``shortcut.safetensors``,
+    checkpoints and ``run.json``."""
+
+    out: str | os.PathLike
+    model: str | os.PathLike | T2IModel = TINY  # a model spec (see loading) or a loaded model, left as it was
+    config: DistillConfig = field(default_factory=DistillConfig)
+    prompts: Sequence[str] | str | os.PathLike | None = None  # data-free prompts (None: config's, else the tiny world's)
+    device: str | torch.device = "auto"
+    cache_dir: str | os.PathLike | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class DistillResult:
+    """What a distillation session produced: ``status`` as :class:`TrainResult`'s, the shortcut file, the steps
+    done and the last step's metrics (loss, seconds per step of this run, peak CUDA memory when on a GPU)."""
+
+    status: str
+    out: Path
+    shortcut: Path
+    step: int
+    metrics: dict
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (FINISHED, REUSED)
+
+
+class DistillSession(_Session):
+    """One distillation run of a :class:`DistillRequest`, with :class:`TrainingSession`'s pattern: ``check()``,
+    ``run()``, the caller's model restored on exit; :func:`distill` does all three."""
+
+    def __init__(self, request: DistillRequest, callbacks: Sequence[Callback] = (),
+                 stop: Callable[[], bool] | None = None) -> None:
+        super().__init__(request.out, callbacks, stop)
+        self.request = request
+        self.target = self.out / SHORTCUT_FILE
+        self.folder = RunFolder(self.out, DistillConfig, Distiller.resume_may_change, (self.target,))
+
+    def check(self) -> None:
+        """Validate the settings and the data source for the model, and the run folder, before anything loads."""
+        req = self.request
+        cfg = req.config
+        if req.prompts is not None:
+            prompts = read_prompt_file(req.prompts) if isinstance(req.prompts, (str, os.PathLike)) \
+                else [p.strip() for p in req.prompts if p and p.strip()]
+            cfg = dataclasses.replace(cfg, prompts=tuple(prompts))
+        cfg.validate()
+        cfg.check_data(tiny=_is_tiny(req.model))
+        if isinstance(req.model, T2IModel):
+            cfg.validate(req.model)
+        self.config = cfg
+        self.device = req.model.device if isinstance(req.model, T2IModel) else resolve_device(req.device)
+        model = req.model.source if isinstance(req.model, T2IModel) else str(req.model)
+        self.settings = {"config": cfg.to_dict(), "model": model}
+        self.previous = self.folder.previous(self.settings, req.overwrite)
+        self.checked = True
+
+    def _run(self) -> DistillResult:
+        from .adapters import SHORTCUT_ADAPTER
+        from .lora_io import export_lora
+
+        req, cfg = self.request, self.config
+        if not req.overwrite and RunFolder.done(self.previous, cfg.steps):
+            log.info("run folder %s holds this finished distillation: returning it without training", self.out)
+            return DistillResult(REUSED, self.out, self.target, int(self.previous.get("iteration", 0)), {})
+        if req.overwrite:
+            self.folder.start_over()
+        self.out.mkdir(parents=True, exist_ok=True)
+        model = self._model(req.model, self.device, cfg.mixed_precision, req.cache_dir)
+        distiller = Distiller(model, cfg, self.out, callbacks=self.callbacks)
+        if distiller.resume():
+            log.info("continuing the distillation in %s at step %d", self.out, distiller.step)
+        self.folder.write(PARTIAL, distiller.step, self.settings)
+        metrics = dict(distiller.iterate())
+        if metrics and model.device.type == "cuda":
+            metrics["peak_cuda_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
+        export_lora(model.unet, SHORTCUT_ADAPTER, self.target, layout="kohya", metadata=distiller.metadata(),
+                    overwrite=True)
+        status = STOPPED if distiller.stopped else FINISHED
+        self.folder.write(status, distiller.step, self.settings)
+        return DistillResult(status, self.out, self.target, distiller.step, metrics)
+
+
+def distill(request: DistillRequest, callbacks: Sequence[Callback] = (),
+            stop: Callable[[], bool] | None = None) -> DistillResult:
+    """Check, run and close one :class:`DistillSession`."""
+    with DistillSession(request, callbacks, stop) as session:
         session.check()
         return session.run()

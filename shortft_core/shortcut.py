@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 
 from .lora_io import LoadedLora, LoraFormatError, _unwrap, load_lora_adapter, lora_base_family, lora_file
-from .adapters import SHORTCUT
+from .adapters import SHORTCUT_ADAPTER
 from .schedule import trailing_grid
 from .lifecycle import outside_inference_mode
 from .segments import Segments
@@ -150,7 +150,7 @@ def preset_from_metadata(loaded: LoadedLora) -> ShortcutPreset | None:
 
 @outside_inference_mode
 def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
-                  preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT,
+                  preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT_ADAPTER,
                   family: str | None = None, activate: bool = False) -> tuple[LoadedLora, ShortcutPreset | None]:
     """Load a published shortcut LoRA into ``unet`` as a frozen adapter; returns it with its preset.
 
@@ -190,10 +190,3 @@ def attach_shortcut(model, path: str | os.PathLike, preset: str | ShortcutPreset
                               "guidance": found.guidance if found else None}
     model.info["shortcut_preset"] = found
     return found
-
-
-def unload_shortcut(unet: torch.nn.Module, adapter_name: str = SHORTCUT) -> None:
-    """Remove a shortcut loaded by :func:`load_shortcut` (load -> unload -> load works on one UNet)."""
-    from .adapters import remove_adapters
-
-    remove_adapters(unet, [adapter_name])

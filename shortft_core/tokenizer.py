@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from .io import atomic_write_text
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ interrupt check) -> periodic atomic checkpoint. Under DDP the whole chain runs i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,73 +25,19 @@ import torch
 
 from .adapters import AdapterSwitch, adapter_parameters, adapter_state, freeze_all_but, load_adapter_state
 from .chain import guided_eps, run_plan
-from .checkpoint import CheckpointManager, all_finite
+from .checkpoint import CheckpointManager
 from .config import TrainConfig
-from .loop import Callback, Loop, StopRequested, processes
+from .loop import Callback, Loop, StopRequested, all_finite, processes
 from .memory import lean_saved_activations
 from .methods import inference_plan, method_plan, stage_at
 from .models import Conditioning, T2IModel
 from .plans import ChainPlan
+from .prompts import PromptSource
 from .sampling import initial_noise, sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChainObjective", "History", "PromptSource", "Trainer", "prompt_lines", "read_prompt_file"]
-
-
-# ----- prompts -----------------------------------------------------------------------------------------------------
-class PromptSource:
-    """Training prompts: a fixed list drawn with replacement from a seeded generator (same on every rank).
-
-    Empty and whitespace-only prompts are dropped; nothing left is a ValueError naming ``what`` the prompts were
-    (e.g. the file), raised before any model loads."""
-
-    def __init__(self, prompts: Sequence[str], exclude: Sequence[str] = (), what: str = "the training prompts") -> None:
-        if isinstance(prompts, str):
-            raise TypeError("PromptSource takes a list of prompts, not a single string")
-        drop = set(exclude)
-        usable = [p.strip() for p in prompts if p and p.strip()]
-        if not usable:
-            raise ValueError(f"{what}: no usable prompt (empty or whitespace only); give at least one prompt")
-        self.prompts = [p for p in usable if p not in drop]
-        if not self.prompts:
-            raise ValueError(f"{what}: no training prompt left after removing the {len(drop)} evaluation prompts; "
-                             "give training prompts that are not also evaluation prompts")
-
-    def draw(self, n: int, gen: torch.Generator) -> list[str]:
-        idx = torch.randint(0, len(self.prompts), (n,), generator=gen).tolist()
-        return [self.prompts[i] for i in idx]
-
-    @classmethod
-    def tiny(cls, n: int = 4000, seed: int = 0, exclude: Sequence[str] = ()) -> "PromptSource":
-        """Tiny-world captions from every composition (held-out pairs included), minus the evaluation prompts."""
-        from .tiny_world import scenes
-
-        caps = sorted({scenes.sample_scene(seed + 9000, i, "any").caption for i in range(n)})
-        return cls(caps, exclude, what="the tiny-world captions")
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, exclude: Sequence[str] = ()) -> "PromptSource":
-        """Prompts of a text file, one per line; blank lines and ``#`` comments are skipped."""
-        return cls(read_prompt_file(path), exclude, what=f"prompt file {path}")
-
-
-def prompt_lines(text: str) -> list[str]:
-    """Prompts of a text, one per line; blank lines and ``#`` comments are skipped."""
-    lines = [ln.strip() for ln in text.splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith("#")]
-
-
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """The usable lines of a prompt file (:func:`prompt_lines`); a missing file or one with no usable line is an
-    error naming it."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file {p} not found (looked for that exact file)")
-    usable = prompt_lines(p.read_text(encoding="utf-8"))
-    if not usable:
-        raise ValueError(f"prompt file {p} has no usable line (only blank lines or # comments)")
-    return usable
+__all__ = ["ChainObjective", "History", "Trainer"]
 
 
 # ----- the objective (one DDP forward = one whole chain) ---------------------------------------------------------
@@ -159,20 +106,20 @@ class Trainer(Loop):
     resume_may_change = ("iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every",
                          "preview_chain", "time_budget_s")
 
-    def __init__(self, model: T2IModel, reward: Callable, cfg: TrainConfig, prompts: "PromptSource",
+    def __init__(self, model: T2IModel, reward: Callable, cfg: TrainConfig, prompts: PromptSource,
                  eval_prompts: Sequence[str] = (), out: str | os.PathLike | None = None,
                  callbacks: Sequence[Callback] = (), accelerator=None, eval_reward: dict[str, Callable] | None = None,
-                 shortcut_preset=None) -> None:
+                 shortcut_preset=None, eval_plan: ChainPlan | None = None) -> None:
         cfg.validate()
         if shortcut_preset is not None:  # every planned jump must stay inside a segment the shortcut was trained for
             for stage in range(1, cfg.num_stages + 1):
                 for st in method_plan(cfg, stage, torch.Generator().manual_seed(0)).steps:
                     if st.net == "shortcut":
                         shortcut_preset.check_jump(st.t, st.s)
-        from .adapters import SHORTCUT
+        from .adapters import SHORTCUT_ADAPTER
 
         unet = model.unet
-        if cfg.needs_shortcut and SHORTCUT not in getattr(unet, "peft_config", {}):
+        if cfg.needs_shortcut and SHORTCUT_ADAPTER not in getattr(unet, "peft_config", {}):
             raise ValueError(f"method {cfg.method} needs the frozen shortcut adapter on the UNet: load one "
                              "(shortft_core.shortcut.load_shortcut / --shortcut), or use --shortcut-net base for "
                              "naive DDIM jumps")
@@ -210,6 +157,7 @@ class Trainer(Loop):
         self.history = History()
         self.wrapped: torch.nn.Module | None = None
         self.last_plan: ChainPlan | None = None
+        self.eval_plan = eval_plan  # the chain every evaluation samples (None: the inference chain)
         self.empty = model.encode_prompts([""])
 
     # ---- schedule ----
@@ -285,7 +233,7 @@ class Trainer(Loop):
             cond = self.model.encode_prompts(prompts)
             uncond = self.empty.repeat(len(prompts)) if plan.needs_uncond else None  # not only cfg.guidance
             ctx = self.acc.no_sync(self.wrapped) if (micro < cfg.grad_accum - 1 and self.acc.num_processes > 1) \
-                else _null()
+                else contextlib.nullcontext()
             with ctx:
                 loss, metrics = self.wrapped(plan, x, cond, uncond, prompts, self.gen, self._chain_hook(plan, micro))
                 (loss / cfg.grad_accum).backward()
@@ -309,18 +257,18 @@ class Trainer(Loop):
         if cfg.preview_every and self.iteration % cfg.preview_every == 0:
             self.preview()
         if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.eval_prompts:
-            self._eval_and_record()
+            self.record_evaluation()
 
     # ---- evaluation ----
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str] | None = None, seed: int = 12345, phase: str = "eval",
                  plan: ChainPlan | None = None) -> dict:
         """Mean and std of every evaluation reward on the inference chain (adapters switched per timestep), or on
-        ``plan`` (e.g. a partial run's stage chain)."""
+        ``plan``, else the trainer's ``eval_plan`` (e.g. a partial run's stage chain)."""
         prompts = list(prompts if prompts is not None else self.eval_prompts)
         if not prompts:
             return {}
-        images = self.sample(prompts, seed=seed, phase=phase, plan=plan)
+        images = self.sample(prompts, seed=seed, phase=phase, plan=plan if plan is not None else self.eval_plan)
         out = {}
         for name, fn in self.eval_rewards.items():
             r = fn(images.to(self.model.device), prompts).float()
@@ -354,10 +302,10 @@ class Trainer(Loop):
     def preview_plan(self) -> ChainPlan | None:
         """The preview chain: the inference chain (None), or with ``preview_chain='shortcut'`` and a shortcut on the
         UNet, its few jumps with the aligned set stacked (:func:`~shortft_core.plans.shortcut_preview_plan`)."""
-        from .adapters import SHORTCUT
+        from .adapters import SHORTCUT_ADAPTER
         from .plans import shortcut_preview_plan
 
-        if self.cfg.preview_chain != "shortcut" or SHORTCUT not in (getattr(self.model.unet, "peft_config", {}) or {}):
+        if self.cfg.preview_chain != "shortcut" or SHORTCUT_ADAPTER not in (getattr(self.model.unet, "peft_config", {}) or {}):
             return None
         preset = self.model.info.get("shortcut_preset")
         edges = preset.timesteps if preset is not None and preset.segmented else self.cfg.shortcut_edges
@@ -406,35 +354,29 @@ class Trainer(Loop):
         history. After a stop, ``self.stopped`` is True and a checkpoint holds the state to resume from."""
         if self.eval_prompts and not self.history.evals:
             try:
-                self._eval_and_record()
+                self.record_evaluation()
             except StopRequested:
                 self.stopped = True
                 return self.history
         try:
-            self.run()
+            self.iterate()
         except StopRequested:  # asked during an evaluation or preview after a finished iteration
             self.stopped = True
             if self._saved_at != self.iteration:
                 self.save_checkpoint()
         if not self.stopped and self.eval_prompts and self.history.evals[-1]["iteration"] != self.iteration:
             try:
-                self._eval_and_record()
+                self.record_evaluation()
             except StopRequested:
                 self.stopped = True
         for cb in self.callbacks:
             cb.on_end(self)
         return self.history
 
-    def _eval_and_record(self) -> None:
+    def record_evaluation(self) -> dict:
+        """Evaluate now (:meth:`evaluate`), add the result to the history and tell the callbacks; returns it."""
         result = {"iteration": self.iteration, "seconds": self.elapsed, **self.evaluate()}
         self.history.evals.append(result)
         for cb in self.callbacks:
             cb.on_eval(self, result)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        return result

@@ -6,20 +6,21 @@ import sys
 import torch
 
 torch.set_num_threads(1)
-from shortft_core.adapters import SHORTCUT, adapter_parameters, adapter_state, add_lora  # noqa: E402
+from shortft_core.adapters import SHORTCUT_ADAPTER, adapter_parameters, adapter_state, add_lora  # noqa: E402
 from shortft_core.tiny_world import load_tiny_rewards  # noqa: E402
 from shortft_core.loading import load_tiny_model  # noqa: E402
 from shortft_core.loop import Callback  # noqa: E402
-from shortft_core.trainer import PromptSource, Trainer  # noqa: E402
+from shortft_core.prompts import PromptSource  # noqa: E402
+from shortft_core.trainer import Trainer  # noqa: E402
 from shortft_core.config import TrainConfig  # noqa: E402
 
 out, batch = sys.argv[1], int(sys.argv[2])
 model = load_tiny_model()
-add_lora(model.unet, SHORTCUT, 4, seed=7)
-for p in adapter_parameters(model.unet, SHORTCUT):
+add_lora(model.unet, SHORTCUT_ADAPTER, 4, seed=7)
+for p in adapter_parameters(model.unet, SHORTCUT_ADAPTER):
     p.requires_grad_(False)
 alignment, _ = load_tiny_rewards()
-cfg = TrainConfig(iterations=int(sys.argv[3]), batch_size=batch, rank=4, eval_prompts=0, lr=5e-3)
+cfg = TrainConfig(iterations=int(sys.argv[3]), batch_size=batch, rank=4, eval_count=0, lr=5e-3)
 rank = int(os.environ.get("RANK", 0))
 
 

@@ -20,13 +20,13 @@ def tiny_model():
 def fresh_tiny():
     """A factory: a new tiny model, by default with a random frozen rank-4 'shortcut' adapter (training tests)."""
     def make(with_shortcut: bool = True):
-        from shortft_core.adapters import SHORTCUT, adapter_parameters, add_lora
+        from shortft_core.adapters import SHORTCUT_ADAPTER, adapter_parameters, add_lora
         from shortft_core.loading import load_tiny_model
 
         model = load_tiny_model()
         if with_shortcut:
-            add_lora(model.unet, SHORTCUT, 4, seed=7)
-            for p in adapter_parameters(model.unet, SHORTCUT):
+            add_lora(model.unet, SHORTCUT_ADAPTER, 4, seed=7)
+            for p in adapter_parameters(model.unet, SHORTCUT_ADAPTER):
                 p.requires_grad_(False)
         return model
 
@@ -65,7 +65,7 @@ def comfy_server():
 def sd15_checkpoint(tmp_path_factory):
     """One random-weight single-file checkpoint of the full SD1.5 architecture (fp16, ~2 GB) for the session: what
     ComfyUI's CheckpointLoaderSimple and shortft_core.loading.load_model both read (about a minute to build)."""
-    from shortft_core import random_models
+    from shortft_core.testing import random_models
 
     model = random_models.random_model("sd15", dtype=torch.bfloat16, seed=21)
     path = random_models.write_ldm_checkpoint(model, tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors",

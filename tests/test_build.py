@@ -75,19 +75,19 @@ def test_interrupted_build_resumes_after_its_finished_phases(tmp_path, monkeypat
 def test_add_shortcut_copies_a_distilled_shortcut_and_rehashes(tmp_path, two_builds):
     import shutil
 
-    from shortft_core.adapters import SHORTCUT, add_lora
-    from shortft_core.io import sha256_file
+    from shortft_core.adapters import SHORTCUT_ADAPTER, add_lora
+    from shortft_core.files import sha256_file
     from shortft_core.lora_io import export_lora
 
     root = tmp_path / "world"
     shutil.copytree(two_builds[0], root)
     model = load_tiny_model(root=root)
-    add_lora(model.unet, SHORTCUT, 2, seed=1)
-    plain = export_lora(model.unet, SHORTCUT, tmp_path / "plain.safetensors")
+    add_lora(model.unet, SHORTCUT_ADAPTER, 2, seed=1)
+    plain = export_lora(model.unet, SHORTCUT_ADAPTER, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not a ShortFT-distilled shortcut"):
         B.add_shortcut(root, plain)
     assert not (root / "shortcut.safetensors").exists()
-    sc = export_lora(model.unet, SHORTCUT, tmp_path / "sc.safetensors",
+    sc = export_lora(model.unet, SHORTCUT_ADAPTER, tmp_path / "sc.safetensors",
                      metadata={"kind": "shortcut", "edges": [999, 749, 499, 249], "guidance": 3.0})
     m = B.main(["--out", str(root), "--add-shortcut", str(sc)])
     manifest = json.loads((root / "MANIFEST.json").read_text())

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shortft_core.adapters import SHORTCUT, AdapterSwitch, LoraSetSpec, adapter_parameters, add_lora
+from shortft_core.adapters import SHORTCUT_ADAPTER, AdapterSwitch, LoraSetSpec, adapter_parameters, add_lora
 from shortft_core.chain import run_plan
 from shortft_core.plans import base_chain, draft_plan, full_bptt_plan, original_chain, shortft_plan
 from shortft_core.sampling import initial_noise, sample
@@ -18,17 +18,17 @@ SPEC = LoraSetSpec(rank=4)
 def adapted(tiny_model):
     """The tiny model with a random frozen 'shortcut' and a random (non-zero) alignment set; removed afterwards."""
     unet = tiny_model.unet
-    add_lora(unet, SHORTCUT, 4, seed=1)
-    for p in adapter_parameters(unet, SHORTCUT):
+    add_lora(unet, SHORTCUT_ADAPTER, 4, seed=1)
+    for p in adapter_parameters(unet, SHORTCUT_ADAPTER):
         p.requires_grad_(False)
     SPEC.add_to(unet, seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n in (SHORTCUT, *SPEC.names):
+        for n in (SHORTCUT_ADAPTER, *SPEC.names):
             for p in adapter_parameters(unet, n):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     yield tiny_model, AdapterSwitch(unet)
-    unet.delete_adapters([SHORTCUT, *SPEC.names])
+    unet.delete_adapters([SHORTCUT_ADAPTER, *SPEC.names])
     unet.requires_grad_(False)
 
 
@@ -61,7 +61,7 @@ def test_gradient_reaches_lora1_through_the_shortcut_jumps(adapted):
         replace(s, grad=False) if s.net == "shortcut" else s for s in only_jumps.steps))
     g2 = _grads(model, no_jac, switch, SPEC.names)
     assert not torch.allclose(g["align_1"], g2["align_1"])
-    for p in adapter_parameters(model.unet, SHORTCUT):
+    for p in adapter_parameters(model.unet, SHORTCUT_ADAPTER):
         assert p.grad is None  # the shortcut stays frozen
 
 

@@ -144,7 +144,7 @@ def test_optional_settings_accept_none_and_keep_their_bounds():
 def test_every_config_setting_has_help():
     import dataclasses
 
-    from shortft_core.distill import DistillConfig
+    from shortft_core.distillation import DistillConfig
     from shortft_core.config import TrainConfig
     for cls, skipped in ((TrainConfig, ()), (DistillConfig, ("prompts",))):  # prompts: --prompts-file instead
         bare = [f.name for f in dataclasses.fields(cls) if f.name not in skipped and not f.metadata.get("help")]

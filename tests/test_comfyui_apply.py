@@ -85,7 +85,7 @@ def foreign_sets(comfy_server: ComfyServer) -> None:
     from shortft_core.adapters import LoraSetSpec
     from shortft_core.loading import bundled_config
     from shortft_core.lora_set import export_lora_set
-    from shortft_core.random_models import SMALL_CONFIGS, random_unet
+    from shortft_core.testing.random_models import SMALL_CONFIGS, random_unet
 
     loras = comfy_server.models / "loras"
     unet = random_unet({**bundled_config("sdxl", "unet"), **SMALL_CONFIGS["sdxl"]["unet"]}, seed=1)

@@ -21,7 +21,7 @@ from comfy_harness import PromptRefused, execution_error
 pytestmark = pytest.mark.comfyui
 
 NODES = ["ShortFT_LoadShortcutModel", "ShortFT_RewardModel", "ShortFT_Train", "ShortFT_Sample",
-         "ShortFT_ScoreImages", "ShortFT_LoadLoRASet", "ShortFT_ApplyAlignedLoRA"]
+         "ShortFT_ScoreImages", "ShortFT_LoadLoRASet", "ShortFT_ApplyAlignedLoRA", "ShortFT_LoadTinyWorld"]
 HELD_OUT = "a small red circle on the left on a white background\na big green triangle on the right on a white background"
 PROMPTS = "a small red circle on the left on a white background\na big blue square on a white background"
 
@@ -147,6 +147,34 @@ def test_a_runtime_error_is_a_node_error_and_the_server_serves_on(comfy_server):
     assert error is not None and error["node_id"] == "3" and "no usable line" in error["exception_message"]
     _, ok = comfy_server.run(graph("tier2_after_error", iterations=1))
     assert ok[-1]["type"] == "execution_success"
+
+
+def test_a_graph_reads_only_the_servers_own_folders(comfy_server):
+    """A prompt file outside ComfyUI's input/output/temp folders (an absolute path, or ../ out of the input folder)
+    and a diffusers folder outside models/diffusers are node errors that say where files go, even where the file or
+    folder exists; a prompt file in the input folder, named as ComfyUI names inputs, passes."""
+    outside = comfy_server.base / "elsewhere"
+    (outside / "pipe").mkdir(parents=True, exist_ok=True)
+    (outside / "pipe" / "model_index.json").write_text("{}")
+    (outside / "prompts.txt").write_text("a small red circle on the left on a white background\n")
+    for name in (str(outside / "prompts.txt"), "../elsewhere/prompts.txt"):
+        g = graph("tier2_outside")
+        g["3"]["inputs"].update(prompt_source="prompt file", prompt_file=name)
+        with pytest.raises(PromptRefused) as refused:
+            comfy_server.queue(g)
+        assert any("outside ComfyUI's input" in d and "put the file in the input folder" in d
+                   for d in refused.value.details()), str(refused.value)
+    g = graph("tier2_outside")
+    g["1"]["inputs"]["base"] = "[diffusers] ../../elsewhere/pipe"
+    with pytest.raises(PromptRefused) as refused:
+        comfy_server.queue(g)
+    assert any("is not one of the pipeline folders" in d for d in refused.value.details()), str(refused.value)
+    (comfy_server.base / "input" / "mine.txt").write_text("a small red circle on the left on a white background\n")
+    for name in ("mine.txt", "mine.txt [input]"):
+        g = graph("tier2_inside_" + name.split()[-1].strip("[]"), iterations=1, preview_every=0, eval_prompts="")
+        g["3"]["inputs"].update(prompt_source="prompt file", prompt_file=name)
+        _, events = comfy_server.run(g)
+        assert events[-1]["type"] == "execution_success", execution_error(events)
 
 
 def test_stage_fractions_follow_the_models_stages(comfy_server):

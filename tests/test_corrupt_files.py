@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shortft_core.cli import main
-from shortft_core.io import SafetensorsFileError, check_safetensors
+from shortft_core.files import SafetensorsFileError, check_safetensors
 from shortft_core.segments import Segments
 from shortft_core.tiny_world import tiny_shortcut_path, weights_dir
 

@@ -6,11 +6,25 @@ import json
 import pytest
 import torch
 
-from shortft_core.adapters import SHORTCUT, AdapterSwitch, adapter_state
-from shortft_core.distill import DistillConfig, Distiller, draw_starts, few_step_plan, jump_errors
+from shortft_core.adapters import SHORTCUT_ADAPTER, AdapterSwitch, adapter_state
+from shortft_core.distillation import DistillConfig, Distiller, draw_starts, few_step_plan, jump_errors
 from shortft_core.lora_io import export_lora, read_lora
+from shortft_core.loop import Callback
 from shortft_core.tiny_world import held_out_prompts
 from shortft_core.loading import load_tiny_model
+
+class StopAt(Callback):
+    """Asks the loop to stop once it has done ``step`` steps; records every step's metrics."""
+
+    def __init__(self, step: int | None = None) -> None:
+        self.step, self.seen = step, []
+
+    def on_step(self, loop, metrics: dict) -> None:
+        self.seen.append(metrics)
+
+    def should_stop(self, loop) -> bool:
+        return self.step is not None and loop.iteration >= self.step
+
 
 # the full-teacher target learns fastest from a zero LoRA (BENCHMARKS.md, shortcut distillation): 100 steps suffice
 SMALL = DistillConfig(
@@ -23,8 +37,8 @@ def distilled(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
     model = load_tiny_model()
     d = Distiller(model, SMALL, out)
-    d.run()
-    path = export_lora(model.unet, SHORTCUT, out / "shortcut.safetensors", metadata=d.metadata())
+    d.iterate()
+    path = export_lora(model.unet, SHORTCUT_ADAPTER, out / "shortcut.safetensors", metadata=d.metadata())
     return model, d, path
 
 
@@ -84,14 +98,14 @@ def test_shortcut_file_round_trips_into_our_loader_and_diffusers(distilled):
 def test_resume_continues_exactly(tmp_path):
     cfg = DistillConfig(steps=6, batch_size=4, rank=4, checkpoint_every=3, pool_size=4, pool_reuse=4)
     a = Distiller(load_tiny_model(), cfg, tmp_path / "a")
-    a.run()
-    b = Distiller(load_tiny_model(), cfg, tmp_path / "b")
-    b.run(should_stop=lambda: b.step >= 3)
+    a.iterate()
+    b = Distiller(load_tiny_model(), cfg, tmp_path / "b", callbacks=[StopAt(3)])
+    b.iterate()
     assert b.step == 3
     c = Distiller(load_tiny_model(), cfg, tmp_path / "b")
     assert c.resume() and c.step == 3
-    c.run()
-    sa, sc = adapter_state(a.unet, SHORTCUT), adapter_state(c.unet, SHORTCUT)
+    c.iterate()
+    sa, sc = adapter_state(a.unet, SHORTCUT_ADAPTER), adapter_state(c.unet, SHORTCUT_ADAPTER)
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
@@ -100,13 +114,13 @@ def test_ema_consistency_run_with_l2_resumes_exactly(tmp_path):
     cfg = DistillConfig(steps=4, batch_size=4, rank=4, checkpoint_every=2, pool_size=4, pool_reuse=4,
                         target="consistency", ema_decay=0.9, loss="l2")
     a = Distiller(load_tiny_model(), cfg, tmp_path / "a")
-    a.run()
-    b = Distiller(load_tiny_model(), cfg, tmp_path / "b")
-    b.run(should_stop=lambda: b.step >= 2)
+    a.iterate()
+    b = Distiller(load_tiny_model(), cfg, tmp_path / "b", callbacks=[StopAt(2)])
+    b.iterate()
     c = Distiller(load_tiny_model(), cfg, tmp_path / "b")
     assert c.resume() and c.step == 2
-    c.run()
-    sa, sc = adapter_state(a.unet, SHORTCUT), adapter_state(c.unet, SHORTCUT)
+    c.iterate()
+    sa, sc = adapter_state(a.unet, SHORTCUT_ADAPTER), adapter_state(c.unet, SHORTCUT_ADAPTER)
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
     assert all(torch.equal(e, f) for e, f in zip(a.ema, c.ema))
     # the EMA trails the student: it moved from the start, but not all the way
@@ -115,18 +129,18 @@ def test_ema_consistency_run_with_l2_resumes_exactly(tmp_path):
 
 def test_a_resumed_run_reports_its_own_speed(tmp_path, monkeypatch):
     """s/step after a resume is this run's time over this run's steps (it was divided by every step since 0)."""
-    import shortft_core.distill as distill
+    import shortft_core.distillation as distill
 
     cfg = DistillConfig(steps=4, batch_size=2, rank=4, checkpoint_every=2, pool_size=2, pool_reuse=4)
-    a = Distiller(load_tiny_model(), cfg, tmp_path)
-    a.run(should_stop=lambda: a.step >= 2)
+    a = Distiller(load_tiny_model(), cfg, tmp_path, callbacks=[StopAt(2)])
+    a.iterate()
     ticks = iter(range(1000))  # a clock that advances 1 s each time it is read: one read per step, one at the start
     monkeypatch.setattr(distill.time, "perf_counter", lambda: float(next(ticks)))
-    b = Distiller(load_tiny_model(), cfg, tmp_path)
+    steps = StopAt()
+    b = Distiller(load_tiny_model(), cfg, tmp_path, callbacks=[steps])
     assert b.resume() and b.step == 2
-    seen = []
-    last = b.run(on_step=lambda step, m: seen.append(m["sec_per_step"]))
-    assert b.step == 4 and seen == [1.0, 1.0] and last["sec_per_step"] == 1.0
+    last = b.iterate()
+    assert b.step == 4 and [m["sec_per_step"] for m in steps.seen] == [1.0, 1.0] and last["sec_per_step"] == 1.0
 
 
 def test_bad_inputs_are_refused_before_work(tmp_path):
@@ -141,7 +155,7 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match="settings differ"):
         a = Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=2, pool_size=2, checkpoint_every=1),
                       tmp_path / "r")
-        a.run()
+        a.iterate()
         Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=2, pool_size=2, rank=4), tmp_path / "r").resume()
     with pytest.raises(ValueError, match="needs prompts"):
         m = load_tiny_model()
@@ -175,7 +189,7 @@ def test_image_data_and_consistency_target_paths(tmp_path):
     for data, target in (("images", "teacher"), ("images", "consistency"), ("trajectories", "consistency")):
         d = Distiller(load_tiny_model(), DistillConfig(steps=2, batch_size=4, rank=4, data=data, target=target,
                                                        train_images=32, pool_size=4), tmp_path / f"{data}-{target}")
-        m = d.run()
+        m = d.iterate()
         assert m["loss"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
 
 
@@ -194,7 +208,9 @@ def test_shipped_shortcut_beats_naive_jumps_clearly():
 
 
 def test_distill_cli_bf16_writes_resumes_and_refuses(tmp_path, capsys):
-    """The CLI loads the base in the dtype asked for, reports speed, writes the shortcut, and resumes to more steps."""
+    """The CLI loads the base in the dtype asked for, reports speed, writes the shortcut and run.json, and follows
+    the run-folder rule training follows: the same command returns a finished run, more steps continue it, other
+    settings are refused by name, --overwrite starts over."""
     from shortft_core.cli import main
 
     out = tmp_path / "run"
@@ -208,11 +224,15 @@ def test_distill_cli_bf16_writes_resumes_and_refuses(tmp_path, capsys):
     meta = json.loads(metadata["shortft"])
     assert meta["distill_config"]["mixed_precision"] == "bf16" and meta["steps_done"] == 2
     assert {v.dtype for k, v in tensors.items() if k.endswith("weight")} == {torch.float16}  # as published files
-    with pytest.raises(SystemExit, match="--resume"):
-        main(bf16 + ["--steps", "3"])
-    with pytest.raises(SystemExit, match="settings differ"):  # an fp32 base cannot continue a bf16 run
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["iteration"] == 2
+    stamp = (out / "shortcut.safetensors").stat().st_mtime_ns
+    assert main(bf16 + ["--steps", "2"]) == 0  # the same command: the finished run, untouched
+    assert "holds this finished distillation (2 steps)" in capsys.readouterr().out
+    assert (out / "shortcut.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match=r"other settings \(mixed_precision\)"):  # fp32 cannot continue bf16
         main(common + ["--steps", "3", "--resume"])
-    assert main(bf16 + ["--steps", "3", "--resume"]) == 0
+    assert main(bf16 + ["--steps", "3"]) == 0  # more steps continue it
     assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 3
     with pytest.raises(SystemExit, match="pass one of them"):
         main(bf16 + ["--steps", "1", "--resume", "--overwrite"])
@@ -220,6 +240,23 @@ def test_distill_cli_bf16_writes_resumes_and_refuses(tmp_path, capsys):
     assert main(bf16 + ["--steps", "1", "--overwrite"]) == 0
     assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 1
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-0000001.pt"]
+
+
+def test_distill_session_leaves_a_given_model_as_it_was(tmp_path):
+    """Distillation through the library session on a model the caller loaded: the shortcut file is written and the
+    model carries no adapter afterwards (as a training session leaves it)."""
+    from shortft_core.session import DistillRequest, distill
+
+    model = load_tiny_model()
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    cfg = DistillConfig(steps=2, batch_size=2, rank=4, pool_size=2, pool_reuse=2)
+    result = distill(DistillRequest(out=tmp_path, model=model, config=cfg))
+    assert result.status == "finished" and result.step == 2 and result.shortcut.is_file()
+    assert not getattr(model.unet, "peft_config", None)
+    after = model.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    again = distill(DistillRequest(out=tmp_path, model=model, config=cfg))
+    assert again.status == "reused" and again.step == 2
 
 
 def test_mixed_precision_must_match_the_base(tmp_path):
@@ -234,7 +271,7 @@ def test_resume_accepts_a_checkpoint_older_than_mixed_precision(tmp_path):
     from shortft_core.checkpoint import CheckpointManager
 
     cfg = DistillConfig(steps=1, batch_size=2, rank=4, pool_size=2, checkpoint_every=1)
-    Distiller(load_tiny_model(), cfg, tmp_path).run()
+    Distiller(load_tiny_model(), cfg, tmp_path).iterate()
     path = CheckpointManager(tmp_path / "checkpoints").latest()
     st = CheckpointManager.load(path)
     old = json.loads(st["config"])
@@ -263,7 +300,7 @@ def test_distill_cli_refuses_data_a_real_base_cannot_use_before_loading_it(tmp_p
 
 def test_distill_cli_ctrl_c_saves_the_step_it_stopped_at(tmp_path, monkeypatch, capsys):
     """A real SIGINT during distillation ends it after the step: checkpoint and shortcut file hold that step,
-    the status is 130, and --resume continues to the planned steps."""
+    the status is 130, and the same command continues to the planned steps."""
     import os
     import signal
 
@@ -287,5 +324,5 @@ def test_distill_cli_ctrl_c_saves_the_step_it_stopped_at(tmp_path, monkeypatch, 
     assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 2
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-0000002.pt"]
     monkeypatch.setattr(Distiller, "loss_on", real_loss)
-    assert main(args + ["--resume"]) == 0
+    assert main(args) == 0  # the same command continues it
     assert json.loads(read_lora(out / "shortcut.safetensors")[1]["shortft"])["steps_done"] == 5

@@ -1,7 +1,7 @@
 """Offline loading of SD1.5 / SDXL: single-file ldm checkpoints with bundled configs, SDXL diffusers folders,
 SDXL conditioning equal to diffusers' pipeline, and refusal of layouts ShortFT does not support.
 
-Tier 1 uses reduced architectures (shortft_core.random_models.SMALL_CONFIGS) through exactly the loader's code
+Tier 1 uses reduced architectures (shortft_core.testing.random_models.SMALL_CONFIGS) through exactly the loader's code
 path; the slow tier loads full-size random-weight SD1.5 checkpoints with the bundled configs.
 """
 
@@ -14,7 +14,8 @@ import pickle
 import pytest
 import torch
 
-from shortft_core import ldm_keys, loading, random_models
+from shortft_core import ldm_keys, loading
+from shortft_core.testing import random_models
 from shortft_core.loading import UnsupportedModelError
 from shortft_core.loading import load_model
 
@@ -165,6 +166,24 @@ def test_missing_and_refused_inputs_name_the_file(tmp_path):
     (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ValueError, match="FluxPipeline.*StableDiffusionXLPipeline"):
         load_model(tmp_path / "flux")
+
+
+def test_a_diffusers_folder_with_pickled_weights_only_is_refused_unread(tmp_path, monkeypatch):
+    """A pipeline folder whose UNet holds only a pickled .bin (no safetensors) is refused naming the file, and no
+    pickle is opened: diffusers' and transformers' loaders never fall back to it."""
+    import shutil
+
+    from shortft_core.tiny_world import weights_dir
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(weights_dir() / "pipeline", folder)
+    unet = folder / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"conv_in.weight": torch.zeros(1)}, unet / "diffusion_pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was opened"))
+    with pytest.raises(FileNotFoundError, match=r"no weights \(\*.safetensors\) in .*unet.*diffusion_pytorch_model.bin"
+                                                r" are pickle files, which are never loaded"):
+        load_model(folder)
 
 
 def test_ldm_key_maps_invert_diffusers_converters():

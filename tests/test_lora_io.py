@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from shortft_core import ldm_keys, lora_io
 from shortft_core.lora_io import LoraFormatError, LoraModule
-from shortft_core.random_models import SMALL_CONFIGS, random_unet
+from shortft_core.testing.random_models import SMALL_CONFIGS, random_unet
 from shortft_core.loading import bundled_config
 
 ALIGN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]

@@ -6,7 +6,7 @@ import pytest
 
 from shortft_core import lora_io, shortcut
 from shortft_core.lora_io import LoraFormatError
-from shortft_core.random_models import random_unet
+from shortft_core.testing.random_models import random_unet
 from shortft_core.schedule import FINAL, SD15_SCHEDULER_CONFIG
 
 from test_lora_io import random_lora, small_unet_config, write_layout  # noqa: E402  (tests/ is on sys.path)

@@ -12,14 +12,15 @@ from shortft_core.lora_set import load_lora_set, segment_weights, set_inference_
 from shortft_core.sampling import sample
 from shortft_core.tiny_world import held_out_prompts, load_tiny_rewards
 from shortft_core.loading import load_tiny_model
-from shortft_core.trainer import PromptSource, Trainer
+from shortft_core.prompts import PromptSource
+from shortft_core.trainer import Trainer
 from shortft_core.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def trained_set(tmp_path_factory, fresh_tiny):
     model = fresh_tiny()
-    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0,  # unguided, as the tiny preset
+    cfg = TrainConfig(iterations=1, rank=4, eval_count=0, guidance=1.0,  # unguided, as the tiny preset
                       last_segment="tuned")  # a LoRA on every segment
     tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     g = torch.Generator().manual_seed(0)
@@ -68,7 +69,7 @@ def test_merged_is_the_step_weighted_average(trained_set):
 
 def test_a_single_lora_run_writes_that_lora_in_every_file(tmp_path, fresh_tiny):
     model = fresh_tiny()
-    cfg = TrainConfig(method="draft", iterations=1, rank=4, eval_prompts=0)
+    cfg = TrainConfig(method="draft", iterations=1, rank=4, eval_count=0)
     tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     assert tr.lora.names == ("align_1",)
     with torch.no_grad():
@@ -159,7 +160,7 @@ def test_a_set_that_leaves_the_last_segment_to_the_base(trained_set, tmp_path, f
     folder = tmp_path / "lora"
     shutil.copytree(tuned_folder, folder)  # a 4-segment set from an earlier run, to be replaced
     model = fresh_tiny()
-    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0, last_segment="base")
+    cfg = TrainConfig(iterations=1, rank=4, eval_count=0, guidance=1.0, last_segment="base")
     tr = Trainer(model, load_tiny_rewards()[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import torch
 
 from shortft_core.adapters import SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora
 from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_norm_act, lean_saved_activations
-from shortft_core.profiling import kept_for_backward
+from shortft_core.testing.profiling import kept_for_backward
 from shortft_core.loading import load_tiny_model
 
 
@@ -211,7 +211,8 @@ def test_tiny_unet_and_vae_keep_less_and_train_the_same():
 
 def test_the_trainer_switches_the_frozen_convolutions_and_geglus(tmp_path, tiny_rewards, fresh_tiny):
     from shortft_core.tiny_world import held_out_prompts
-    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.prompts import PromptSource
+    from shortft_core.trainer import Trainer
     from shortft_core.config import TrainConfig
 
     model = fresh_tiny()
@@ -221,7 +222,7 @@ def test_the_trainer_switches_the_frozen_convolutions_and_geglus(tmp_path, tiny_
 
     convs = [m for net in (model.unet, model.vae) for m in net.modules() if type(m) in (torch.nn.Conv2d, GEGLU)]
     convs += [norm for net in (model.unet, model.vae) for norm, _ in _pairs(net)]
-    Trainer(model, tiny_rewards[0], TrainConfig(iterations=1, batch_size=1, rank=4, eval_prompts=0),
+    Trainer(model, tiny_rewards[0], TrainConfig(iterations=1, batch_size=1, rank=4, eval_count=0),
             PromptSource(held_out_prompts(2)), out=tmp_path)
     assert convs and all(getattr(m, "_shortft_lean", None) == ("cuda",) for m in convs)  # the lean path on CUDA
 
@@ -241,10 +242,11 @@ def test_training_with_every_switch_matches_training_without(tmp_path, tiny_rewa
     the trainer makes on CUDA, forced on here on CPU, change neither the losses nor the trained LoRAs."""
     from shortft_core.adapters import adapter_state
     from shortft_core.tiny_world import held_out_prompts
-    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.prompts import PromptSource
+    from shortft_core.trainer import Trainer
     from shortft_core.config import TrainConfig
 
-    cfg = TrainConfig(iterations=4, batch_size=2, rank=4, eval_prompts=0, lr=1e-3, checkpoint_unet=True,
+    cfg = TrainConfig(iterations=4, batch_size=2, rank=4, eval_count=0, lr=1e-3, checkpoint_unet=True,
                       checkpoint_vae=True, guidance=3.0)
     runs = []
     for lean in (False, True):
@@ -269,9 +271,10 @@ def test_each_memory_switch_lowers_the_peak_of_a_training_step(tmp_path, tiny_re
     """The peak of what a ShortFT iteration allocates (warm-up plus one step, ``profiling.LivePeak``) drops with each
     switch the README recommends for small cards: UNet checkpointing, VAE checkpointing, both, the lean
     activations the trainer makes on CUDA (forced on here)."""
-    from shortft_core.profiling import LivePeak
+    from shortft_core.testing.profiling import LivePeak
     from shortft_core.tiny_world import held_out_prompts
-    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.prompts import PromptSource
+    from shortft_core.trainer import Trainer
     from shortft_core.config import TrainConfig
 
     peaks = {}
@@ -280,7 +283,7 @@ def test_each_memory_switch_lowers_the_peak_of_a_training_step(tmp_path, tiny_re
         model = fresh_tiny()
         if lean:
             lean_saved_activations(model.unet, model.vae, devices=None)
-        cfg = TrainConfig(iterations=2, batch_size=2, rank=4, eval_prompts=0, checkpoint_unet=unet,
+        cfg = TrainConfig(iterations=2, batch_size=2, rank=4, eval_count=0, checkpoint_unet=unet,
                           checkpoint_vae=vae, guidance=3.0)
         tr = Trainer(model, tiny_rewards[0], cfg, PromptSource(held_out_prompts(4)), out=tmp_path / name)
         with LivePeak() as mem:

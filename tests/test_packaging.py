@@ -27,7 +27,7 @@ import comfy_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = ["ShortFT_LoadShortcutModel", "ShortFT_RewardModel", "ShortFT_Train", "ShortFT_Sample",
-         "ShortFT_ScoreImages", "ShortFT_LoadLoRASet", "ShortFT_ApplyAlignedLoRA"]
+         "ShortFT_ScoreImages", "ShortFT_LoadLoRASet", "ShortFT_ApplyAlignedLoRA", "ShortFT_LoadTinyWorld"]
 
 
 def comfy_cli_skip_reason() -> str | None:

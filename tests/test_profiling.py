@@ -2,7 +2,7 @@
 
 import torch
 
-from shortft_core.profiling import _key, _signatures, ideal_seconds
+from shortft_core.testing.profiling import _key, _signatures, ideal_seconds
 from shortft_core.config import TrainConfig
 from shortft_core.methods import method_plan
 
@@ -44,11 +44,12 @@ def test_ideal_seconds_prices_each_call_by_its_own_signature():
 
 def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards, fresh_tiny):
     from shortft_core.adapters import adapter_parameters
-    from shortft_core.profiling import pass_costs
-    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.testing.profiling import pass_costs
+    from shortft_core.prompts import PromptSource
+    from shortft_core.trainer import Trainer
 
     model = fresh_tiny()
-    cfg = TrainConfig(batch_size=1, rank=2, eval_prompts=0, last_segment="tuned")
+    cfg = TrainConfig(batch_size=1, rank=2, eval_count=0, last_segment="tuned")
     tr = Trainer(model, tiny_rewards[0], cfg, PromptSource.tiny(50))
     tr._enter_stage(4)
     plans = [method_plan(cfg, s, torch.Generator().manual_seed(0)) for s in (1, 4)]
@@ -64,7 +65,7 @@ def test_pass_costs_times_every_signature_of_a_real_trainer(tiny_rewards, fresh_
 def test_live_peak_counts_new_storages_until_they_are_freed():
     import gc
 
-    from shortft_core.profiling import LivePeak
+    from shortft_core.testing.profiling import LivePeak
 
     before = torch.ones(1000)  # made outside: not counted, nor are its views or in-place updates
     with LivePeak() as mem:
@@ -87,7 +88,7 @@ def test_live_peak_counts_new_storages_until_they_are_freed():
 def test_live_peak_follows_a_backward_pass():
     import gc
 
-    from shortft_core.profiling import LivePeak
+    from shortft_core.testing.profiling import LivePeak
 
     n = 10_000
     x = torch.randn(n, requires_grad=True)
@@ -102,7 +103,7 @@ def test_live_peak_follows_a_backward_pass():
 
 
 def test_extrapolated_peak_finds_the_moment_that_grows_fastest():
-    from shortft_core.profiling import align_traces, extrapolate_peak
+    from shortft_core.testing.profiling import align_traces, extrapolate_peak
 
     # moment 1 is the peak at both measured sizes, moment 3 grows faster and is the peak at x = 16
     ops = ["conv", "reward", "mm", "silu_backward"]
@@ -121,7 +122,7 @@ def test_extrapolated_peak_finds_the_moment_that_grows_fastest():
 def test_a_trace_carried_in_pixels_then_in_rank_is_exact_for_bilinear_memory():
     """Activations grow with pixels, adapter state with rank, a LoRA's hidden activations with both: every moment
     of M(p, r) = a + b p + c r + d p r is recovered at (p, r) from four runs by carrying twice."""
-    from shortft_core.profiling import carry_trace
+    from shortft_core.testing.profiling import carry_trace
 
     coef = [(5, 1, 0, 0), (1, 0, 3, 0), (0, 1, 1, 2), (9, 2, 0, 1)]  # one moment each: (a, b, c, d)
     ops = ["w", "x", "y", "z"]

@@ -14,7 +14,7 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     match = re.search(r"<!-- python-api -->\s*```python\n(.*?)```", text, re.S)
     assert match, "README.md lost its <!-- python-api --> block"
     code = match.group(1)
-    for long, short in (("iterations=320", "iterations=2"), ("eval_prompts=32", "eval_prompts=4")):
+    for long, short in (("iterations=320", "iterations=2"), ("eval_count=32", "eval_count=4")):
         assert long in code, long
         code = code.replace(long, short)
     monkeypatch.chdir(tmp_path)  # the example writes runs/api relative to where it runs

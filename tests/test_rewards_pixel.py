@@ -39,7 +39,6 @@ def test_symmetry_prefers_mirror_images():
     assert (s_m > s_x).all()
     noise = torch.rand(4, 3, 64, 64)
     assert (reward(noise, [""] * 4) + 1 / 3).abs().max() < 0.02  # E|U1 - U2| = 1/3 for independent uniforms
-    torch.testing.assert_close(reward.error(x), -s_x)  # the paper's "lower is better" number
 
 
 def test_symmetry_gradient_step_increases_symmetry():

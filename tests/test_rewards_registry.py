@@ -51,7 +51,7 @@ def test_one_spec_syntax_other_forms_are_refused_with_the_right_one(spec, messag
 
 
 def test_check_reward_spec_loads_nothing_and_finds_files_on_request(tmp_path, monkeypatch):
-    from shortft_core.io import SafetensorsFileError
+    from shortft_core.files import SafetensorsFileError
     from shortft_core.rewards import REWARDS, RewardWeightsNotFound, check_reward_spec, format_reward_spec
 
     for name, entry in REWARDS.items():  # any build would fail the test

@@ -1,10 +1,9 @@
-"""The one Segments type: a LoRA set's segments, a shortcut's grid, and ComfyUI's sampling percent."""
+"""The one Segments type: a LoRA set's segments and a shortcut's grid."""
 
-import json
 
 import pytest
 
-from shortft_core.lora_set import set_schedule
+from shortft_core.lora_set import schedule_of
 from shortft_core.schedule import FINAL, leading_grid
 from shortft_core.segments import Segments, check_edges
 
@@ -40,28 +39,12 @@ def test_shortcut_grid_jumps():
         check_edges((749, 999), "shortcut_edges")
 
 
-def test_comfyui_percent_boundaries_put_every_grid_step_in_its_segment():
-    """A timestep t sits at percent 1 - t/999; each segment's [start, end) holds exactly its own timesteps."""
-    segs = Segments((761, 501, 261, 0))
-    ranges = [segs.percent_range(j) for j in range(1, 5)]
-    assert ranges[0][0] == 0.0 and ranges[-1][1] == 1.0
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous
-    for t in range(0, 1000):
-        p = 1 - t / 999
-        inside = [j for j, (lo, hi) in enumerate(ranges, start=1) if lo <= p < hi or (j == 4 and p == 1.0)]
-        assert inside == [segs.segment_of(t)], t
-    assert ranges[1][0] == pytest.approx(1 - 760.5 / 999)
-
-
 def test_set_schedule_reads_the_manifest(tmp_path):
     info = {"segments": [[761, 999], [501, 760], [261, 500], [0, 260]],
             "segment_files": [f"segment_{j}.safetensors" for j in range(1, 5)]}
-    (tmp_path / "set.json").write_text(json.dumps(info))
-    sched = set_schedule(tmp_path)
+    sched = schedule_of(tmp_path, info)
     assert [e.segment for e in sched] == [1, 2, 3, 4]
     assert sched[2].timesteps == (261, 500) and sched[2].file == tmp_path / "segment_3.safetensors"
-    assert sched[0].percent == (0.0, pytest.approx(1 - 760.5 / 999))
     info["segments"][1] = [500, 760]  # overlaps segment 3
-    (tmp_path / "set.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="do not tile"):
-        set_schedule(tmp_path)
+        schedule_of(tmp_path, info)

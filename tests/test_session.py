@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from shortft_core.adapters import SHORTCUT
-from shortft_core.config import TrainConfig
+from shortft_core.adapters import SHORTCUT_ADAPTER
+from shortft_core.config import TINY_PRESET, TrainConfig
 from shortft_core.loop import Callback, SingleProcess
 from shortft_core.session import TrainingSession, TrainRequest, train
 from shortft_core.trainer import Trainer
@@ -21,7 +21,7 @@ PROMPTS = ["a small red circle on the left on a white background", "a big blue s
 
 def small(**kw) -> TrainConfig:
     """A few seconds of ShortFT on the tiny world: 10-step chain, batch 1, rank 2, no held-out evaluation."""
-    base = dict(iterations=2, batch_size=1, rank=2, guidance=1.0, lr=5e-3, sample_steps=10, eval_prompts=0,
+    base = dict(iterations=2, batch_size=1, rank=2, guidance=1.0, lr=5e-3, sample_steps=10, eval_count=0,
                 checkpoint_every=100)
     return TrainConfig(**{**base, **kw})
 
@@ -103,7 +103,7 @@ def test_the_callers_model_is_left_exactly_as_it_was(tmp_path, fresh_tiny, monke
         else:
             result = session.run()
             assert result.status == ("stopped" if ending == "stop" else "finished")
-            assert SHORTCUT in model.unet.peft_config and "align_1" in model.unet.peft_config  # trained on it
+            assert SHORTCUT_ADAPTER in model.unet.peft_config and "align_1" in model.unet.peft_config  # trained on it
     assert_same(before, snapshot(model))
 
 
@@ -121,8 +121,9 @@ def test_a_shortcut_the_caller_loaded_stays_and_training_twice_on_one_model_work
 
 
 def test_load_unload_load_of_a_shortcut_and_a_lora_set_on_one_model(tmp_path, fresh_tiny):
-    from shortft_core.lora_set import load_lora_set, unload_lora_set
-    from shortft_core.shortcut import load_shortcut, unload_shortcut
+    from shortft_core.adapters import remove_adapters
+    from shortft_core.lora_set import load_lora_set
+    from shortft_core.shortcut import load_shortcut
     from shortft_core.tiny_world import tiny_shortcut_path
 
     model = fresh_tiny(with_shortcut=False)
@@ -132,9 +133,8 @@ def test_load_unload_load_of_a_shortcut_and_a_lora_set_on_one_model(tmp_path, fr
     for _ in range(2):
         load_shortcut(model.unet, tiny_shortcut_path())
         names, _ = load_lora_set(model.unet, set_dir)
-        assert sorted(model.unet.peft_config) == sorted([SHORTCUT, *names])
-        unload_lora_set(model.unet, names)
-        unload_shortcut(model.unet)
+        assert sorted(model.unet.peft_config) == sorted([SHORTCUT_ADAPTER, *names])
+        remove_adapters(model.unet, [*names, SHORTCUT_ADAPTER])
         assert_same(base, snapshot(model))
 
 
@@ -222,6 +222,8 @@ def test_run_folders_are_idempotent(tmp_path, monkeypatch):
     run_file = out / "run.json"
     saved = json.loads(run_file.read_text())
     del saved["settings"]["config"]["unrun_lr_scale"], saved["settings"]["config"]["last_segment"]
+    # and a setting renamed since (eval_count was eval_prompts) is read under its new name
+    saved["settings"]["config"]["eval_prompts"] = saved["settings"]["config"].pop("eval_count")
     run_file.write_text(json.dumps(saved))
     with monkeypatch.context() as m:
         m.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished run was trained again"))
@@ -252,6 +254,46 @@ def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match="has no usable line"):
         train(request(tmp_path / "run", prompts=str(tmp_path / "empty.txt")))
+
+
+# ----- settings resolved once, in the library ---------------------------------------------------------------------
+def test_a_preset_and_the_users_settings_are_resolved_against_the_model(tmp_path, fresh_tiny, tiny_rewards):
+    """Hosts pass what the user set and a preset; the session completes it: the preset under the user's values, its
+    tiny-world-only settings only on the tiny model, the held-out count from the prompts given (none on a real model
+    without eval prompts) and the precision from a loaded model's dtype."""
+    from shortft_core import check_settings, resolve_config
+    from shortft_core.session import TrainingSession
+
+    assert resolve_config({"iterations": 5}, "tiny", tiny=True).last_segment == "base"
+    assert resolve_config({"iterations": 5}, "tiny", tiny=False).last_segment == "tuned"
+    assert resolve_config({"last_segment": "tuned", "lr": 1e-4}, "tiny").lr == 1e-4
+    assert resolve_config({}, None).iterations == TrainConfig().iterations
+    check_settings({"stage_fractions": (0.4, 0.3, 0.3)}, "tiny")  # three stages: the tiny world's
+    check_settings({"stage_fractions": (0.4, 0.2, 0.2, 0.2)}, "tiny")  # four: a real model's
+    with pytest.raises(ValueError, match="stage_fractions needs 3 shares"):
+        check_settings({"stage_fractions": (0.5, 0.5)}, "tiny")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        resolve_config({}, "huge")
+    with pytest.raises(ValueError, match="unknown training setting.*rnak"):
+        resolve_config({"rnak": 4})
+
+    session = TrainingSession(TrainRequest(out=tmp_path / "a", model=fresh_tiny(), config={"iterations": 2},
+                                           preset="tiny", prompts=PROMPTS, eval_prompts=PROMPTS[:1]))
+    session.check()
+    cfg = session.config
+    assert (cfg.iterations, cfg.last_segment, cfg.eval_count, cfg.mixed_precision) == (2, "base", 1, "no")
+    assert cfg.lr == TINY_PRESET["lr"]
+
+    real = fresh_tiny().to(dtype=torch.bfloat16)
+    real.family = "sd15"  # a real model as far as the session can tell
+    session = TrainingSession(TrainRequest(out=tmp_path / "b", model=real, reward=tiny_rewards[0], preset="tiny",
+                                           config={"iterations": 2}, prompts=PROMPTS))
+    session.check()
+    cfg = session.config
+    assert (cfg.last_segment, cfg.eval_count, cfg.mixed_precision) == ("tuned", 0, "bf16")
+    assert session.eval_prompts == []
+    with pytest.raises(ValueError, match="a whole TrainConfig without one"):
+        TrainingSession(TrainRequest(out=tmp_path / "c", config=small(), preset="tiny")).check()
 
 
 # ----- no process globals ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ trainer flag that turns it on."""
 import pytest
 import torch
 
-from shortft_core import random_models
+from shortft_core.testing import random_models
 from shortft_core.loading import load_model
 
 PROMPTS = ["a red circle left of a blue square on a white background", "", "a green triangle on a black background"]
@@ -104,7 +104,8 @@ def test_trainable_encoders_and_bad_cache_size_are_refused(tiny):
 
 
 def test_trainer_flag_offloads_and_trains_like_resident(tiny):
-    from shortft_core.trainer import PromptSource, Trainer
+    from shortft_core.prompts import PromptSource
+    from shortft_core.trainer import Trainer
     from shortft_core.config import TrainConfig
     from shortft_core.rewards.registry import build_reward_spec
     from shortft_core.shortcut import load_shortcut
@@ -114,7 +115,7 @@ def test_trainer_flag_offloads_and_trains_like_resident(tiny):
     for offload in (False, True):
         m = load_model("tiny", "cpu", torch.float32)
         load_shortcut(m.unet, tiny_shortcut_path())
-        cfg = TrainConfig(iterations=2, batch_size=2, rank=4, eval_prompts=0, offload_text_encoders=offload)
+        cfg = TrainConfig(iterations=2, batch_size=2, rank=4, eval_count=0, offload_text_encoders=offload)
         tr = Trainer(m, build_reward_spec("tiny_alignment"), cfg, PromptSource(PROMPTS[:1] + PROMPTS[2:]))
         assert (m.text_offload is not None) == offload
         losses[offload] = [tr.train_step()["loss"] for _ in range(2)]

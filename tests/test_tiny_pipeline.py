@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from shortft_core.io import sha256_file
+from shortft_core.files import sha256_file
 from shortft_core.loading import load_model
 from shortft_core.tiny_world import tiny_world_dir
 from shortft_core.sampling import initial_noise, sample

@@ -8,7 +8,7 @@ from PIL import Image
 from shortft_core.cli import main
 from shortft_core.lora_io import read_lora
 
-QUICK = ["train", "--preset", "tiny", "--iterations", "4", "--batch-size", "2", "--eval-prompts", "4",
+QUICK = ["train", "--preset", "tiny", "--iterations", "4", "--batch-size", "2", "--eval-count", "4",
          "--checkpoint-every", "2", "--no-progress", "--threads", "1"]
 
 
@@ -40,7 +40,7 @@ def test_train_cli_writes_the_lora_set_report_and_history(tmp_path, capsys):
 
 def test_train_cli_without_held_out_prompts_trains_and_shows_training_prompts(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(QUICK + ["--eval-prompts", "0", "--iterations", "2", "--out", str(out)]) == 0  # last flag wins
+    assert main(QUICK + ["--eval-prompts", "0", "--iterations", "2", "--out", str(out)]) == 0  # its old name; last flag wins
     assert "held-out" not in capsys.readouterr().out
     assert json.loads((out / "history.json").read_text())["evals"] == []
     assert (out / "lora" / "segment_1.safetensors").is_file()

@@ -8,7 +8,8 @@ import torch
 from shortft_core.adapters import adapter_parameters, adapter_state
 from shortft_core.tiny_world import held_out_prompts
 from shortft_core.loop import Callback
-from shortft_core.trainer import PromptSource, Trainer
+from shortft_core.prompts import PromptSource
+from shortft_core.trainer import Trainer
 from shortft_core.config import TrainConfig, tiny_config
 from shortft_core.methods import stage_at
 
@@ -23,7 +24,7 @@ class StopAt(Callback):
 
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_rewards, fresh_tiny):
     alignment, _ = tiny_rewards
-    cfg = TrainConfig(iterations=6, batch_size=2, checkpoint_every=3, rank=4, eval_prompts=0, real_grad_steps=1,
+    cfg = TrainConfig(iterations=6, batch_size=2, checkpoint_every=3, rank=4, eval_count=0, real_grad_steps=1,
                       last_segment="tuned")
     prompts = PromptSource.tiny(300)
 
@@ -49,7 +50,7 @@ def test_ci_sized_run_raises_the_held_out_reward(tiny_rewards, fresh_tiny):
     (The alignment reward does not rise in so short a run: BENCHMARKS.md, "Tiny world: which reward trains".)"""
     alignment, aesthetic = tiny_rewards
     ev = held_out_prompts(16, seed=1)
-    cfg = TrainConfig(iterations=40, batch_size=4, rank=8, lr=1e-3, shortcut_net="base", eval_prompts=16)
+    cfg = TrainConfig(iterations=40, batch_size=4, rank=8, lr=1e-3, shortcut_net="base", eval_count=16)
     t = Trainer(fresh_tiny(with_shortcut=False), aesthetic, cfg, PromptSource.tiny(2000, exclude=ev), ev,
                 eval_reward={"alignment": alignment, "aesthetic": aesthetic})
     h = t.fit()
@@ -61,7 +62,7 @@ def test_unguided_tuned_steps_under_a_guided_shortcut_train(tiny_rewards, fresh_
     """Tuned steps without CFG (guidance 1) and a shortcut run guided, as it was distilled: the unconditional
     embedding is built for the guided jumps, and a step moves the adapters."""
     alignment, _ = tiny_rewards
-    cfg = TrainConfig(iterations=1, batch_size=2, rank=4, eval_prompts=0, guidance=1.0, shortcut_guidance=3.0)
+    cfg = TrainConfig(iterations=1, batch_size=2, rank=4, eval_count=0, guidance=1.0, shortcut_guidance=3.0)
     t = Trainer(fresh_tiny(), alignment, cfg, PromptSource.tiny(50))
     before = {k: v.clone() for k, v in adapter_state(t.model.unet, cfg.lora.names[0]).items()}
     t.fit()
@@ -82,7 +83,7 @@ def test_unguided_jumps_in_training_but_the_shortcut_preview_at_its_own_cfg(tiny
     model = load_tiny_model()
     preset = attach_shortcut(model, tiny_shortcut_path())
     assert preset.guidance == 3.0
-    cfg = TrainConfig(iterations=1, rank=4, eval_prompts=0, guidance=1.0, shortcut_guidance=1.0,
+    cfg = TrainConfig(iterations=1, rank=4, eval_count=0, guidance=1.0, shortcut_guidance=1.0,
                       preview_chain="shortcut")
     t = Trainer(model, tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]), shortcut_preset=preset)
     jumps = [s for s in method_plan(cfg, 1, torch.Generator()).steps if s.net == "shortcut"]
@@ -105,19 +106,19 @@ def test_stage_schedule():
 def test_learning_rate_warms_up_then_follows_its_schedule(tiny_rewards, fresh_tiny):
     import math
     model = fresh_tiny()
-    cosine = Trainer(model, tiny_rewards[0], TrainConfig(warmup=4, lr_schedule="cosine", iterations=10, eval_prompts=0),
+    cosine = Trainer(model, tiny_rewards[0], TrainConfig(warmup=4, lr_schedule="cosine", iterations=10, eval_count=0),
                      PromptSource(["a"]))
     f = [cosine.sched.lr_lambdas[0](s) for s in range(11)]
     assert f[0] == pytest.approx(0.25) and f[10] == pytest.approx(0.1)  # warm-up start, cosine floor at a tenth
     assert f[5] == pytest.approx(0.55)  # half-way: halfway between the peak and the floor
     assert f[0] < f[1] < f[2] < f[3] and all(a > b for a, b in zip(f[3:], f[4:]))  # rises, then falls
     assert f[3] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.3)))  # warm-up done at step 3
-    const = Trainer(fresh_tiny(), tiny_rewards[0], TrainConfig(warmup=2, eval_prompts=0), PromptSource(["a"]))
+    const = Trainer(fresh_tiny(), tiny_rewards[0], TrainConfig(warmup=2, eval_count=0), PromptSource(["a"]))
     assert [const.sched.lr_lambdas[0](s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_a_time_budget_ends_the_run_and_drives_the_stages(tiny_rewards, fresh_tiny):
-    cfg = TrainConfig(iterations=10**6, time_budget_s=1e-3, batch_size=1, rank=4, eval_prompts=0)
+    cfg = TrainConfig(iterations=10**6, time_budget_s=1e-3, batch_size=1, rank=4, eval_count=0)
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left on a white background"]))
     t.fit()  # one iteration outlasts a millisecond
     assert t.iteration == 1 and t.progress() == 1.0 and stage_at(cfg, t.progress()) == 4
@@ -126,7 +127,7 @@ def test_a_time_budget_ends_the_run_and_drives_the_stages(tiny_rewards, fresh_ti
 def test_kl_penalty_is_zero_at_the_base_and_adds_to_the_loss(tiny_rewards, fresh_tiny):
     from shortft_core.methods import method_plan
     prompts = ["a small red circle on the left on a white background"]
-    cfg = TrainConfig(kl_weight=0.5, batch_size=1, rank=4, eval_prompts=0, guidance=1.0)
+    cfg = TrainConfig(kl_weight=0.5, batch_size=1, rank=4, eval_count=0, guidance=1.0)
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(prompts))
     t._enter_stage(1)
 
@@ -155,7 +156,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_rewards, fresh_tiny)
     x = initial_noise([11, 12], model.latent_shape(), model.device, model.dtype)
     grads = []
     for accum, batch in ((1, 2), (2, 1)):
-        cfg = TrainConfig(grad_accum=accum, batch_size=batch, grad_clip=0.0, rank=4, eval_prompts=0, guidance=1.0)
+        cfg = TrainConfig(grad_accum=accum, batch_size=batch, grad_clip=0.0, rank=4, eval_count=0, guidance=1.0)
         t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(prompts))
         with torch.no_grad():  # non-zero up-weights, so every LoRA parameter gets a gradient
             for p in adapter_parameters(t.model.unet, "align_1"):
@@ -182,7 +183,7 @@ def test_eval_preview_and_checkpoint_intervals(tmp_path, tiny_rewards, fresh_tin
 
     seen = Seen()
     cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_every=2, preview_every=3, checkpoint_every=1,
-                      keep_checkpoints=1, eval_prompts=2)
+                      keep_checkpoints=1, eval_count=2)
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left on a white background"]),
                 held_out_prompts(2, seed=1), out=tmp_path, callbacks=[seen])
     h = t.fit()
@@ -194,7 +195,7 @@ def test_eval_preview_and_checkpoint_intervals(tmp_path, tiny_rewards, fresh_tin
 def test_reset_optimizer_per_stage_starts_each_stage_afresh(tiny_rewards, fresh_tiny):
     steps = {}
     for reset in (False, True):
-        cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_prompts=0, reset_optimizer_per_stage=reset,
+        cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_count=0, reset_optimizer_per_stage=reset,
                           last_segment="tuned")
         t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]),
                     callbacks=[StopAt(2)])
@@ -208,7 +209,7 @@ def test_reset_optimizer_per_stage_starts_each_stage_afresh(tiny_rewards, fresh_
 def test_a_run_that_leaves_the_last_segment_to_the_base_trains_three_stages(tiny_rewards, fresh_tiny):
     """last_segment 'base': no adapter for segment 4 on the UNet, three stages, and segment 4 samples exactly as the
     bare base does from the same input (the inference chain runs no adapter there)."""
-    cfg = TrainConfig(iterations=3, batch_size=1, rank=4, eval_prompts=0, last_segment="base")
+    cfg = TrainConfig(iterations=3, batch_size=1, rank=4, eval_count=0, last_segment="base")
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]))
     before = {n: adapter_state(t.model.unet, n) for n in t.lora.names}
     h = t.fit()
@@ -224,7 +225,7 @@ def test_unrun_lr_scale_damps_the_loras_of_segments_not_yet_run(tmp_path, tiny_r
     """Stage s updates align_s+1..align_k at lr x unrun_lr_scale: Adam's first update moves every weight by about
     the lr, so their first-step changes are that factor smaller; from stage j on align_j runs at the full lr; a
     stopped run resumes to the same weights as a straight one."""
-    cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_prompts=0, lr=1e-3, unrun_lr_scale=0.1,
+    cfg = TrainConfig(iterations=4, batch_size=1, rank=4, eval_count=0, lr=1e-3, unrun_lr_scale=0.1,
                       checkpoint_every=1, last_segment="tuned")
     prompts = PromptSource(["a small red circle on the left"])
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, prompts, out=tmp_path / "a", callbacks=[StopAt(1)])
@@ -249,8 +250,8 @@ def test_unrun_lr_scale_damps_the_loras_of_segments_not_yet_run(tmp_path, tiny_r
         for a, b in zip(adapter_parameters(straight.model.unet, n), adapter_parameters(resumed.model.unet, n)):
             assert torch.equal(a, b), n
     # a single LoRA, or a method without stages, keeps one optimizer group at the full lr
-    for other in (TrainConfig(unrun_lr_scale=0.1, timestep_aware=False, iterations=1, eval_prompts=0),
-                  TrainConfig(unrun_lr_scale=0.1, method="draft", iterations=1, eval_prompts=0)):
+    for other in (TrainConfig(unrun_lr_scale=0.1, timestep_aware=False, iterations=1, eval_count=0),
+                  TrainConfig(unrun_lr_scale=0.1, method="draft", iterations=1, eval_count=0)):
         o = Trainer(fresh_tiny(), tiny_rewards[0], other, prompts)
         assert len(o.opt.param_groups) == 1 and o.opt.param_groups[0]["lr"] == other.lr
     with pytest.raises(ValueError, match="unrun_lr_scale"):
@@ -264,7 +265,7 @@ def test_evaluate_scores_a_given_plan(tiny_rewards, fresh_tiny):
     from shortft_core.plans import stage_chain
     from shortft_core.schedule import leading_grid
 
-    cfg = TrainConfig(iterations=2, batch_size=1, rank=4, lr=1e-2, eval_prompts=0)
+    cfg = TrainConfig(iterations=2, batch_size=1, rank=4, lr=1e-2, eval_count=0)
     t = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a small red circle on the left"]))
     t.fit()
     ev = held_out_prompts(2, seed=1)
@@ -276,7 +277,7 @@ def test_evaluate_scores_a_given_plan(tiny_rewards, fresh_tiny):
 
 
 def test_gradient_clipping_zero_means_off():
-    from shortft_core.checkpoint import clip_gradients
+    from shortft_core.loop import clip_gradients
     for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):
         a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
         a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
@@ -308,7 +309,7 @@ def test_resume_accepts_a_checkpoint_older_than_a_setting_but_refuses_a_changed_
 
     from shortft_core.checkpoint import CheckpointManager
 
-    cfg = TrainConfig(iterations=1, batch_size=1, checkpoint_every=1, rank=2, eval_prompts=0, last_segment="tuned")
+    cfg = TrainConfig(iterations=1, batch_size=1, checkpoint_every=1, rank=2, eval_count=0, last_segment="tuned")
     Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource.tiny(50), out=tmp_path).fit()
     path = CheckpointManager(tmp_path / "checkpoints").latest()
     st = CheckpointManager.load(path)

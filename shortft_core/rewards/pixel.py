@@ -44,10 +44,6 @@ class SymmetryReward(Reward):
         x = images.float()
         return -(x - x.flip(-1)).abs().mean(dim=(1, 2, 3))
 
-    def error(self, images: torch.Tensor) -> torch.Tensor:
-        """Asymmetry, lower is better (the paper's reporting convention)."""
-        return -self.score(images, [""] * images.shape[0])
-
 
 def _dct_matrix(n: int = 8) -> torch.Tensor:
     """Orthonormal DCT-II basis (rows are frequencies), the transform JPEG applies to each 8x8 block."""

@@ -369,7 +369,7 @@ def check_reward_spec(spec: str, paths: Mapping[str, Any] | None = None, *, weig
     host can refuse a bad spec before heavy work. With ``files=True`` every reward's weight files are also
     located from ``paths`` / ``weights_dir`` as :func:`build_reward_spec` would, and the headers of safetensors
     files checked: a missing file raises :class:`RewardWeightsNotFound` naming it and where it is published, a
-    damaged one :class:`~shortft_core.io.SafetensorsFileError`. Nothing is read beyond headers."""
+    damaged one :class:`~shortft_core.files.SafetensorsFileError`. Nothing is read beyond headers."""
     terms = parse_reward_spec(spec)
     slot_paths = _slot_paths(paths)  # names in paths are checked too (a path may serve several specs)
     if files:

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..io import check_safetensors
+from ..files import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A checkpoint that needs pickled code (a whole pickled module, a TorchScript archive) is refused.
     Nested ``{'state_dict': ...}`` / ``{'model': ...}`` checkpoints are unwrapped. A damaged safetensors file is
-    refused from its header (:func:`~shortft_core.io.check_safetensors`) before any tensor is read.
+    refused from its header (:func:`~shortft_core.files.check_safetensors`) before any tensor is read.
     """
     path = Path(path)
     if path.suffix == ".safetensors":

@@ -52,7 +52,8 @@ def load_tiny_rewards(device: str | torch.device = "cpu", root: str | os.PathLik
     from transformers import CLIPModel
 
     root = weights_dir(root)
-    clip = CLIPModel.from_pretrained(str(root / "reward"), dtype=torch.float32, local_files_only=True)
+    clip = CLIPModel.from_pretrained(str(root / "reward"), dtype=torch.float32, local_files_only=True,
+                                     use_safetensors=True)
     tokenizer = load_clip_tokenizer(root / "pipeline" / "tokenizer")
     prep = Preprocess(size=IMAGE_SIZE, interpolation="bilinear", crop=False)
     alignment = CLIPAlignmentReward(clip, tokenizer, prep, name="tiny_alignment").to(device)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_save, atomic_write_json, sha256_file
+from ..files import atomic_save, atomic_write_json, sha256_file
 from ..schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule, add_noise
 from ..tokenizer import CLIP_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
 from . import quality_property as qp

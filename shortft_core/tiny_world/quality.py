@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from ..io import atomic_write_json
+from ..files import atomic_write_json
 from . import scenes
 
 log = logging.getLogger(__name__)

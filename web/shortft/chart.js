@@ -2,7 +2,7 @@
 // smoothed), held-out evaluations of the trained reward (mean +- std), the loss in a strip below, and the
 // progressive stages as dashed lines. Pure functions of a run state; no ComfyUI import, so Node can test them.
 //
-// A run state is what the server keeps for a node (nodes/train.py, LIVE) and the websocket events update:
+// A run state is what the server keeps for a node (nodes/live.py) and the websocket events update:
 // { run, method, reward_name, iterations, status, phase, points: [{iteration, reward, loss, stage, seconds}],
 //   evals: [{iteration, seconds, <reward name>: mean, <reward name>_std: std, ...}] }.
 

@@ -31,6 +31,7 @@ the trajectory data provides for free; or ``consistency``, as in the papers (BEN
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -40,10 +41,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .adapters import SHORTCUT, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
+from .adapters import SHORTCUT_ADAPTER, SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, adapter_state, add_lora
 from .adapters import load_adapter_state
 from .loop import Callback, Loop
-from .checkpoint import (CheckpointManager, check_bounds, setting)
+from .checkpoint import CheckpointManager
+from .settings import check_bounds, setting
 from .models import PRECISION, Conditioning, T2IModel
 from .chain import guided_eps, run_plan
 from .plans import base_chain
@@ -150,7 +152,8 @@ class DistillConfig:
                              "trajectories with --prompts-file")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as JSON values (tuples as lists), as checkpoints and run files store them."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def start_points(grid: Sequence[int], edges: Sequence[int]) -> list[int]:
@@ -296,24 +299,11 @@ class TeacherTrajectories:
         self.uses = st["uses"]
 
 
-class _FunctionHooks(Callback):
-    """``Distiller.run``'s plain-function arguments as a loop callback."""
-
-    def __init__(self, on_step: Callable[[int, dict], None] | None, should_stop: Callable[[], bool] | None) -> None:
-        self.step_fn, self.stop_fn = on_step, should_stop
-
-    def on_step(self, loop: "Loop", metrics: dict) -> None:
-        if self.step_fn is not None:
-            self.step_fn(loop.iteration, metrics)
-
-    def should_stop(self, loop: "Loop") -> bool:
-        return bool(self.stop_fn is not None and self.stop_fn())
-
-
 # ----- the distiller ---------------------------------------------------------------------------------------------
 class Distiller(Loop):
     """Owns the student adapter and its training loop (:class:`~shortft_core.loop.Loop`: the schedule, updates,
-    stop requests and exact checkpoint/resume shared with the trainer); ``run`` trains."""
+    stop requests and exact checkpoint/resume shared with the trainer); ``iterate`` trains. Hosts use it through
+    :class:`~shortft_core.session.DistillSession`."""
 
     rng_name = "data"
     resume_may_change = ("steps", "checkpoint_every", "keep_checkpoints")
@@ -323,9 +313,9 @@ class Distiller(Loop):
         cfg.validate(model)
         self.model, self.cfg, self.out = model, cfg, Path(out)
         self.unet = model.unet
-        if SHORTCUT not in getattr(self.unet, "peft_config", {}):
-            add_lora(self.unet, SHORTCUT, cfg.rank, cfg.alpha, cfg.targets, seed=cfg.seed)
-        self.params = adapter_parameters(self.unet, SHORTCUT)
+        if SHORTCUT_ADAPTER not in getattr(self.unet, "peft_config", {}):
+            add_lora(self.unet, SHORTCUT_ADAPTER, cfg.rank, cfg.alpha, cfg.targets, seed=cfg.seed)
+        self.params = adapter_parameters(self.unet, SHORTCUT_ADAPTER)
         for p in self.params:
             p.requires_grad_(True)
         self.switch = AdapterSwitch(self.unet)
@@ -373,7 +363,7 @@ class Distiller(Loop):
 
     def _student_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         g = self.student_guidance
-        return self._eps((SHORTCUT,), x, t, cond, self.empty.repeat(x.shape[0]) if g != 1.0 else None, g)
+        return self._eps((SHORTCUT_ADAPTER,), x, t, cond, self.empty.repeat(x.shape[0]) if g != 1.0 else None, g)
 
     def draw(self, gen: torch.Generator) -> Pairs:
         """A training batch: from trajectories directly, or image latents noised with q(x_t | x_0) plus one teacher
@@ -439,11 +429,11 @@ class Distiller(Loop):
 
     # ---- checkpoints ----
     def extra_state(self) -> dict:
-        return {"adapter": adapter_state(self.unet, SHORTCUT), "ema": self.ema,
+        return {"adapter": adapter_state(self.unet, SHORTCUT_ADAPTER), "ema": self.ema,
                 "pool": self.data.state_dict() if isinstance(self.data, TeacherTrajectories) else {}}
 
     def load_extra_state(self, st: dict) -> None:
-        load_adapter_state(self.unet, SHORTCUT, st["adapter"])
+        load_adapter_state(self.unet, SHORTCUT_ADAPTER, st["adapter"])
         self.ema = st["ema"]
         if isinstance(self.data, TeacherTrajectories):
             self.data.load_state_dict(st["pool"])
@@ -464,20 +454,16 @@ class Distiller(Loop):
         return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
                 "sec_per_step": sum(self._times) / len(self._times)}
 
-    def run(self, on_step: Callable[[int, dict], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> dict:
-        """Train until ``cfg.steps`` (or ``should_stop()``, or a callback's stop request); returns the last
-        metrics. ``on_step(step, metrics)`` sees every step."""
-        extra = [_FunctionHooks(on_step, should_stop)] if (on_step or should_stop) else []
-        self.callbacks += extra
-        self._times: list[float] = []  # speed of this run, not averaged over resumed steps
+    def iterate(self) -> dict:
+        """Train until ``cfg.steps`` or a callback's stop request (:meth:`Loop.iterate`), the UNet in training mode
+        meanwhile; returns the last metrics, whose ``sec_per_step`` is this call's speed (not averaged over the
+        steps of an earlier, resumed run)."""
+        self._times: list[float] = []
         self.unet.train()
         try:
-            return super().run()
+            return super().iterate()
         finally:
             self.unet.eval()
-            for cb in extra:
-                self.callbacks.remove(cb)
 
     def metadata(self) -> dict:
         """What the shortcut file records about itself (stored as its "shortft" metadata field)."""
@@ -527,7 +513,7 @@ def jump_errors(model: T2IModel, prompts: Sequence[str], seeds: Sequence[int], g
             raise ValueError(f"jump {t} -> {s} is not on the 50-step grid")
         xt, ref = states[t], states[s]
         a_t, a_s = m.schedule.abar(t, xt), m.schedule.abar(s, xt)
-        switch.activate((SHORTCUT,))
+        switch.activate((SHORTCUT_ADAPTER,))
         e_short = guided_eps(m, xt, t, cond, uncond if shortcut_guidance != 1 else None, shortcut_guidance)
         switch.activate(())
         e_naive = guided_eps(m, xt, t, cond, uncond, guidance)
@@ -551,6 +537,6 @@ def few_step_plan(edges: Sequence[int] = (999, 749, 499, 249), net: str = "short
     from .plans import BASE, SHORTCUT_NET, ChainPlan, Step
 
     pairs = [(t, edges[i + 1] if i + 1 < len(edges) else FINAL) for i, t in enumerate(edges)]
-    kind, adapters = (SHORTCUT_NET, (SHORTCUT,)) if net == "shortcut" else (BASE, ())
+    kind, adapters = (SHORTCUT_NET, (SHORTCUT_ADAPTER,)) if net == "shortcut" else (BASE, ())
     steps = [Step(t, s, kind, adapters, guidance, readout="x" if s == FINAL else None) for t, s in pairs]
     return ChainPlan(f"{net}-{len(edges)}step", tuple(steps))

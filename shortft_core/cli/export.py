@@ -39,12 +39,12 @@ def add_export_parser(sub) -> None:
 
 
 def _unet_config(base: str) -> dict:
-    from .loading import FAMILIES, bundled_config
+    from ..loading import FAMILIES, bundled_config
 
     if base in FAMILIES:
         return bundled_config(base, "unet")
     if base == "tiny":
-        from .tiny_world import weights_dir
+        from ..tiny_world import weights_dir
 
         path = weights_dir() / "pipeline"
     else:
@@ -60,8 +60,8 @@ def run_export(args: argparse.Namespace) -> int:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from .lora_io import LoraFormatError, convert_lora_file, lora_metadata
-    from .lora_set import SET_MANIFEST, convert_lora_set, read_set_manifest, set_files
+    from ..lora_io import LoraFormatError, convert_lora_file, lora_metadata
+    from ..lora_set import SET_MANIFEST, convert_lora_set, read_set_manifest, set_files
 
     src, dst = Path(args.lora).expanduser(), Path(args.out).expanduser()
     is_set = src.is_dir()

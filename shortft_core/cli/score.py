@@ -26,8 +26,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_score_parser(sub) -> None:
-    from ..cli_common import add_threads_flag, number
-    from .registry import SPEC_EXAMPLE, describe_rewards
+    from .common import add_threads_flag, number
+    from ..rewards.registry import SPEC_EXAMPLE, describe_rewards
 
     p = sub.add_parser("score", help="score images with reward models (HPS v2, PickScore, ImageReward, ...)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,7 +84,7 @@ def _options(items: list[str]) -> dict[str, dict[str, object]]:
 
 
 def _images_and_prompts(folder: Path, prompts_file: str | None) -> tuple[list[Path], list[str]]:
-    from ..cli_common import read_prompts
+    from .common import read_prompts
 
     if not folder.is_dir():
         raise SystemExit(f"--images {folder}: no such folder")
@@ -123,9 +123,9 @@ def _load_image(path: Path) -> torch.Tensor:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from ..cli_common import DTYPES, device as device_flag, set_threads
-    from ..io import atomic_write_json, refuse_overwrite
-    from .registry import build_reward_spec, parse_reward_spec
+    from .common import DTYPES, device as device_flag, set_threads
+    from ..files import atomic_write_json, refuse_overwrite
+    from ..rewards.registry import build_reward_spec, parse_reward_spec
 
     if args.out:
         try:

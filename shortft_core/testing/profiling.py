@@ -179,9 +179,9 @@ def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]
     only where the chain carries one), plus VAE decode + reward forward and backward (``decode_reward``)."""
     from torch.utils.checkpoint import checkpoint
 
-    from .adapters import adapter_parameters
-    from .chain import guided_eps
-    from .sampling import initial_noise
+    from ..adapters import adapter_parameters
+    from ..chain import guided_eps
+    from ..sampling import initial_noise
 
     m, sw, lora = trainer.model, trainer.switch, trainer.lora
     x = initial_noise(range(batch), m.latent_shape(), m.device, m.dtype)

@@ -1,26 +1,19 @@
-"""Command line: ``python -m shortft_core <command>`` (also installed as ``shortft``).
-
-Commands: ``sample`` (generate images and a captioned grid), ``train`` (reward fine-tuning: ShortFT and the
-baselines), ``distill`` (a shortcut LoRA for any eps base), ``export`` (LoRA layout conversion) and ``score``
-(evaluate images with any reward).
-"""
+"""``python -m shortft_core sample``: images of a model, bare or with an aligned LoRA set (segment j's LoRA at
+segment j's timesteps) or one LoRA, by deterministic DDIM; PNGs, a captioned grid and ``samples.json``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from .cli_common import DTYPES, MODEL_HELP, add_threads_flag, device, number, read_prompts, set_threads
+from .common import DTYPES, MODEL_HELP, add_threads_flag, device, number, read_prompts, set_threads
 
-log = logging.getLogger("shortft_core")
+log = logging.getLogger(__name__)
 
 
-# ----- sample ------------------------------------------------------------------------------------------------
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate images with DDIM and write PNGs plus a captioned grid",
                        description="Generate images with deterministic DDIM (SD1.5's leading grid) and "
@@ -53,11 +46,11 @@ def add_sample_parser(sub) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from .images import captioned_grid, save_png
-    from .io import atomic_write_json
-    from .lora_io import lora_file
-    from .lora_set import LoraSet, default_guidance, sample_aligned, trained_guidance
-    from .loading import load_model
+    from ..images import captioned_grid, save_png
+    from ..files import atomic_write_json
+    from ..lora_io import lora_file
+    from ..lora_set import LoraSet, default_guidance, sample_aligned, trained_guidance
+    from ..loading import load_model
 
     prompts = read_prompts(args.prompts, args.prompts_file, args.held_out, args.seed)
     out = Path(args.out)
@@ -93,43 +86,3 @@ def run_sample(args: argparse.Namespace) -> int:
     })
     log.info("wrote %d images and grid.png to %s", len(prompts), out)
     return 0
-
-
-# ----- entry ---------------------------------------------------------------------------------------------------
-def _commands() -> list[Callable]:
-    from .distill_cli import add_distill_parser
-    from .export_cli import add_export_parser
-    from .rewards.cli import add_score_parser
-    from .train_cli import add_train_parser
-
-    return [add_sample_parser, add_train_parser, add_distill_parser, add_export_parser, add_score_parser]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shortft", description="ShortFT: shortcut-based reward fine-tuning "
-                                     "of text-to-image diffusion models (arXiv 2507.22604).")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and the traceback of an error instead of its one-line message")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in _commands():
-        add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. A missing file, a file it would overwrite, or a bad value (FileNotFoundError /
-    FileExistsError / ValueError, whose messages name the input and the fix) ends it with that message and exit
-    status 1; ``-v`` shows the traceback instead."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        if args.verbose:
-            raise
-        raise SystemExit(f"error: {e}\n(shortft -v {args.command} ... shows the traceback)") from None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import typing
 
-
-from .cli_common import MODEL_HELP, StopOnCtrlC, add_config_flags, add_run_flags, config_from_args, set_threads
-from .config import TINY_PRESET, TINY_REWARD, TrainConfig
-from .loop import Callback
+from ..config import TRAIN_PRESETS, TINY_PRESET, TINY_REWARD, TrainConfig
+from .common import (MODEL_HELP, ProgressBar, StopOnCtrlC, add_config_flags, add_run_flags, given_settings,
+                     resume_or_overwrite, set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +27,7 @@ log = logging.getLogger(__name__)
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="align a model to a reward (ShortFT or a baseline)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny"], default=None,
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default=None,
                    help="tiny: the embedded tiny world's settings (" + ", ".join(f"{k} {v}" for k, v in
                                                                     TINY_PRESET.items()) + "; with --model tiny its "
                         "shortcut and its alignment reward, the aesthetic reward measured alongside)")
@@ -53,40 +51,6 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=run_train)
 
 
-class ProgressBar(Callback):
-    """tqdm bar over the iterations with the current reward and stage, and the sampling phases (evaluation,
-    before/after) as they go; the held-out evaluations are logged."""
-
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.enabled, self.bar = total, enabled, None
-
-    def on_start(self, trainer) -> None:
-        if self.enabled and trainer.acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, initial=trainer.iteration, unit="it", dynamic_ncols=True, file=sys.stderr)
-
-    def on_step(self, trainer, m: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(stage=m["stage"], reward=f"{m['reward']:.4f}", refresh=False)
-        elif m["iteration"] % 20 == 0:
-            log.info("iteration %d stage %d reward %.4f (%.1fs)", m["iteration"], m["stage"], m["reward"], m["seconds"])
-
-    def on_progress(self, trainer, event: dict) -> None:
-        if self.bar is not None and event["phase"] != "train" and (event["call"] % 10 == 0
-                                                                   or event["call"] == event["calls"]):
-            self.bar.set_postfix(sampling=f"{event['phase']} {event['call']}/{event['calls']}")
-
-    def on_eval(self, trainer, result: dict) -> None:
-        log.info("eval at iteration %d: %s", result["iteration"],
-                 ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("iteration", "seconds")))
-
-    def on_end(self, trainer) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _reward_paths(items: typing.Sequence[str] | None) -> dict[str, str]:
     """``--reward-path NAME=FILE`` values as a mapping."""
     paths = {}
@@ -99,22 +63,19 @@ def _reward_paths(items: typing.Sequence[str] | None) -> dict[str, str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """argparse -> :class:`~shortft_core.session.TrainRequest` -> :func:`~shortft_core.session.train`, then the
-    report."""
-    from .session import TrainingSession, TrainRequest
+    """argparse -> :class:`~shortft_core.session.TrainRequest` -> a training session, then the report."""
+    from ..session import TrainingSession, TrainRequest
 
-    if args.resume and args.overwrite:
-        raise SystemExit("--resume continues the run in --out and --overwrite starts it over: pass one of them")
-    cfg = config_from_args(TrainConfig, args, dict(TINY_PRESET) if args.preset == "tiny" else {})
+    resume_or_overwrite(args)
     set_threads(args.threads)
     request = TrainRequest(
-        out=args.out, model=args.model, reward=args.reward, config=cfg, prompts=args.prompts_file,
-        eval_prompts=args.eval_prompts_file, shortcut=args.shortcut, shortcut_preset=args.shortcut_preset,
-        shortcut_guidance=args.shortcut_guidance, eval_rewards=tuple(args.eval_reward or ()),
-        reward_paths=_reward_paths(args.reward_path), reward_weights_dir=args.reward_weights_dir,
-        device=args.device, overwrite=args.overwrite)
+        out=args.out, model=args.model, reward=args.reward, config=given_settings(TrainConfig, args),
+        preset=args.preset, prompts=args.prompts_file, eval_prompts=args.eval_prompts_file, shortcut=args.shortcut,
+        shortcut_preset=args.shortcut_preset, shortcut_guidance=args.shortcut_guidance,
+        eval_rewards=tuple(args.eval_reward or ()), reward_paths=_reward_paths(args.reward_path),
+        reward_weights_dir=args.reward_weights_dir, device=args.device, overwrite=args.overwrite)
     ctrl_c = StopOnCtrlC()
-    bar = ProgressBar(cfg.iterations, enabled=not args.no_progress)
+    bar = ProgressBar(enabled=not args.no_progress, unit="it", show=("stage", "reward"), log_every=20)
     with TrainingSession(request, callbacks=[bar], stop=ctrl_c) as session:
         session.check()  # every input, before any model loads
         if args.resume and session.previous is None:
@@ -131,6 +92,8 @@ def run_train(args: argparse.Namespace) -> int:
         for key in session.eval_specs:
             print(f"held-out {key} reward ({n} prompts): before {result.before[key]:.4f} -> after "
                   f"{result.after[key]:.4f}")
+    elif not session.eval_prompts and not session.tiny:
+        print("no held-out evaluation: give --eval-prompts-file to measure the reward before and after")
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     if result.status == "stopped":
         print(f"interrupted at iteration {result.iteration}; the checkpoint and files above are that state, and the "

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from shortft_core.io import atomic_path, atomic_write_text, refuse_overwrite
+from shortft_core.files import atomic_path, atomic_write_text, refuse_overwrite
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -42,7 +42,7 @@ def test_written_files_get_the_mode_of_the_users_umask(tmp_path, umask, mode):
     from safetensors.torch import load_file, save_file
 
     from shortft_core.images import save_png
-    from shortft_core.io import atomic_save, atomic_write_json, current_umask
+    from shortft_core.files import atomic_save, atomic_write_json, current_umask
 
     previous = os.umask(umask)
     try:
@@ -63,7 +63,7 @@ def test_umask_fallback_is_the_import_time_value(monkeypatch):
     """Where /proc/self/status has no Umask line, the value read once at import is used."""
     import builtins
 
-    from shortft_core import io
+    from shortft_core import files
 
     real_open = builtins.open
 
@@ -73,5 +73,5 @@ def test_umask_fallback_is_the_import_time_value(monkeypatch):
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(builtins, "open", no_proc)
-    monkeypatch.setattr(io, "_IMPORT_UMASK", 0o027)
-    assert io.current_umask() == 0o027 and io.new_file_mode() == 0o640
+    monkeypatch.setattr(files, "_IMPORT_UMASK", 0o027)
+    assert files.current_umask() == 0o027 and files.new_file_mode() == 0o640

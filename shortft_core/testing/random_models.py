@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .loading import FAMILIES, bundled_config, clip_tokenizer, SDXL_PAD_TOKEN
-from .schedule import NoiseSchedule
+from ..loading import FAMILIES, bundled_config, clip_tokenizer, SDXL_PAD_TOKEN
+from ..schedule import NoiseSchedule
 
 
 def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -63,7 +63,7 @@ def random_model(family: str = "sd15", dtype: torch.dtype = torch.float32, seed:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import T2IModel
+    from ..models import T2IModel
 
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: random models exist for {FAMILIES}")
@@ -86,8 +86,8 @@ def write_ldm_checkpoint(model, path: str | os.PathLike, dtype: torch.dtype | No
     """Save a :class:`T2IModel` as a single-file ldm checkpoint (what A1111 / ComfyUI load), atomically."""
     from safetensors.torch import save_file
 
-    from .io import atomic_save
-    from .ldm_keys import ldm_checkpoint
+    from ..files import atomic_save
+    from ..ldm_keys import ldm_checkpoint
 
     sd = ldm_checkpoint(model.family, model.unet, model.vae, model.text_encoders)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
@@ -125,8 +125,8 @@ def write_small_configs(family: str, folder: str | os.PathLike) -> Path:
     """Write the bundled configs of ``family`` with :data:`SMALL_CONFIGS` applied into ``folder``; returns it."""
     import json
 
-    from .io import atomic_write_json
-    from .loading import configs_dir
+    from ..files import atomic_write_json
+    from ..loading import configs_dir
 
     folder = Path(folder)
     for src in configs_dir(family).glob("*.json"):
