@@ -1,19 +1,24 @@
 """Apply a ShortFT LoRA set to a MODEL for the stock KSampler: segment j's LoRA at segment j's timesteps
 (timestep-aware), or the set's merged LoRA at every step (merged, what the stock LoraLoader does with it).
 
-Timestep-aware mode clones the ModelPatcher and adds, per LoRA'd weight, a weight function that adds the current
-segment's delta (ComfyUI's own ``comfy.lora`` key map and LoRA maths, so every key lands where the stock loader
-puts it), plus an APPLY_MODEL wrapper that reads the integer timestep of each UNet call
-(``model_sampling.timestep(sigma)``, the value the UNet receives) and selects its segment. The switch happens
-inside every model call, so it is exact for every sampler and scheduler; nothing is re-patched between steps.
+Timestep-aware mode clones the ModelPatcher and adds an APPLY_MODEL wrapper that reads the integer timestep of each
+UNet call (``model_sampling.timestep(sigma)``, the value the UNet receives) and selects its segment, so the switch is
+exact for every sampler and scheduler. For the duration of the call every weight the segment's LoRA adapts is the
+base weight plus that LoRA's delta, computed with ComfyUI's own ``comfy.lora`` key map and LoRA maths (every key
+lands where the stock loader puts it, with the value it bakes). The patched weights of one segment are computed when
+sampling enters the segment and kept until it leaves it, so a call costs what a stock LoRA's call costs and a switch
+costs one patch of the set's weights, however many steps a segment has; an OUTER_SAMPLE wrapper drops them when the
+sampling run ends. The base model's own parameters are never written: the patched tensors stand in for them inside
+the call and the originals are put back after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import comfy.lora
 import comfy.lora_convert
@@ -126,53 +131,96 @@ def _fits(patch: Any, shape: tuple[int, ...] | None) -> bool:
     return up.shape[0] == shape[0] and up.shape[1] == down.shape[0] and down[0].numel() == math.prod(shape[1:])
 
 
-class SegmentState:
-    """The segment the UNet call in progress runs in: set by :class:`SegmentSwitch`, read by the weight functions."""
+class SegmentWeights:
+    """The set's patched weights for one segment at a time: base weight + that segment's LoRA delta at ``strength``
+    for every weight the segment's LoRA adapts, computed from the base model's current weights (which may carry
+    other patches, e.g. a stock LoRA applied before) the first time a call runs in the segment."""
 
-    def __init__(self, segments: Segments) -> None:
-        self.segments = segments
+    def __init__(self, patches: list[dict[str, Any]], strength: float) -> None:
+        self.patches, self.strength = patches, strength
         self.segment: int | None = None
+        self.sources: dict[str, tuple[Any, ...]] = {}  # key -> what identifies the base tensor it was patched from
+        self.patched: dict[str, torch.nn.Parameter] = {}
+
+    def _current(self, base_model: Any, j: int) -> dict[str, torch.Tensor]:
+        params = {key: comfy.utils.get_attr(base_model, key) for key in self.patches[j - 1]}
+        stale = self.segment != j or any(self.sources.get(k) != _identity(p) for k, p in params.items())
+        if stale:
+            self.drop()
+            with torch.no_grad():
+                for key, weight in params.items():
+                    patch = self.patches[j - 1][key]
+                    new = comfy.lora.calculate_weight([(self.strength, patch, 1.0, None, None)], weight.clone(), key)
+                    self.patched[key] = torch.nn.Parameter(new.to(weight.dtype), requires_grad=False)
+                    self.sources[key] = _identity(weight)
+            self.segment = j
+        return params
+
+    @contextlib.contextmanager
+    def applied(self, base_model: Any, j: int) -> Iterator[None]:
+        """Segment j's patched weights in place of the base parameters for the duration of the block."""
+        originals = self._current(base_model, j)
+        modules = {}
+        try:
+            for key in originals:
+                path, _, name = key.rpartition(".")
+                module = comfy.utils.get_attr(base_model, path)
+                modules[key] = (module, name)
+                module._parameters[name] = self.patched[key]
+            yield
+        finally:
+            for key, (module, name) in modules.items():
+                module._parameters[name] = originals[key]
+
+    def drop(self) -> None:
+        """Free the patched weights (the next call recomputes its segment's)."""
+        self.segment = None
+        self.sources.clear()
+        self.patched.clear()
+
+
+def _identity(weight: torch.Tensor) -> tuple[Any, ...]:
+    """What changes when ComfyUI re-patches, moves or replaces a base weight: the patched copy is then remade
+    (weights loaded in inference mode have no version counter; their storage and identity tell)."""
+    version = -1 if weight.is_inference() else weight._version
+    return id(weight), version, weight.data_ptr(), weight.device, weight.dtype
 
 
 class SegmentSwitch:
-    """APPLY_MODEL wrapper: selects the segment of the call's integer timestep for the duration of the call."""
+    """APPLY_MODEL wrapper: runs each UNet call with the patched weights of its timestep's segment."""
 
-    def __init__(self, state: SegmentState, name: str) -> None:
-        self.state, self.name = state, name
+    def __init__(self, segments: Segments, weights: SegmentWeights, name: str) -> None:
+        self.segments, self.weights, self.name = segments, weights, name
 
-    def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def segment_of(self, executor: Any, t: torch.Tensor) -> int:
+        """The one segment of the call's integer timesteps (a ValueError when they lie off the schedule or in two)."""
         timesteps = executor.class_obj.model_sampling.timestep(t).flatten().tolist()
-        top = self.state.segments.top
+        top = self.segments.top
         if any(not 0 <= v <= top for v in timesteps):
             raise ValueError(f"LoRA set {self.name}: the model's timesteps {timesteps} lie outside 0..{top}; the set's "
                              "segments are defined on the SD discrete schedule (do not patch model sampling)")
-        segments = {self.state.segments.segment_of(int(round(v))) for v in timesteps}
+        segments = {self.segments.segment_of(int(round(v))) for v in timesteps}
         if len(segments) != 1:
             raise ValueError(f"LoRA set {self.name}: one model call mixes timesteps {timesteps} of segments "
                              f"{sorted(segments)}; a timestep-aware set needs one noise level per call")
-        previous, self.state.segment = self.state.segment, segments.pop()
-        try:
+        return segments.pop()
+
+    def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self.weights.applied(executor.class_obj, self.segment_of(executor, t)):
             return executor(x, t, *args, **kwargs)
+
+
+class ReleaseAfterSampling:
+    """OUTER_SAMPLE wrapper: the patched weights are freed when a sampling run ends, however it ends."""
+
+    def __init__(self, weights: SegmentWeights) -> None:
+        self.weights = weights
+
+    def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return executor(*args, **kwargs)
         finally:
-            self.state.segment = previous
-
-
-class SegmentDelta:
-    """Weight function of one UNet weight: adds the current segment's LoRA delta at ``strength``, with ComfyUI's
-    own LoRA maths (as the stock loader bakes it); segments whose LoRA lacks this weight leave it unchanged."""
-
-    def __init__(self, key: str, patches: list[Any | None], strength: float, state: SegmentState, name: str) -> None:
-        self.key, self.patches, self.strength, self.state, self.name = key, patches, strength, state, name
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        j = self.state.segment
-        if j is None:
-            raise RuntimeError(f"LoRA set {self.name}: weight {self.key} was used outside a sampling step, where no "
-                               "timestep selects a segment; use mode 'merged' for such uses")
-        patch = self.patches[j - 1]
-        if patch is None:
-            return weight
-        return comfy.lora.calculate_weight([(self.strength, patch, 1.0, None, None)], weight, self.key)
+            self.weights.drop()
 
 
 def timestep_aware(model: Any, lset: LoraSet, strength: float) -> Any:
@@ -181,15 +229,14 @@ def timestep_aware(model: Any, lset: LoraSet, strength: float) -> Any:
     per_segment = [{} if entry.file is None  # a segment the set leaves to the base
                    else lora_patches(comfy.utils.load_torch_file(str(entry.file), safe_load=True), entry.file, model,
                                      key_map) for entry in lset.schedule]
-    state = SegmentState(lset.segments)
+    weights = SegmentWeights(per_segment, strength)
     patched = model.clone()
-    for key in sorted(set().union(*per_segment)):
-        patched.add_weight_wrapper(key, SegmentDelta(key, [p.get(key) for p in per_segment], strength, state,
-                                                     str(lset.folder)))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                 SegmentSwitch(state, str(lset.folder)))
-    log.info("LoRA set %s: %d segments, %d weights switched per timestep", lset.folder, lset.segments.k,
-             len(patched.weight_wrapper_patches))
+                                 SegmentSwitch(lset.segments, weights, str(lset.folder)))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                 ReleaseAfterSampling(weights))
+    log.info("LoRA set %s: %d segments, %d weights switched per segment", lset.folder, lset.segments.k,
+             len(set().union(*per_segment)))
     return patched
 
 

@@ -1,0 +1,166 @@
+"""What does sampling with ApplyAlignedLoRA cost beside a stock LoRA? (ComfyUI in-process, full-size SD1.5, CPU/GPU)
+
+    python bench/bench_apply_set.py --sizes 64 256 512 --steps 4 12 --repeats 3 --threads 1
+
+A random-weight full-size SD1.5 checkpoint (shortft_core.testing.random_models) and a random rank-``--rank`` LoRA
+set of four segments are built once. ComfyUI's own loaders and KSampler (euler / simple, CFG 3, batch 1) then sample
+with three MODELs of the same checkpoint: the checkpoint alone, the set's merged LoRA through the stock LoraLoader
+(baked into the weights), and the set through ApplyAlignedLoRA (timestep-aware: segment j's LoRA at segment j's
+timesteps). Each (size, steps, variant) is timed ``--repeats`` times after one warm-up run; the median per run and its
+ratio to the stock LoRA are printed as a markdown table, with the per-step cost of each variant from the two step
+counts (the slope: what one more step costs, which a segment switch must not grow).
+
+ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI) and runs in this
+process with --cpu unless --gpu; its requirements must be installed in this interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_comfyui() -> Path:
+    for candidate in (os.environ.get("COMFYUI_PATH"), REPO.parent / "shared" / "comfyui",
+                      Path.home() / "comfy" / "ComfyUI"):
+        if candidate and (Path(candidate) / "comfy" / "model_patcher.py").is_file():
+            return Path(candidate)
+    raise SystemExit("no ComfyUI checkout: set COMFYUI_PATH to a ComfyUI source tree")
+
+
+def import_pack_module(name: str, pack_dir: Path = REPO):
+    """A module of the pack's nodes/ as ComfyUI would import it (the package without its server routes)."""
+    if "shortft_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("shortft_pack", pack_dir / "__init__.py",
+                                                      submodule_search_locations=[str(pack_dir)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["shortft_pack"] = pack
+        spec.loader.exec_module(pack)
+        nodes = types.ModuleType("shortft_pack.nodes")
+        nodes.__path__ = [str(pack_dir / "nodes")]
+        sys.modules["shortft_pack.nodes"] = nodes
+    return importlib.import_module(f"shortft_pack.nodes.{name}")
+
+
+def build_world(folder: Path, rank: int, seed: int) -> tuple[Path, Path]:
+    """A full-size random SD1.5 checkpoint and a random four-segment LoRA set of ``rank`` (every segment differs)."""
+    import torch
+
+    from shortft_core.adapters import LoraSetSpec
+    from shortft_core.lora_set import export_lora_set
+    from shortft_core.testing import random_models
+
+    model = random_models.random_model("sd15", dtype=torch.float32, seed=seed)
+    ckpt = random_models.write_ldm_checkpoint(model, folder / "sd15_random.safetensors", dtype=torch.float16)
+    spec = LoraSetSpec(rank=rank)
+    spec.add_to(model.unet, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    lora_dir = folder / "loras" / "bench_set"
+    export_lora_set(model.unet, spec, lora_dir, family="sd15")
+    return ckpt, lora_dir
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512], help="image sizes in pixels")
+    p.add_argument("--steps", type=int, nargs=2, default=[4, 12], help="two step counts (the per-step slope)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rank", type=int, default=64, help="rank of each segment's LoRA")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
+    p.add_argument("--json", default=None, help="also write the timings here")
+    p.add_argument("--pack", default=str(REPO), help="the pack whose nodes/apply.py is timed (e.g. a git worktree of "
+                                                      "an earlier commit, to compare implementations in one run)")
+    args = p.parse_args()
+
+    comfy = find_comfyui()
+    sys.path.insert(0, str(comfy))
+    sys.argv = [sys.argv[0]] + ([] if args.gpu else ["--cpu"])
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+
+    sys.path.insert(0, str(REPO))
+    apply = import_pack_module("apply", Path(args.pack))
+    from shortft_core.lora_set import LoraSet
+
+    work = Path(tempfile.mkdtemp(prefix="bench_apply_"))
+    t0 = time.perf_counter()
+    ckpt, lora_dir = build_world(work, args.rank, seed=0)
+    print(f"built the checkpoint and a rank-{args.rank} set in {time.perf_counter() - t0:.0f} s", flush=True)
+    lset = LoraSet.open(lora_dir)
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=True,
+                                                                   embedding_directory=None)
+        lora = comfy.utils.load_torch_file(str(lset.merged_file), safe_load=True)
+        stock = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
+        aligned = apply.timestep_aware(model, lset, 1.0)
+        variants = {"checkpoint": model, "stock LoRA (merged file)": stock, "ApplyAlignedLoRA": aligned}
+        tokens = clip.tokenize("a red circle left of a blue square")
+        positive = clip.encode_from_tokens_scheduled(tokens)
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+        def run(m, size: int, steps: int) -> float:
+            latent = torch.zeros(1, 4, size // 8, size // 8)
+            noise = comfy.sample.prepare_noise(latent, 7)
+            start = time.perf_counter()
+            comfy.sample.sample(m, noise, steps, 3.0, "euler", "simple", positive, negative, latent,
+                                disable_pbar=True, seed=7)
+            return time.perf_counter() - start
+
+        results = []
+        for size in args.sizes:
+            for steps in args.steps:
+                for name, m in variants.items():
+                    run(m, size, steps)  # warm-up: loading, the first segment's patch, allocator
+                    times = [run(m, size, steps) for _ in range(args.repeats)]
+                    results.append({"size": size, "steps": steps, "variant": name, "times": times,
+                                    "median": statistics.median(times)})
+                    print(f"{size} px {steps} steps {name}: {statistics.median(times):.3f} s "
+                          f"({', '.join(f'{t:.3f}' for t in times)})", flush=True)
+    lo, hi = args.steps
+    print(f"\n| size | variant | run, {lo} steps (s) | run, {hi} steps (s) | per step (s) | vs stock LoRA, {lo} / "
+          f"{hi} steps | per step vs stock |")
+    print("|---|---|---|---|---|---|---|")
+    med = {(r["size"], r["steps"], r["variant"]): r["median"] for r in results}
+    stock_name = "stock LoRA (merged file)"
+    for size in args.sizes:
+        stock_slope = (med[(size, hi, stock_name)] - med[(size, lo, stock_name)]) / (hi - lo)
+        for name in variants:
+            a, b = med[(size, lo, name)], med[(size, hi, name)]
+            slope = (b - a) / (hi - lo)
+            print(f"| {size} px | {name} | {a:.3f} | {b:.3f} | {slope:.3f} | {a / med[(size, lo, stock_name)]:.2f} / "
+                  f"{b / med[(size, hi, stock_name)]:.2f} | {slope / stock_slope:.2f} |")
+    device = comfy.model_management.get_torch_device()
+    print(f"\ndevice {device}, torch threads {torch.get_num_threads()}, rank {args.rank}, median of {args.repeats}, "
+          f"ApplyAlignedLoRA of {args.pack}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "rank": args.rank, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
