@@ -13,7 +13,7 @@ import torch
 
 from .adapters import AdapterSwitch
 from .chain import StepHook, run_plan
-from .models import T2IModel
+from .models import DiffusionModel
 from .plans import ChainPlan, base_chain
 from .schedule import leading_grid, trailing_grid
 
@@ -36,7 +36,7 @@ def timestep_grid(steps: int, spacing: str, num_train_timesteps: int = 1000) -> 
 
 
 @torch.no_grad()
-def sample(model: T2IModel, prompts: Sequence[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
+def sample(model: DiffusionModel, prompts: Sequence[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
            negative_prompt: str = "", spacing: str = "leading", height: int | None = None,
            width: int | None = None, batch_size: int = 16, plan: ChainPlan | None = None,
            switch: AdapterSwitch | None = None, callback: StepHook | None = None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .loop import Callback, Loop, StopRequested, all_finite, processes
 from .memory import lean_saved_activations
 from .methods import inference_plan, method_plan, stage_at
-from .models import Conditioning, T2IModel
+from .models import Conditioning, DiffusionModel
 from .plans import ChainPlan
 from .prompts import PromptSource
 from .sampling import initial_noise, sample
@@ -48,7 +48,7 @@ class ChainObjective(torch.nn.Module):
     so its trainable LoRA parameters are the ones DDP averages.
     """
 
-    def __init__(self, model: T2IModel, reward: Callable, kl_weight: float = 0.0) -> None:
+    def __init__(self, model: DiffusionModel, reward: Callable, kl_weight: float = 0.0) -> None:
         super().__init__()
         self.unet = model.unet
         self.model = model
@@ -106,7 +106,7 @@ class Trainer(Loop):
     resume_may_change = ("iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every",
                          "preview_chain", "time_budget_s")
 
-    def __init__(self, model: T2IModel, reward: Callable, cfg: TrainConfig, prompts: PromptSource,
+    def __init__(self, model: DiffusionModel, reward: Callable, cfg: TrainConfig, prompts: PromptSource,
                  eval_prompts: Sequence[str] = (), out: str | os.PathLike | None = None,
                  callbacks: Sequence[Callback] = (), accelerator=None, eval_reward: dict[str, Callable] | None = None,
                  shortcut_preset=None, eval_plan: ChainPlan | None = None) -> None:
@@ -131,15 +131,15 @@ class Trainer(Loop):
         self.eval_prompts = list(eval_prompts)
         self.eval_rewards = eval_reward or {"reward": reward}
         self.out = Path(out) if out is not None else None
-        self.lora.add_to(unet, seed=cfg.seed)
+        self.lora.add_to(unet, seed=cfg.seed, order=model.adapter_order)
         self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}  # fp32 (add_lora)
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
-            model.vae.enable_gradient_checkpointing()
+            model.enable_decoder_checkpointing()
         if cfg.offload_text_encoders:
             model.offload_text_encoders()
         # on CUDA, frozen convolutions keep only their weight and GEGLUs recompute their GELU in backward: same
         # gradients, less activation memory (BENCHMARKS.md, "Frozen convolutions keep only their weight")
-        lean_saved_activations(unet, model.vae)
+        lean_saved_activations(*model.lean_modules())
         self.objective = ChainObjective(model, reward, cfg.kl_weight)
         self.switch = self.objective.switch
         self.switch.refresh()
@@ -328,7 +328,7 @@ class Trainer(Loop):
                 "plan_stage1": method_plan(self.cfg, 1, torch.Generator().manual_seed(0)).to_dict(),
                 "guidance": self.cfg.guidance}
         return export_lora_set(self.model.unet, self.lora, folder, family=self.model.family, metadata=meta,
-                               overwrite=overwrite)
+                               overwrite=overwrite, names=self.model.lora_names)
 
     # ---- checkpoints ----
     def extra_state(self) -> dict:
