@@ -113,7 +113,7 @@ class ComfyModel(DiffusionModel):
         self.lora_names = diffusers_names(config) or None
         self.adapter_order = self._diffusers_order()
         self.cache_size = cache_size
-        self._conds: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._conds: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
 
     def _diffusers_order(self) -> list[str] | None:
         """The diffusion model's module paths in the order the library's diffusers UNet of this family registers
@@ -154,30 +154,31 @@ class ComfyModel(DiffusionModel):
         return (int(self.latent_format.latent_channels), h // factor, w // factor)
 
     # ----- text ---------------------------------------------------------------------------------------------------
-    def _encode_one(self, prompt: str) -> dict[str, torch.Tensor]:
-        hit = self._conds.get(prompt)
+    def _encode_one(self, prompt: str, size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        height, width = size or (DEFAULT_SIZE[self.family],) * 2
+        key = (prompt, height, width)
+        hit = self._conds.get(key)
         if hit is not None:
-            self._conds.move_to_end(prompt)
+            self._conds.move_to_end(key)
             return hit
         with torch.no_grad():
             out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
-            size = DEFAULT_SIZE[self.family]
-            c, h, w = self.latent_shape()
+            c, h, w = self.latent_shape(height, width)
             conds = self.base.extra_conds(cross_attn=out["cond"], pooled_output=out.get("pooled_output"),
-                                          width=size, height=size, device=self.device,
+                                          width=width, height=height, device=self.device,
                                           noise=torch.zeros(1, c, h, w, device=self.device))
         found = {k: v.cond.detach().to(self.device) for k, v in conds.items()}
         if "c_crossattn" not in found:
             raise ValueError(f"the {self.family} MODEL gave no cross-attention conditioning")
-        self._conds[prompt] = found
+        self._conds[key] = found
         while len(self._conds) > self.cache_size:
             self._conds.popitem(last=False)
         return found
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+    def encode_prompts(self, prompts: Sequence[str], *, size: tuple[int, int] | None = None) -> Conditioning:
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not a single string")
-        each = [self._encode_one(p) for p in prompts]
+        each = [self._encode_one(p, size) for p in prompts]
         hidden = torch.cat([e["c_crossattn"] for e in each])
         added = {k: torch.cat([e[k] for e in each]) for k in each[0] if k != "c_crossattn"} or None
         return Conditioning(hidden, added)

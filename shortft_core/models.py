@@ -197,8 +197,9 @@ class DiffusionModel(abc.ABC):
         """(channels, h, w) of the latent of an image (default: the model's native size)."""
 
     @abc.abstractmethod
-    def encode_prompts(self, prompts: Sequence[str]) -> "Conditioning":
-        """Frozen text conditioning of a batch of prompts."""
+    def encode_prompts(self, prompts: Sequence[str], *, size: tuple[int, int] | None = None) -> "Conditioning":
+        """Frozen text conditioning of a batch of prompts for images of ``size`` (h, w; None: the native size),
+        which size-conditioned families (SDXL) take in."""
 
     @abc.abstractmethod
     def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: "Conditioning",

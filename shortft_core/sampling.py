@@ -59,8 +59,9 @@ def sample(model: DiffusionModel, prompts: Sequence[str], seed: int = 0, steps: 
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         x = initial_noise([seed + start + i for i in range(len(chunk))], shape, model.device, model.dtype)
-        cond = model.encode_prompts(chunk)
-        uncond = model.encode_prompts([negative_prompt]).repeat(len(chunk)) if needs_uncond else None
+        size = (height, width) if height or width else None
+        cond = model.encode_prompts(chunk, size=size)
+        uncond = model.encode_prompts([negative_prompt], size=size).repeat(len(chunk)) if needs_uncond else None
         z = run_plan(model, plan, x, cond, uncond, switch, hook=callback)[-1]
         out.append(model.decode(z).cpu())
     return torch.cat(out)

@@ -158,7 +158,9 @@ class Trainer(Loop):
         self.wrapped: torch.nn.Module | None = None
         self.last_plan: ChainPlan | None = None
         self.eval_plan = eval_plan  # the chain every evaluation samples (None: the inference chain)
-        self.empty = model.encode_prompts([""])
+        self.size = (cfg.image_size, cfg.image_size) if cfg.image_size else None  # (h, w); None: native
+        self.latent_shape = model.latent_shape(*self.size) if self.size else model.latent_shape()  # checks the size
+        self.empty = model.encode_prompts([""], size=self.size)
 
     # ---- schedule ----
     def progress(self) -> float:
@@ -198,7 +200,7 @@ class Trainer(Loop):
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=self.gen).tolist()
         lo, hi = acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size
         m = self.model
-        return prompts[lo:hi], initial_noise(seeds[lo:hi], m.latent_shape(), m.device, m.dtype)
+        return prompts[lo:hi], initial_noise(seeds[lo:hi], self.latent_shape, m.device, m.dtype)
 
     def _chain_hook(self, plan: ChainPlan, micro: int):
         """After every network call of the chain: a progress event and a stop poll; the latent it returns also
@@ -230,7 +232,7 @@ class Trainer(Loop):
         for micro in range(cfg.grad_accum):
             plan = method_plan(cfg, stage, self.gen)
             prompts, x = self._batch()
-            cond = self.model.encode_prompts(prompts)
+            cond = self.model.encode_prompts(prompts, size=self.size)
             uncond = self.empty.repeat(len(prompts)) if plan.needs_uncond else None  # not only cfg.guidance
             ctx = self.acc.no_sync(self.wrapped) if (micro < cfg.grad_accum - 1 and self.acc.num_processes > 1) \
                 else contextlib.nullcontext()
@@ -296,8 +298,10 @@ class Trainer(Loop):
                 self.progress_event({"phase": phase, "call": done[0], "calls": calls, "iteration": self.iteration})
             self.poll_stop()
 
+        height, width = self.size or (None, None)
         return sample(self.model, prompts, seed=seed, steps=self.cfg.sample_steps, guidance=self.cfg.guidance,
-                      batch_size=batch, plan=plan, switch=self.switch, callback=hook).float()
+                      height=height, width=width, batch_size=batch, plan=plan, switch=self.switch,
+                      callback=hook).float()
 
     def preview_plan(self) -> ChainPlan | None:
         """The preview chain: the inference chain (None), or with ``preview_chain='shortcut'`` and a shortcut on the

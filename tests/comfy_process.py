@@ -53,5 +53,6 @@ def run_in_comfyui(comfy: Path, body: str, script: Path, *args: str, timeout: fl
     r = subprocess.run([sys.executable, str(script), str(comfy), str(REPO), *map(str, args)], check=False,
                        capture_output=True, text=True, timeout=timeout, cwd=comfy, env=env)
     if r.returncode != 0:
-        pytest.fail(f"the ComfyUI-side script {script.name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
+        pytest.fail(f"the ComfyUI-side script {script.name} failed (exit status {r.returncode}):\n{r.stdout[-3000:]}\n"
+                    f"{r.stderr[-4000:]}")
     return r.stdout

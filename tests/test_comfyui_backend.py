@@ -190,3 +190,108 @@ def test_a_session_through_comfyui_writes_the_librarys_set_and_leaves_the_model(
     assert measured["set_again_equal"]
     assert measured["family_in_set"] == "tiny"
     assert measured["left_as_it_was_after_sessions"] is None, measured["left_as_it_was_after_sessions"]
+
+
+# ----- a full-size SD1.5 checkpoint ----------------------------------------------------------------------------------
+SD15_SCRIPT = r'''
+import dataclasses
+import json
+
+from shortft_pack.shortft_core import TrainConfig, attach_shortcut, load_model
+from shortft_pack.shortft_core.lifecycle import ModelState
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
+from shortft_pack.shortft_core.trainer import Trainer
+import comfy.sd
+
+ckpt, shortcut = ARGS
+backend = pack_module("backend")
+torch.set_num_threads(2)
+res = {}
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def by_name(m, what):
+    out = {}
+    for name, p in m.unet.named_parameters():
+        if ".lora_" not in name or ".shortcut." in name:
+            continue
+        module, _, rest = name.partition(".lora_")
+        out[(m.lora_names or {}).get(module, module) + ".lora_" + rest] = (p.grad if what == "grad" else p).detach().clone()
+    return out
+
+
+with torch.inference_mode():  # as CheckpointLoaderSimple makes them
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+cm = backend.ComfyModel(model, clip, vae)
+cm.prepare()
+ref = load_model(ckpt, dtype=torch.float32)
+res["family"], res["dtypes"] = cm.family, [str(cm.dtype), str(ref.dtype)]
+cfg = TrainConfig(iterations=1, batch_size=1, rank=4, guidance=1.0, sample_steps=10, eval_count=0, lr=1e-3,
+                  shortcut_guidance=1.0, image_size=64)
+prompts = PromptSource(["a red circle left of a blue square"])
+steps = {}
+for label, m in (("comfy", cm), ("lib", ref)):
+    state = ModelState.capture(m)
+    preset = attach_shortcut(m, shortcut)
+    tr = Trainer(m, SymmetryReward(), cfg, prompts, shortcut_preset=preset)
+    init = by_name(m, "weight")
+    metrics = tr.train_step()
+    steps[label] = (metrics["loss"], by_name(m, "grad"), by_name(m, "weight"), init, tr.last_plan.describe())
+    state.restore()
+(lc, gc, wc, ic, plan), (lr_, gr, wr, ir, _) = steps["comfy"], steps["lib"]
+res["plan"] = plan
+res["modules"] = len(gr)
+res["init_equal"] = ic.keys() == ir.keys() and all(torch.equal(ic[k], ir[k]) for k in ir)
+res["loss"] = abs(lc - lr_) / abs(lr_)
+flat = lambda d, keys: torch.cat([d[k].flatten().float() for k in keys])  # noqa: E731
+keys = sorted(gr)
+res["grad_l2"] = float((flat(gc, keys) - flat(gr, keys)).norm() / flat(gr, keys).norm())
+res["grad_max"] = max(rel(gc[k], gr[k]) for k in keys if gr[k].abs().max() > 0)
+res["updated_l2"] = float((flat(wc, keys) - flat(wr, keys)).norm() / flat(wr, keys).norm())
+res["adapters_left"] = sorted(getattr(cm.unet, "peft_config", {}) or {})
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def sd15_measured(tmp_path_factory, sd15_checkpoint) -> dict:
+    """One ShortFT iteration (10-step grid, 64 px, no CFG, a random rank-4 shortcut on every layer a Hyper-SD LoRA
+    adapts) on the same random full-size SD1.5 checkpoint through CheckpointLoaderSimple's MODEL and the library."""
+    import torch
+
+    from shortft_core.adapters import SHORTCUT_TARGETS, add_lora, remove_adapters
+    from shortft_core.loading import load_model
+    from shortft_core.lora_io import export_lora
+
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("backend_sd15")
+    model = load_model(sd15_checkpoint, dtype=torch.float32)
+    add_lora(model.unet, "shortcut", 4, targets=SHORTCUT_TARGETS, seed=5)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if ".lora_B.shortcut." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    shortcut = export_lora(model.unet, "shortcut", tmp / "shortcut_sd15.safetensors", family="sd15")
+    remove_adapters(model.unet, ["shortcut"])
+    del model
+    out = run_in_comfyui(comfy, SD15_SCRIPT, tmp / "sd15_side.py", sd15_checkpoint, shortcut, timeout=1800)
+    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(res, indent=1))
+    return res
+
+
+@pytest.mark.timeout(2400)
+def test_one_sd15_iteration_through_checkpoint_loader_equals_the_librarys(sd15_measured):
+    """fp32 on a CPU: the same loss, LoRA gradients and updated LoRAs from the MODEL ComfyUI loaded as from the
+    library's own copy of the same checkpoint (the seam, the key maps and the shortcut file's layers included)."""
+    m = sd15_measured
+    assert m["family"] == "sd15" and m["dtypes"] == ["torch.float32", "torch.float32"]
+    assert m["init_equal"] and m["modules"] > 100
+    assert m["loss"] < 1e-4
+    assert m["grad_l2"] < 1e-3 and m["updated_l2"] < 1e-4
+    assert m["adapters_left"] == []
