@@ -30,14 +30,17 @@ _EXPORTS: dict[str, str] = {
     "DistillConfig": "distillation",
     "METHODS": "methods",
     # models and shortcuts
-    "T2IModel": "models", "PRECISION": "models", "resolve_device": "models",
+    "DiffusionModel": "models", "Conditioning": "models", "T2IModel": "models", "PRECISION": "models",
+    "resolve_device": "models", "NoiseSchedule": "schedule",
     "load_model": "loading", "load_tiny_model": "loading",
+    "bundled_config": "families", "diffusers_module_order": "families",
     "SHORTCUT_PRESETS": "shortcut", "attach_shortcut": "shortcut",
     "tiny_shortcut_path": "tiny_world", "tiny_weights_dir": "tiny_world",
     # LoRA sets and files
     "LoraSet": "lora_set", "sample_aligned": "lora_set", "find_lora_sets": "lora_set", "lora_set_folder": "lora_set",
     "Segments": "segments",
-    "lora_file": "lora_io",
+    "lora_file": "lora_io", "lora_metadata": "lora_io", "LoadedLora": "lora_io", "LoraModule": "lora_io",
+    "load_lora_modules": "lora_io", "lora_base_family": "lora_io",
     # rewards
     "build_reward_spec": "rewards.registry", "check_reward_spec": "rewards.registry",
     "reward_descriptions": "rewards.registry",

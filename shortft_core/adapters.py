@@ -13,6 +13,7 @@ the set active in segment ``j`` is ``align_1 .. align_j`` (stacked, as in the pa
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -40,9 +41,28 @@ def lora_config(rank: int, alpha: float | None = None, targets: Sequence[str] = 
                       init_lora_weights=True, lora_dropout=0.0)
 
 
+def inject_adapter(net: torch.nn.Module, config, name: str) -> None:
+    """Add the peft adapter ``name`` with ``config`` to ``net``: through diffusers' own adapter methods on a diffusers
+    model, through peft's injection on any other module tree (e.g. the network of a ComfyUI MODEL), which then
+    carries the same ``peft_config`` bookkeeping."""
+    if hasattr(net, "add_adapter") and hasattr(net, "delete_adapters"):
+        net.add_adapter(config, adapter_name=name)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, net, adapter_name=name)
+    if name not in (getattr(net, "peft_config", None) or {}):
+        raise ValueError(f"peft injected no adapter {name!r}: no module matched {config.target_modules}")
+
+
 def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = None,
-             targets: Sequence[str] = ATTENTION_FF_TARGETS, seed: int | None = None) -> list[torch.nn.Parameter]:
-    """Inject a new LoRA adapter ``name`` into ``unet``; returns its parameters (left trainable, in fp32)."""
+             targets: Sequence[str] = ATTENTION_FF_TARGETS, seed: int | None = None,
+             order: Sequence[str] | None = None) -> list[torch.nn.Parameter]:
+    """Inject a new LoRA adapter ``name`` into ``unet``; returns its parameters (left trainable, in fp32).
+
+    With ``seed`` the initial weights are deterministic; ``order`` (module paths of ``unet`` in the order another
+    implementation of the same network registers them, e.g. the diffusers UNet a ComfyUI MODEL corresponds to)
+    makes them the values that network would get for the same seed (:func:`initialise_in_order`)."""
     if name in getattr(unet, "peft_config", {}):
         raise ValueError(f"the UNet already has an adapter named {name!r}")
     flags = {id(p): p.requires_grad for p in unet.parameters()}  # add_adapter's set_adapter flips other adapters
@@ -52,10 +72,12 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         if seed is not None:
             torch.manual_seed(seed)
-        unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+        inject_adapter(unet, lora_config(rank, alpha, targets), name)
     for p in unet.parameters():
         if id(p) in flags:
             p.requires_grad_(flags[id(p)])
+    if order is not None and seed is not None:
+        initialise_in_order(unet, name, order, seed)
     params = adapter_parameters(unet, name)
     if not params:
         raise ValueError(f"no module of the UNet matched the LoRA targets {list(targets)}")
@@ -64,6 +86,31 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
         p.requires_grad_(True)
     lora_compute_in_input_dtype(unet)
     return params
+
+
+def initialise_in_order(net: torch.nn.Module, name: str, order: Sequence[str], seed: int) -> None:
+    """Give adapter ``name``'s A matrices the values peft gives them for ``seed`` when it meets the adapted modules in
+    ``order`` (B stays zero): per module, peft creates A (in -> r) and B (r -> out) as ``nn.Linear`` layers, each
+    drawing its default initialisation, then draws A again with Kaiming-uniform. Replaying that sequence in
+    another network's module order gives two implementations of one network the same initial LoRA."""
+    layers = {path: layer for path, layer in net.named_modules() if name in getattr(layer, "lora_A", {})}
+    ordered = [path for path in order if path in layers]
+    if sorted(ordered) != sorted(layers):
+        missing = sorted(set(layers) - set(ordered))
+        raise ValueError(f"adapter {name!r}: the module order misses {len(missing)} adapted modules (e.g. "
+                         f"{missing[:3]})")
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        for path in ordered:
+            a, b = layers[path].lora_A[name], layers[path].lora_B[name]
+            if not isinstance(a, torch.nn.Linear):
+                raise ValueError(f"{path}: only linear LoRA layers can be initialised in another order")
+            torch.nn.Linear(a.in_features, a.out_features, bias=False)
+            torch.nn.Linear(b.in_features, b.out_features, bias=b.bias is not None)
+            weight = torch.empty(a.weight.shape)
+            torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            a.weight.copy_(weight.to(a.weight))
+            b.weight.zero_()
 
 
 def _forward_in_input_dtype(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +164,15 @@ def remove_adapters(unet: torch.nn.Module, names: Sequence[str]) -> None:
         inner = unet.module if hasattr(unet, "module") and hasattr(unet.module, "peft_config") else unet
         with warnings.catch_warnings():  # peft names the adapter it activates instead: nothing to act on here
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            inner.delete_adapters(present)
+            if hasattr(inner, "delete_adapters"):
+                inner.delete_adapters(present)
+            else:  # a module tree peft injected into directly
+                for layer in lora_layers(inner):
+                    for n in present:
+                        if _holds(layer, n):
+                            layer.delete_adapter(n)
+                for n in present:
+                    inner.peft_config.pop(n, None)
     for name, module in list(unet.named_modules()):
         if isinstance(module, BaseTunerLayer) and all(len(getattr(module, a, ())) == 0
                                                       for a in module.adapter_layer_names):
@@ -127,6 +182,11 @@ def remove_adapters(unet: torch.nn.Module, names: Sequence[str]) -> None:
     if not getattr(unet, "peft_config", None):
         unet.__dict__.pop("peft_config", None)
         unet.__dict__.pop("_hf_peft_config_loaded", None)
+
+
+def _holds(layer: torch.nn.Module, name: str) -> bool:
+    """Whether a peft layer carries adapter ``name``."""
+    return any(name in getattr(layer, a, {}) for a in layer.adapter_layer_names)
 
 
 def adapter_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
@@ -274,7 +334,8 @@ class LoraSetSpec:
         d["targets"] = list(self.targets)
         return d
 
-    def add_to(self, unet: torch.nn.Module, seed: int = 0) -> dict[str, list[torch.nn.Parameter]]:
-        """Inject every adapter of the set (deterministic init for ``seed``)."""
-        return {name: add_lora(unet, name, self.rank, self.alpha, self.targets, seed=seed * 1000 + i)
+    def add_to(self, unet: torch.nn.Module, seed: int = 0,
+               order: Sequence[str] | None = None) -> dict[str, list[torch.nn.Parameter]]:
+        """Inject every adapter of the set (deterministic init for ``seed``; ``order``: see :func:`add_lora`)."""
+        return {name: add_lora(unet, name, self.rank, self.alpha, self.targets, seed=seed * 1000 + i, order=order)
                 for i, name in enumerate(self.names)}

@@ -1,9 +1,10 @@
 """The one differentiable sampler: executes any :class:`~shortft_core.plans.ChainPlan` from x_T.
 
-A pure function of (model, plan, x_T, conditioning): adapters are switched per step, classifier-free guidance
-batches the conditional and unconditional halves, steps without gradient run under ``no_grad``, checkpointed
-steps are recomputed in backward (their adapter set is re-selected inside the recomputed function, so the
-recomputation uses the same network as the forward), and DRTune-style steps see a detached input.
+A pure function of (model, plan, x_T, conditioning): the model's noise predictions are stepped between the levels
+its schedule gives each timestep (:class:`~shortft_core.schedule.NoiseSchedule`), adapters are switched per step,
+classifier-free guidance batches the conditional and unconditional halves, steps without gradient run under
+``no_grad``, checkpointed steps are recomputed in backward (their adapter set is re-selected inside the recomputed
+function, so the recomputation uses the same network as the forward), and DRTune-style steps see a detached input.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .adapters import AdapterSwitch
-from .models import Conditioning, T2IModel
+from .models import Conditioning, DiffusionModel
 from .plans import ChainPlan, Step
-from .schedule import ddim_step, ddim_x0
 
 StepHook = Callable[[int, Step, torch.Tensor], None]
 EpsHook = Callable[[Step, torch.Tensor, torch.Tensor], None]
 
 
-def guided_eps(model: T2IModel, x: torch.Tensor, t: int | torch.Tensor, cond: Conditioning,
+def guided_eps(model: DiffusionModel, x: torch.Tensor, t: int | torch.Tensor, cond: Conditioning,
                uncond: Conditioning | None, guidance: float | torch.Tensor,
                unet: torch.nn.Module | None = None) -> torch.Tensor:
     """eps with classifier-free guidance, evaluating the conditional and unconditional halves in one batch.
@@ -39,13 +39,7 @@ def guided_eps(model: T2IModel, x: torch.Tensor, t: int | torch.Tensor, cond: Co
     return e_u + g * (e_c - e_u)
 
 
-def renoise(x: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Forward-diffuse x from noise level ``abar_from`` to the noisier level ``abar_to`` (q(x_to | x_from))."""
-    ratio = (abar_to / abar_from).reshape(-1, *([1] * (x.ndim - 1))) if abar_to.ndim else abar_to / abar_from
-    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
-
-
-def run_plan(model: T2IModel, plan: ChainPlan, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+def run_plan(model: DiffusionModel, plan: ChainPlan, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
              switch: AdapterSwitch | None, unet: torch.nn.Module | None = None,
              generator: torch.Generator | None = None, hook: StepHook | None = None,
              on_eps: EpsHook | None = None) -> list[torch.Tensor]:
@@ -58,17 +52,16 @@ def run_plan(model: T2IModel, plan: ChainPlan, x: torch.Tensor, cond: Conditioni
     sched = model.schedule
     readouts: list[torch.Tensor] = []
     for i, step in enumerate(plan.steps):
-        a_t, a_s = sched.abar(step.t, x), sched.abar(step.s, x)
         if step.kind == "renoise":
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = renoise(x, a_t, a_s, noise)
+            x = sched.renoise(x, step.t, step.s, noise)
         else:
             eps = _network(model, step, x, cond, uncond, switch, unet)
             if on_eps is not None:
                 on_eps(step, x, eps)
             if step.readout == "x0":
-                readouts.append(ddim_x0(x, eps, a_t))
-            x = ddim_step(x, eps, a_t, a_s)
+                readouts.append(sched.x0(x, eps, step.t))
+            x = sched.step(x, eps, step.t, step.s)
             if step.readout == "x":
                 readouts.append(x)
         if hook is not None:
@@ -76,7 +69,7 @@ def run_plan(model: T2IModel, plan: ChainPlan, x: torch.Tensor, cond: Conditioni
     return readouts
 
 
-def _network(model: T2IModel, step: Step, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+def _network(model: DiffusionModel, step: Step, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
              switch: AdapterSwitch | None, unet: torch.nn.Module | None) -> torch.Tensor:
     use_uncond = uncond if step.guidance != 1.0 else None
     if step.guidance != 1.0 and uncond is None:

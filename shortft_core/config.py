@@ -76,6 +76,9 @@ class TrainConfig:
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
                                                  "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
     # sampling
+    image_size: int | None = setting(None, "image size in pixels of training, evaluation and previews, square "
+                                           "(none: the model's native size, e.g. 512 for SD1.5, 1024 for SDXL)",
+                                     at_least=8)
     sample_steps: int = setting(50, "DDIM steps of the sampling chain being fine-tuned (and of evaluation)",
                                 at_least=1, at_most=1000)
     guidance: float = setting(3.0, "CFG scale on the fine-tuned steps (1: none, one UNet pass per step, less "

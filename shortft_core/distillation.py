@@ -46,7 +46,7 @@ from .adapters import load_adapter_state
 from .loop import Callback, Loop
 from .checkpoint import CheckpointManager
 from .settings import check_bounds, setting
-from .models import PRECISION, Conditioning, T2IModel
+from .models import PRECISION, Conditioning, DiffusionModel
 from .chain import guided_eps, run_plan
 from .plans import base_chain
 from .sampling import initial_noise
@@ -107,7 +107,7 @@ class DistillConfig:
     checkpoint_every: int = setting(500, "steps between checkpoints (atomic; --resume continues exactly)", at_least=1)
     keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)", at_least=1)
 
-    def validate(self, model: T2IModel | None = None) -> None:
+    def validate(self, model: DiffusionModel | None = None) -> None:
         """Raise on settings out of range or inconsistent, before any heavy work."""
         check_bounds(self)
         e = self.edges
@@ -197,7 +197,7 @@ class Pairs:
 class TinyPairs:
     """Encoded tiny-world training images and their captions (deterministic for a seed)."""
 
-    def __init__(self, model: T2IModel, n: int, seed: int) -> None:
+    def __init__(self, model: DiffusionModel, n: int, seed: int) -> None:
         from .tiny_world import scenes
 
         lat, caps = [], []
@@ -218,7 +218,7 @@ class TeacherTrajectories:
     from. Each pool records every grid state and the exact state at every segment edge (a partial DDIM step with
     the eps of the grid point above the edge); training pairs are drawn from it for ``reuse`` steps."""
 
-    def __init__(self, model: T2IModel, prompts: Sequence[str], edges: Sequence[int], guidance: tuple[float, float],
+    def __init__(self, model: DiffusionModel, prompts: Sequence[str], edges: Sequence[int], guidance: tuple[float, float],
                  teacher_steps: int, pool_size: int, reuse: int, teacher_eps: Callable,
                  focus: Sequence[int] = (), focus_share: float = 0.0) -> None:
         self.model, self.prompts, self.edges = model, list(prompts), list(edges)
@@ -308,7 +308,7 @@ class Distiller(Loop):
     rng_name = "data"
     resume_may_change = ("steps", "checkpoint_every", "keep_checkpoints")
 
-    def __init__(self, model: T2IModel, cfg: DistillConfig, out: str | Path,
+    def __init__(self, model: DiffusionModel, cfg: DistillConfig, out: str | Path,
                  callbacks: Sequence[Callback] = ()) -> None:
         cfg.validate(model)
         self.model, self.cfg, self.out = model, cfg, Path(out)
@@ -480,7 +480,7 @@ SHORTFT_JUMPS: tuple[tuple[int, int], ...] = ((741, 501), (481, 261), (241, 1))
 
 
 @torch.no_grad()
-def jump_errors(model: T2IModel, prompts: Sequence[str], seeds: Sequence[int], guidance: float,
+def jump_errors(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], guidance: float,
                 jumps: Sequence[tuple[int, int]] = SHORTFT_JUMPS, shortcut_guidance: float = 1.0,
                 naive_steps: Sequence[int] = ()) -> dict:
     """Relative L2 error ||x_hat_s - x_s|| / ||x_s|| of one-call jumps against the teacher's 50-step DDIM.

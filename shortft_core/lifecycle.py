@@ -40,7 +40,7 @@ def outside_inference_mode(fn: F) -> F:
 
 @dataclass
 class ModelState:
-    """What training may change on a :class:`~shortft_core.models.T2IModel`, recorded so it can be restored."""
+    """What training may change on a :class:`~shortft_core.models.DiffusionModel`, recorded so it can be restored."""
 
     model: Any
     adapters: tuple[str, ...] = ()
@@ -90,7 +90,7 @@ class ModelState:
         for i, part in enumerate(_parts(model)):
             for n, p in part.named_parameters():
                 flag = self.requires_grad.get((i, n))
-                if flag is not None:
+                if flag is not None and p.requires_grad != flag:  # (a host's inference tensors refuse the call)
                     p.requires_grad_(flag)
             for n, m in part.named_modules():
                 before = self.attrs.get((i, n))
@@ -104,4 +104,4 @@ class ModelState:
 
 
 def _parts(model: Any) -> list[torch.nn.Module]:
-    return [model.unet, model.vae, *model.text_encoders]
+    return model.parts()

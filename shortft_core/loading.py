@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .families import bundled_config
 from .files import check_safetensors
 from .lifecycle import outside_inference_mode
 from .models import TINY, T2IModel
@@ -27,7 +28,6 @@ from .tokenizer import EOS, load_clip_tokenizer, write_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl")
 SUPPORTED = ("SD1.x/SD1.5 and SDXL base 1.0 (eps-prediction, 4-channel UNet), as a diffusers folder "
              "(model_index.json) or a single-file .safetensors/.ckpt checkpoint in the original (ldm) layout")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -42,22 +42,7 @@ class UnsupportedModelError(ValueError):
     """The checkpoint or folder holds a model layout ShortFT does not support."""
 
 
-# ----- bundled configs and tokenizers -----------------------------------------------------------------------
-def configs_dir(family: str) -> Path:
-    """Folder of the bundled architecture configs of ``family`` ('sd15' or 'sdxl')."""
-    if family not in FAMILIES:
-        raise ValueError(f"family {family!r}: bundled configs exist for {FAMILIES}")
-    return Path(__file__).resolve().parent / "configs" / family
-
-
-def bundled_config(family: str, part: str, config_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """One bundled config (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``scheduler``)."""
-    path = Path(config_dir or configs_dir(family)) / f"{part}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"bundled config {path} is missing; reinstall shortft_core")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
+# ----- tokenizers ------------------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """The user cache folder (``$SHORTFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/shortft``, else ``~/.cache/shortft``)."""
     env = os.environ.get("SHORTFT_CACHE_DIR")
@@ -352,24 +337,6 @@ def load_sdxl_folder(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 # ----- family of a UNet ----------------------------------------------------------------------------------------
-def unet_family(unet_or_config: Any) -> str:
-    """'sd15' or 'sdxl' when a UNet has that architecture, else 'custom' (e.g. the tiny world)."""
-    cfg = getattr(unet_or_config, "config", unet_or_config)
-    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-    for family in FAMILIES:
-        ref = bundled_config(family, "unet")
-        keys = ("block_out_channels", "cross_attention_dim", "down_block_types", "layers_per_block", "in_channels")
-        if all(_same(get(k), ref.get(k)) for k in keys) and _same(get("addition_embed_type"), ref.get("addition_embed_type")):
-            return family
-    return "custom"
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    return a == b
-
-
 # ----- every model by its spec -----------------------------------------------------------------------------
 @outside_inference_mode
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu",

@@ -176,7 +176,7 @@ def lora_base_family(modules: Mapping[str, LoraModule]) -> str | None:
 
 
 def _unet_family_name(unet: torch.nn.Module) -> str:
-    from .loading import unet_family
+    from .families import unet_family
 
     fam = unet_family(unet)
     if fam != "custom":
@@ -495,50 +495,74 @@ def load_lora_adapter(unet: torch.nn.Module, source: str | os.PathLike | Mapping
     ``activate``. Raises :class:`LoraFormatError` (the UNet is left unchanged) when anything does not fit.
     """
     unet = _unwrap(unet)
-    if not adapter_name or not isinstance(adapter_name, str):
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
-    if adapter_name in _adapter_names(unet):
-        raise ValueError(f"adapter {adapter_name!r} is already loaded in this UNet; delete it first "
-                         f"(unet.delete_adapters({adapter_name!r})) or choose another name")
     if isinstance(source, Mapping):
         sd, meta, label = dict(source), dict(metadata or {}), "state dict"
     else:
         sd, meta = read_lora(source)
         meta.update(metadata or {})
         label = str(source)
+    _check_new_adapter(unet, adapter_name)
     modules, layout = lora_modules(sd, unet, meta, label)
-    before = _active(unet)
-    flags = {id(p): p.requires_grad for p in unet.parameters()}
-    target_dtype = dtype or next(unet.parameters()).dtype
+    load_lora_modules(unet, modules, adapter_name, trainable=trainable, dtype=dtype, activate=activate, source=label)
+    family = lora_base_family(modules)
+    log.info("loaded LoRA %s as adapter %r: %d modules, layout %s, ranks %s%s", label, adapter_name, len(modules),
+             layout, dict(collections.Counter(m.rank for m in modules.values())), "" if trainable else " (frozen)")
+    return LoadedLora(adapter_name, label, layout, family, modules, meta)
+
+
+def _check_new_adapter(net: torch.nn.Module, adapter_name: str) -> None:
+    if not adapter_name or not isinstance(adapter_name, str):
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if adapter_name in _adapter_names(net):
+        raise ValueError(f"adapter {adapter_name!r} is already loaded in this network; remove it first "
+                         "(shortft_core.adapters.remove_adapters) or choose another name")
+
+
+@outside_inference_mode
+def load_lora_modules(net: torch.nn.Module, modules: Mapping[str, LoraModule], adapter_name: str,
+                      trainable: bool = False, dtype: torch.dtype | None = None, activate: bool = True,
+                      source: str = "LoRA") -> None:
+    """Add the LoRA ``modules`` (module path of ``net`` -> down, up, alpha) to ``net`` as peft adapter
+    ``adapter_name``, holding exactly the given tensors (cast to ``dtype``, else the network's dtype): the one way
+    a LoRA file reaches a network, a diffusers UNet or any other module tree (e.g. a ComfyUI MODEL's, whose files
+    ComfyUI's own key maps read). Frozen unless ``trainable``; active beside the active ones if ``activate``.
+    Raises :class:`LoraFormatError` (the network is left unchanged) when a tensor does not load as given."""
+    from peft import LoraConfig
+
+    from .adapters import inject_adapter
+
+    net = _unwrap(net)
+    _check_new_adapter(net, adapter_name)
+    before = _active(net)
+    flags = {id(p): p.requires_grad for p in net.parameters()}
+    target_dtype = dtype or next(net.parameters()).dtype
     peft_sd = {}
     for name, m in modules.items():
         peft_sd[f"{name}.lora_A.weight"] = m.down.to(target_dtype)
         peft_sd[f"{name}.lora_B.weight"] = m.up.to(target_dtype)
-    with warnings.catch_warnings():  # several adapters on one UNet is the design, not an accident
+    with warnings.catch_warnings():  # several adapters on one network is the design, not an accident
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        unet.load_lora_adapter(peft_sd, prefix=None, adapter_name=adapter_name, metadata=_lora_config_kwargs(modules))
-    layers = _adapter_layers(unet, adapter_name)
+        inject_adapter(net, LoraConfig(**_lora_config_kwargs(modules)), adapter_name)
+    layers = _adapter_layers(net, adapter_name)
     try:
-        with torch.no_grad():  # peft may have rounded through the base layer's dtype: put the exact tensors in
+        with torch.no_grad():  # the exact tensors, in the adapter's layers
             for name, layer in layers.items():
                 layer.lora_A[adapter_name].weight.data = peft_sd[f"{name}.lora_A.weight"].clone()
                 layer.lora_B[adapter_name].weight.data = peft_sd[f"{name}.lora_B.weight"].clone()
-        _verify_loaded(unet, adapter_name, modules, peft_sd, label)
+        _verify_loaded(net, adapter_name, modules, peft_sd, source)
     except Exception:
-        unet.delete_adapters(adapter_name)
+        from .adapters import remove_adapters
+
+        remove_adapters(net, [adapter_name])
         raise
-    for p in unet.parameters():  # peft may have flipped other adapters' flags; restore them
+    for p in net.parameters():  # peft may have flipped other adapters' flags; restore them
         if id(p) in flags:
             p.requires_grad_(flags[id(p)])
     for layer in layers.values():
         for p in (*layer.lora_A[adapter_name].parameters(), *layer.lora_B[adapter_name].parameters()):
             p.requires_grad_(trainable)
-    _set_active(unet, before + [adapter_name] if activate else before)
-    lora_compute_in_input_dtype(unet)
-    family = lora_base_family(modules)
-    log.info("loaded LoRA %s as adapter %r: %d modules, layout %s, ranks %s%s", label, adapter_name, len(modules),
-             layout, dict(collections.Counter(m.rank for m in modules.values())), "" if trainable else " (frozen)")
-    return LoadedLora(adapter_name, label, layout, family, modules, meta)
+    _set_active(net, before + [adapter_name] if activate else before)
+    lora_compute_in_input_dtype(net)
 
 
 def _verify_loaded(unet: torch.nn.Module, adapter_name: str, modules: Mapping[str, LoraModule],

@@ -72,8 +72,9 @@ def segment_weights(segments: Segments, steps: int = 50) -> list[float]:
 
 def export_lora_set(unet: torch.nn.Module, spec: LoraSetSpec, folder: str | os.PathLike, family: str | None = None,
                     metadata: Mapping[str, Any] | None = None, overwrite: bool = False,
-                    dtype: torch.dtype = torch.float16) -> list[Path]:
-    """Write ``segment_<j>.safetensors``, ``merged.safetensors`` and ``set.json`` for the alignment set on ``unet``."""
+                    dtype: torch.dtype = torch.float16, names: Mapping[str, str] | None = None) -> list[Path]:
+    """Write ``segment_<j>.safetensors``, ``merged.safetensors`` and ``set.json`` for the alignment set on ``unet``;
+    ``names`` maps the network's module paths to the diffusers names the files use (a model's ``lora_names``)."""
     from .lora_io import adapter_modules, write_lora_modules
 
     folder = Path(folder)
@@ -83,7 +84,7 @@ def export_lora_set(unet: torch.nn.Module, spec: LoraSetSpec, folder: str | os.P
         refuse_overwrite(f, overwrite, "LoRA set file")
     segs = range(1, spec.segments.k + 1)
     tuned = [j for j in segs if spec.active_in_segment(j)]
-    per_adapter = {n: adapter_modules(unet, n) for n in spec.names}
+    per_adapter = {n: renamed_modules(adapter_modules(unet, n), names) for n in spec.names}
     ranges = [list(spec.segments.range_of(j)) for j in segs]
     weights = segment_weights(spec.segments)
     info = {"kind": "timestep_aware_set" if spec.timestep_aware else "single", "segments": ranges,
@@ -109,6 +110,18 @@ def export_lora_set(unet: torch.nn.Module, spec: LoraSetSpec, folder: str | os.P
     written.append(files[-1])
     log.info("wrote LoRA set (%d segments) to %s", spec.segments.k, folder)
     return written
+
+
+def renamed_modules(modules: Mapping[str, Any], names: Mapping[str, str] | None) -> dict[str, Any]:
+    """LoRA modules keyed by the diffusers names of their module paths (``names``: path -> name; None: the same);
+    a path without a name is an error naming it."""
+    if names is None:
+        return dict(modules)
+    missing = sorted(m for m in modules if m not in names)
+    if missing:
+        raise ValueError(f"{len(missing)} adapted modules have no diffusers name to write them under (e.g. "
+                         f"{missing[:3]}); the model's lora_names must cover every module a LoRA adapts")
+    return {names[m]: v for m, v in modules.items()}
 
 
 def read_set_manifest(folder: str | os.PathLike) -> dict:

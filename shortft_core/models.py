@@ -1,17 +1,23 @@
-"""A loaded text-to-image model: tokenizer(s), text encoder(s), UNet, VAE and noise schedule in one bundle.
+"""The model seam: :class:`DiffusionModel`, what the chain, the trainer and every method need of a text-to-image
+model whatever runs it, and :class:`T2IModel`, its implementation on diffusers / transformers modules.
 
-Every part of the project (sampler, trainer, distillation, evaluation) talks to a :class:`T2IModel`, never to a
-diffusers pipeline object, so the same code serves the tiny world, SD1.5 and SDXL. Nothing here reaches
-a hub: every file comes from a local folder, and a missing one is reported with where it was looked for.
+Every part of the project (sampler, trainer, distillation, evaluation) talks to a :class:`DiffusionModel`, never to
+a pipeline object: a noise prediction at a timestep of the model's schedule (whatever the network predicts), frozen
+text encoding, a differentiable latent decode, the latent shape, and the network whose layers take the adapters.
+:class:`T2IModel` serves the tiny world, SD1.5 and SDXL from local files (nothing here reaches a hub: a missing file
+is reported with where it was looked for); the ComfyUI pack implements the same seam over the MODEL, CLIP and VAE
+that ComfyUI loaded, so one chain executor and one trainer serve both (in the spirit of k-diffusion's model
+wrappers).
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -146,9 +152,96 @@ class TextEncoderOffload:
             self.cache.popitem(last=False)
 
 
+class DiffusionModel(abc.ABC):
+    """The seam between a text-to-image model and the chain, the trainer and every method.
+
+    An implementation provides the attributes below and the abstract methods. ``unet`` is the denoising network (a
+    UNet or a transformer) whose layers take the LoRA adapters, ``vae`` the module the decode runs through,
+    ``text_encoders`` the frozen encoders; :meth:`eps` is the noise prediction at a timestep of ``schedule`` (the
+    network's own prediction type converted), so the chain steps every model the same way. ``lora_names`` maps the
+    network's module paths to the diffusers module names LoRA files use (None: they are the same), so sets trained
+    on any backend are written in one format; ``adapter_order`` lists the network's module paths in the order the
+    diffusers implementation of the same network registers them (None: its own), so a seed initialises the same
+    LoRA set on either backend."""
+
+    family: str
+    source: str
+    info: dict[str, Any]
+    schedule: NoiseSchedule
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    text_offload: "TextEncoderOffload | None" = None
+    lora_names: Mapping[str, str] | None = None
+    adapter_order: Sequence[str] | None = None  # module paths in the reference network's order (add_lora's order)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def parts(self) -> list[torch.nn.Module]:
+        """Every module training may touch (for :class:`~shortft_core.lifecycle.ModelState`)."""
+        return [self.unet, self.vae, *self.text_encoders]
+
+    def lean_modules(self) -> list[torch.nn.Module]:
+        """The modules whose layers may take the memory module's lean forwards on CUDA (exact, measured on
+        diffusers' layers)."""
+        return [self.unet, self.vae]
+
+    @abc.abstractmethod
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(channels, h, w) of the latent of an image (default: the model's native size)."""
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: Sequence[str], *, size: tuple[int, int] | None = None) -> "Conditioning":
+        """Frozen text conditioning of a batch of prompts for images of ``size`` (h, w; None: the native size),
+        which size-conditioned families (SDXL) take in."""
+
+    @abc.abstractmethod
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: "Conditioning",
+            unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """The noise prediction at latent ``x``, timestep(s) ``t`` of ``schedule`` (``unet``: the module to call
+        instead of ``self.unet``, e.g. a DDP wrapper, where the backend calls the network itself)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (differentiable)."""
+
+    @abc.abstractmethod
+    def load_lora(self, source: Any, adapter_name: str, trainable: bool = False, activate: bool = True) -> Any:
+        """A LoRA file as peft adapter ``adapter_name`` on :attr:`unet`, read by this backend's key maps; returns a
+        :class:`~shortft_core.lora_io.LoadedLora` whose modules carry diffusers names."""
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> latents (distillation from images needs it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode images")
+
+    def enable_decoder_checkpointing(self) -> None:
+        """Recompute the decoder's blocks in backward (less memory for the decode's backward)."""
+        raise ValueError(f"checkpoint_vae (--checkpoint-vae) is not available for a {type(self).__name__}")
+
+    def offload_text_encoders(self, cache_size: int = 1024) -> int:
+        """Keep the text encoders off the compute device between encodings; returns the bytes freed there."""
+        raise ValueError(f"offload_text_encoders (--offload-text-encoders) is not available for a "
+                         f"{type(self).__name__}")
+
+    def onload_text_encoders(self) -> None:
+        """Undo :meth:`offload_text_encoders`."""
+
+    def requires_grad_(self, flag: bool) -> "DiffusionModel":
+        for m in self.parts():
+            m.requires_grad_(flag)
+        return self
+
+
 @dataclass
-class T2IModel:
-    """The parts of an SD-family latent diffusion model that ShortFT needs."""
+class T2IModel(DiffusionModel):
+    """The parts of an SD-family latent diffusion model that ShortFT needs, as diffusers / transformers modules."""
 
     family: str  # "tiny" | "sd15" | "sdxl"
     tokenizers: list[Any]
@@ -162,14 +255,6 @@ class T2IModel:
     text_offload: TextEncoderOffload | None = field(default=None, repr=False)  # see offload_text_encoders
 
     # ----- properties -----------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -221,10 +306,13 @@ class T2IModel:
             t.data = h.to(self.device)
         self.text_offload = None
 
-    def requires_grad_(self, flag: bool) -> "T2IModel":
-        for m in [self.unet, self.vae, *self.text_encoders]:
-            m.requires_grad_(flag)
-        return self
+    def enable_decoder_checkpointing(self) -> None:
+        self.vae.enable_gradient_checkpointing()
+
+    def load_lora(self, source: Any, adapter_name: str, trainable: bool = False, activate: bool = True) -> Any:
+        from .lora_io import load_lora_adapter
+
+        return load_lora_adapter(self.unet, source, adapter_name, trainable=trainable, activate=activate)
 
     # ----- text ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -290,13 +378,15 @@ class T2IModel:
     # ----- networks -----------------------------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
             unet: torch.nn.Module | None = None) -> torch.Tensor:
-        """The UNet's eps prediction; ``unet`` overrides the module called (e.g. a DDP-wrapped one)."""
+        """The noise prediction at ``x``, timestep(s) ``t``: the UNet's output as its schedule's prediction type
+        reads it (a v model's v is turned into eps); ``unet`` overrides the module called (e.g. a DDP-wrapped one)."""
         net = unet if unet is not None else self.unet
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        tt = torch.as_tensor(t, device=x.device)
+        if tt.ndim == 0:
+            tt = tt.expand(x.shape[0])
         kwargs = {} if cond.added is None else {"added_cond_kwargs": cond.added}
-        return net(x, t, encoder_hidden_states=cond.hidden, return_dict=False, **kwargs)[0]
+        out = net(x, tt, encoder_hidden_states=cond.hidden, return_dict=False, **kwargs)[0]
+        return self.schedule.eps_from(out, x, t)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (differentiable)."""

@@ -13,7 +13,7 @@ import torch
 
 from .adapters import AdapterSwitch
 from .chain import StepHook, run_plan
-from .models import T2IModel
+from .models import DiffusionModel
 from .plans import ChainPlan, base_chain
 from .schedule import leading_grid, trailing_grid
 
@@ -36,7 +36,7 @@ def timestep_grid(steps: int, spacing: str, num_train_timesteps: int = 1000) -> 
 
 
 @torch.no_grad()
-def sample(model: T2IModel, prompts: Sequence[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
+def sample(model: DiffusionModel, prompts: Sequence[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
            negative_prompt: str = "", spacing: str = "leading", height: int | None = None,
            width: int | None = None, batch_size: int = 16, plan: ChainPlan | None = None,
            switch: AdapterSwitch | None = None, callback: StepHook | None = None) -> torch.Tensor:
@@ -59,8 +59,9 @@ def sample(model: T2IModel, prompts: Sequence[str], seed: int = 0, steps: int = 
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         x = initial_noise([seed + start + i for i in range(len(chunk))], shape, model.device, model.dtype)
-        cond = model.encode_prompts(chunk)
-        uncond = model.encode_prompts([negative_prompt]).repeat(len(chunk)) if needs_uncond else None
+        size = (height, width) if height or width else None
+        cond = model.encode_prompts(chunk, size=size)
+        uncond = model.encode_prompts([negative_prompt], size=size).repeat(len(chunk)) if needs_uncond else None
         z = run_plan(model, plan, x, cond, uncond, switch, hook=callback)[-1]
         out.append(model.decode(z).cpu())
     return torch.cat(out)

@@ -1,7 +1,11 @@
 """Noise schedule, timestep grids and the DDIM update, written as pure functions.
 
 Everything here is differentiable and stateless: no scheduler object with a step counter ever sits inside a
-training graph. The maths (Song et al., DDIM, eta = 0) for eps-prediction:
+training graph. A schedule is the seam between the chain and a model's noise levels: it says what each timestep of a
+plan means (alpha_t, sigma_t with x_t = alpha_t x0 + sigma_t eps), turns the network's output into eps whatever the
+model predicts (``prediction_type``: epsilon, or v = alpha_t eps - sigma_t x0), and takes the deterministic step
+between two levels. The maths (Song et al., DDIM, eta = 0), for the variance-preserving discrete schedules of the
+SD family (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)):
 
     x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
     x_s    = sqrt(abar_s) * x0_hat + sqrt(1 - abar_s) * eps
@@ -22,13 +26,22 @@ import torch
 from .segments import FINAL  # noqa: F401 - the sentinel target timestep of the clean end, re-exported
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a network may predict (diffusers' names)
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """Cumulative alphas of a discrete diffusion schedule (float64 on CPU; cast at use)."""
+    """Cumulative alphas of a discrete diffusion schedule (float64 on CPU; cast at use) and what the network
+    predicts on it."""
 
     alphas_cumprod: torch.Tensor
     final_alpha_cumprod: float
     prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}: use one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -70,6 +83,33 @@ class NoiseSchedule:
         if like is not None:
             out = out.to(device=like.device, dtype=like.dtype)
         return out
+
+    def levels(self, t: int | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) at timestep(s) ``t`` in ``like``'s dtype, shaped to broadcast against it."""
+        abar = _bcast(self.abar(t, like), like)
+        return abar.sqrt(), (1.0 - abar).sqrt()
+
+    def eps_from(self, output: torch.Tensor, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The noise prediction a network's ``output`` at ``x``, timestep(s) ``t`` stands for (eps models: itself;
+        v models: sigma_t x + alpha_t v)."""
+        if self.prediction_type == "epsilon":
+            return output
+        alpha, sigma = self.levels(t, x)
+        return sigma * x + alpha * output
+
+    def x0(self, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The clean sample predicted at ``x``, timestep(s) ``t`` by ``eps``."""
+        return ddim_x0(x, eps, self.abar(t, x))
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor) -> torch.Tensor:
+        """One deterministic DDIM jump with ``eps`` from timestep(s) ``t`` to ``s`` (any distance; s < 0: the end)."""
+        return ddim_step(x, eps, self.abar(t, x), self.abar(s, x))
+
+    def renoise(self, x: torch.Tensor, t: int, s: int, noise: torch.Tensor) -> torch.Tensor:
+        """Forward-diffuse ``x`` from timestep ``t`` (t < 0: the clean end) to the noisier ``s``
+        (q(x_s | x_t))."""
+        ratio = self.abar(s, x) / self.abar(t, x)
+        return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
 
 
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {

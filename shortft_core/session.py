@@ -45,7 +45,7 @@ from .files import atomic_write_json, check_safetensors
 from .lifecycle import ModelState, outside_inference_mode
 from .loop import Callback
 from .methods import method_plan
-from .models import PRECISION, TINY, T2IModel, resolve_device
+from .models import PRECISION, TINY, DiffusionModel, resolve_device
 from .prompts import PromptSource, read_prompt_file
 from .runs import FINISHED, PARTIAL, REUSED, STOPPED, RunFolder
 from .trainer import History, Trainer
@@ -63,7 +63,7 @@ class TrainRequest:
     given and the precision from a loaded model's dtype (:func:`~shortft_core.config.resolve_config`)."""
 
     out: str | os.PathLike  # run folder: checkpoints, history.json, pictures, run.json (and lora/ by default)
-    model: str | os.PathLike | T2IModel = TINY  # a model spec (see loading) or a loaded model, left as it was
+    model: str | os.PathLike | DiffusionModel = TINY  # a model spec (see loading) or a loaded model, left as it was
     reward: str | Callable | None = None  # a spec like "10*pickscore+2*hps_v2", or a reward callable
     config: TrainConfig | Mapping[str, Any] | None = None  # None: TrainConfig's defaults (with the preset's)
     preset: str | None = None  # "tiny": the tiny world's settings under the user's (config given as settings only)
@@ -114,10 +114,10 @@ def _digest(items: Sequence[str]) -> str:
 
 
 def _is_tiny(model: Any) -> bool:
-    return (isinstance(model, str) and model == TINY) or (isinstance(model, T2IModel) and model.family == TINY)
+    return (isinstance(model, str) and model == TINY) or (isinstance(model, DiffusionModel) and model.family == TINY)
 
 
-def _precision_of(model: T2IModel) -> str:
+def _precision_of(model: DiffusionModel) -> str:
     """The mixed_precision setting that names a loaded model's dtype."""
     return next((k for k, v in PRECISION.items() if v == model.dtype), "no")
 
@@ -132,7 +132,7 @@ class _Session:
         self.out = Path(out).expanduser()
         self.checked = False
         self._state: ModelState | None = None
-        self.model: T2IModel | None = None
+        self.model: DiffusionModel | None = None
 
     def __enter__(self):
         return self
@@ -163,10 +163,10 @@ class _Session:
     def _run(self):
         raise NotImplementedError
 
-    def _model(self, spec: str | os.PathLike | T2IModel, device: torch.device, precision: str,
-               cache_dir: str | os.PathLike | None = None) -> T2IModel:
+    def _model(self, spec: str | os.PathLike | DiffusionModel, device: torch.device, precision: str,
+               cache_dir: str | os.PathLike | None = None) -> DiffusionModel:
         """The model to work on: a loaded one (its state recorded, to restore on close) or one loaded from a spec."""
-        if isinstance(spec, T2IModel):
+        if isinstance(spec, DiffusionModel):
             self._state = ModelState.capture(spec)
             self.model = spec
         else:
@@ -227,9 +227,9 @@ class TrainingSession(_Session):
             from .shortcut import get_preset
 
             get_preset(req.shortcut_preset)
-        if not isinstance(req.model, T2IModel) and str(req.model).endswith(".safetensors"):
+        if not isinstance(req.model, DiffusionModel) and str(req.model).endswith(".safetensors"):
             check_safetensors(Path(req.model).expanduser(), "model")  # a damaged checkpoint, before it loads
-        self.device = req.model.device if isinstance(req.model, T2IModel) else resolve_device(req.device)
+        self.device = req.model.device if isinstance(req.model, DiffusionModel) else resolve_device(req.device)
         self.settings = self._settings()
         self.previous = self.folder.previous(self.settings, req.overwrite)
         self.checked = True
@@ -246,7 +246,7 @@ class TrainingSession(_Session):
         else:
             user = dict(req.config or {})
             cfg = resolve_config(user, req.preset, tiny=self.tiny)
-            if isinstance(req.model, T2IModel) and "mixed_precision" not in user:
+            if isinstance(req.model, DiffusionModel) and "mixed_precision" not in user:
                 cfg = dataclasses.replace(cfg, mixed_precision=_precision_of(req.model))
         if req.eval_prompts is None:
             if self.tiny:
@@ -271,7 +271,8 @@ class TrainingSession(_Session):
         from .lora_io import lora_file
 
         req = self.request
-        if isinstance(req.model, T2IModel) and SHORTCUT_ADAPTER in (getattr(req.model.unet, "peft_config", {}) or {}):
+        carried = getattr(req.model.unet, "peft_config", {}) if isinstance(req.model, DiffusionModel) else {}
+        if SHORTCUT_ADAPTER in (carried or {}):
             if req.shortcut not in (None, "none"):
                 raise ValueError("the model already carries a shortcut adapter; pass shortcut=None to use it, or a "
                                  "model without one")
@@ -289,13 +290,13 @@ class TrainingSession(_Session):
     def _settings(self) -> dict:
         """What identifies the run: a run folder with other settings is a different run."""
         req = self.request
-        model = req.model.source if isinstance(req.model, T2IModel) else str(req.model)
+        model = req.model.source if isinstance(req.model, DiffusionModel) else str(req.model)
         reward = self.reward_spec if isinstance(self.reward_spec, str) else reward_label(self.reward_spec)
         shortcut = None
         if self.shortcut_file is not None:
             shortcut = {"file": str(self.shortcut_file), "preset": req.shortcut_preset,
                         "guidance": req.shortcut_guidance}
-        elif self.config.needs_shortcut and isinstance(req.model, T2IModel):  # the shortcut the model carries
+        elif self.config.needs_shortcut and isinstance(req.model, DiffusionModel):  # the shortcut the model carries
             shortcut = {**req.model.info.get("shortcut", {"file": "(loaded by the caller)"}),
                         "guidance_override": req.shortcut_guidance}
         return {"config": self.config.to_dict(), "model": model, "reward": reward, "eval_rewards": self.eval_specs,
@@ -344,7 +345,7 @@ class TrainingSession(_Session):
 
         return self._result(status, LoraSet.open(self.lora_dir), files)
 
-    def _load_shortcut(self, model: T2IModel):
+    def _load_shortcut(self, model: DiffusionModel):
         """Load the shortcut file (when the model has none) and return its preset, or None."""
         req = self.request
         if not self.config.needs_shortcut:
@@ -452,13 +453,13 @@ SHORTCUT_FILE = "shortcut.safetensors"
 
 @dataclass
 class DistillRequest:
-    """One shortcut distillation run (:mod:`shortft_core.distillation`): the run folder receives ``shortcut.safetensors``,
-    checkpoints and ``run.json``."""
+    """One shortcut distillation run (:mod:`shortft_core.distillation`): the run folder receives
+    ``shortcut.safetensors``, checkpoints and ``run.json``."""
 
     out: str | os.PathLike
-    model: str | os.PathLike | T2IModel = TINY  # a model spec (see loading) or a loaded model, left as it was
+    model: str | os.PathLike | DiffusionModel = TINY  # a model spec (see loading) or a loaded model, left as it was
     config: DistillConfig = field(default_factory=DistillConfig)
-    prompts: Sequence[str] | str | os.PathLike | None = None  # data-free prompts (None: config's, else the tiny world's)
+    prompts: Sequence[str] | str | os.PathLike | None = None  # data-free prompts (None: config's, else the tiny's)
     device: str | torch.device = "auto"
     cache_dir: str | os.PathLike | None = None
     overwrite: bool = False
@@ -501,11 +502,11 @@ class DistillSession(_Session):
             cfg = dataclasses.replace(cfg, prompts=tuple(prompts))
         cfg.validate()
         cfg.check_data(tiny=_is_tiny(req.model))
-        if isinstance(req.model, T2IModel):
+        if isinstance(req.model, DiffusionModel):
             cfg.validate(req.model)
         self.config = cfg
-        self.device = req.model.device if isinstance(req.model, T2IModel) else resolve_device(req.device)
-        model = req.model.source if isinstance(req.model, T2IModel) else str(req.model)
+        self.device = req.model.device if isinstance(req.model, DiffusionModel) else resolve_device(req.device)
+        model = req.model.source if isinstance(req.model, DiffusionModel) else str(req.model)
         self.settings = {"config": cfg.to_dict(), "model": model}
         self.previous = self.folder.previous(self.settings, req.overwrite)
         self.checked = True

@@ -20,8 +20,8 @@ from typing import Mapping
 
 import torch
 
-from .lora_io import LoadedLora, LoraFormatError, _unwrap, load_lora_adapter, lora_base_family, lora_file
-from .adapters import SHORTCUT_ADAPTER
+from .lora_io import LoadedLora, LoraFormatError, load_lora_adapter, lora_base_family, lora_file
+from .adapters import SHORTCUT_ADAPTER, remove_adapters
 from .schedule import trailing_grid
 from .lifecycle import outside_inference_mode
 from .segments import Segments
@@ -148,17 +148,9 @@ def preset_from_metadata(loaded: LoadedLora) -> ShortcutPreset | None:
                           source=f"distilled by ShortFT (teacher CFG {g[0]:g}..{g[1]:g})")
 
 
-@outside_inference_mode
-def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
-                  preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT_ADAPTER,
-                  family: str | None = None, activate: bool = False) -> tuple[LoadedLora, ShortcutPreset | None]:
-    """Load a published shortcut LoRA into ``unet`` as a frozen adapter; returns it with its preset.
-
-    ``preset`` defaults to the one the file name matches; ``family`` (sd15 / sdxl) is the base model's, checked
-    against the preset and the LoRA's shapes before anything is injected. Every key must be used.
-    """
-    if not isinstance(path, Mapping):
-        path = lora_file(path, "shortcut")  # missing or damaged: refused from the header, before anything loads
+def _preset_before_loading(path: str | os.PathLike | Mapping[str, torch.Tensor], preset: str | ShortcutPreset | None,
+                           family: str | None) -> ShortcutPreset | None:
+    """The preset given, else the one the file name matches; refused when it is for another base family."""
     if isinstance(preset, str):
         preset = get_preset(preset)
     if preset is None and not isinstance(path, Mapping):
@@ -167,25 +159,58 @@ def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, 
             log.info("shortcut %s: using preset %s (from the file name)", path, preset.name)
     if preset is not None and family is not None and family in ("sd15", "sdxl") and preset.base != family:
         raise LoraFormatError(f"shortcut preset {preset.name} is for {preset.base} but the model is {family}")
-    loaded = load_lora_adapter(unet, path, adapter_name, trainable=False, activate=activate)
+    return preset
+
+
+def _preset_after_loading(loaded: LoadedLora, preset: ShortcutPreset | None) -> ShortcutPreset | None:
+    """The preset of a loaded shortcut: the one found before (checked against the LoRA's own family), else the one
+    its metadata describes (our distilled shortcuts); None, with a warning, when nothing tells."""
     lora_family = lora_base_family(loaded.modules)
     if preset is not None and lora_family in ("sd15", "sdxl") and lora_family != preset.base:
-        _unwrap(unet).delete_adapters(adapter_name)
         raise LoraFormatError(f"{loaded.source} is a {lora_family} LoRA but preset {preset.name} is for {preset.base}")
     if preset is None:
         preset = preset_from_metadata(loaded)
     if preset is None:
         log.warning("shortcut %s: no preset given or recognised; pass preset= (one of %s) so jumps can be checked",
                     loaded.source, ", ".join(sorted(PRESETS)))
-    return loaded, preset
+    return preset
 
 
+@outside_inference_mode
+def load_shortcut(unet: torch.nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
+                  preset: str | ShortcutPreset | None = None, adapter_name: str = SHORTCUT_ADAPTER,
+                  family: str | None = None, activate: bool = False) -> tuple[LoadedLora, ShortcutPreset | None]:
+    """Load a published shortcut LoRA into a diffusers ``unet`` as a frozen adapter; returns it with its preset.
+
+    ``preset`` defaults to the one the file name matches; ``family`` (sd15 / sdxl) is the base model's, checked
+    against the preset and the LoRA's shapes before anything is injected. Every key must be used.
+    """
+    if not isinstance(path, Mapping):
+        path = lora_file(path, "shortcut")  # missing or damaged: refused from the header, before anything loads
+    preset = _preset_before_loading(path, preset, family)
+    loaded = load_lora_adapter(unet, path, adapter_name, trainable=False, activate=activate)
+    try:
+        return loaded, _preset_after_loading(loaded, preset)
+    except LoraFormatError:
+        remove_adapters(unet, [adapter_name])
+        raise
+
+
+@outside_inference_mode
 def attach_shortcut(model, path: str | os.PathLike, preset: str | ShortcutPreset | None = None
                     ) -> ShortcutPreset | None:
-    """Load a shortcut file onto a :class:`~shortft_core.models.T2IModel` and record where it came from in
-    ``model.info`` (``shortcut``: file, preset and CFG scale; ``shortcut_preset``: the preset), so a training session
-    on this model knows which shortcut it trains through. Returns the preset (None when none is known)."""
-    _, found = load_shortcut(model.unet, path, preset=preset, family=model.family)
+    """Load a shortcut file onto a :class:`~shortft_core.models.DiffusionModel` as a frozen, inactive adapter (the
+    model's own LoRA loader reads it) and record where it came from in ``model.info`` (``shortcut``: file, preset
+    and CFG scale; ``shortcut_preset``: the preset), so a training session on this model knows which shortcut it
+    trains through. Returns the preset (None when none is known)."""
+    path = lora_file(path, "shortcut")
+    preset = _preset_before_loading(path, preset, model.family)
+    loaded = model.load_lora(path, SHORTCUT_ADAPTER, trainable=False, activate=False)
+    try:
+        found = _preset_after_loading(loaded, preset)
+    except LoraFormatError:
+        remove_adapters(model.unet, [SHORTCUT_ADAPTER])
+        raise
     model.info["shortcut"] = {"file": str(Path(path).expanduser()), "preset": found.name if found else None,
                               "guidance": found.guidance if found else None}
     model.info["shortcut_preset"] = found

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .loop import Callback, Loop, StopRequested, all_finite, processes
 from .memory import lean_saved_activations
 from .methods import inference_plan, method_plan, stage_at
-from .models import Conditioning, T2IModel
+from .models import Conditioning, DiffusionModel
 from .plans import ChainPlan
 from .prompts import PromptSource
 from .sampling import initial_noise, sample
@@ -48,7 +48,7 @@ class ChainObjective(torch.nn.Module):
     so its trainable LoRA parameters are the ones DDP averages.
     """
 
-    def __init__(self, model: T2IModel, reward: Callable, kl_weight: float = 0.0) -> None:
+    def __init__(self, model: DiffusionModel, reward: Callable, kl_weight: float = 0.0) -> None:
         super().__init__()
         self.unet = model.unet
         self.model = model
@@ -106,7 +106,7 @@ class Trainer(Loop):
     resume_may_change = ("iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every",
                          "preview_chain", "time_budget_s")
 
-    def __init__(self, model: T2IModel, reward: Callable, cfg: TrainConfig, prompts: PromptSource,
+    def __init__(self, model: DiffusionModel, reward: Callable, cfg: TrainConfig, prompts: PromptSource,
                  eval_prompts: Sequence[str] = (), out: str | os.PathLike | None = None,
                  callbacks: Sequence[Callback] = (), accelerator=None, eval_reward: dict[str, Callable] | None = None,
                  shortcut_preset=None, eval_plan: ChainPlan | None = None) -> None:
@@ -131,15 +131,15 @@ class Trainer(Loop):
         self.eval_prompts = list(eval_prompts)
         self.eval_rewards = eval_reward or {"reward": reward}
         self.out = Path(out) if out is not None else None
-        self.lora.add_to(unet, seed=cfg.seed)
+        self.lora.add_to(unet, seed=cfg.seed, order=model.adapter_order)
         self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}  # fp32 (add_lora)
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
-            model.vae.enable_gradient_checkpointing()
+            model.enable_decoder_checkpointing()
         if cfg.offload_text_encoders:
             model.offload_text_encoders()
         # on CUDA, frozen convolutions keep only their weight and GEGLUs recompute their GELU in backward: same
         # gradients, less activation memory (BENCHMARKS.md, "Frozen convolutions keep only their weight")
-        lean_saved_activations(unet, model.vae)
+        lean_saved_activations(*model.lean_modules())
         self.objective = ChainObjective(model, reward, cfg.kl_weight)
         self.switch = self.objective.switch
         self.switch.refresh()
@@ -158,7 +158,9 @@ class Trainer(Loop):
         self.wrapped: torch.nn.Module | None = None
         self.last_plan: ChainPlan | None = None
         self.eval_plan = eval_plan  # the chain every evaluation samples (None: the inference chain)
-        self.empty = model.encode_prompts([""])
+        self.size = (cfg.image_size, cfg.image_size) if cfg.image_size else None  # (h, w); None: native
+        self.latent_shape = model.latent_shape(*self.size) if self.size else model.latent_shape()  # checks the size
+        self.empty = model.encode_prompts([""], size=self.size)
 
     # ---- schedule ----
     def progress(self) -> float:
@@ -198,7 +200,7 @@ class Trainer(Loop):
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=self.gen).tolist()
         lo, hi = acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size
         m = self.model
-        return prompts[lo:hi], initial_noise(seeds[lo:hi], m.latent_shape(), m.device, m.dtype)
+        return prompts[lo:hi], initial_noise(seeds[lo:hi], self.latent_shape, m.device, m.dtype)
 
     def _chain_hook(self, plan: ChainPlan, micro: int):
         """After every network call of the chain: a progress event and a stop poll; the latent it returns also
@@ -230,7 +232,7 @@ class Trainer(Loop):
         for micro in range(cfg.grad_accum):
             plan = method_plan(cfg, stage, self.gen)
             prompts, x = self._batch()
-            cond = self.model.encode_prompts(prompts)
+            cond = self.model.encode_prompts(prompts, size=self.size)
             uncond = self.empty.repeat(len(prompts)) if plan.needs_uncond else None  # not only cfg.guidance
             ctx = self.acc.no_sync(self.wrapped) if (micro < cfg.grad_accum - 1 and self.acc.num_processes > 1) \
                 else contextlib.nullcontext()
@@ -296,8 +298,10 @@ class Trainer(Loop):
                 self.progress_event({"phase": phase, "call": done[0], "calls": calls, "iteration": self.iteration})
             self.poll_stop()
 
+        height, width = self.size or (None, None)
         return sample(self.model, prompts, seed=seed, steps=self.cfg.sample_steps, guidance=self.cfg.guidance,
-                      batch_size=batch, plan=plan, switch=self.switch, callback=hook).float()
+                      height=height, width=width, batch_size=batch, plan=plan, switch=self.switch,
+                      callback=hook).float()
 
     def preview_plan(self) -> ChainPlan | None:
         """The preview chain: the inference chain (None), or with ``preview_chain='shortcut'`` and a shortcut on the
@@ -328,7 +332,7 @@ class Trainer(Loop):
                 "plan_stage1": method_plan(self.cfg, 1, torch.Generator().manual_seed(0)).to_dict(),
                 "guidance": self.cfg.guidance}
         return export_lora_set(self.model.unet, self.lora, folder, family=self.model.family, metadata=meta,
-                               overwrite=overwrite)
+                               overwrite=overwrite, names=self.model.lora_names)
 
     # ---- checkpoints ----
     def extra_state(self) -> dict:

@@ -1,6 +1,7 @@
 """LoRA compute dtype: on a half-precision base the adapters run in the activations' dtype (less kept for backward),
 their parameters and gradients stay fp32, and on an fp32 base nothing changes."""
 
+import pytest
 import torch
 
 from shortft_core.adapters import AdapterSwitch, adapter_parameters, add_lora, lora_compute_in_input_dtype
@@ -92,3 +93,25 @@ def test_two_switches_of_one_unet_never_skip_a_change():
     trainer.refresh()
     trainer.activate(["a"])
     assert torch.equal(out(), with_a)
+
+
+def test_initialise_in_order_replays_peft_for_another_module_order(tiny_model):
+    """The same seed gives the same A matrices whether peft meets the modules in their own order or their values
+    are replayed in that order onto a network whose modules come in another order (here: the same UNet with a
+    shuffled replay order against its own: the replay must follow the order given, not the network's)."""
+    import copy
+
+    from shortft_core.adapters import add_lora, adapter_state, initialise_in_order, remove_adapters
+    from shortft_core.families import diffusers_module_order
+
+    unet = copy.deepcopy(tiny_model.unet)
+    add_lora(unet, "a", 4, seed=7)
+    by_peft = adapter_state(unet, "a")
+    order = diffusers_module_order(dict(unet.config))
+    initialise_in_order(unet, "a", order, 7)
+    assert all(torch.equal(by_peft[k], v) for k, v in adapter_state(unet, "a").items())
+    initialise_in_order(unet, "a", list(reversed(order)), 7)  # another order: other values for the same seed
+    assert not all(torch.equal(by_peft[k], v) for k, v in adapter_state(unet, "a").items())
+    with pytest.raises(ValueError, match="misses"):
+        initialise_in_order(unet, "a", order[:10], 7)
+    remove_adapters(unet, ["a"])

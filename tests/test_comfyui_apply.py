@@ -83,7 +83,7 @@ def foreign_sets(comfy_server: ComfyServer) -> None:
     """Sets the SD1.5 model must refuse: one exported from a (reduced) SDXL UNet with family sdxl, the same files
     with no family in set.json (only the keys can tell), and a copy missing a segment file."""
     from shortft_core.adapters import LoraSetSpec
-    from shortft_core.loading import bundled_config
+    from shortft_core.families import bundled_config
     from shortft_core.lora_set import export_lora_set
     from shortft_core.testing.random_models import SMALL_CONFIGS, random_unet
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from comfy_harness import find_comfyui, requirements_skip_reason
 from shortft_core import ldm_keys, lora_io
-from shortft_core.loading import bundled_config
+from shortft_core.families import bundled_config
 
 pytestmark = pytest.mark.comfyui
 

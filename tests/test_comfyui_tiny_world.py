@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +23,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from comfy_harness import REPO, ComfyServer, comfyui_or_skip, execution_error
+from comfy_harness import ComfyServer, comfyui_or_skip, execution_error
+from comfy_process import run_in_comfyui
 from shortft_core.adapters import AdapterSwitch, LoraSetSpec, remove_adapters
 from shortft_core.chain import run_plan
 from shortft_core.loading import load_tiny_model
@@ -68,29 +65,13 @@ def lib():
 
 
 # ----- each piece in a ComfyUI subprocess -------------------------------------------------------------------------
-# Runs in this interpreter with ComfyUI on sys.path (so ComfyUI's globals stay out of the pytest process):
-# argv = comfy_root, repo, inputs.safetensors, outputs.safetensors. The pack is imported as a package without running
-# nodes/__init__.py (which needs the server's routes): only nodes/tiny_world.py and what it imports.
-COMFY_SIDE = textwrap.dedent(r'''
-    import importlib, importlib.util, json, sys, time, types
-    comfy_root, repo, inputs, outputs = sys.argv[1:]
-    sys.path.insert(0, comfy_root)
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import torch
-    torch.set_num_threads(1)
+# Run by comfy_process.run_in_comfyui (ComfyUI's globals stay out of the pytest process); ARGS = inputs.safetensors,
+# outputs.safetensors.
+COMFY_SIDE = r'''
+    import json, time
     from safetensors.torch import load_file, save_file
-
-    spec = importlib.util.spec_from_file_location("shortft_pack", repo + "/__init__.py",
-                                                  submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["shortft_pack"] = pack
-    spec.loader.exec_module(pack)
-    nodes = types.ModuleType("shortft_pack.nodes")
-    nodes.__path__ = [repo + "/nodes"]
-    sys.modules["shortft_pack.nodes"] = nodes
-    tiny = importlib.import_module("shortft_pack.nodes.tiny_world")
+    inputs, outputs = ARGS
+    tiny = pack_module("tiny_world")
 
     inp = load_file(inputs)
     prompts = json.loads(open(inputs + ".json").read())["prompts"]
@@ -135,7 +116,7 @@ COMFY_SIDE = textwrap.dedent(r'''
                        low.model.model_config.custom_operations.__name__]
     save_file(out, outputs)
     json.dump(info, open(outputs + ".json", "w"))
-''')
+'''
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +136,7 @@ def pieces(tmp_path_factory, lib) -> SimpleNamespace:
     save_file(inputs, tmp / "inputs.safetensors")
     prompts = [PROMPT, NEGATIVE, "A Blue SQUARE, above a green triangle & a yellow star!"]
     (tmp / "inputs.safetensors.json").write_text(json.dumps({"prompts": prompts}))
-    script = tmp / "comfy_side.py"
-    script.write_text(COMFY_SIDE)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONDONTWRITEBYTECODE": "1"}
-    r = subprocess.run([sys.executable, str(script), str(comfy), str(REPO), str(tmp / "inputs.safetensors"),
-                        str(tmp / "outputs.safetensors")], check=False, capture_output=True, text=True, timeout=600,
-                       cwd=comfy, env=env)
-    assert r.returncode == 0, f"ComfyUI side failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    run_in_comfyui(comfy, COMFY_SIDE, tmp / "comfy_side.py", tmp / "inputs.safetensors", tmp / "outputs.safetensors")
     out = load_file(tmp / "outputs.safetensors")
     info = json.loads((tmp / "outputs.safetensors.json").read_text())
     return SimpleNamespace(inputs=inputs, prompts=prompts, out=out, info=info)

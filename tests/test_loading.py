@@ -16,6 +16,7 @@ import torch
 
 from shortft_core import ldm_keys, loading
 from shortft_core.testing import random_models
+from shortft_core.families import bundled_config
 from shortft_core.loading import UnsupportedModelError
 from shortft_core.loading import load_model
 
@@ -194,8 +195,8 @@ def test_ldm_key_maps_invert_diffusers_converters():
 
     for family in ("sd15", "sdxl"):
         with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(loading.bundled_config(family, "unet"))
-            vae = AutoencoderKL.from_config(loading.bundled_config(family, "vae"))
+            unet = UNet2DConditionModel.from_config(bundled_config(family, "unet"))
+            vae = AutoencoderKL.from_config(bundled_config(family, "vae"))
         sd = unet.state_dict()
         ldm = {ldm_keys.UNET_PREFIX + k: v for k, v in ldm_keys.unet_state_dict_to_ldm(sd, unet.config).items()}
         back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
@@ -213,7 +214,7 @@ def test_full_size_checkpoint_layout_matches_bundled_configs(family):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = lambda part: loading.bundled_config(family, part)  # noqa: E731
+    cfg = lambda part: bundled_config(family, part)  # noqa: E731
     with init_empty_weights():
         unet, vae = UNet2DConditionModel.from_config(cfg("unet")), AutoencoderKL.from_config(cfg("vae"))
         tes = [CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))]

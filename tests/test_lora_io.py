@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from shortft_core import ldm_keys, lora_io
 from shortft_core.lora_io import LoraFormatError, LoraModule
 from shortft_core.testing.random_models import SMALL_CONFIGS, random_unet
-from shortft_core.loading import bundled_config
+from shortft_core.families import bundled_config
 
 ALIGN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 LAYOUTS = ["kohya", "kohya_sgm", "diffusers_old", "diffusers_old_alpha", "attn_procs", "peft", "peft_metadata"]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from shortft_core import lora_io
 from shortft_core.cli import main
-from shortft_core.loading import bundled_config
+from shortft_core.families import bundled_config
 
 from test_lora_io import meta_unet, write_layout  # noqa: E402  (tests/ is on sys.path)
 

@@ -45,6 +45,40 @@ def test_ddim_chain_matches_diffusers_scheduler():
         torch.testing.assert_close(x_ours, x_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_schedule_steps_match_diffusers_for_either_prediction_type(prediction):
+    """The schedule's own step (the network output read by its prediction type, then DDIM between the two levels)
+    reproduces DDIMScheduler.step on a chain where the network predicts eps or v; the x0 readout matches the
+    scheduler's pred_original_sample; for eps models it is bit for bit the pure DDIM functions."""
+    from diffusers import DDIMScheduler
+
+    cfg = {**SD15_SCHEDULER_CONFIG, "prediction_type": prediction}
+    sched = DDIMScheduler.from_config(cfg)
+    sched.set_timesteps(25)
+    ns = NoiseSchedule.from_config(cfg)
+    g = torch.Generator().manual_seed(1)
+    x_ref = x_ours = torch.randn(2, 4, 8, 8, generator=g)
+    grid = leading_grid(25)
+    for i, t in enumerate(grid):
+        out = torch.randn(2, 4, 8, 8, generator=g) * 0.5 + 0.5 * x_ours  # any function of x
+        ref = sched.step(out, t, x_ref)
+        s = grid[i + 1] if i + 1 < len(grid) else FINAL
+        eps = ns.eps_from(out, x_ours, t)
+        torch.testing.assert_close(ns.x0(x_ours, eps, t), ref.pred_original_sample, rtol=1e-4, atol=1e-4)
+        stepped = ns.step(x_ours, eps, t, s)
+        if prediction == "epsilon":
+            assert torch.equal(eps, out)
+            assert torch.equal(stepped, ddim_step(x_ours, out, ns.abar(t, x_ours), ns.abar(s, x_ours)))
+        x_ref, x_ours = ref.prev_sample, stepped
+        torch.testing.assert_close(x_ours, x_ref, rtol=1e-5, atol=1e-5)
+    t = torch.tensor([981, 501, 21])  # one timestep per sample
+    x, out = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    per_sample = ns.eps_from(out, x, t)
+    assert all(torch.equal(per_sample[i], ns.eps_from(out[i:i + 1], x[i:i + 1], int(t[i]))[0]) for i in range(3))
+    with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
+        NoiseSchedule.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": "sample"})
+
+
 def test_add_noise_matches_diffusers_and_x0_inverts_it():
     from diffusers import DDIMScheduler
 

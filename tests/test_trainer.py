@@ -325,3 +325,23 @@ def test_resume_accepts_a_checkpoint_older_than_a_setting_but_refuses_a_changed_
     with pytest.raises(ValueError, match="last_segment"):  # the tiny preset's setting is another run
         Trainer(fresh_tiny(), tiny_rewards[0], replace(cfg, last_segment="base"), PromptSource.tiny(50),
                 out=tmp_path).resume()
+
+
+def test_image_size_sets_the_training_and_evaluation_resolution(tiny_rewards, fresh_tiny):
+    """image_size trains and evaluates at that size (the tiny VAE's factor is 4: 16 px is a 4x4 latent); a size the
+    VAE cannot take is refused when the trainer is built, before any iteration."""
+    seen = []
+
+    class Shapes(Callback):
+        def on_preview(self, loop, images, prompts):
+            seen.append(tuple(images.shape))
+
+    cfg = TrainConfig(iterations=1, batch_size=1, rank=2, eval_count=0, guidance=1.0, image_size=16, preview_every=1,
+                      preview_chain="full", sample_steps=10)
+    tr = Trainer(fresh_tiny(), tiny_rewards[0], cfg, PromptSource(["a red circle"]), callbacks=[Shapes()])
+    assert tr.latent_shape == (4, 4, 4) and tr._batch()[1].shape == (1, 4, 4, 4)
+    tr.fit()
+    assert seen == [(1, 3, 16, 16)]
+    assert tuple(tr.evaluate(["a blue square"]).keys()) == ("reward", "reward_std")
+    with pytest.raises(ValueError, match="multiple of the VAE factor 4"):
+        Trainer(fresh_tiny(), tiny_rewards[0], TrainConfig(image_size=18), PromptSource(["a"]))

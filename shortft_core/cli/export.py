@@ -39,7 +39,7 @@ def add_export_parser(sub) -> None:
 
 
 def _unet_config(base: str) -> dict:
-    from ..loading import FAMILIES, bundled_config
+    from ..families import FAMILIES, bundled_config
 
     if base in FAMILIES:
         return bundled_config(base, "unet")

@@ -31,7 +31,7 @@ class SymmetryReward(Reward):
 
     0 for a perfectly mirror-symmetric image, about -1/3 for independent uniform noise, -1 at worst (black/white
     halves). The gradient pushes each pixel towards its mirror twin. The paper's "Symmetry (lower is better)" is
-    an error of this kind; ``error(images)`` returns ``-reward`` for such tables.
+    an error of this kind: minus this reward.
     """
 
     name = "symmetry"

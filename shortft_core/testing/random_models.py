@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..loading import FAMILIES, bundled_config, clip_tokenizer, SDXL_PAD_TOKEN
+from ..families import FAMILIES, bundled_config
+from ..loading import SDXL_PAD_TOKEN, clip_tokenizer
 from ..schedule import NoiseSchedule
 
 
@@ -126,7 +127,7 @@ def write_small_configs(family: str, folder: str | os.PathLike) -> Path:
     import json
 
     from ..files import atomic_write_json
-    from ..loading import configs_dir
+    from ..families import configs_dir
 
     folder = Path(folder)
     for src in configs_dir(family).glob("*.json"):

@@ -1,0 +1,233 @@
+"""Training through the MODEL, CLIP and VAE that ComfyUI loaded: the library's model seam over ComfyUI's own objects.
+
+:class:`ComfyModel` is a :class:`~shortft_core.DiffusionModel` whose network is the MODEL's own diffusion model (one
+copy in memory, trained in place): the noise prediction goes through ``BaseModel.apply_model`` (so ComfyUI's model
+sampling, wrappers and patches apply, and gradients flow through it), the text through the CLIP's encoder, the decode
+through the VAE's first stage model (``comfy.sd.VAE.decode`` is no gradient path). LoRA adapters are peft layers
+injected into the diffusion model's modules (they add ``B(A x)`` beside the frozen layer, never a patched weight), and
+LoRA files reach them through ComfyUI's own key maps, so every layout ComfyUI loads loads here. The library's
+:class:`~shortft_core.TrainingSession` records what training changes and puts it back; the weights themselves are
+only re-registered as ordinary tensors where ComfyUI made them in inference mode (same values, dtype and device).
+
+The chain works in the variance-preserving latent x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; ComfyUI's discrete
+models take x_ve = x_t / sqrt(abar_t) at sigma_t = sqrt((1 - abar_t) / abar_t) and return the denoised x0, so
+eps = (x_ve - x0) / sigma_t for eps and v models alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_management
+import comfy.model_sampling
+import comfy.supported_models
+import comfy.utils
+import torch
+
+from ..shortft_core import (Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule, bundled_config,
+                            diffusers_module_order, load_lora_modules, lora_base_family, lora_metadata,
+                            tiny_weights_dir)
+from .apply import lora_patches
+from .tiny_world import is_tiny_world
+
+log = logging.getLogger(__name__)
+
+# the families trained here: ComfyUI's model config class -> (family, native image size)
+SUPPORTED = "the tiny world, SD1.5, SDXL and SD2.x (v-prediction)"
+DEFAULT_SIZE = {"tiny": 32, "sd15": 512, "sd2": 768, "sdxl": 1024}
+
+
+def model_family(patcher: Any) -> str:
+    """The family of a ComfyUI MODEL (tiny, sd15, sdxl, sd2), or a ValueError naming it and what is supported."""
+    if is_tiny_world(patcher):
+        return "tiny"
+    config = patcher.model.model_config
+    for cls, name in ((comfy.supported_models.SDXL, "sdxl"), (comfy.supported_models.SD20, "sd2"),
+                      (comfy.supported_models.SD15, "sd15")):
+        if type(config) is cls:
+            return name
+    raise ValueError(f"the MODEL is a {type(config).__name__} model; ShortFT trains {SUPPORTED} (other families, "
+                     "flow-matching ones included, are not supported yet)")
+
+
+def prediction_type(patcher: Any) -> str:
+    """The network's prediction type, by ComfyUI's model sampling (eps or v on the discrete schedule)."""
+    sampling = patcher.model.model_sampling
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise ValueError(f"the MODEL samples with {type(sampling).__name__}; ShortFT trains discrete-schedule "
+                         "models (a model-sampling patch such as ModelSamplingDiscrete must not change it)")
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(sampling, comfy.model_sampling.EPS) and type(sampling).calculate_denoised is \
+            comfy.model_sampling.EPS.calculate_denoised:
+        return "epsilon"
+    raise ValueError(f"the MODEL's prediction ({type(sampling).__name__}) is neither eps nor v")
+
+
+def diffusers_names(unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """The diffusion model's module paths -> the diffusers module names LoRA files use (from ComfyUI's own map)."""
+    return {ldm[: -len(".weight")]: diff[: -len(".weight")]
+            for diff, ldm in comfy.utils.unet_to_diffusers(dict(unet_config)).items() if diff.endswith(".weight")}
+
+
+def ordinary_tensors_(module: torch.nn.Module) -> int:
+    """Re-register every parameter and buffer ComfyUI made in inference mode as an ordinary tensor with the same
+    values (autograd cannot save inference tensors for backward); returns how many were re-registered."""
+    done = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                    done += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    done += 1
+    return done
+
+
+class ComfyModel(DiffusionModel):
+    """The library's model seam over a ComfyUI MODEL (ModelPatcher), CLIP and VAE: see the module docstring.
+    Prompts are encoded one at a time and kept (``cache_size`` of them), so a prompt's conditioning never depends on
+    its batch and the CLIP runs once per prompt."""
+
+    def __init__(self, model: Any, clip: Any, vae: Any, source: str = "comfyui MODEL", cache_size: int = 4096) -> None:
+        self.patcher, self.clip, self.comfy_vae = model, clip, vae
+        self.base = model.model
+        self.family = model_family(model)
+        self.source = f"{source} ({self.family})"
+        self.info: dict[str, Any] = {}
+        sigmas = self.base.model_sampling.sigmas.detach().double().cpu()
+        abar = 1.0 / (1.0 + sigmas**2)
+        self.schedule = NoiseSchedule(abar, float(abar[0]), prediction_type(model))
+        self.unet = self.base.diffusion_model
+        self.vae = vae.first_stage_model
+        self.text_encoders = [clip.cond_stage_model]
+        config = getattr(self.base.model_config, "unet_config", {})
+        self.lora_names = diffusers_names(config) or None
+        self.adapter_order = self._diffusers_order()
+        self.cache_size = cache_size
+        self._conds: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+    def _diffusers_order(self) -> list[str] | None:
+        """The diffusion model's module paths in the order the library's diffusers UNet of this family registers
+        them, so a seed gives the LoRA set the CLI would start from (None where no diffusers config is known)."""
+        if self.lora_names is None or self.family not in ("tiny", "sd15", "sdxl"):
+            return None
+        if self.family == "tiny":
+            config = json.loads((tiny_weights_dir() / "pipeline" / "unet" / "config.json").read_text(encoding="utf-8"))
+        else:
+            config = bundled_config(self.family, "unet")
+        path_of = {name: path for path, name in self.lora_names.items()}
+        return [path_of[name] for name in diffusers_module_order(config) if name in path_of]
+
+    # ----- placement ------------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Place the network and the VAE where ComfyUI computes (whole, no streaming) and make their weights
+        ordinary tensors, so gradients can flow through them."""
+        comfy.model_management.load_models_gpu([self.patcher, self.comfy_vae.patcher], force_full_load=True)
+        count = ordinary_tensors_(self.unet) + ordinary_tensors_(self.vae)
+        if count:
+            log.info("ShortFT: %d tensors of the MODEL and VAE re-registered outside inference mode", count)
+
+    def lean_modules(self) -> list[torch.nn.Module]:
+        """None: the lean forwards replace a layer's forward, which would bypass ComfyUI's own (its weight casting
+        and offloading); they are measured on diffusers' layers only."""
+        return []
+
+    @property
+    def latent_format(self) -> Any:
+        return self.base.latent_format
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        factor = int(self.comfy_vae.downscale_ratio)
+        size = DEFAULT_SIZE[self.family]
+        h, w = height or size, width or size
+        if h % factor or w % factor:
+            raise ValueError(f"image size {h}x{w} must be a multiple of the VAE factor {factor}")
+        return (int(self.latent_format.latent_channels), h // factor, w // factor)
+
+    # ----- text ---------------------------------------------------------------------------------------------------
+    def _encode_one(self, prompt: str, size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        height, width = size or (DEFAULT_SIZE[self.family],) * 2
+        key = (prompt, height, width)
+        hit = self._conds.get(key)
+        if hit is not None:
+            self._conds.move_to_end(key)
+            return hit
+        with torch.no_grad():
+            out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
+            c, h, w = self.latent_shape(height, width)
+            conds = self.base.extra_conds(cross_attn=out["cond"], pooled_output=out.get("pooled_output"),
+                                          width=width, height=height, device=self.device,
+                                          noise=torch.zeros(1, c, h, w, device=self.device))
+        found = {k: v.cond.detach().to(self.device) for k, v in conds.items()}
+        if "c_crossattn" not in found:
+            raise ValueError(f"the {self.family} MODEL gave no cross-attention conditioning")
+        self._conds[key] = found
+        while len(self._conds) > self.cache_size:
+            self._conds.popitem(last=False)
+        return found
+
+    def encode_prompts(self, prompts: Sequence[str], *, size: tuple[int, int] | None = None) -> Conditioning:
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+        each = [self._encode_one(p, size) for p in prompts]
+        hidden = torch.cat([e["c_crossattn"] for e in each])
+        added = {k: torch.cat([e[k] for e in each]) for k in each[0] if k != "c_crossattn"} or None
+        return Conditioning(hidden, added)
+
+    # ----- networks -------------------------------------------------------------------------------------------------
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
+            unet: torch.nn.Module | None = None) -> torch.Tensor:
+        if unet is not None and unet is not self.unet:
+            raise ValueError("a ComfyUI MODEL is called through its own apply_model (no DDP wrapper)")
+        tt = torch.as_tensor(t, device=x.device)
+        if tt.ndim == 0:
+            tt = tt.expand(x.shape[0])
+        sigma = self.base.model_sampling.sigmas.to(x.device)[tt.long()].to(x.dtype)
+        scale = (1.0 + sigma**2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
+        x_ve = x * scale
+        extra = dict(cond.added or {})
+        denoised = self.base.apply_model(x_ve, sigma, c_crossattn=cond.hidden, **extra)
+        return (x_ve - denoised.to(x.dtype)) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self.base.process_latent_out(latents)
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode(z.to(vae_dtype))
+        return ((image.float() + 1.0) / 2.0).clamp(0, 1)
+
+    def offload_text_encoders(self, cache_size: int = 1024) -> int:
+        """ComfyUI's model management places the text encoder itself (loaded to encode, offloadable after): only
+        the prompt cache's size changes."""
+        self.cache_size = cache_size
+        return 0
+
+    # ----- LoRA files -----------------------------------------------------------------------------------------------
+    def load_lora(self, source: Any, adapter_name: str, trainable: bool = False,
+                  activate: bool = True) -> LoadedLora:
+        """A LoRA file of any layout ComfyUI reads, as peft adapter ``adapter_name`` on the diffusion model; every
+        key must land on a weight (ComfyUI's key map and ``lora_patches`` check it)."""
+        path = str(source)
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+        key_map = comfy.lora.model_lora_keys_unet(self.base, {})
+        patches = lora_patches(sd, source, self.patcher, key_map)
+        modules = {}
+        for key, patch in patches.items():
+            weights = getattr(patch, "weights", None)
+            if getattr(patch, "name", None) != "lora" or weights is None or any(w is not None for w in weights[3:]):
+                raise ValueError(f"{path}: {key} is not a plain LoRA (up, down, alpha); ShortFT loads plain LoRAs")
+            up, down, alpha = weights[0], weights[1], weights[2]
+            rank = down.shape[0]
+            module = key.removeprefix("diffusion_model.").removesuffix(".weight")
+            modules[module] = LoraModule(down.float(), up.float(), float(alpha) if alpha is not None else float(rank))
+        load_lora_modules(self.unet, modules, adapter_name, trainable=trainable, activate=activate, source=path)
+        named = {self.lora_names.get(m, m) if self.lora_names else m: v for m, v in modules.items()}
+        return LoadedLora(adapter_name, path, "comfyui", lora_base_family(named), named, lora_metadata(path))

@@ -1,0 +1,297 @@
+"""Tier 2: training through the MODEL, CLIP and VAE ComfyUI loaded (nodes/backend.py), against the library's own
+diffusers backend on the tiny world (Load Tiny World's objects), in a ComfyUI subprocess.
+
+Each piece of the model seam equals the library's (text conditioning, the noise prediction through apply_model, the
+differentiable decode and its gradient); one training iteration gives the same loss, the same LoRA gradients and the
+same updated LoRAs (a seed initialises the same set on both backends); a short training session through the
+ComfyUI backend writes a LoRA set close to the library's for the same seed, and leaves the MODEL exactly as it was
+(values, dtype, device, no adapter layer, trainable flags and modes), so a cached MODEL trains twice in a row.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from comfy_harness import comfyui_or_skip
+from comfy_process import run_in_comfyui
+
+pytestmark = pytest.mark.comfyui
+
+SCRIPT = r'''
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from shortft_pack.shortft_core import (TrainingSession, TrainRequest, attach_shortcut, load_tiny_model, tiny_config,
+                                      tiny_shortcut_path)
+
+out_dir = Path(ARGS[0])
+tiny, backend = pack_module("tiny_world"), pack_module("backend")
+res = {}
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def snapshot(patcher, clip, vae):
+    """What a caller can observe of the objects: tensors (values, dtype, device), module classes, flags, modes."""
+    parts = {"unet": patcher.model, "vae": vae.first_stage_model, "clip": clip.cond_stage_model}
+    return {k: ({n: (t.detach().clone(), t.dtype, t.device) for n, t in m.state_dict().items()},
+                [(n, type(s).__name__, s.training) for n, s in m.named_modules()],
+                {n: p.requires_grad for n, p in m.named_parameters()}) for k, m in parts.items()}
+
+
+def same(a, b):
+    for k in a:
+        (ta, ma, ga), (tb, mb, gb) = a[k], b[k]
+        if ma != mb or ga != gb or ta.keys() != tb.keys():
+            return f"{k}: modules, flags or keys differ"
+        for n in ta:
+            if ta[n][1:] != tb[n][1:] or not torch.equal(ta[n][0], tb[n][0]):
+                return f"{k}: {n} differs"
+    return None
+
+
+with torch.inference_mode():  # as ComfyUI's nodes make them
+    model, clip, vae = tiny.load_tiny_world()
+    before = snapshot(model, clip, vae)
+
+cm = backend.ComfyModel(model, clip, vae)
+ref = load_tiny_model()
+res["family"], res["prediction"] = cm.family, cm.schedule.prediction_type
+res["abar"] = rel(cm.schedule.alphas_cumprod, ref.schedule.alphas_cumprod)
+cm.prepare()
+res["values_kept_by_prepare"] = same(before, snapshot(model, clip, vae)) is None
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 4, 8, 8, generator=g)
+prompts = ["a red circle left of a blue square on a white background", ""]
+c_cm, c_ref = cm.encode_prompts(prompts), ref.encode_prompts(prompts)
+res["cond"] = rel(c_cm.hidden, c_ref.hidden)
+with torch.no_grad():
+    for t in (999, 500, 21, 1):
+        res[f"eps_{t}"] = rel(cm.eps(x, t, c_cm), ref.eps(x, t, c_ref))
+    res["eps_per_sample"] = rel(cm.eps(x, torch.tensor([981, 41]), c_cm), ref.eps(x, torch.tensor([981, 41]), c_ref))
+zs = [x.clone().requires_grad_(True) for _ in range(2)]
+images = [m.decode(z) for m, z in zip((cm, ref), zs)]
+for im in images:
+    (im * torch.linspace(-1, 1, im.numel()).view_as(im)).sum().backward()
+res["decode"], res["decode_grad"] = rel(images[0], images[1]), rel(zs[0].grad, zs[1].grad)
+
+# one training iteration on each backend: the same seed, the same shortcut, the same prompts
+cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=4, checkpoint_every=10)
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.trainer import Trainer
+from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
+
+reward = load_tiny_rewards()[0]
+steps = {}
+
+
+def by_name(m, trainer, what):
+    """{diffusers module.lora_A|B: tensor} of every adapter's grads or weights."""
+    out = {}
+    for name, p in m.unet.named_parameters():
+        if ".lora_" not in name or ".shortcut." in name:
+            continue
+        module, _, rest = name.partition(".lora_")
+        module = (m.lora_names or {}).get(module, module)
+        out[module + ".lora_" + rest] = (p.grad if what == "grad" else p).detach().clone()
+    return out
+
+
+from shortft_pack.shortft_core.lifecycle import ModelState
+
+for label, m in (("comfy", cm), ("lib", ref)):
+    state = ModelState.capture(m)
+    preset = attach_shortcut(m, tiny_shortcut_path())
+    run_cfg = __import__("dataclasses").replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
+    tr = Trainer(m, reward, run_cfg, PromptSource(prompts[:1] + ["a big blue square on a white background"]),
+                 shortcut_preset=preset)
+    init = by_name(m, tr, "weight")
+    metrics = tr.train_step()
+    steps[label] = (metrics["loss"], by_name(m, tr, "grad"), by_name(m, tr, "weight"), init)
+    state.restore()
+(lc, gc, wc, ic), (lr_, gr, wr, ir) = steps["comfy"], steps["lib"]
+res["init_equal"] = ic.keys() == ir.keys() and all(torch.equal(ic[k], ir[k]) for k in ir)
+res["loss"] = abs(lc - lr_) / abs(lr_)
+res["grads_keys"] = sorted(gc) == sorted(gr) and len(gr) > 0
+res["grads"] = max(rel(gc[k], gr[k]) for k in gr if gr[k].abs().max() > 0)
+res["grad_norm"] = rel(torch.cat([v.flatten() for v in gc.values()]), torch.cat([gr[k].flatten() for k in gc]))
+flat = lambda d: torch.cat([d[k].flatten().float() for k in sorted(wr)])  # noqa: E731
+res["updated"] = float((flat(wc) - flat(wr)).norm() / flat(wr).norm())
+res["updated_a"] = max(rel(wc[k], wr[k]) for k in wr if ".lora_A." in k)
+res["left_as_it_was_after_trainer"] = same(before, snapshot(model, clip, vae))
+
+# a short session through each backend, and the MODEL afterwards (twice: a cached MODEL trains again)
+for label, m in (("comfy", cm), ("comfy_again", cm), ("lib", load_tiny_model())):
+    request = TrainRequest(out=out_dir / label, model=m, config={"iterations": 4, "batch_size": 2, "rank": 4,
+                                                                 "eval_count": 2}, preset="tiny", grid_prompts=2)
+    with TrainingSession(request) as session:
+        session.check()
+        run = session.run()
+    res[f"status_{label}"] = run.status
+    res[f"after_{label}"] = run.after
+res["left_as_it_was_after_sessions"] = same(before, snapshot(model, clip, vae))
+sets = {k: {f.name: load_file(str(f)) for f in sorted((out_dir / k / "lora").glob("segment_*.safetensors"))}
+        for k in ("comfy", "comfy_again", "lib")}
+res["set_files"] = [sorted(sets[k]) for k in sets]
+res["set_vs_lib"] = max(rel(sets["comfy"][f][k], sets["lib"][f][k]) for f in sets["lib"] for k in sets["lib"][f]
+                        if sets["lib"][f][k].float().abs().max() > 0)
+res["set_again_equal"] = all(torch.equal(sets["comfy"][f][k], sets["comfy_again"][f][k]) for f in sets["comfy"]
+                             for k in sets["comfy"][f])
+res["family_in_set"] = json.loads((out_dir / "comfy" / "lora" / "set.json").read_text()).get("family")
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("backend")
+    out = run_in_comfyui(comfy, SCRIPT, tmp / "backend_side.py", tmp / "runs", timeout=1200)
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+    res = json.loads(line[len("RESULT "):])
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def test_the_seam_pieces_equal_the_librarys(measured):
+    assert (measured["family"], measured["prediction"]) == ("tiny", "epsilon")
+    assert measured["abar"] < 1e-6 and measured["values_kept_by_prepare"]
+    assert measured["cond"] < 1e-5
+    for key in ("eps_999", "eps_500", "eps_21", "eps_1", "eps_per_sample"):
+        assert measured[key] < 1e-5, key
+    assert measured["decode"] < 1e-5 and measured["decode_grad"] < 1e-4
+
+
+def test_one_training_iteration_equals_the_librarys(measured):
+    assert measured["init_equal"], "a seed must initialise the same LoRA set on both backends"
+    assert measured["grads_keys"]
+    assert measured["loss"] < 1e-5
+    assert measured["grads"] < 1e-3 and measured["grad_norm"] < 1e-4
+    # Adam's first step is about lr * sign(g): an element whose gradient is near zero can move differently, so the
+    # updated set is compared as a whole (relative L2), and the A matrices (moved from their equal start) elementwise
+    assert measured["updated"] < 1e-4 and measured["updated_a"] < 1e-4
+    assert measured["left_as_it_was_after_trainer"] is None, measured["left_as_it_was_after_trainer"]
+
+
+def test_a_session_through_comfyui_writes_the_librarys_set_and_leaves_the_model(measured):
+    assert measured["status_comfy"] == measured["status_lib"] == "finished"
+    for key in ("tiny_alignment", "tiny_aesthetic"):
+        assert abs(measured["after_comfy"][key] - measured["after_lib"][key]) < 1e-3 * abs(measured["after_lib"][key])
+    assert measured["status_comfy_again"] == "finished"
+    assert measured["set_files"][0] == measured["set_files"][2] == ["segment_1.safetensors", "segment_2.safetensors",
+                                                                     "segment_3.safetensors"]
+    assert measured["set_vs_lib"] < 1e-2, measured["set_vs_lib"]  # fp16 files after 4 iterations
+    assert measured["set_again_equal"]
+    assert measured["family_in_set"] == "tiny"
+    assert measured["left_as_it_was_after_sessions"] is None, measured["left_as_it_was_after_sessions"]
+
+
+# ----- a full-size SD1.5 checkpoint ----------------------------------------------------------------------------------
+SD15_SCRIPT = r'''
+import dataclasses
+import json
+
+from shortft_pack.shortft_core import TrainConfig, attach_shortcut, load_model
+from shortft_pack.shortft_core.lifecycle import ModelState
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
+from shortft_pack.shortft_core.trainer import Trainer
+import comfy.sd
+
+ckpt, shortcut = ARGS
+backend = pack_module("backend")
+torch.set_num_threads(2)
+res = {}
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def by_name(m, what):
+    out = {}
+    for name, p in m.unet.named_parameters():
+        if ".lora_" not in name or ".shortcut." in name:
+            continue
+        module, _, rest = name.partition(".lora_")
+        out[(m.lora_names or {}).get(module, module) + ".lora_" + rest] = (p.grad if what == "grad" else p).detach().clone()
+    return out
+
+
+with torch.inference_mode():  # as CheckpointLoaderSimple makes them
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+cm = backend.ComfyModel(model, clip, vae)
+cm.prepare()
+ref = load_model(ckpt, dtype=torch.float32)
+res["family"], res["dtypes"] = cm.family, [str(cm.dtype), str(ref.dtype)]
+cfg = TrainConfig(iterations=1, batch_size=1, rank=4, guidance=1.0, sample_steps=10, eval_count=0, lr=1e-3,
+                  shortcut_guidance=1.0, image_size=64)
+prompts = PromptSource(["a red circle left of a blue square"])
+steps = {}
+for label, m in (("comfy", cm), ("lib", ref)):
+    state = ModelState.capture(m)
+    preset = attach_shortcut(m, shortcut)
+    tr = Trainer(m, SymmetryReward(), cfg, prompts, shortcut_preset=preset)
+    init = by_name(m, "weight")
+    metrics = tr.train_step()
+    steps[label] = (metrics["loss"], by_name(m, "grad"), by_name(m, "weight"), init, tr.last_plan.describe())
+    state.restore()
+(lc, gc, wc, ic, plan), (lr_, gr, wr, ir, _) = steps["comfy"], steps["lib"]
+res["plan"] = plan
+res["modules"] = len(gr)
+res["init_equal"] = ic.keys() == ir.keys() and all(torch.equal(ic[k], ir[k]) for k in ir)
+res["loss"] = abs(lc - lr_) / abs(lr_)
+flat = lambda d, keys: torch.cat([d[k].flatten().float() for k in keys])  # noqa: E731
+keys = sorted(gr)
+res["grad_l2"] = float((flat(gc, keys) - flat(gr, keys)).norm() / flat(gr, keys).norm())
+res["grad_max"] = max(rel(gc[k], gr[k]) for k in keys if gr[k].abs().max() > 0)
+res["updated_l2"] = float((flat(wc, keys) - flat(wr, keys)).norm() / flat(wr, keys).norm())
+res["adapters_left"] = sorted(getattr(cm.unet, "peft_config", {}) or {})
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def sd15_measured(tmp_path_factory, sd15_checkpoint) -> dict:
+    """One ShortFT iteration (10-step grid, 64 px, no CFG, a random rank-4 shortcut on every layer a Hyper-SD LoRA
+    adapts) on the same random full-size SD1.5 checkpoint through CheckpointLoaderSimple's MODEL and the library."""
+    import torch
+
+    from shortft_core.adapters import SHORTCUT_TARGETS, add_lora, remove_adapters
+    from shortft_core.loading import load_model
+    from shortft_core.lora_io import export_lora
+
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("backend_sd15")
+    model = load_model(sd15_checkpoint, dtype=torch.float32)
+    add_lora(model.unet, "shortcut", 4, targets=SHORTCUT_TARGETS, seed=5)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if ".lora_B.shortcut." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    shortcut = export_lora(model.unet, "shortcut", tmp / "shortcut_sd15.safetensors", family="sd15")
+    remove_adapters(model.unet, ["shortcut"])
+    del model
+    out = run_in_comfyui(comfy, SD15_SCRIPT, tmp / "sd15_side.py", sd15_checkpoint, shortcut, timeout=1800)
+    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(res, indent=1))
+    return res
+
+
+@pytest.mark.timeout(2400)
+def test_one_sd15_iteration_through_checkpoint_loader_equals_the_librarys(sd15_measured):
+    """fp32 on a CPU: the same loss, LoRA gradients and updated LoRAs from the MODEL ComfyUI loaded as from the
+    library's own copy of the same checkpoint (the seam, the key maps and the shortcut file's layers included)."""
+    m = sd15_measured
+    assert m["family"] == "sd15" and m["dtypes"] == ["torch.float32", "torch.float32"]
+    assert m["init_equal"] and m["modules"] > 100
+    assert m["loss"] < 1e-4
+    assert m["grad_l2"] < 1e-3 and m["updated_l2"] < 1e-4
+    assert m["adapters_left"] == []
