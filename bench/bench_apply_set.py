@@ -65,11 +65,7 @@ def build_world(folder: Path, rank: int, seed: int) -> tuple[Path, Path]:
     ckpt = random_models.write_ldm_checkpoint(model, folder / "sd15_random.safetensors", dtype=torch.float16)
     spec = LoraSetSpec(rank=rank)
     spec.add_to(model.unet, seed=seed + 1)
-    g = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    random_models.randomise_lora_b_(model.unet, seed=seed + 2, std=0.02)
     lora_dir = folder / "loras" / "bench_set"
     export_lora_set(model.unet, spec, lora_dir, family="sd15")
     return ckpt, lora_dir

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .compat import transformers_dtype
 from .families import bundled_config
 from .files import check_safetensors
 from .lifecycle import outside_inference_mode
@@ -326,8 +327,9 @@ def load_sdxl_folder(path: str | os.PathLike, device: str | torch.device = "cpu"
                                                 variant=_variant(path / "unet"), **kw)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, variant=_variant(path / "vae"), **kw)
-    te1 = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, variant=_variant(path / "text_encoder"), **kw)
-    te2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", dtype=dtype,
+    te1 = CLIPTextModel.from_pretrained(path / "text_encoder", **transformers_dtype(dtype),
+                                        variant=_variant(path / "text_encoder"), **kw)
+    te2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **transformers_dtype(dtype),
                                                       variant=_variant(path / "text_encoder_2"), **kw)
     model = T2IModel("sdxl", tokenizers, [te1, te2], unet, vae, schedule, sched_cfg, source=str(path),
                      info={"format": "diffusers", "force_zeros_for_empty_prompt": True})
@@ -397,7 +399,7 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
     kw = dict(local_files_only=True, use_safetensors=True)  # never a pickled weight file
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **transformers_dtype(dtype), **kw)
     model = T2IModel("sd15", [tokenizer], [text_encoder], unet, vae, schedule, sched_cfg, source=str(path))
     model.to(device)
     model.requires_grad_(False)

@@ -599,10 +599,11 @@ def adapter_modules(unet: torch.nn.Module, adapter_name: str) -> dict[str, LoraM
         if getattr(layer, "lora_bias", {}).get(adapter_name, False):
             raise ValueError(f"adapter {adapter_name!r} has LoRA biases ({name}); kohya/ComfyUI LoRA files cannot hold them")
         rank, alpha = layer.r[adapter_name], float(layer.lora_alpha[adapter_name])
-        scale = alpha / math.sqrt(rank) if layer.use_rslora.get(adapter_name, False) else alpha / rank
+        rslora = getattr(layer, "use_rslora", {}).get(adapter_name, False)  # peft < 0.18 keeps no per-layer flag
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         down = layer.lora_A[adapter_name].weight.detach()
         up = layer.lora_B[adapter_name].weight.detach()
-        out[name] = LoraModule(down, up, alpha if not layer.use_rslora.get(adapter_name, False) else scale * rank)
+        out[name] = LoraModule(down, up, alpha if not rslora else scale * rank)
     return out
 
 

@@ -29,6 +29,10 @@ def test_build_output_loads(two_builds):
     root = two_builds[0]
     manifest = json.loads((root / "MANIFEST.json").read_text())
     assert manifest["config"]["unet_steps"] == 3
+    from safetensors import safe_open
+
+    with safe_open(str(root / "pipeline" / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())  # readable by every supported transformers
     model = load_tiny_model(root=root)
     assert model.unet.dtype == torch.float32 and model.vae.config.scaling_factor > 0
     alignment, aesthetic = load_tiny_rewards(root=root)

@@ -34,6 +34,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shortft_core.testing.random_models import randomise_lora_b_
+
 from comfy_harness import ComfyServer, PromptRefused, execution_error
 
 pytestmark = pytest.mark.comfyui
@@ -46,15 +48,6 @@ SEED, CFG, LATENT = 7, 3.0, 8  # an 8x8 latent (64 px), the smallest SD1.5's thr
 SD15_SCALE = 0.18215
 APPLY, LOAD = "ShortFT_ApplyAlignedLoRA", "ShortFT_LoadLoRASet"
 TOL = 2e-4  # parity: max |ComfyUI - core| / max |core| in model space (both fp32)
-
-
-def _randomise_b(unet: torch.nn.Module, seed: int, std: float) -> None:
-    """Random lora_B matrices (peft starts them at zero), so every adapter and so every segment differs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +63,7 @@ def world(comfy_server: ComfyServer, sd15_checkpoint):
     model = load_model(sd15_checkpoint, dtype=torch.float32)
     spec = LoraSetSpec(rank=4)
     spec.add_to(model.unet, seed=3)
-    _randomise_b(model.unet, seed=5, std=0.3)
+    randomise_lora_b_(model.unet, seed=5, std=0.3)
     export_lora_set(model.unet, spec, folder, family="sd15")
     model.unet.delete_adapters(list(spec.names))
     names, segments = load_lora_set(model.unet, folder)
@@ -91,7 +84,7 @@ def foreign_sets(comfy_server: ComfyServer) -> None:
     unet = random_unet({**bundled_config("sdxl", "unet"), **SMALL_CONFIGS["sdxl"]["unet"]}, seed=1)
     spec = LoraSetSpec(rank=2)
     spec.add_to(unet, seed=1)
-    _randomise_b(unet, seed=2, std=0.1)
+    randomise_lora_b_(unet, seed=2, std=0.1)
     export_lora_set(unet, spec, loras / SDXL_SET, family="sdxl")
     shutil.copytree(loras / SDXL_SET, loras / UNNAMED_SET)
     info = json.loads((loras / UNNAMED_SET / "set.json").read_text())

@@ -266,16 +266,13 @@ def sd15_measured(tmp_path_factory, sd15_checkpoint) -> dict:
     from shortft_core.adapters import SHORTCUT_TARGETS, add_lora, remove_adapters
     from shortft_core.loading import load_model
     from shortft_core.lora_io import export_lora
+    from shortft_core.testing.random_models import randomise_lora_b_
 
     comfy = comfyui_or_skip()
     tmp = tmp_path_factory.mktemp("backend_sd15")
     model = load_model(sd15_checkpoint, dtype=torch.float32)
     add_lora(model.unet, "shortcut", 4, targets=SHORTCUT_TARGETS, seed=5)
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if ".lora_B.shortcut." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    randomise_lora_b_(model.unet, seed=6, std=0.02, adapter="shortcut")
     shortcut = export_lora(model.unet, "shortcut", tmp / "shortcut_sd15.safetensors", family="sd15")
     remove_adapters(model.unet, ["shortcut"])
     del model

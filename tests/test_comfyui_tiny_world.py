@@ -33,6 +33,7 @@ from shortft_core.lora_set import export_lora_set, load_lora_set, set_inference_
 from shortft_core.models import Conditioning
 from shortft_core.plans import ChainPlan, adapter_chain, base_chain
 from shortft_core.sampling import initial_noise
+from shortft_core.testing.random_models import randomise_lora_b_
 from shortft_core.tiny_world import weights_dir
 
 pytestmark = pytest.mark.comfyui
@@ -305,15 +306,6 @@ def test_stock_graph_samples_what_the_library_samples(comfy_server: ComfyServer,
     assert png_err <= TOL_PNG
 
 
-def _randomise_b(unet: torch.nn.Module, seed: int, std: float) -> None:
-    """Random lora_B matrices (peft starts them at zero), so every segment's LoRA changes the model."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 @pytest.fixture(scope="module")
 def lora_world(comfy_server: ComfyServer, lib):
     """A random rank-4 LoRA set of the tiny model (family tiny) in the server's models/loras, the same set with
@@ -323,7 +315,7 @@ def lora_world(comfy_server: ComfyServer, lib):
     loras = comfy_server.models / "loras"
     spec = LoraSetSpec(rank=4)
     spec.add_to(unet, seed=3)
-    _randomise_b(unet, seed=5, std=0.3)
+    randomise_lora_b_(unet, seed=5, std=0.3)
     export_lora_set(unet, spec, loras / SET, family="tiny")
     remove_adapters(unet, list(spec.names))
     shutil.copytree(loras / SET, loras / SD15_NAMED_SET)

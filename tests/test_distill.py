@@ -86,7 +86,7 @@ def test_shortcut_file_round_trips_into_our_loader_and_diffusers(distilled):
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_world_dir() / "pipeline"), torch_dtype=torch.float32,
                                                    local_files_only=True)
-    pipe.load_lora_weights(str(path))
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # a file path needs diffusers >= 0.40 offline
     from diffusers import DDIMScheduler
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", steps_offset=0)

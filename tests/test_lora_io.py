@@ -276,8 +276,8 @@ def test_diffusers_loads_our_export_to_the_same_outputs(tmp_path, family, layout
     x, t, c, added = inputs(dict(src.config))
     ours = forward(src, x, t, c, added)
     dst = random_unet(small_unet_config(family), seed=1)
-    sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path), unet_config=dst.config,
-                                                               return_lora_metadata=True)
+    sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                               unet_config=dst.config, return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(sd, alphas, dst, adapter_name="d", metadata=meta)
     theirs = forward(dst, x, t, c, added)
     assert rel_err(theirs, ours) < 1e-6
@@ -383,8 +383,8 @@ def test_tiny_world_adapter_round_trip(tmp_path):
 def _diffusers_load(unet, path, name):
     from diffusers import StableDiffusionPipeline
 
-    sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path), unet_config=unet.config,
-                                                               return_lora_metadata=True)
+    sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                               unet_config=unet.config, return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet, adapter_name=name, metadata=meta)
 
 

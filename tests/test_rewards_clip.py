@@ -108,7 +108,10 @@ def clip_folder(tmp_path_factory):
 def test_preprocess_matches_reference_pil_pipelines(shape):
     import open_clip
     from transformers import CLIPImageProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:  # transformers before 5.x: CLIPImageProcessor is the PIL one
+        CLIPImageProcessorPil = CLIPImageProcessor
 
     x = make_images([shape], seed=shape[0])[0]
     img = to_pil(x)
@@ -240,7 +243,10 @@ def test_missing_files_name_file_place_and_source(tmp_path):
 @pytest.mark.parametrize("processor_kind", ["pil", "default"])
 def test_pickscore_matches_clip_processor(clip_folder, processor_kind):
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:  # transformers before 5.x: CLIPImageProcessor is the PIL one
+        CLIPImageProcessorPil = CLIPImageProcessor
 
     from shortft_core.rewards.clip import clip_features
 

@@ -15,7 +15,7 @@ LIB = ROOT / "shortft_core"
 
 # The layers, lowest first (README, "Layout"); a module may import its own layer and the ones below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("settings", "files", "families", "segments", "schedule", "ldm_keys", "memory", "images", "tokenizer",
+    ("foundations", ("settings", "files", "families", "compat", "segments", "schedule", "ldm_keys", "memory", "images", "tokenizer",
                      "prompts", "tiny_world.scenes", "tiny_world.quality_property", "rewards.base",
                      "rewards.preprocess", "rewards.weights", "rewards.combine", "rewards.pixel")),
     ("models", ("models", "adapters", "lifecycle", "loading", "lora_io", "shortcut", "tiny_world", "rewards",

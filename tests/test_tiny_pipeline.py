@@ -22,6 +22,16 @@ def test_manifest_hashes_match_the_shipped_files_and_budget():
     assert weights <= 30 * 2**20, f"shipped weights {weights / 2**20:.1f} MiB exceed the 30 MiB budget"
 
 
+def test_the_text_encoder_file_loads_in_every_supported_transformers():
+    """Every key of the shipped text encoder carries the ``text_model.`` prefix: transformers before 5.6 match only
+    that form (without it they build a random text encoder and say nothing that stops a run)."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_world_dir() / "pipeline" / "text_encoder" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)
+
+
 def test_load_model_tiny(tiny_model):
     m = tiny_model
     assert m.family == "tiny"

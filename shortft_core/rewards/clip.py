@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .base import Reward, checkpoint_blocks
 from .preprocess import Preprocess
+from ..compat import transformers_dtype
 from ..files import check_safetensors
 from .weights import load_state_dict, load_strict
 
@@ -55,7 +56,8 @@ def load_clip_folder(folder: str | os.PathLike, dtype: torch.dtype = torch.float
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no CLIP model at {folder} (config.json missing): pass a local transformers CLIP folder")
-    model = CLIPModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True, use_safetensors=True)
+    model = CLIPModel.from_pretrained(str(folder), **transformers_dtype(dtype), local_files_only=True,
+                                      use_safetensors=True)
     for tok_dir in (folder / "tokenizer", folder):
         if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
             return model, load_clip_tokenizer(tok_dir)

@@ -135,3 +135,14 @@ def write_small_configs(family: str, folder: str | os.PathLike) -> Path:
         cfg.update(SMALL_CONFIGS[family].get(src.stem, {}))
         atomic_write_json(folder / src.name, cfg)
     return folder
+
+
+def randomise_lora_b_(net: torch.nn.Module, seed: int, std: float, adapter: str | None = None) -> None:
+    """Seeded random values for the B matrices of the LoRA adapters of ``net`` (only ``adapter``'s if given): peft
+    starts them at zero, where every adapter would leave the network unchanged."""
+    marker = ".lora_B." + (f"{adapter}." if adapter else "")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if marker in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -51,8 +51,10 @@ def load_tiny_rewards(device: str | torch.device = "cpu", root: str | os.PathLik
 
     from transformers import CLIPModel
 
+    from ..compat import transformers_dtype
+
     root = weights_dir(root)
-    clip = CLIPModel.from_pretrained(str(root / "reward"), dtype=torch.float32, local_files_only=True,
+    clip = CLIPModel.from_pretrained(str(root / "reward"), **transformers_dtype(torch.float32), local_files_only=True,
                                      use_safetensors=True)
     tokenizer = load_clip_tokenizer(root / "pipeline" / "tokenizer")
     prep = Preprocess(size=IMAGE_SIZE, interpolation="bilinear", crop=False)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..compat import prefixed_keys
 from ..files import atomic_save, atomic_write_json, sha256_file
 from ..schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule, add_noise
 from ..tokenizer import CLIP_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
@@ -307,6 +308,10 @@ def train_reward(cfg: BuildConfig, tokenizer, progress: _Progress):
 def _save_half(module, folder: Path) -> None:
     module.to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
     module.to(torch.float32)
+    from transformers import CLIPTextModel
+
+    if isinstance(module, CLIPTextModel):  # keys as every transformers version reads them
+        prefixed_keys(str(folder / "model.safetensors"), "text_model.")
 
 
 def save_world(out: Path, cfg: BuildConfig, vae, unet, text_encoder, reward_model, head,
