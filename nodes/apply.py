@@ -24,7 +24,6 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.patcher_extension
 import comfy.sd
-import comfy.supported_models
 import comfy.utils
 import folder_paths
 import torch
@@ -32,7 +31,7 @@ from comfy_api.latest import io
 
 from ..shortft_core import LoraSet, Segments, find_lora_sets, lora_set_folder
 from .common import CATEGORY, LORA_SET
-from .tiny_world import is_tiny_world
+from .family import model_family
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +73,6 @@ def _files_fingerprint(name: str) -> Any:
     except (OSError, ValueError):
         return name
     return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
-
-
-def model_family(model: Any) -> str:
-    """The ShortFT family name of a ComfyUI MODEL (tiny, sd15, sdxl), else ComfyUI's model class name."""
-    if is_tiny_world(model):
-        return "tiny"
-    config = model.model.model_config
-    if isinstance(config, comfy.supported_models.SDXL):
-        return "sdxl"
-    if isinstance(config, comfy.supported_models.SD15):
-        return "sd15"
-    return type(config).__name__
 
 
 def check_family(lset: LoraSet, model: Any) -> None:

@@ -16,43 +16,29 @@ eps = (x_ve - x0) / sigma_t for eps and v models alike.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
 import comfy.model_sampling
-import comfy.supported_models
 import comfy.utils
 import torch
 
-from ..shortft_core import (Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule, bundled_config,
-                            diffusers_module_order, load_lora_modules, lora_base_family, lora_metadata,
-                            tiny_weights_dir)
+from ..shortft_core import (Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule, StopRequested,
+                            bundled_config, diffusers_module_order, load_lora_modules, lora_base_family,
+                            lora_metadata, tiny_weights_dir)
 from .apply import lora_patches
-from .tiny_world import is_tiny_world
+from .family import trainable_family
 
 log = logging.getLogger(__name__)
 
-# the families trained here: ComfyUI's model config class -> (family, native image size)
-SUPPORTED = "the tiny world, SD1.5, SDXL and SD2.x (v-prediction)"
 DEFAULT_SIZE = {"tiny": 32, "sd15": 512, "sd2": 768, "sdxl": 1024}
-
-
-def model_family(patcher: Any) -> str:
-    """The family of a ComfyUI MODEL (tiny, sd15, sdxl, sd2), or a ValueError naming it and what is supported."""
-    if is_tiny_world(patcher):
-        return "tiny"
-    config = patcher.model.model_config
-    for cls, name in ((comfy.supported_models.SDXL, "sdxl"), (comfy.supported_models.SD20, "sd2"),
-                      (comfy.supported_models.SD15, "sd15")):
-        if type(config) is cls:
-            return name
-    raise ValueError(f"the MODEL is a {type(config).__name__} model; ShortFT trains {SUPPORTED} (other families, "
-                     "flow-matching ones included, are not supported yet)")
 
 
 def prediction_type(patcher: Any) -> str:
@@ -75,6 +61,20 @@ def diffusers_names(unet_config: Mapping[str, Any]) -> dict[str, str]:
             for diff, ldm in comfy.utils.unet_to_diffusers(dict(unet_config)).items() if diff.endswith(".weight")}
 
 
+def interruptible(method: Callable) -> Callable:
+    """A network call of the seam that ComfyUI's interrupt can stop: its layers raise ComfyUI's interrupt exception
+    inside the call (comfy/ops.py), which the library's loop takes as a stop request (checkpoint, partial set)."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except comfy.model_management.InterruptProcessingException:
+            raise StopRequested from None
+
+    return call
+
+
 def ordinary_tensors_(module: torch.nn.Module) -> int:
     """Re-register every parameter and buffer ComfyUI made in inference mode as an ordinary tensor with the same
     values (autograd cannot save inference tensors for backward); returns how many were re-registered."""
@@ -92,16 +92,42 @@ def ordinary_tensors_(module: torch.nn.Module) -> int:
     return done
 
 
+def fingerprint(parts: Sequence[tuple[torch.nn.Module, Mapping[str, Any]]], samples: int = 8,
+                values: int = 4096) -> str:
+    """A short digest that tells models apart for a run's identity (two checkpoints, or one with other LoRAs patched
+    on, are different runs). ``parts``: (module, its ComfyUI weight patches) pairs; each adds its tensor names,
+    shapes and dtypes, the first ``values`` values of ``samples`` tensors spread through it, and its patches' keys,
+    strengths and first values. Cheap: it reads a few kilobytes, whatever the model's size."""
+    digest = hashlib.sha256()
+
+    def head(tensor: torch.Tensor, n: int) -> bytes:
+        with torch.inference_mode(False):
+            return tensor.detach().flatten()[:n].float().cpu().numpy().tobytes()
+
+    for module, patches in parts:
+        state = module.state_dict()
+        names = sorted(state)
+        digest.update(";".join(f"{n}:{tuple(state[n].shape)}:{state[n].dtype}" for n in names).encode())
+        for name in names[:: max(1, len(names) // samples)][:samples]:
+            digest.update(head(state[name], values))
+        for key in sorted(patches):
+            for strength, patch, strength_model, *_ in patches[key]:
+                digest.update(f"{key}:{strength}:{strength_model};".encode())
+                weights = getattr(patch, "weights", patch if isinstance(patch, tuple) else ())
+                for w in [w for w in weights if isinstance(w, torch.Tensor)][:2]:
+                    digest.update(head(w, 64))
+    return digest.hexdigest()[:16]
+
+
 class ComfyModel(DiffusionModel):
     """The library's model seam over a ComfyUI MODEL (ModelPatcher), CLIP and VAE: see the module docstring.
     Prompts are encoded one at a time and kept (``cache_size`` of them), so a prompt's conditioning never depends on
     its batch and the CLIP runs once per prompt."""
 
-    def __init__(self, model: Any, clip: Any, vae: Any, source: str = "comfyui MODEL", cache_size: int = 4096) -> None:
+    def __init__(self, model: Any, clip: Any, vae: Any, source: str = "ComfyUI MODEL", cache_size: int = 4096) -> None:
         self.patcher, self.clip, self.comfy_vae = model, clip, vae
         self.base = model.model
-        self.family = model_family(model)
-        self.source = f"{source} ({self.family})"
+        self.family = trainable_family(model)
         self.info: dict[str, Any] = {}
         sigmas = self.base.model_sampling.sigmas.detach().double().cpu()
         abar = 1.0 / (1.0 + sigmas**2)
@@ -109,11 +135,22 @@ class ComfyModel(DiffusionModel):
         self.unet = self.base.diffusion_model
         self.vae = vae.first_stage_model
         self.text_encoders = [clip.cond_stage_model]
+        # what identifies the model in a run's settings and the set's metadata: the family and a digest of the
+        # MODEL, CLIP and VAE (their weights and the patches, such as LoRAs, they carry)
+        self.source = f"{source} ({self.family}, {fingerprint(self._fingerprinted())})"
+        # SD2's v-prediction models are made for 768 px, its eps ones (SD2-base) for 512
+        self.native_size = 512 if self.family == "sd2" and self.schedule.prediction_type == "epsilon" \
+            else DEFAULT_SIZE[self.family]
         config = getattr(self.base.model_config, "unet_config", {})
         self.lora_names = diffusers_names(config) or None
         self.adapter_order = self._diffusers_order()
         self.cache_size = cache_size
         self._conds: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+    def _fingerprinted(self) -> list[tuple[torch.nn.Module, Mapping[str, Any]]]:
+        clip_patcher = getattr(self.clip, "patcher", None)
+        return [(self.unet, self.patcher.patches), (self.clip.cond_stage_model, getattr(clip_patcher, "patches", {})),
+                (self.vae, {})]
 
     def _diffusers_order(self) -> list[str] | None:
         """The diffusion model's module paths in the order the library's diffusers UNet of this family registers
@@ -147,15 +184,16 @@ class ComfyModel(DiffusionModel):
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         factor = int(self.comfy_vae.downscale_ratio)
-        size = DEFAULT_SIZE[self.family]
+        size = self.native_size
         h, w = height or size, width or size
         if h % factor or w % factor:
             raise ValueError(f"image size {h}x{w} must be a multiple of the VAE factor {factor}")
         return (int(self.latent_format.latent_channels), h // factor, w // factor)
 
     # ----- text ---------------------------------------------------------------------------------------------------
+    @interruptible
     def _encode_one(self, prompt: str, size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-        height, width = size or (DEFAULT_SIZE[self.family],) * 2
+        height, width = size or (self.native_size,) * 2
         key = (prompt, height, width)
         hit = self._conds.get(key)
         if hit is not None:
@@ -184,6 +222,7 @@ class ComfyModel(DiffusionModel):
         return Conditioning(hidden, added)
 
     # ----- networks -------------------------------------------------------------------------------------------------
+    @interruptible
     def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
             unet: torch.nn.Module | None = None) -> torch.Tensor:
         if unet is not None and unet is not self.unet:
@@ -198,6 +237,7 @@ class ComfyModel(DiffusionModel):
         denoised = self.base.apply_model(x_ve, sigma, c_crossattn=cond.hidden, **extra)
         return (x_ve - denoised.to(x.dtype)) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
+    @interruptible
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = self.base.process_latent_out(latents)
         vae_dtype = next(self.vae.parameters()).dtype

@@ -16,14 +16,13 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-# Custom sockets: a model the library trains (its own diffusers-backed copy of a base), a reward, a LoRA set.
+# Custom sockets: the MODEL with its shortcut (what ShortFTTrain trains), a reward, a LoRA set.
 SHORTFT_MODEL = io.Custom("SHORTFT_MODEL")
 SHORTFT_REWARD = io.Custom("SHORTFT_REWARD")
 LORA_SET = io.Custom("SHORTFT_LORA_SET")
 
 CATEGORY = "ShortFT"
 TINY = "tiny"
-DIFFUSERS_TAG = "[diffusers] "  # prefixes a diffusers folder in the base-model list
 REWARD_FOLDER = "reward_models"
 REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors", ".json", ".txt"}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -46,39 +45,6 @@ def reward_folders() -> list[str]:
 def reward_weights_dir() -> str | None:
     """The reward weights folder searched by name (the first registered one that exists)."""
     return next((p for p in reward_folders() if os.path.isdir(p)), None)
-
-
-def diffusers_folders() -> list[str]:
-    """Diffusers pipeline folders (holding model_index.json) in ComfyUI's ``models/diffusers`` folders."""
-    names: list[str] = []
-    for root in folder_paths.get_folder_paths("diffusers"):
-        if os.path.isdir(root):
-            names += sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "model_index.json")))
-    return names
-
-
-def base_options() -> list[str]:
-    """The base-model list: the tiny world, single-file checkpoints, diffusers folders."""
-    return [TINY, *folder_paths.get_filename_list("checkpoints"), *(DIFFUSERS_TAG + d for d in diffusers_folders())]
-
-
-def base_path(name: str) -> str:
-    """The model spec for ``load_model``: "tiny", a checkpoint's full path or a diffusers folder's. Only names the
-    base list offers are accepted, so a graph cannot point the server at a folder outside ComfyUI's model folders."""
-    if name == TINY:
-        return TINY
-    if name.startswith(DIFFUSERS_TAG):
-        folder = name[len(DIFFUSERS_TAG):]
-        roots = folder_paths.get_folder_paths("diffusers")
-        if folder in diffusers_folders():
-            for root in roots:
-                path = os.path.join(root, folder)
-                if os.path.isfile(os.path.join(path, "model_index.json")):
-                    return path
-        raise FileNotFoundError(f"diffusers folder {folder!r} is not one of the pipeline folders in {roots}; copy "
-                                "the whole pipeline folder (with model_index.json) into one of them and choose it by "
-                                "its name")
-    return folder_paths.get_full_path_or_raise("checkpoints", name)
 
 
 def run_folders(run_name: str) -> tuple[Path, Path]:

@@ -1,34 +1,89 @@
-"""LoadShortcutModel: the base model the library trains (its own diffusers-backed copy), with its frozen shortcut
-(Hyper-SD, PCM, TCD, our own), and ShortFTSample: images of such a model, with or without a LoRA set. The same bases
-also sample as ComfyUI MODELs in the stock KSampler with ApplyAlignedLoRA (the tiny world through Load Tiny
-World)."""
+"""LoadShortcutModel: the MODEL, CLIP and VAE a stock loader gave, with the frozen shortcut ShortFT jumps with
+(Hyper-SD, PCM, TCD, the tiny world's own), checked against each other before anything trains. ShortFTSample, the
+pack's own sampler of earlier versions, is kept only to tell old workflows what replaces it.
+
+Nothing here copies or changes the MODEL: the output names what ShortFTTrain trains (the MODEL itself, in place,
+with the shortcut attached as a frozen adapter for the duration of the training and removed after it), so a KSampler
+on the same MODEL elsewhere in the graph samples the model as loaded.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import comfy.lora
 import comfy.utils
 import folder_paths
-import torch
 from comfy_api.latest import io
 
-from ..shortft_core import (SHORTCUT_PRESETS, attach_shortcut, load_model, lora_file, outside_inference_mode,
-                            prompt_lines, resolve_device, sample_aligned, tiny_shortcut_path)
-from .common import CATEGORY, LORA_SET, SHORTFT_MODEL, TINY, base_options, base_path, device_options, to_comfy
+from ..shortft_core import SHORTCUT_PRESETS, lora_file, shortcut_preset, shortcut_preset_for_file, tiny_shortcut_path
+from .apply import lora_patches
+from .backend import ComfyModel
+from .common import CATEGORY, SHORTFT_MODEL, TINY
+from .family import model_family
 
 log = logging.getLogger(__name__)
 
 NONE = "none"
 AUTO = "auto"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_UNLINKED = object()  # validate_inputs' default for a socket: absent means not connected
+# the widgets LoadShortcutModel had when it loaded its own copy of a base (workflows made before it took a MODEL)
+LEGACY_WIDGETS = ("base", "device", "dtype")
+REPLACEMENT = ("connect the MODEL, CLIP and VAE of a stock loader (Load Checkpoint; Load Tiny World for the tiny "
+               "world) to LoadShortcutModel")
 
 
 def shortcut_options() -> list[str]:
     return [TINY, NONE, *folder_paths.get_filename_list("loras")]
 
 
+@dataclass
+class ShortcutModel:
+    """What ShortFTTrain trains: the MODEL (through the library's model seam), and the shortcut file and preset
+    the training session attaches to it (None: no shortcut, for baselines and naive jumps)."""
+
+    model: ComfyModel
+    shortcut: Path | None
+    preset: str | None
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+
+def shortcut_path(shortcut: str) -> Path | None:
+    """The shortcut file a combo value names (None for 'none')."""
+    if shortcut == NONE:
+        return None
+    if shortcut == TINY:
+        return Path(tiny_shortcut_path())
+    return Path(folder_paths.get_full_path_or_raise("loras", shortcut))
+
+
+def check_shortcut(model: Any, shortcut: str, path: Path | None, preset: str) -> str | None:
+    """Refuse a shortcut made for another family than the MODEL's (by its preset, and by every key and shape of the
+    file against the MODEL's weights) before any training; returns the preset name to train with (None: from the
+    file's metadata, or none known)."""
+    family = model_family(model)
+    if path is None:
+        return None
+    if shortcut == TINY and family != "tiny":
+        raise ValueError(f"shortcut 'tiny' is the tiny world's own; this {family} MODEL needs a few-step LoRA made for "
+                         f"{family} (Hyper-SD, PCM or TCD) in models/loras")
+    found = shortcut_preset(preset) if preset != AUTO else shortcut_preset_for_file(path)
+    if found is not None and family in ("tiny", "sd15", "sdxl", "sd2") and found.base != family:
+        raise ValueError(f"shortcut preset {found.name} is for {found.base}, but the MODEL is {family}: choose the "
+                         f"{family} version of the shortcut (and its preset), or load a {found.base} checkpoint")
+    lora_patches(comfy.utils.load_torch_file(str(path), safe_load=True), path, model,
+                 comfy.lora.model_lora_keys_unet(model.model, {}))
+    return found.name if found is not None else None
+
+
 class LoadShortcutModel(io.ComfyNode):
-    """A base model and its shortcut, loaded by the library (diffusers modules, outside ComfyUI's model cache)."""
+    """The MODEL/CLIP/VAE a stock loader gave, with the shortcut ShortFT jumps with (see the module docstring)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -36,108 +91,90 @@ class LoadShortcutModel(io.ComfyNode):
             node_id="ShortFT_LoadShortcutModel",
             display_name="LoadShortcutModel",
             category=CATEGORY,
-            description="Load a base model (the embedded tiny world, an SD1.5/SDXL checkpoint or diffusers folder) "
-                        "with its frozen few-step shortcut LoRA, for ShortFT training and sampling.",
+            description="Takes the MODEL, CLIP and VAE of a stock loader (Load Checkpoint, or Load Tiny World) and "
+                        "the frozen few-step shortcut LoRA ShortFT jumps with, checks that they fit each other, and "
+                        "gives ShortFTTrain what it trains: the MODEL itself, in place (no second copy), with the "
+                        "shortcut attached only while it trains.",
             inputs=[
-                io.Combo.Input("base", options=base_options(), default=TINY,
-                               tooltip="The model to align: 'tiny' (the embedded tiny world, runs on a CPU), a "
-                                       "single-file SD1.5/SDXL checkpoint from models/checkpoints, or a diffusers "
-                                       "folder from models/diffusers."),
+                io.Model.Input("model", tooltip="The diffusion model to align (SD1.5, SDXL, SD2.x or the tiny "
+                                                "world), from Load Checkpoint or Load Tiny World. Other LoRAs "
+                                                "already applied to it stay applied: the set is trained on top of "
+                                                "them, and is meant to be applied on top of them."),
+                io.Clip.Input("clip", tooltip="The text encoder of the same checkpoint."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint (the reward sees its decoded images)."),
                 io.Combo.Input("shortcut", options=shortcut_options(), default=TINY,
-                               tooltip="The frozen few-step model ShortFT jumps with: 'tiny' (the tiny world's "
-                                       "distilled shortcut), a Hyper-SD / PCM / TCD LoRA from models/loras, or "
-                                       "'none' (baselines, or naive DDIM jumps)."),
+                               tooltip="The frozen few-step model ShortFT jumps with: a Hyper-SD / PCM / TCD LoRA "
+                                       "from models/loras made for the MODEL's family, 'tiny' (the tiny world's "
+                                       "distilled shortcut), or 'none' (baselines, or naive DDIM jumps)."),
                 io.Combo.Input("preset", options=[AUTO, *sorted(SHORTCUT_PRESETS)], default=AUTO,
                                tooltip="How the shortcut was made (its grid, segments and CFG). 'auto' reads it from "
                                        "the file's metadata (our own shortcuts) or its published file name."),
-                io.Combo.Input("device", options=device_options(), default=AUTO,
-                               tooltip="Where the model runs: 'auto' is the GPU when there is one."),
-                io.Combo.Input("dtype", options=[AUTO, *DTYPES], default=AUTO,
-                               tooltip="Precision of the frozen base weights ('auto': bf16 on a GPU, fp32 on a "
-                                       "CPU). Trained LoRAs are always kept in fp32."),
             ],
-            outputs=[SHORTFT_MODEL.Output(display_name="model")],
+            outputs=[SHORTFT_MODEL.Output(display_name="model", tooltip="The MODEL and its shortcut, for "
+                                                                        "ShortFTTrain.")],
+            accept_all_inputs=True,  # so a workflow made for the old widgets gets a message naming what replaced them
         )
 
     @classmethod
-    def validate_inputs(cls, base: str, shortcut: str, preset: str) -> bool | str:
+    def validate_inputs(cls, shortcut: str, preset: str, model: Any = _UNLINKED, **others: Any) -> bool | str:
+        legacy = [k for k in LEGACY_WIDGETS if k in others]
+        if legacy:
+            return (f"this LoadShortcutModel comes from a workflow made for an older version (widgets "
+                    f"{', '.join(legacy)}): it no longer loads a base itself; {REPLACEMENT}")
+        if model is _UNLINKED:
+            return f"model: not connected; {REPLACEMENT}"
+        if shortcut not in shortcut_options():
+            roots = ", ".join(folder_paths.get_folder_paths("loras"))
+            return (f"shortcut {shortcut!r} is not in ComfyUI's LoRA folders ({roots}); put the shortcut LoRA file "
+                    "there and choose it by its name (or 'tiny', or 'none')")
+        if preset != AUTO and preset not in SHORTCUT_PRESETS:
+            return f"preset {preset!r} is unknown; choose one of: auto, {', '.join(sorted(SHORTCUT_PRESETS))}"
         try:
-            base_path(base)
-            if shortcut not in (TINY, NONE):
-                lora_file(folder_paths.get_full_path_or_raise("loras", shortcut), "shortcut")
-            if preset != AUTO and preset not in SHORTCUT_PRESETS:
-                return f"preset {preset!r} is unknown; choose one of: auto, {', '.join(sorted(SHORTCUT_PRESETS))}"
+            path = shortcut_path(shortcut)
+            if path is not None:
+                lora_file(path, "shortcut")
         except (OSError, ValueError) as e:
             return str(e)
         return True
 
     @classmethod
-    @outside_inference_mode
-    def execute(cls, base: str, shortcut: str, preset: str, device: str, dtype: str) -> io.NodeOutput:
-        dev = resolve_device(device)
-        dt = DTYPES[dtype] if dtype != AUTO else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        model = load_model(base_path(base), dev, dt)
-        if shortcut != NONE:
-            path = tiny_shortcut_path() if shortcut == TINY else folder_paths.get_full_path_or_raise("loras", shortcut)
-            found = attach_shortcut(model, path, preset=None if preset == AUTO else preset)
-            log.info("ShortFT: %s loaded with shortcut %s (preset %s)", base, path, found.name if found else "none")
-        return io.NodeOutput(model)
+    def execute(cls, model: Any, clip: Any, vae: Any, shortcut: str, preset: str, **_: Any) -> io.NodeOutput:
+        path = shortcut_path(shortcut)
+        found = check_shortcut(model, shortcut, path, preset)
+        wrapped = ComfyModel(model, clip, vae)
+        if model.patches:
+            log.warning("ShortFT: the MODEL carries %d patched weights (LoRAs or merges applied before): the set is "
+                        "trained on top of them and is meant to be applied on top of them", len(model.patches))
+        log.info("ShortFT: %s with shortcut %s (preset %s)", wrapped.source, path or NONE, found or preset)
+        return io.NodeOutput(ShortcutModel(wrapped, path, found))
 
 
 class ShortFTSample(io.ComfyNode):
-    """Deterministic DDIM images of a SHORTFT_MODEL, optionally with a LoRA set switched per timestep."""
+    """Replaced by the stock sampling nodes; kept so that an old workflow names what to use instead."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ShortFT_Sample",
-            display_name="ShortFTSample",
+            display_name="ShortFTSample (replaced)",
             category=CATEGORY,
-            description="Sample a ShortFT model with deterministic DDIM (image i from noise seeded seed+i), with an "
-                        "aligned LoRA set (segment j's LoRA at segment j's timesteps) or without one.",
-            inputs=[
-                SHORTFT_MODEL.Input("model", tooltip="The model from LoadShortcutModel (its shortcut is not used "
-                                                     "for sampling)."),
-                io.String.Input("prompts", multiline=True, default="a small red circle on the left on a white background",
-                                tooltip="One prompt per line (blank lines and lines starting with # are skipped)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
-                             tooltip="Noise seed of the first image; image i uses seed + i, so the same seed gives "
-                                     "the same picture whatever the batch (before/after pairs match)."),
-                io.Int.Input("steps", default=50, min=1, max=1000,
-                             tooltip="DDIM steps on SD1.5's leading grid (50: 981, 961, ..., 1, as trained)."),
-                io.Float.Input("guidance", default=0.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance scale; 0 uses the scale the LoRA set was trained "
-                                       "for (else 3 on the tiny world, 7.5 on a real model); 1 disables CFG."),
-                LORA_SET.Input("lora_set", optional=True,
-                               tooltip="An aligned LoRA set (from ShortFTTrain or LoadLoRASet); without one the "
-                                       "base model samples."),
-            ],
+            description="Replaced: sample with the stock nodes instead (ApplyAlignedLoRA on the MODEL with the "
+                        "trained set -> KSampler with sampler ddim, scheduler ddim_uniform -> VAE Decode).",
+            is_deprecated=True,
+            inputs=[SHORTFT_MODEL.Input("model", optional=True, tooltip="Not used: see the node's description.")],
             outputs=[io.Image.Output(display_name="images")],
+            accept_all_inputs=True,
         )
 
     @classmethod
-    def validate_inputs(cls, prompts: str, guidance: float) -> bool | str:
-        if not prompt_lines(prompts or ""):
-            return "prompts: give at least one prompt (one per line)"
-        if guidance != 0 and guidance < 1:
-            return f"guidance {guidance}: use 0 (the set's own scale) or a scale >= 1 (1 disables CFG)"
-        return True
+    def validate_inputs(cls, **_: Any) -> bool | str:
+        return ("ShortFTSample is replaced by the stock nodes: ApplyAlignedLoRA (the MODEL and the trained "
+                "lora_set) -> KSampler (sampler ddim, scheduler ddim_uniform, the set's CFG) -> VAE Decode; without "
+                "a set, KSampler on the MODEL alone")
 
     @classmethod
-    @outside_inference_mode
-    def execute(cls, model, prompts: str, seed: int, steps: int, guidance: float, lora_set=None) -> io.NodeOutput:
-        lines = prompt_lines(prompts)
-        bar = comfy.utils.ProgressBar(len(lines) * steps)
-        done = [0]
-
-        def tick(i, step, x) -> None:
-            if step.calls_network:
-                done[0] += 1
-                bar.update_absolute(done[0])
-
-        images = sample_aligned(model, lines, lora_set=lora_set, seed=seed, steps=steps,
-                                guidance=guidance if guidance > 0 else None, callback=tick)
-        return io.NodeOutput(to_comfy(images))
+    def execute(cls, **_: Any) -> io.NodeOutput:
+        raise ValueError(cls.validate_inputs())
 
 
 NODES = [LoadShortcutModel, ShortFTSample]

@@ -85,8 +85,10 @@ class ScoreImages(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompts: str) -> bool | str:
-        if not prompt_lines(prompts or ""):
+    def validate_inputs(cls, prompts: str | None) -> bool | str:
+        if prompts is None:  # linked (e.g. from the text node that also feeds CLIP Text Encode): checked when it runs
+            return True
+        if not prompt_lines(prompts):
             return "prompts: give at least one prompt (one per line)"
         return True
 

@@ -1,9 +1,10 @@
 """ShortFTTrain: reward fine-tuning inside ComfyUI, through the same library session as the command line.
 
-The node turns its widgets into a :class:`~shortft_core.session.TrainRequest` and adds only ComfyUI's concerns:
-ComfyUI's own models are freed first, progress goes to the node's bar (with preview images) and, at every
-iteration, metrics go to the queueing client over the websocket (``shortft.progress``) for the live chart; the
-stop request is ComfyUI's interrupt, honoured within one network call, after which the run is checkpointed, its
+The node turns its widgets into a :class:`~shortft_core.session.TrainRequest` for the MODEL that LoadShortcutModel
+passes on (trained in place through :class:`~.backend.ComfyModel`, placed by ComfyUI's model management, and left
+as it was when the session ends) and adds only ComfyUI's concerns: progress goes to the node's bar (with preview
+images) and, at every iteration, metrics go to the queueing client over the websocket (``shortft.progress``) for
+the live chart; the stop request is ComfyUI's interrupt, honoured within one network call, after which the run is checkpointed, its
 partial LoRA set written, and the same graph queued again continues it. A finished run with the same settings is
 returned without training, so a re-queued graph or a cache eviction never trains twice.
 
@@ -126,12 +127,13 @@ def parse_fractions(text: str) -> tuple[float, ...] | None:
 
 def widget_settings(method: str, iterations: int, time_budget_s: float, batch_size: int, lr: float, rank: int,
                     guidance: float, seed: int, stage_fractions: str, checkpoint_every: int, eval_every: int = 0,
-                    preview_every: int = 0, preview_chain: str = "shortcut") -> dict[str, Any]:
+                    preview_every: int = 0, preview_chain: str = "shortcut", image_size: int = 0) -> dict[str, Any]:
     """The training settings the node's widgets set (the library completes them from the preset and the model)."""
     return {"method": method, "iterations": iterations, "time_budget_s": time_budget_s if time_budget_s > 0 else None,
             "batch_size": batch_size, "lr": lr, "rank": rank, "guidance": guidance, "seed": seed,
             "stage_fractions": parse_fractions(stage_fractions), "checkpoint_every": checkpoint_every,
-            "eval_every": eval_every, "preview_every": preview_every, "preview_chain": preview_chain}
+            "eval_every": eval_every, "preview_every": preview_every, "preview_chain": preview_chain,
+            "image_size": image_size if image_size > 0 else None}
 
 
 class ShortFTTrain(io.ComfyNode):
@@ -150,7 +152,8 @@ class ShortFTTrain(io.ComfyNode):
                         "call and keeps a checkpoint; queueing the same graph again continues (or returns a finished "
                         "run without training).",
             inputs=[
-                SHORTFT_MODEL.Input("model", tooltip="The base model and shortcut from LoadShortcutModel."),
+                SHORTFT_MODEL.Input("model", tooltip="The MODEL and its shortcut, from LoadShortcutModel (trained in "
+                                                     "place; it is left as it was when training ends)."),
                 SHORTFT_REWARD.Input("reward", tooltip="The reward to maximise, from RewardModel."),
                 io.Combo.Input("prompt_source", options=[TEXT, FILE, TINY_CAPTIONS], default=TEXT,
                                tooltip="Where the training prompts come from: the text below (one per line), a "
@@ -212,10 +215,13 @@ class ShortFTTrain(io.ComfyNode):
                 io.Combo.Input("preview_chain", options=["shortcut", "full"], default="shortcut", optional=True,
                                tooltip="shortcut: previews from the shortcut's few jumps with the aligned LoRAs "
                                        "(cheap, approximate); full: the 50-step inference chain."),
+                io.Int.Input("image_size", default=0, min=0, max=8192, step=8, optional=True,
+                             tooltip="Image size in pixels (square) of training, evaluation and previews; 0: the "
+                                     "MODEL's native size (512 for SD1.5, 1024 for SDXL, 32 for the tiny world)."),
             ],
             outputs=[
-                LORA_SET.Output(display_name="lora_set", tooltip="The trained LoRA set (for ApplyAlignedLoRA or "
-                                                                 "ShortFTSample)."),
+                LORA_SET.Output(display_name="lora_set", tooltip="The trained LoRA set (for ApplyAlignedLoRA, "
+                                                                 "then the stock KSampler)."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per iteration (the stock Plot Loss Graph "
                                                                "reads it)."),
                 io.Image.Output(display_name="reward_curve", tooltip="Reward per iteration, held-out evaluations "
@@ -230,10 +236,11 @@ class ShortFTTrain(io.ComfyNode):
     def validate_inputs(cls, prompt_source: str, prompts: str, method: str, iterations: int, time_budget_s: float,
                         batch_size: int, lr: float, rank: int, guidance: float, stage_fractions: str,
                         checkpoint_every: int, run_name: str, prompt_file: str = "", eval_every: int = 0,
-                        preview_every: int = 0) -> bool | str:
+                        preview_every: int = 0, image_size: int = 0) -> bool | str:
         try:
             check_settings(widget_settings(method, iterations, time_budget_s, batch_size, lr, rank, guidance, 0,
-                                           stage_fractions, checkpoint_every, eval_every, preview_every), PRESET)
+                                           stage_fractions, checkpoint_every, eval_every, preview_every,
+                                           image_size=image_size), PRESET)
             run_folders(run_name)
             if prompt_source == TEXT and not prompt_lines(prompts or ""):
                 return "prompts: empty; give at least one training prompt (one per line), or choose another " \
@@ -251,23 +258,28 @@ class ShortFTTrain(io.ComfyNode):
                 time_budget_s: float, batch_size: int, lr: float, rank: int, guidance: float, seed: int,
                 stage_fractions: str, checkpoint_every: int, run_name: str, resume: bool, prompt_file: str = "",
                 eval_prompts: str = "", eval_every: int = 0, preview_every: int = 20,
-                preview_chain: str = "shortcut") -> io.NodeOutput:
+                preview_chain: str = "shortcut", image_size: int = 0) -> io.NodeOutput:
         out, lora_dir = run_folders(run_name)
+        if prompt_source == TINY_CAPTIONS and model.family != "tiny":
+            raise ValueError(f"prompt_source {TINY_CAPTIONS!r} is the tiny world's; this {model.family} MODEL needs "
+                             f"its own prompts ({TEXT!r} or {FILE!r})")
         held_out = prompt_lines(eval_prompts or "")
         settings = widget_settings(method, iterations, time_budget_s, batch_size, lr, rank, guidance, seed,
-                                   stage_fractions, checkpoint_every, eval_every, preview_every, preview_chain)
+                                   stage_fractions, checkpoint_every, eval_every, preview_every, preview_chain,
+                                   image_size)
         source = None if prompt_source == TINY_CAPTIONS else (
             str(_prompt_file(prompt_file)) if prompt_source == FILE else prompt_lines(prompts))
-        request = TrainRequest(out=out, model=model, reward=reward, config=settings, preset=PRESET, prompts=source,
-                               eval_prompts=held_out or None, lora_dir=lora_dir, overwrite=not resume)
+        request = TrainRequest(out=out, model=model.model, reward=reward, config=settings, preset=PRESET,
+                               prompts=source, eval_prompts=held_out or None, lora_dir=lora_dir,
+                               overwrite=not resume, shortcut=str(model.shortcut) if model.shortcut else "none",
+                               shortcut_preset=model.preset)
         progress = ComfyProgress(cls.hidden.unique_id, run_name, iterations,
                                  reward_name=reward_label(reward), method=method)
-        mm.unload_all_models()  # our modules are invisible to ComfyUI's memory management: make room first
-        mm.soft_empty_cache()
         status = "failed"
         try:
             with TrainingSession(request, callbacks=[progress]) as session:
                 session.check()
+                model.model.prepare()  # on ComfyUI's compute device, whole, gradients possible
                 result = session.run()
             status = result.status
         finally:

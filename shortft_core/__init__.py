@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "TrainRequest": "session", "TrainResult": "session", "TrainingSession": "session", "train": "session",
     "DistillRequest": "session", "DistillResult": "session", "DistillSession": "session", "distill": "session",
     "reward_label": "session",
-    "Callback": "loop",
+    "Callback": "loop", "StopRequested": "loop",
     # settings
     "TrainConfig": "config", "tiny_config": "config", "resolve_config": "config", "check_settings": "config",
     "TRAIN_PRESETS": "config", "TINY_PRESET": "config",
@@ -34,7 +34,8 @@ _EXPORTS: dict[str, str] = {
     "resolve_device": "models", "NoiseSchedule": "schedule",
     "load_model": "loading", "load_tiny_model": "loading",
     "bundled_config": "families", "diffusers_module_order": "families",
-    "SHORTCUT_PRESETS": "shortcut", "attach_shortcut": "shortcut",
+    "SHORTCUT_PRESETS": "shortcut", "attach_shortcut": "shortcut", "shortcut_preset": "shortcut",
+    "shortcut_preset_for_file": "shortcut",
     "tiny_shortcut_path": "tiny_world", "tiny_weights_dir": "tiny_world",
     # LoRA sets and files
     "LoraSet": "lora_set", "sample_aligned": "lora_set", "find_lora_sets": "lora_set", "lora_set_folder": "lora_set",
@@ -49,7 +50,8 @@ _EXPORTS: dict[str, str] = {
     "outside_inference_mode": "lifecycle",
 }
 # names a module defines under another name
-_RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir"}
+_RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir", "shortcut_preset": "get_preset",
+            "shortcut_preset_for_file": "preset_for_file"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -227,6 +227,8 @@ class TrainingSession(_Session):
             from .shortcut import get_preset
 
             get_preset(req.shortcut_preset)
+        if self.shortcut_file is not None and req.shortcut_guidance is None:
+            self._check_jump_guidance()
         if not isinstance(req.model, DiffusionModel) and str(req.model).endswith(".safetensors"):
             check_safetensors(Path(req.model).expanduser(), "model")  # a damaged checkpoint, before it loads
         self.device = req.model.device if isinstance(req.model, DiffusionModel) else resolve_device(req.device)
@@ -286,6 +288,23 @@ class TrainingSession(_Session):
 
             return tiny_shortcut_path()
         return lora_file(name)
+
+    def _check_jump_guidance(self) -> None:
+        """Refuse a published shortcut whose jumps would run at a CFG scale outside the range its model card gives
+        (e.g. a CFG-distilled Hyper-SD LoRA under an unguided run): its jumps would leave the trajectory it keeps."""
+        from .shortcut import get_preset, preset_for_file
+
+        req, cfg = self.request, self.config
+        preset = get_preset(req.shortcut_preset) if req.shortcut_preset else preset_for_file(self.shortcut_file)
+        if preset is None:
+            return
+        jumps = cfg.method_entry.jump_guidance(cfg, preset.guidance)
+        low, high = preset.guidance_range
+        if not low <= jumps <= high:
+            raise ValueError(f"shortcut {preset.name} is made for CFG {low:g} to {high:g}, but with guidance "
+                             f"{cfg.guidance:g} (--guidance) its jumps would run at CFG {jumps:g}: raise guidance to at "
+                             f"least {low:g}, or use a shortcut made for CFG {jumps:g} (e.g. a Hyper-SD or PCM "
+                             "LoRA without CFG in its name)")
 
     def _settings(self) -> dict:
         """What identifies the run: a run folder with other settings is a different run."""

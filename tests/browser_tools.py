@@ -238,12 +238,12 @@ class Editor:
         }""", [node_id, widget, scale])
         self.page.wait_for_timeout(400)
 
-    def fit_view(self, zoom: float = 0.9) -> None:
-        """Show the whole graph (titles included), below the editor's tab bar."""
-        self.evaluate("""(zoom) => {
+    def fit_view(self, zoom: float = 0.9, nodes: list[int] | None = None) -> None:
+        """Show the whole graph (or the nodes ``nodes``), titles included, below the editor's tab bar."""
+        self.evaluate("""([zoom, ids]) => {
             const title = LiteGraph.NODE_TITLE_HEIGHT;
             let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
-            for (const n of app.rootGraph.nodes) {
+            for (const n of app.rootGraph.nodes.filter((n) => !ids || ids.map(String).includes(String(n.id)))) {
                 x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
                 x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
             }
@@ -252,7 +252,7 @@ class Editor:
             ds.offset[0] += 30 / ds.scale;  // the side bar and the tab bar cover the canvas' left and top edges
             ds.offset[1] += 20 / ds.scale;
             app.canvas.setDirty(true, true);
-        }""", zoom)
+        }""", [zoom, nodes])
         self.page.wait_for_timeout(400)
 
     # ----- what the user sees -------------------------------------------------------------------------------------

@@ -441,3 +441,30 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         except OSError:
             pass
+
+
+def train_and_sample(loader: str, train: dict[str, Any], reward: str, prompt: str, size: int, batch: int,
+                     steps: int) -> dict[str, dict[str, Any]]:
+    """The API-format tail every ShortFT graph shares, after a loader node ``loader`` (MODEL, CLIP, VAE as outputs
+    0, 1, 2) and a RewardModel ``reward``: LoadShortcutModel "sc" -> ShortFTTrain "train" (``train``: its inputs
+    without the model and reward links) -> ApplyAlignedLoRA "apply" on the loader's MODEL -> the stock KSampler
+    "sample" (ddim / ddim_uniform, CFG 1) -> VAE Decode "decode" -> ScoreImages "score"."""
+    return {
+        "sc": {"class_type": "ShortFT_LoadShortcutModel",
+               "inputs": {"model": [loader, 0], "clip": [loader, 1], "vae": [loader, 2], "shortcut": "tiny",
+                          "preset": "auto"}},
+        "train": {"class_type": "ShortFT_Train", "inputs": {"model": ["sc", 0], "reward": [reward, 0], **train}},
+        "apply": {"class_type": "ShortFT_ApplyAlignedLoRA", "inputs": {"model": [loader, 0], "lora_set": ["train", 0],
+                                                                       "set_name": "none", "strength": 1.0,
+                                                                       "mode": "timestep-aware"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": [loader, 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [loader, 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+        "sample": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "seed": 0, "steps": steps, "cfg": 1.0,
+                                                        "sampler_name": "ddim", "scheduler": "ddim_uniform",
+                                                        "positive": ["pos", 0], "negative": ["neg", 0],
+                                                        "latent_image": ["latent", 0], "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": [loader, 2]}},
+        "score": {"class_type": "ShortFT_ScoreImages", "inputs": {"images": ["decode", 0], "prompts": prompt,
+                                                                  "reward": [reward, 0]}},
+    }

@@ -56,10 +56,8 @@ def note(id: int, pos, text: str, size=(460, 420)) -> Node:
                 bgcolor=NOTE_BG)
 
 
-TINY_SAMPLE_PROMPTS = ("an orange diamond above a purple square on a black background\n"
-                       "a yellow circle left of a blue circle on a white background\n"
-                       "a blue circle below a green square on a black background\n"
-                       "a small yellow square at the top on a gray background")
+TINY_SAMPLE_PROMPT = "a yellow circle left of a blue circle on a white background"
+SD15_SAMPLE_PROMPT = "a cat sitting on a windowsill at sunset"
 SD15_PROMPTS = ("a photo of a red fox in a snowy forest at sunrise\n"
                 "a cozy reading nook with a big window, rain outside, warm lamp light\n"
                 "an astronaut riding a horse on the moon, digital art\n"
@@ -79,40 +77,69 @@ def train_widgets(**overrides) -> dict[str, Any]:
     w = {"prompt_source": "tiny-world captions", "prompts": "", "method": "shortft", "iterations": 320,
          "time_budget_s": 0.0, "batch_size": 4, "lr": 0.0005, "rank": 8, "guidance": 1.0, "seed": 0,
          "stage_fractions": "", "checkpoint_every": 100, "run_name": "shortft_tiny", "resume": True,
-         "prompt_file": "", "eval_prompts": "", "eval_every": 80, "preview_every": 20, "preview_chain": "shortcut"}
+         "prompt_file": "", "eval_prompts": "", "eval_every": 80, "preview_every": 20, "preview_chain": "shortcut",
+         "image_size": 0}
     w.update(overrides)
     return w
 
 
-def sample_widgets(prompts: str, guidance: float, steps: int = 50) -> dict[str, Any]:
-    return {"prompts": prompts, "seed": 0, "control_after_generate": "fixed", "steps": steps, "guidance": guidance}
+def sampler_widgets(steps: int, cfg: float) -> dict[str, Any]:
+    """The stock KSampler on the timesteps a LoRA set was trained on: DDIM on SD's uniform grid."""
+    return {"seed": 0, "control_after_generate": "fixed", "steps": steps, "cfg": cfg, "sampler_name": "ddim",
+            "scheduler": "ddim_uniform", "denoise": 1.0}
 
 
-def before_after(first: int, x: float, y: float, model: int, train: int, reward: int, prompts: str, guidance: float,
-                 before_title: str = "Before (no LoRA set)", after_title: str = "After (the trained set)",
-                 before_set: int | None = None) -> tuple[list[Node], list[tuple[int, str, int, str]]]:
-    """Two ShortFTSample nodes on the same prompts and seeds (without / with a set), their scores, and both images
-    side by side. ``before_set`` gives the first sampler a set too (comparisons of two runs)."""
-    a, b, sa, sb, stitch, view = range(first, first + 6)
+def compare(first: int, x: float, y: float, loader: tuple[int, str, str, str], reward: int, after_set: int, prompt: str,
+            guidance: float, size: int, batch: int, steps: int = 50, before_set: int | None = None,
+            before_title: str = "Before (the MODEL alone)", after_title: str = "After (the trained set)"
+            ) -> tuple[list[Node], list[tuple[int, str, int, str]]]:
+    """The same prompt and seeds sampled by two stock KSamplers, the MODEL alone (or with ``before_set``) and with
+    the trained set through ApplyAlignedLoRA, decoded, scored and shown side by side. ``loader``: (node, its MODEL,
+    CLIP and VAE output names); ``reward``: the RewardModel node the scores use."""
+    src, model_out, clip_out, vae_out = loader
+    (text, pos, neg, latent, apply_a, apply_b, ks_a, ks_b, dec_a, dec_b, score_a, score_b, stitch,
+     view) = range(first, first + 14)
     pair = f"{before_title.split(' (')[0]} (top) | {after_title.split(' (')[0]} (bottom)"
     nodes = [
-        Node(a, "ShortFT_Sample", (x, y), sample_widgets(prompts, guidance), title=before_title, size=(400, 0)),
-        Node(b, "ShortFT_Sample", (x, y + 330), sample_widgets(prompts, guidance), title=after_title, size=(400, 0)),
-        Node(sa, "ShortFT_ScoreImages", (x + 440, y), {"prompts": prompts}, title="Score: " + before_title,
+        Node(text, "PrimitiveStringMultiline", (x, y), {"value": prompt}, title="Prompt (sampled and scored)",
+             size=(400, 120)),
+        Node(pos, "CLIPTextEncode", (x, y + 170), title="Positive", size=(400, 0)),
+        Node(neg, "CLIPTextEncode", (x, y + 270), {"text": ""}, title="Negative", size=(400, 100)),
+        Node(latent, "EmptyLatentImage", (x, y + 420), {"width": size, "height": size, "batch_size": batch},
+             size=(400, 0)),
+        Node(apply_b, "ShortFT_ApplyAlignedLoRA", (x + 440, y + 330), {"set_name": "none", "strength": 1.0,
+                                                                       "mode": "timestep-aware"},
+             title="ApplyAlignedLoRA: " + after_title.split(" (")[0], size=(360, 0)),
+        Node(ks_a, "KSampler", (x + 840, y), sampler_widgets(steps, guidance), title="KSampler: " + before_title,
+             size=(320, 0)),
+        Node(ks_b, "KSampler", (x + 840, y + 330), sampler_widgets(steps, guidance), title="KSampler: " + after_title,
+             size=(320, 0)),
+        Node(dec_a, "VAEDecode", (x + 1200, y), size=(200, 0)),
+        Node(dec_b, "VAEDecode", (x + 1200, y + 330), size=(200, 0)),
+        Node(score_a, "ShortFT_ScoreImages", (x + 1440, y), {}, title="Score: " + before_title, size=(400, 300)),
+        Node(score_b, "ShortFT_ScoreImages", (x + 1440, y + 330), {}, title="Score: " + after_title,
              size=(400, 300)),
-        Node(sb, "ShortFT_ScoreImages", (x + 440, y + 330), {"prompts": prompts}, title="Score: " + after_title,
-             size=(400, 300)),
-        Node(stitch, "ImageStitch", (x, y + 660), {"direction": "down", "match_image_size": True,
-                                                   "spacing_width": 4, "spacing_color": "white"},
-             title=pair),
-        Node(view, "PreviewImage", (x + 440, y + 660), title=pair, size=(400, 420)),
+        Node(stitch, "ImageStitch", (x + 1200, y + 660), {"direction": "down", "match_image_size": True,
+                                                          "spacing_width": 4, "spacing_color": "white"}, title=pair),
+        Node(view, "PreviewImage", (x + 1440, y + 660), title=pair, size=(400, 420)),
     ]
-    links = [(model, "model", a, "model"), (model, "model", b, "model"), (train, "lora_set", b, "lora_set"),
-             (a, "images", sa, "images"), (b, "images", sb, "images"), (reward, "reward", sa, "reward"),
-             (reward, "reward", sb, "reward"), (a, "images", stitch, "image1"), (b, "images", stitch, "image2"),
-             (stitch, "IMAGE", view, "images")]
-    if before_set is not None:
-        links.append((before_set, "lora_set", a, "lora_set"))
+    links = [(text, "STRING", pos, "text"), (text, "STRING", score_a, "prompts"), (text, "STRING", score_b, "prompts"),
+             (src, clip_out, pos, "clip"), (src, clip_out, neg, "clip"),
+             (src, model_out, apply_b, "model"), (after_set, "lora_set", apply_b, "lora_set"),
+             (apply_b, "model", ks_b, "model")]
+    if before_set is None:
+        links.append((src, model_out, ks_a, "model"))
+    else:
+        nodes.append(Node(apply_a, "ShortFT_ApplyAlignedLoRA", (x + 440, y), {"set_name": "none", "strength": 1.0,
+                                                                              "mode": "timestep-aware"},
+                          title="ApplyAlignedLoRA: " + before_title.split(" (")[0], size=(360, 0)))
+        links += [(src, model_out, apply_a, "model"), (before_set, "lora_set", apply_a, "lora_set"),
+                  (apply_a, "model", ks_a, "model")]
+    for ks, dec, score in ((ks_a, dec_a, score_a), (ks_b, dec_b, score_b)):
+        links += [(pos, "CONDITIONING", ks, "positive"), (neg, "CONDITIONING", ks, "negative"),
+                  (latent, "LATENT", ks, "latent_image"), (ks, "LATENT", dec, "samples"), (src, vae_out, dec, "vae"),
+                  (dec, "IMAGE", score, "images"), (reward, "reward", score, "reward")]
+    links += [(dec_a, "IMAGE", stitch, "image1"), (dec_b, "IMAGE", stitch, "image2"), (stitch, "IMAGE", view, "images")]
     return nodes, links
 
 
@@ -121,14 +148,16 @@ def before_after(first: int, x: float, y: float, model: int, train: int, reward:
 TINY_NOTE = """
 ## ShortFT on the tiny world (CPU, about 5 minutes)
 
-Needs no download: the **tiny world** (a small SD1.5-shaped text-to-image pipeline, its rewards and its distilled
-4-step shortcut) ships inside the pack, in `shortft_core/tiny_world/weights`.
+Needs no download: the **tiny world** (a small SD1.5-shaped text-to-image model, its rewards and its distilled
+4-step shortcut) ships inside the pack. *Load Tiny World* gives it as a MODEL, CLIP and VAE, like *Load
+Checkpoint* gives a real model: put *Load Checkpoint* in its place to align your own SD1.5 / SDXL / SD2 checkpoint.
 
-1. **Run** the graph. *ShortFTTrain* aligns the tiny model to `tiny_alignment` with ShortFT: 320 iterations,
-   about 5 minutes on 2 CPU cores. Its node draws the reward and the loss live, marks the progressive stages and
-   adds a held-out evaluation every `eval_every` iterations.
-2. The two *ShortFTSample* nodes draw the same held-out prompts from the same seeds without and with the trained
-   LoRA set, at CFG 1 (the scale the set was trained for); *ScoreImages* scores both.
+1. **Run** the graph. *LoadShortcutModel* attaches the frozen few-step shortcut to the MODEL; *ShortFTTrain*
+   aligns the MODEL itself (in place, no copy) to `tiny_alignment` with ShortFT: 320 iterations, about 5 minutes
+   on 2 CPU cores. Its node draws the reward and the loss live, marks the progressive stages and adds a held-out
+   evaluation every `eval_every` iterations.
+2. Two stock *KSampler*s draw the prompt from the same seeds, from the MODEL alone and through *ApplyAlignedLoRA*
+   with the trained set, at CFG 1 (the scale the set was trained for); *ScoreImages* scores both.
 
 Writes `output/shortft/tiny_alignment/` (checkpoints, history, pictures) and `models/loras/shortft/tiny_alignment/`
 (the LoRA set; the stock Load LoRA node lists its `merged.safetensors`). Running the graph again returns the
@@ -198,26 +227,39 @@ Two *ShortFTTrain* nodes train the same model on the same reward, prompts and se
 (`time_budget_s`: 150 s each, about 6 minutes in all with the evaluations on 2 CPU cores): one with
 `method: shortft` (shortcut jumps, progressive stages, timestep-aware LoRAs), one with `method: draft-lv`
 (gradient through the last step only, re-noised and averaged). Each draws its reward chart live; the held-out
-`tiny_alignment` before and after is in each chart's legend and in the scores below (same prompts, same seeds,
-CFG 1).
+`tiny_alignment` before and after is in each chart's legend, and the stock KSamplers on the right sample both sets
+(same prompt, same seeds, CFG 1) for *ScoreImages*.
 
 Nothing to download (the tiny world ships with the pack). For the paper's comparison, load SD1.5 with Hyper-SD
 and HPS v2 as in *sd15_hyper_hps_v2* and give both runs the same `time_budget_s`.
 """
 
 
+TINY = (2, "MODEL", "CLIP", "VAE")  # Load Tiny World's outputs
+CHECKPOINT = (2, "MODEL", "CLIP", "VAE")  # Load Checkpoint's
+
+
+def loader_links(loader: tuple[int, str, str, str], shortcut_node: int) -> list[tuple[int, str, int, str]]:
+    src, model_out, clip_out, vae_out = loader
+    return [(src, model_out, shortcut_node, "model"), (src, clip_out, shortcut_node, "clip"),
+            (src, vae_out, shortcut_node, "vae")]
+
+
 def tiny_alignment() -> Graph:
     nodes = [
         note(1, (20, 20), TINY_NOTE, size=(460, 520)),
-        Node(2, "ShortFT_LoadShortcutModel", (20, 580), {"base": "tiny", "shortcut": "tiny", "preset": "auto",
-                                                         "device": "auto", "dtype": "auto"}, size=(460, 0)),
-        Node(3, "ShortFT_RewardModel", (20, 800), {"reward": "tiny_alignment", "spec": "", "device": "auto"},
-             size=(460, 0)),
-        Node(4, "ShortFT_Train", (520, 20), train_widgets(run_name="tiny_alignment"), size=TRAIN_SIZE),
-        Node(5, "PreviewImage", (520, 0), title="Reward curve", size=(440, 380), below=4),
+        Node(2, "ShortFT_LoadTinyWorld", (20, 580), {"dtype": "fp32"}, size=(460, 0)),
+        Node(3, "ShortFT_LoadShortcutModel", (20, 0), {"shortcut": "tiny", "preset": "auto"}, size=(460, 0),
+             below=2),
+        Node(4, "ShortFT_RewardModel", (20, 0), {"reward": "tiny_alignment", "spec": "", "device": "auto"},
+             size=(460, 0), below=3),
+        Node(5, "ShortFT_Train", (520, 20), train_widgets(run_name="tiny_alignment"), size=TRAIN_SIZE),
+        Node(6, "PreviewImage", (520, 0), title="Reward curve", size=(440, 380), below=5),
     ]
-    links = [(2, "model", 4, "model"), (3, "reward", 4, "reward"), (4, "reward_curve", 5, "images")]
-    more, more_links = before_after(6, 1000, 20, model=2, train=4, reward=3, prompts=TINY_SAMPLE_PROMPTS, guidance=1.0)
+    links = loader_links(TINY, 3) + [(3, "model", 5, "model"), (4, "reward", 5, "reward"),
+                                     (5, "reward_curve", 6, "images")]
+    more, more_links = compare(7, 1000, 20, TINY, reward=4, after_set=5, prompt=TINY_SAMPLE_PROMPT, guidance=1.0,
+                               size=32, batch=4)
     return Graph(nodes + more, links + more_links)
 
 
@@ -227,16 +269,18 @@ def sd15_graph(reward: dict[str, Any], run_name: str, text: str) -> Graph:
                           eval_prompts=SD15_EVAL_PROMPTS, eval_every=100, preview_every=50)
     nodes = [
         note(1, (20, 20), text, size=(460, 600)),
-        Node(2, "ShortFT_LoadShortcutModel", (20, 660), {"base": "v1-5-pruned-emaonly.safetensors",
-                                                         "shortcut": "Hyper-SD15-4steps-lora.safetensors",
-                                                         "preset": "auto", "device": "auto", "dtype": "auto"},
+        Node(2, "CheckpointLoaderSimple", (20, 660), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
              size=(460, 0)),
-        Node(3, "ShortFT_RewardModel", (20, 880), reward, size=(460, 0)),
-        Node(4, "ShortFT_Train", (520, 20), train, size=TRAIN_SIZE),
-        Node(5, "PreviewImage", (520, 0), title="Reward curve", size=(440, 380), below=4),
+        Node(3, "ShortFT_LoadShortcutModel", (20, 0), {"shortcut": "Hyper-SD15-4steps-lora.safetensors",
+                                                       "preset": "auto"}, size=(460, 0), below=2),
+        Node(4, "ShortFT_RewardModel", (20, 0), reward, size=(460, 0), below=3),
+        Node(5, "ShortFT_Train", (520, 20), train, size=TRAIN_SIZE),
+        Node(6, "PreviewImage", (520, 0), title="Reward curve", size=(440, 380), below=5),
     ]
-    links = [(2, "model", 4, "model"), (3, "reward", 4, "reward"), (4, "reward_curve", 5, "images")]
-    more, more_links = before_after(6, 1000, 20, model=2, train=4, reward=3, prompts=SD15_EVAL_PROMPTS, guidance=7.5)
+    links = loader_links(CHECKPOINT, 3) + [(3, "model", 5, "model"), (4, "reward", 5, "reward"),
+                                           (5, "reward_curve", 6, "images")]
+    more, more_links = compare(7, 1000, 20, CHECKPOINT, reward=4, after_set=5, prompt=SD15_SAMPLE_PROMPT,
+                               guidance=7.5, size=512, batch=1)
     return Graph(nodes + more, links + more_links)
 
 
@@ -250,8 +294,7 @@ def sd15_combined_reward() -> Graph:
 
 
 def sd15_apply_set_ksampler() -> Graph:
-    sampler = {"seed": 0, "control_after_generate": "fixed", "steps": 50, "cfg": 7.5, "sampler_name": "ddim",
-               "scheduler": "ddim_uniform", "denoise": 1.0}
+    sampler = sampler_widgets(50, 7.5)
     nodes = [
         note(1, (20, 20), SD15_APPLY_NOTE, size=(460, 560)),
         Node(2, "CheckpointLoaderSimple", (20, 620), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
@@ -285,19 +328,21 @@ def tiny_shortft_vs_draft_lv() -> Graph:
     common = dict(iterations=320, time_budget_s=150.0, eval_every=0)
     nodes = [
         note(1, (20, 20), VS_NOTE, size=(460, 480)),
-        Node(2, "ShortFT_LoadShortcutModel", (20, 540), {"base": "tiny", "shortcut": "tiny", "preset": "auto",
-                                                         "device": "auto", "dtype": "auto"}, size=(460, 0)),
-        Node(3, "ShortFT_RewardModel", (20, 760), {"reward": "tiny_alignment", "spec": "", "device": "auto"},
-             size=(460, 0)),
-        Node(4, "ShortFT_Train", (520, 20), train_widgets(method="shortft", run_name="tiny_vs_shortft", **common),
+        Node(2, "ShortFT_LoadTinyWorld", (20, 540), {"dtype": "fp32"}, size=(460, 0)),
+        Node(3, "ShortFT_LoadShortcutModel", (20, 0), {"shortcut": "tiny", "preset": "auto"}, size=(460, 0),
+             below=2),
+        Node(4, "ShortFT_RewardModel", (20, 0), {"reward": "tiny_alignment", "spec": "", "device": "auto"},
+             size=(460, 0), below=3),
+        Node(5, "ShortFT_Train", (520, 20), train_widgets(method="shortft", run_name="tiny_vs_shortft", **common),
              title="ShortFTTrain: ShortFT", size=TRAIN_SIZE),
-        Node(5, "ShortFT_Train", (1000, 20), train_widgets(method="draft-lv", run_name="tiny_vs_draft_lv", **common),
+        Node(6, "ShortFT_Train", (1000, 20), train_widgets(method="draft-lv", run_name="tiny_vs_draft_lv", **common),
              title="ShortFTTrain: DRaFT-LV", size=TRAIN_SIZE),
     ]
-    links = [(2, "model", 4, "model"), (3, "reward", 4, "reward"), (2, "model", 5, "model"), (3, "reward", 5, "reward")]
-    more, more_links = before_after(6, 1480, 20, model=2, train=4, reward=3, prompts=TINY_SAMPLE_PROMPTS,
-                                    guidance=1.0, before_title="DRaFT-LV set", after_title="ShortFT set",
-                                    before_set=5)
+    links = loader_links(TINY, 3) + [(3, "model", 5, "model"), (4, "reward", 5, "reward"), (3, "model", 6, "model"),
+                                     (4, "reward", 6, "reward")]
+    more, more_links = compare(7, 1480, 20, TINY, reward=4, after_set=5, prompt=TINY_SAMPLE_PROMPT, guidance=1.0,
+                               size=32, batch=4, before_set=6, before_title="DRaFT-LV set",
+                               after_title="ShortFT set")
     return Graph(nodes + more, links + more_links)
 
 

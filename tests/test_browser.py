@@ -8,7 +8,8 @@ the server; a bad widget value comes back as the node's error in the editor.
 
 The server is this module's own (not the tier-2 one): it holds empty placeholder files named as the workflows name
 their models (browser_tools.WORKFLOW_FILES), so loading checks the names the editor lists and nothing else.
-Screenshots go to ``$SHORTFT_ARTIFACTS/browser`` (default ``<temp dir>/shortft-artifacts/browser``).
+Screenshots go to ``$SHORTFT_ARTIFACTS/browser`` (default ``<temp dir>/shortft-artifacts/browser``); with
+``SHORTFT_UPDATE_DOCS=1`` the run's mid-run view of the graph also replaces the README's picture (docs/).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -36,7 +38,11 @@ from browser_tools import (
 pytestmark = pytest.mark.browser
 
 TINY = WORKFLOWS / "tiny_alignment.json"
-TRAIN = 4  # the ShortFTTrain node of tiny_alignment.json
+TRAIN = 5  # the ShortFTTrain node of tiny_alignment.json
+# the README's screenshot: the loaders, the train node with its chart and the before/after samplers of tiny_alignment
+README_NODES = [1, 2, 3, 4, 5, 7, 8, 9, 10, 12]
+README_VIEW = {"width": 1760, "height": 1160}
+DOCS_SHOT = WORKFLOWS.parent / "docs" / "comfyui_tiny_alignment_mid_run.png"
 HELD_OUT = "a yellow circle left of a blue circle on a white background"
 WIDGET = "shortft_live_chart"  # the chart's DOM widget on ShortFTTrain (web/shortft.js)
 CHART = "() => { const el = document.querySelector('.shortft-live'); return el ? {...el.dataset} : null; }"
@@ -126,8 +132,8 @@ def test_missing_files_and_nodes_are_reported_on_load(loader):
     error overlay."""
     workflow = json.loads((WORKFLOWS / "sd15_hyper_hps_v2.json").read_text())
     for node in workflow["nodes"]:
-        if node["type"] == "ShortFT_LoadShortcutModel":
-            node["widgets_values"][0] = node["widgets_values_named"]["base"] = "no_such_checkpoint.safetensors"
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = "no_such_checkpoint.safetensors"
     loader.load(workflow, "missing_model.json")
     overlay = wait_until(loader.error_overlay, 20, what="the error overlay")
     loader.screenshot("load_missing_model")
@@ -174,7 +180,8 @@ def test_tiny_workflow_runs_with_a_live_chart_that_a_reload_rebuilds(env, editor
     settings = dict(iterations=12, batch_size=1, eval_every=6, preview_every=2, eval_prompts=HELD_OUT, run_name=run)
     for name, value in settings.items():
         editor.set_widget(TRAIN, name, value)
-    samplers = editor.nodes_of_type("ShortFT_Sample")
+    samplers = editor.nodes_of_type("KSampler")
+    assert len(samplers) == 2
     for node in samplers:
         editor.set_widget(node, "steps", 5)
     editor.page.wait_for_timeout(300)  # the edits are saved with the open workflow (a reload restores them)
@@ -190,6 +197,14 @@ def test_tiny_workflow_runs_with_a_live_chart_that_a_reload_rebuilds(env, editor
                     " return img && img.complete && img.naturalWidth > 0 }", timeout=120)
     editor.screenshot("live_1_mid_run")
     close_up(editor, "live_1_mid_run_chart")
+    view = editor.page.viewport_size
+    editor.page.set_viewport_size(README_VIEW)
+    editor.fit_view(zoom=0.95, nodes=README_NODES)
+    shot = editor.screenshot("live_1_mid_run_graph")
+    if os.environ.get("SHORTFT_UPDATE_DOCS") and shot is not None:  # the README's picture of the editor mid-run
+        shutil.copyfile(shot, DOCS_SHOT)
+    editor.page.set_viewport_size(view)
+    editor.focus_node(TRAIN)
     assert mid["run"] == run and int(mid["drawnPoints"]) == int(mid["points"]) >= 3
     assert int(mid["points"]) < settings["iterations"], "the run ended before the page could see it in progress"
     assert editor.evaluate(f"() => (app.rootGraph.getNodeById({TRAIN}).imgs || []).length") >= 1, \

@@ -292,3 +292,115 @@ def test_one_sd15_iteration_through_checkpoint_loader_equals_the_librarys(sd15_m
     assert m["loss"] < 1e-4
     assert m["grad_l2"] < 1e-3 and m["updated_l2"] < 1e-4
     assert m["adapters_left"] == []
+
+
+# ----- a full-size SD2 v-prediction network -------------------------------------------------------------------------
+SD2_UNET = {  # SD 2.1's UNet (768 px, v-prediction): linear projections, 1024-wide text, heads of 64 channels
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 96,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": True, "upcast_attention": True,
+}
+SD2_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                 "num_train_timesteps": 1000, "prediction_type": "v_prediction"}
+# the layer ComfyUI reads to tell SD2's v models from its eps ones (supported_models.SD20.model_type)
+V_MARKER = "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"
+
+SD2_SCRIPT = r'''
+import json
+
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from shortft_pack.shortft_core import Conditioning, NoiseSchedule
+import comfy.sd
+import comfy.utils
+
+unet_file, config_file, scheduler_file = ARGS
+backend, tiny = pack_module("backend"), pack_module("tiny_world")
+torch.set_num_threads(2)
+res = {}
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+with torch.inference_mode():  # as ComfyUI's diffusion-model loader makes it (a diffusers-format UNet file)
+    model = comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(unet_file, safe_load=True))
+    _, clip, vae = tiny.load_tiny_world()  # the text encoder and VAE play no part in the network's prediction
+cm = backend.ComfyModel(model, clip, vae)
+cm.prepare()
+res["family"], res["prediction"], res["native"] = cm.family, cm.schedule.prediction_type, cm.native_size
+res["source"] = cm.source
+ref = UNet2DConditionModel.from_config(json.load(open(config_file)))
+ref.load_state_dict(load_file(unet_file))
+ref.eval()
+schedule = NoiseSchedule.from_config(json.load(open(scheduler_file)))
+res["abar"] = rel(cm.schedule.alphas_cumprod, schedule.alphas_cumprod)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 4, 8, 8, generator=g)
+hidden = 0.5 * torch.randn(2, 77, 1024, generator=g)
+cond = Conditioning(hidden, None)
+
+
+def reference(x, t):
+    """diffusers' network predicts v; the library's schedule turns it into the noise prediction."""
+    tt = torch.as_tensor(t).expand(x.shape[0]) if torch.as_tensor(t).ndim == 0 else torch.as_tensor(t)
+    return schedule.eps_from(ref(x, tt, encoder_hidden_states=hidden).sample, x, tt)
+
+
+with torch.no_grad():
+    for t in (999, 500, 21, 1):
+        res[f"eps_{t}"] = rel(cm.eps(x, t, cond), reference(x, t))
+    res["eps_per_sample"] = rel(cm.eps(x, torch.tensor([981, 41]), cond), reference(x, torch.tensor([981, 41])))
+w = torch.linspace(-1, 1, x.numel()).view_as(x)
+xs = [x.clone().requires_grad_(True) for _ in range(2)]
+(cm.eps(xs[0], 500, cond) * w).sum().backward()
+(reference(xs[1], 500) * w).sum().backward()
+res["grad_x"] = rel(xs[0].grad, xs[1].grad)
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def sd2_measured(tmp_path_factory) -> dict:
+    """A random full-size SD 2.1-shaped UNet saved as a diffusers-format file (its v marker layer made wide, as a
+    trained v model's is), through ComfyUI's diffusion-model loader and through diffusers."""
+    import torch
+    from safetensors.torch import save_file
+
+    from shortft_core.testing.random_models import random_unet
+
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("backend_sd2")
+    unet = random_unet(SD2_UNET, seed=3)
+    sd = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    sd[V_MARKER] = 0.5 * torch.randn(sd[V_MARKER].shape, generator=torch.Generator().manual_seed(4))
+    del unet
+    save_file(sd, str(tmp / "unet.safetensors"))
+    del sd
+    (tmp / "unet.json").write_text(json.dumps(SD2_UNET))
+    (tmp / "scheduler.json").write_text(json.dumps(SD2_SCHEDULER))
+    out = run_in_comfyui(comfy, SD2_SCRIPT, tmp / "sd2_side.py", tmp / "unet.safetensors", tmp / "unet.json",
+                         tmp / "scheduler.json", timeout=1800)
+    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(res, indent=1))
+    return res
+
+
+@pytest.mark.timeout(2400)
+def test_an_sd2_v_prediction_network_through_comfyui_equals_diffusers(sd2_measured):
+    """fp32 on a CPU: ComfyUI's own loader takes the file for an SD2 v-prediction model, and the seam's noise
+    prediction through its apply_model (which returns the denoised latent) equals diffusers' v prediction turned
+    into noise by the library's schedule, at every noise level and per sample, gradient included."""
+    m = sd2_measured
+    assert (m["family"], m["prediction"], m["native"]) == ("sd2", "v_prediction", 768)
+    assert m["source"].startswith("ComfyUI MODEL (sd2, ")
+    assert m["abar"] < 1e-6
+    for key in ("eps_999", "eps_500", "eps_21", "eps_1", "eps_per_sample"):
+        assert m[key] < 1e-4, (key, m[key])
+    assert m["grad_x"] < 1e-4

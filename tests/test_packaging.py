@@ -136,8 +136,10 @@ def test_unpacked_archive_loads_in_a_fresh_comfyui_and_trains(packed):
         templates = server.get("/workflow_templates")
         assert sorted(templates[PACK_NAME]) == sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
         graph = {  # the tiny world from the archive's own weights: one iteration
+            "0": {"class_type": "ShortFT_LoadTinyWorld", "inputs": {"dtype": "fp32"}},
             "1": {"class_type": "ShortFT_LoadShortcutModel",
-                  "inputs": {"base": "tiny", "shortcut": "tiny", "preset": "auto", "device": "cpu", "dtype": "auto"}},
+                  "inputs": {"model": ["0", 0], "clip": ["0", 1], "vae": ["0", 2], "shortcut": "tiny",
+                             "preset": "auto"}},
             "2": {"class_type": "ShortFT_RewardModel", "inputs": {"reward": "tiny_alignment", "spec": "",
                                                                   "device": "cpu"}},
             "3": {"class_type": "ShortFT_Train", "inputs": {

@@ -256,6 +256,27 @@ def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
         train(request(tmp_path / "run", prompts=str(tmp_path / "empty.txt")))
 
 
+def test_a_shortcut_whose_jumps_would_leave_its_cfg_range_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """A CFG-distilled Hyper-SD LoRA (made for CFG 5 to 8, by its published name) under guidance 3 would jump at
+    CFG 3: refused by check(), naming the preset, the range and the fix; at guidance 7.5 its jumps run at its own
+    CFG 5 and pass the check; an explicit shortcut_guidance is the caller's choice and is not second-guessed."""
+    import shutil
+
+    import shortft_core.loading as models
+    from shortft_core.tiny_world import tiny_shortcut_path
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    cfg_lora = tmp_path / "Hyper-SD15-8steps-CFG-lora.safetensors"
+    shutil.copyfile(tiny_shortcut_path(), cfg_lora)
+    with pytest.raises(ValueError, match=r"hyper-sd15-8step-cfg is made for CFG 5 to 8, but with guidance 3 .* jumps "
+                                         r"would run at CFG 3: raise guidance to at least 5"):
+        TrainingSession(request(tmp_path / "run", shortcut=str(cfg_lora), config=small(guidance=3.0))).check()
+    for kw in (dict(config=small(guidance=7.5)), dict(config=small(guidance=3.0), shortcut_guidance=3.0)):
+        session = TrainingSession(request(tmp_path / "run", shortcut=str(cfg_lora), **kw))
+        session.check()
+        assert session.shortcut_file == cfg_lora
+
+
 # ----- settings resolved once, in the library ---------------------------------------------------------------------
 def test_a_preset_and_the_users_settings_are_resolved_against_the_model(tmp_path, fresh_tiny, tiny_rewards):
     """Hosts pass what the user set and a preset; the session completes it: the preset under the user's values, its

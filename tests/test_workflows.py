@@ -124,15 +124,15 @@ HELD_OUT = "a yellow circle left of a blue circle on a white background"
 
 
 def quick(twin: dict) -> dict:
-    """A tiny-world twin turned down to seconds: 2 iterations at batch 1, one held-out prompt, 5 sampling steps."""
+    """A tiny-world twin turned down to seconds: 2 iterations at batch 1, one held-out prompt, 5 KSampler steps."""
     for node in twin.values():
         inputs = node["inputs"]
         if node["class_type"] == "ShortFT_Train":
             inputs.update(iterations=2, time_budget_s=0.0, batch_size=1, eval_every=0, preview_every=1,
                           eval_prompts=HELD_OUT, resume=False, run_name="twin_" + inputs["run_name"])
-        elif node["class_type"] == "ShortFT_Sample":
+        elif node["class_type"] == "KSampler":
             inputs.update(steps=5)
-        elif node["class_type"] in ("ShortFT_LoadShortcutModel", "ShortFT_RewardModel"):
+        elif node["class_type"] == "ShortFT_RewardModel":
             inputs.update(device="cpu")
     return twin
 

@@ -1,0 +1,175 @@
+"""Training inside ComfyUI against the command line's training (ComfyUI in-process, CPU).
+
+    python bench/bench_comfy_train.py speed --iterations 20 --repeats 3 --threads 2
+    python bench/bench_comfy_train.py memory --image-size 64 --threads 2
+
+``speed``: the tiny world's preset for ``--iterations`` iterations through one library session, on the model the
+command line trains (``load_tiny_model()``, diffusers modules) and on the MODEL/CLIP/VAE of Load Tiny World
+(``nodes/backend.py``'s ComfyModel, what ShortFTTrain trains), alternated ``--repeats`` times; the training seconds
+per iteration (the session's own clock, without evaluations and pictures) are printed with their medians and the
+ratio, and whether the two LoRA sets agree.
+
+``memory``: one ShortFT iteration at ``--image-size`` px on a random full-size SD1.5 checkpoint, each variant in a
+fresh process whose peak resident memory (VmHWM) is read at the end: ``one-copy`` loads the checkpoint with ComfyUI's
+loader and trains that MODEL in place (the pack now); ``two-copies`` loads it with ComfyUI's loader and trains the
+library's own copy of the same file beside it (what a graph held when LoadShortcutModel loaded its own base).
+
+ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI); its requirements
+must be installed in this interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_apply_set import REPO, find_comfyui, import_pack_module
+
+sys.path.insert(0, str(REPO))
+
+
+def start_comfyui(threads: int) -> None:
+    import torch
+
+    sys.path.insert(0, str(find_comfyui()))
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    torch.set_num_threads(threads)
+
+
+def speed(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    start_comfyui(args.threads)
+    tiny, backend = import_pack_module("tiny_world"), import_pack_module("backend")
+    from shortft_pack.shortft_core import TrainingSession, TrainRequest, load_tiny_model
+
+    def model(variant: str):
+        if variant == "cli":
+            return load_tiny_model()
+        with torch.inference_mode():  # as ComfyUI's nodes make them
+            made = tiny.load_tiny_world()
+        m = backend.ComfyModel(*made)
+        m.prepare()
+        return m
+
+    per_iteration: dict[str, list[float]] = {"cli": [], "comfyui": []}
+    sets = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            for variant in ("cli", "comfyui"):
+                out = Path(tmp) / f"{variant}_{rep}"
+                request = TrainRequest(out=out, model=model(variant), preset="tiny", grid_prompts=1,
+                                       config={"iterations": args.iterations, "eval_count": 0, "preview_every": 0})
+                with TrainingSession(request) as session:
+                    session.check()
+                    result = session.run()
+                seconds = result.history.seconds[-1] / args.iterations
+                per_iteration[variant].append(seconds)
+                sets[variant] = {f.name: load_file(str(f)) for f in sorted((out / "lora").glob("segment_*"))}
+                print(f"repeat {rep + 1} {variant}: {seconds:.3f} s/iteration", flush=True)
+    diff = max(float((sets["comfyui"][f][k].float() - v.float()).abs().max() / v.float().abs().max())
+               for f, sd in sets["cli"].items() for k, v in sd.items() if v.float().abs().max() > 0)
+    med = {k: statistics.median(v) for k, v in per_iteration.items()}
+    print(f"\n| path | s/iteration ({args.repeats} runs) | median |\n|---|---|---|")
+    for k, v in per_iteration.items():
+        print(f"| {k} | {' / '.join(f'{s:.3f}' for s in v)} | {med[k]:.3f} |")
+    print(f"\nratio comfyui / cli: {med['comfyui'] / med['cli']:.3f}; LoRA sets after {args.iterations} iterations: "
+          f"max relative difference {diff:.2e}")
+
+
+MEMORY_SCRIPT = r'''
+import json, sys, time
+variant, ckpt, shortcut, size, threads = sys.argv[1:6]
+sys.path.insert(0, sys.argv[6]); sys.path.insert(0, sys.argv[7])
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+torch.set_num_threads(int(threads))
+from bench_apply_set import import_pack_module
+import comfy.sd
+backend = import_pack_module("backend")
+from shortft_pack.shortft_core import TrainConfig, attach_shortcut, load_model
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
+from shortft_pack.shortft_core.trainer import Trainer
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024 / 1024
+
+with torch.inference_mode():
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+loaded = hwm()
+if variant == "one-copy":
+    m = backend.ComfyModel(model, clip, vae)
+    m.prepare()
+else:
+    m = load_model(ckpt, dtype=torch.float32)
+cfg = TrainConfig(iterations=1, batch_size=1, rank=4, guidance=1.0, sample_steps=10, eval_count=0, lr=1e-3,
+                  shortcut_guidance=1.0, image_size=int(size))
+preset = attach_shortcut(m, shortcut)
+t0 = time.perf_counter()
+Trainer(m, SymmetryReward(), cfg, PromptSource(["a red circle left of a blue square"]), shortcut_preset=preset).train_step()
+print("RESULT " + json.dumps({"variant": variant, "loaded_gib": loaded, "peak_gib": hwm(),
+                              "seconds": time.perf_counter() - t0}))
+'''
+
+
+def memory(args: argparse.Namespace) -> None:
+    import torch
+
+    from shortft_core.adapters import SHORTCUT_TARGETS, add_lora, remove_adapters
+    from shortft_core.loading import load_model
+    from shortft_core.lora_io import export_lora
+    from shortft_core.testing import random_models
+    from shortft_core.testing.random_models import randomise_lora_b_
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = random_models.write_ldm_checkpoint(random_models.random_model("sd15"), tmp / "sd15.safetensors")
+        model = load_model(ckpt, dtype=torch.float32)
+        add_lora(model.unet, "shortcut", 4, targets=SHORTCUT_TARGETS, seed=5)
+        randomise_lora_b_(model.unet, seed=6, std=0.02, adapter="shortcut")
+        shortcut = export_lora(model.unet, "shortcut", tmp / "Hyper-SD15-4steps-lora.safetensors", family="sd15")
+        del model
+        script = tmp / "memory_side.py"
+        script.write_text(MEMORY_SCRIPT)
+        rows = []
+        for variant in ("one-copy", "two-copies"):
+            r = subprocess.run([sys.executable, str(script), variant, str(ckpt), str(shortcut), str(args.image_size),
+                                str(args.threads), str(find_comfyui()), str(REPO / "bench")], capture_output=True,
+                               text=True, cwd=find_comfyui(), check=True)
+            rows.append(json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:]))
+            print(rows[-1], flush=True)
+    print("\n| variant | after ComfyUI's loader (GiB) | peak (GiB) | iteration (s) |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['loaded_gib']:.2f} | {row['peak_gib']:.2f} | {row['seconds']:.1f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["speed", "memory"])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    started = time.time()
+    (speed if args.what == "speed" else memory)(args)
+    print(f"\n({time.time() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Which family a ComfyUI MODEL is, in the library's names: one answer for every node (the LoRA set's family check,
+the training backend, the shortcut check)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.supported_models
+
+from .tiny_world import is_tiny_world
+
+# ComfyUI's model config classes the library has a name for; exact classes, so variants built on them (inpainting,
+# instruct-pix2pix, unCLIP, SSD-1B) are not taken for their base
+_NAMED = ((comfy.supported_models.SD15, "sd15"), (comfy.supported_models.SDXL, "sdxl"),
+          (comfy.supported_models.SD20, "sd2"))
+TRAINABLE = ("tiny", "sd15", "sdxl", "sd2")
+SUPPORTED = "the tiny world, SD1.5, SDXL and SD2.x (eps or v-prediction)"
+
+
+def model_family(model: Any) -> str:
+    """``tiny``, ``sd15``, ``sdxl`` or ``sd2`` for a MODEL (a ModelPatcher or its BaseModel) of those families, else
+    ComfyUI's name of its model config class (e.g. ``Flux``)."""
+    if is_tiny_world(model):
+        return "tiny"
+    config = getattr(model, "model", model).model_config
+    return next((name for cls, name in _NAMED if type(config) is cls), type(config).__name__)
+
+
+def trainable_family(model: Any) -> str:
+    """The family of a MODEL ShortFT trains, or a ValueError naming the MODEL's family and the supported ones."""
+    family = model_family(model)
+    if family not in TRAINABLE:
+        raise ValueError(f"the MODEL is a {family} model; ShortFT trains {SUPPORTED} (other families, flow-matching "
+                         "ones included, are not supported yet)")
+    return family
