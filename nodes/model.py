@@ -23,7 +23,7 @@ from ..shortft_core import SHORTCUT_PRESETS, lora_file, shortcut_preset, shortcu
 from .apply import lora_patches
 from .backend import ComfyModel
 from .common import CATEGORY, SHORTFT_MODEL, TINY
-from .family import model_family
+from .family import trainable_family
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ def check_shortcut(model: Any, shortcut: str, path: Path | None, preset: str) ->
     """Refuse a shortcut made for another family than the MODEL's (by its preset, and by every key and shape of the
     file against the MODEL's weights) before any training; returns the preset name to train with (None: from the
     file's metadata, or none known)."""
-    family = model_family(model)
+    family = trainable_family(model)  # an unsupported family is refused first, by name
     if path is None:
         return None
     if shortcut == TINY and family != "tiny":
         raise ValueError(f"shortcut 'tiny' is the tiny world's own; this {family} MODEL needs a few-step LoRA made for "
                          f"{family} (Hyper-SD, PCM or TCD) in models/loras")
     found = shortcut_preset(preset) if preset != AUTO else shortcut_preset_for_file(path)
-    if found is not None and family in ("tiny", "sd15", "sdxl", "sd2") and found.base != family:
+    if found is not None and found.base != family:
         raise ValueError(f"shortcut preset {found.name} is for {found.base}, but the MODEL is {family}: choose the "
                          f"{family} version of the shortcut (and its preset), or load a {found.base} checkpoint")
     lora_patches(comfy.utils.load_torch_file(str(path), safe_load=True), path, model,

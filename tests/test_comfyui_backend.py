@@ -404,3 +404,37 @@ def test_an_sd2_v_prediction_network_through_comfyui_equals_diffusers(sd2_measur
     for key in ("eps_999", "eps_500", "eps_21", "eps_1", "eps_per_sample"):
         assert m[key] < 1e-4, (key, m[key])
     assert m["grad_x"] < 1e-4
+
+
+# ----- families ------------------------------------------------------------------------------------------------------
+FAMILY_SCRIPT = r'''
+import json
+from types import SimpleNamespace
+
+import comfy.supported_models as sm
+
+family = pack_module("family")
+res = {}
+for name in ("SD15", "SDXL", "SD20", "SSD1B", "SD21UnclipH", "Flux", "SD3"):
+    model = SimpleNamespace(model=SimpleNamespace(model_config=object.__new__(getattr(sm, name))))
+    res[name] = family.model_family(model)
+    try:
+        family.trainable_family(model)
+        res[name + "_refused"] = None
+    except ValueError as e:
+        res[name + "_refused"] = str(e)
+print("RESULT " + json.dumps(res))
+'''
+
+
+def test_the_family_of_a_model_is_comfyuis_exact_class_and_others_are_refused_by_name(tmp_path):
+    """SD1.5, SDXL and SD2 by ComfyUI's exact model-config class (variants built on them, such as SSD-1B or unCLIP,
+    are not taken for their base); every other family is refused naming it and what is supported."""
+    comfy = comfyui_or_skip()
+    out = run_in_comfyui(comfy, FAMILY_SCRIPT, tmp_path / "family_side.py", timeout=300)
+    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert [res[k] for k in ("SD15", "SDXL", "SD20")] == ["sd15", "sdxl", "sd2"]
+    assert [res[k + "_refused"] for k in ("SD15", "SDXL", "SD20")] == [None, None, None]
+    for name in ("SSD1B", "SD21UnclipH", "Flux", "SD3"):
+        assert res[name] == name
+        assert name in res[name + "_refused"] and "SD1.5, SDXL and SD2.x" in res[name + "_refused"]
