@@ -165,9 +165,17 @@ class ComfyModel(DiffusionModel):
         return [path_of[name] for name in diffusers_module_order(config) if name in path_of]
 
     # ----- placement ------------------------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Place the network and the VAE where ComfyUI computes (whole, no streaming) and make their weights
-        ordinary tensors, so gradients can flow through them."""
+    def prepare(self, prompts: Sequence[str] = (), size: tuple[int, int] | None = None) -> None:
+        """Encode ``prompts`` at image ``size`` first (at most ``cache_size`` of them; the rest are encoded on first
+        use), then place the network and the VAE where ComfyUI computes (whole, no streaming) and make their weights
+        ordinary tensors, so gradients can flow through them. Encoding first keeps ComfyUI from loading the text
+        encoder during training, which on a full GPU could move the network being trained off it."""
+        wanted = list(dict.fromkeys(prompts))
+        for prompt in wanted[: self.cache_size]:
+            self._encode_one(prompt, size)
+        if len(wanted) > self.cache_size:
+            log.warning("ShortFT: %d prompts, %d encoded before training (the prompt cache's size); the others are "
+                        "encoded on first use", len(wanted), self.cache_size)
         comfy.model_management.load_models_gpu([self.patcher, self.comfy_vae.patcher], force_full_load=True)
         count = ordinary_tensors_(self.unet) + ordinary_tensors_(self.vae)
         if count:

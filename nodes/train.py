@@ -279,7 +279,12 @@ class ShortFTTrain(io.ComfyNode):
         try:
             with TrainingSession(request, callbacks=[progress]) as session:
                 session.check()
-                model.model.prepare()  # on ComfyUI's compute device, whole, gradients possible
+                # on a GPU the prompts are encoded before training: ComfyUI loading its text encoder mid-run could
+                # move the network being trained off a full GPU (on a CPU nothing moves, and nothing is encoded twice)
+                gpu = mm.get_torch_device().type != "cpu"
+                prompts = ["", *session.prompts.prompts, *session.eval_prompts] if gpu else ()
+                size = (session.config.image_size,) * 2 if session.config.image_size else None
+                model.model.prepare(prompts, size)
                 result = session.run()
             status = result.status
         finally:

@@ -64,7 +64,8 @@ cm = backend.ComfyModel(model, clip, vae)
 ref = load_tiny_model()
 res["family"], res["prediction"] = cm.family, cm.schedule.prediction_type
 res["abar"] = rel(cm.schedule.alphas_cumprod, ref.schedule.alphas_cumprod)
-cm.prepare()
+cm.prepare(["a red circle on a white background", "", "a red circle on a white background"])
+res["encoded_by_prepare"] = sorted(k[0] for k in cm._conds)
 res["values_kept_by_prepare"] = same(before, snapshot(model, clip, vae)) is None
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 4, 8, 8, generator=g)
@@ -162,6 +163,7 @@ def measured(tmp_path_factory) -> dict:
 def test_the_seam_pieces_equal_the_librarys(measured):
     assert (measured["family"], measured["prediction"]) == ("tiny", "epsilon")
     assert measured["abar"] < 1e-6 and measured["values_kept_by_prepare"]
+    assert measured["encoded_by_prepare"] == ["", "a red circle on a white background"]  # each prompt once
     assert measured["cond"] < 1e-5
     for key in ("eps_999", "eps_500", "eps_21", "eps_1", "eps_per_sample"):
         assert measured[key] < 1e-5, key
