@@ -90,12 +90,10 @@ def speed(args: argparse.Namespace) -> None:
 MEMORY_SCRIPT = r'''
 import json, sys, time
 variant, ckpt, shortcut, size, threads = sys.argv[1:6]
-sys.path.insert(0, sys.argv[6]); sys.path.insert(0, sys.argv[7])
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
+sys.path.insert(0, sys.argv[6])
+from bench_comfy_train import start_comfyui
+start_comfyui(int(threads))
 import torch
-torch.set_num_threads(int(threads))
 from bench_apply_set import import_pack_module
 import comfy.sd
 backend = import_pack_module("backend")
@@ -128,28 +126,18 @@ print("RESULT " + json.dumps({"variant": variant, "loaded_gib": loaded, "peak_gi
 
 
 def memory(args: argparse.Namespace) -> None:
-    import torch
-
-    from shortft_core.adapters import SHORTCUT_TARGETS, add_lora, remove_adapters
-    from shortft_core.loading import load_model
-    from shortft_core.lora_io import export_lora
     from shortft_core.testing import random_models
-    from shortft_core.testing.random_models import randomise_lora_b_
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = random_models.write_ldm_checkpoint(random_models.random_model("sd15"), tmp / "sd15.safetensors")
-        model = load_model(ckpt, dtype=torch.float32)
-        add_lora(model.unet, "shortcut", 4, targets=SHORTCUT_TARGETS, seed=5)
-        randomise_lora_b_(model.unet, seed=6, std=0.02, adapter="shortcut")
-        shortcut = export_lora(model.unet, "shortcut", tmp / "Hyper-SD15-4steps-lora.safetensors", family="sd15")
-        del model
+        shortcut = random_models.write_random_shortcut(ckpt, tmp / "Hyper-SD15-4steps-lora.safetensors")
         script = tmp / "memory_side.py"
         script.write_text(MEMORY_SCRIPT)
         rows = []
         for variant in ("one-copy", "two-copies"):
             r = subprocess.run([sys.executable, str(script), variant, str(ckpt), str(shortcut), str(args.image_size),
-                                str(args.threads), str(find_comfyui()), str(REPO / "bench")], capture_output=True,
+                                str(args.threads), str(REPO / "bench")], capture_output=True,
                                text=True, cwd=find_comfyui(), check=True)
             rows.append(json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:]))
             print(rows[-1], flush=True)

@@ -30,7 +30,7 @@ import torch
 from comfy_api.latest import io
 
 from ..shortft_core import LoraSet, Segments, find_lora_sets, lora_set_folder
-from .common import CATEGORY, LORA_SET
+from .common import CATEGORY, LORA_SET, UNLINKED
 from .family import model_family
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 NONE = "none"
 TIMESTEP_AWARE, MERGED = "timestep-aware", "merged"
 WRAPPER_KEY = "shortft_lora_set"
-_UNLINKED = object()  # validate_inputs' default for the optional socket: absent means not connected
 
 
 def lora_roots() -> list[str]:
@@ -297,8 +296,8 @@ class ApplyAlignedLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, set_name: str = NONE, lora_set: Any = _UNLINKED) -> bool | str:
-        if lora_set is not _UNLINKED:  # connected: LoadLoRASet checks its set
+    def validate_inputs(cls, set_name: str = NONE, lora_set: Any = UNLINKED) -> bool | str:
+        if lora_set is not UNLINKED:  # connected: LoadLoRASet checks its set
             return True
         if set_name == NONE:
             return "choose a LoRA set in set_name or connect LoadLoRASet to lora_set"

@@ -26,6 +26,8 @@ TINY = "tiny"
 REWARD_FOLDER = "reward_models"
 REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors", ".json", ".txt"}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# validate_inputs' default for a socket: ComfyUI passes a linked input (as None) and leaves an unlinked one out
+UNLINKED = object()
 
 
 def register_folders() -> None:

@@ -19,17 +19,16 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..shortft_core import SHORTCUT_PRESETS, lora_file, shortcut_preset, shortcut_preset_for_file, tiny_shortcut_path
+from ..shortft_core import SHORTCUT_PRESETS, find_shortcut_preset, lora_file, tiny_shortcut_path
 from .apply import lora_patches
 from .backend import ComfyModel
-from .common import CATEGORY, SHORTFT_MODEL, TINY
+from .common import CATEGORY, SHORTFT_MODEL, TINY, UNLINKED
 from .family import trainable_family
 
 log = logging.getLogger(__name__)
 
 NONE = "none"
 AUTO = "auto"
-_UNLINKED = object()  # validate_inputs' default for a socket: absent means not connected
 # the widgets LoadShortcutModel had when it loaded its own copy of a base (workflows made before it took a MODEL)
 LEGACY_WIDGETS = ("base", "device", "dtype")
 REPLACEMENT = ("connect the MODEL, CLIP and VAE of a stock loader (Load Checkpoint; Load Tiny World for the tiny "
@@ -73,7 +72,7 @@ def check_shortcut(model: Any, shortcut: str, path: Path | None, preset: str) ->
     if shortcut == TINY and family != "tiny":
         raise ValueError(f"shortcut 'tiny' is the tiny world's own; this {family} MODEL needs a few-step LoRA made for "
                          f"{family} (Hyper-SD, PCM or TCD) in models/loras")
-    found = shortcut_preset(preset) if preset != AUTO else shortcut_preset_for_file(path)
+    found = find_shortcut_preset(path, None if preset == AUTO else preset)
     if found is not None and found.base != family:
         raise ValueError(f"shortcut preset {found.name} is for {found.base}, but the MODEL is {family}: choose the "
                          f"{family} version of the shortcut (and its preset), or load a {found.base} checkpoint")
@@ -116,12 +115,12 @@ class LoadShortcutModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, shortcut: str, preset: str, model: Any = _UNLINKED, **others: Any) -> bool | str:
+    def validate_inputs(cls, shortcut: str, preset: str, model: Any = UNLINKED, **others: Any) -> bool | str:
         legacy = [k for k in LEGACY_WIDGETS if k in others]
         if legacy:
             return (f"this LoadShortcutModel comes from a workflow made for an older version (widgets "
                     f"{', '.join(legacy)}): it no longer loads a base itself; {REPLACEMENT}")
-        if model is _UNLINKED:
+        if model is UNLINKED:
             return f"model: not connected; {REPLACEMENT}"
         if shortcut not in shortcut_options():
             roots = ", ".join(folder_paths.get_folder_paths("loras"))

@@ -4,9 +4,9 @@ The node turns its widgets into a :class:`~shortft_core.session.TrainRequest` fo
 passes on (trained in place through :class:`~.backend.ComfyModel`, placed by ComfyUI's model management, and left
 as it was when the session ends) and adds only ComfyUI's concerns: progress goes to the node's bar (with preview
 images) and, at every iteration, metrics go to the queueing client over the websocket (``shortft.progress``) for
-the live chart; the stop request is ComfyUI's interrupt, honoured within one network call, after which the run is checkpointed, its
-partial LoRA set written, and the same graph queued again continues it. A finished run with the same settings is
-returned without training, so a re-queued graph or a cache eviction never trains twice.
+the live chart; the stop request is ComfyUI's interrupt, honoured within one network call, after which the run is
+checkpointed, its partial LoRA set written, and the same graph queued again continues it. A finished run with the
+same settings is returned without training, so a re-queued graph or a cache eviction never trains twice.
 
 Files: the run (checkpoints, history.json, reward_curve.png, before_after.png, run.json) in
 ``output/shortft/<run_name>/``; the LoRA set in ``models/loras/shortft/<run_name>/``, where the stock Load LoRA node

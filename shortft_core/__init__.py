@@ -34,8 +34,7 @@ _EXPORTS: dict[str, str] = {
     "resolve_device": "models", "NoiseSchedule": "schedule",
     "load_model": "loading", "load_tiny_model": "loading",
     "bundled_config": "families", "diffusers_module_order": "families",
-    "SHORTCUT_PRESETS": "shortcut", "attach_shortcut": "shortcut", "shortcut_preset": "shortcut",
-    "shortcut_preset_for_file": "shortcut",
+    "SHORTCUT_PRESETS": "shortcut", "attach_shortcut": "shortcut", "find_shortcut_preset": "shortcut",
     "tiny_shortcut_path": "tiny_world", "tiny_weights_dir": "tiny_world",
     # LoRA sets and files
     "LoraSet": "lora_set", "sample_aligned": "lora_set", "find_lora_sets": "lora_set", "lora_set_folder": "lora_set",
@@ -50,8 +49,7 @@ _EXPORTS: dict[str, str] = {
     "outside_inference_mode": "lifecycle",
 }
 # names a module defines under another name
-_RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir", "shortcut_preset": "get_preset",
-            "shortcut_preset_for_file": "preset_for_file"}
+_RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir", "find_shortcut_preset": "find_preset"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -292,10 +292,10 @@ class TrainingSession(_Session):
     def _check_jump_guidance(self) -> None:
         """Refuse a published shortcut whose jumps would run at a CFG scale outside the range its model card gives
         (e.g. a CFG-distilled Hyper-SD LoRA under an unguided run): its jumps would leave the trajectory it keeps."""
-        from .shortcut import get_preset, preset_for_file
+        from .shortcut import find_preset
 
         req, cfg = self.request, self.config
-        preset = get_preset(req.shortcut_preset) if req.shortcut_preset else preset_for_file(self.shortcut_file)
+        preset = find_preset(self.shortcut_file, req.shortcut_preset)
         if preset is None:
             return
         jumps = cfg.method_entry.jump_guidance(cfg, preset.guidance)

@@ -148,15 +148,23 @@ def preset_from_metadata(loaded: LoadedLora) -> ShortcutPreset | None:
                           source=f"distilled by ShortFT (teacher CFG {g[0]:g}..{g[1]:g})")
 
 
-def _preset_before_loading(path: str | os.PathLike | Mapping[str, torch.Tensor], preset: str | ShortcutPreset | None,
-                           family: str | None) -> ShortcutPreset | None:
-    """The preset given, else the one the file name matches; refused when it is for another base family."""
+def find_preset(path: str | os.PathLike | Mapping[str, torch.Tensor], preset: str | ShortcutPreset | None = None
+                ) -> ShortcutPreset | None:
+    """The preset given (or named), else the one the shortcut file's published name matches (None when it says
+    nothing, e.g. our own distilled shortcuts, whose metadata tells once the file is loaded)."""
     if isinstance(preset, str):
         preset = get_preset(preset)
     if preset is None and not isinstance(path, Mapping):
         preset = preset_for_file(path)
         if preset is not None:
             log.info("shortcut %s: using preset %s (from the file name)", path, preset.name)
+    return preset
+
+
+def _preset_before_loading(path: str | os.PathLike | Mapping[str, torch.Tensor], preset: str | ShortcutPreset | None,
+                           family: str | None) -> ShortcutPreset | None:
+    """The preset given, else the one the file name matches; refused when it is for another base family."""
+    preset = find_preset(path, preset)
     if preset is not None and family is not None and family in ("sd15", "sdxl") and preset.base != family:
         raise LoraFormatError(f"shortcut preset {preset.name} is for {preset.base} but the model is {family}")
     return preset

@@ -263,21 +263,11 @@ print("RESULT " + json.dumps(res))
 def sd15_measured(tmp_path_factory, sd15_checkpoint) -> dict:
     """One ShortFT iteration (10-step grid, 64 px, no CFG, a random rank-4 shortcut on every layer a Hyper-SD LoRA
     adapts) on the same random full-size SD1.5 checkpoint through CheckpointLoaderSimple's MODEL and the library."""
-    import torch
-
-    from shortft_core.adapters import SHORTCUT_TARGETS, add_lora, remove_adapters
-    from shortft_core.loading import load_model
-    from shortft_core.lora_io import export_lora
-    from shortft_core.testing.random_models import randomise_lora_b_
+    from shortft_core.testing.random_models import write_random_shortcut
 
     comfy = comfyui_or_skip()
     tmp = tmp_path_factory.mktemp("backend_sd15")
-    model = load_model(sd15_checkpoint, dtype=torch.float32)
-    add_lora(model.unet, "shortcut", 4, targets=SHORTCUT_TARGETS, seed=5)
-    randomise_lora_b_(model.unet, seed=6, std=0.02, adapter="shortcut")
-    shortcut = export_lora(model.unet, "shortcut", tmp / "shortcut_sd15.safetensors", family="sd15")
-    remove_adapters(model.unet, ["shortcut"])
-    del model
+    shortcut = write_random_shortcut(sd15_checkpoint, tmp / "shortcut_sd15.safetensors")
     out = run_in_comfyui(comfy, SD15_SCRIPT, tmp / "sd15_side.py", sd15_checkpoint, shortcut, timeout=1800)
     res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
     print(json.dumps(res, indent=1))

@@ -28,26 +28,16 @@ HELD_OUT = "a green triangle above a yellow circle"
 @pytest.fixture(scope="module")
 def sd15_files(comfy_server, sd15_checkpoint, tmp_path_factory) -> dict:
     """The random checkpoint in models/checkpoints and a random SD1.5 shortcut in models/loras."""
-    import torch
-
-    from shortft_core.adapters import SHORTCUT_TARGETS, add_lora, remove_adapters
-    from shortft_core.loading import load_model
-    from shortft_core.lora_io import export_lora
-    from shortft_core.testing.random_models import randomise_lora_b_
+    from shortft_core.testing.random_models import write_random_shortcut
+    from shortft_core.tiny_world import tiny_shortcut_path
 
     checkpoints = comfy_server.models / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / CHECKPOINT).unlink(missing_ok=True)
     (checkpoints / CHECKPOINT).symlink_to(sd15_checkpoint)
-    model = load_model(sd15_checkpoint, dtype=torch.float32)
-    add_lora(model.unet, "shortcut", 4, targets=SHORTCUT_TARGETS, seed=5)
-    randomise_lora_b_(model.unet, seed=6, std=0.02, adapter="shortcut")
     loras = comfy_server.models / "loras"
     loras.mkdir(parents=True, exist_ok=True)
-    export_lora(model.unet, "shortcut", loras / SHORTCUT, family="sd15")
-    remove_adapters(model.unet, ["shortcut"])
-    from shortft_core.tiny_world import tiny_shortcut_path
-
+    write_random_shortcut(sd15_checkpoint, loras / SHORTCUT)
     shutil.copyfile(tiny_shortcut_path(), loras / "tiny_world_shortcut.safetensors")
     return {"checkpoint": CHECKPOINT, "shortcut": SHORTCUT}
 

@@ -146,3 +146,18 @@ def randomise_lora_b_(net: torch.nn.Module, seed: int, std: float, adapter: str 
         for name, p in net.named_parameters():
             if marker in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def write_random_shortcut(checkpoint: str | os.PathLike, path: str | os.PathLike, family: str = "sd15",
+                          rank: int = 4) -> Path:
+    """A random shortcut LoRA file for ``checkpoint``: a rank-``rank`` adapter on every layer a Hyper-SD LoRA adapts,
+    B seeded non-zero, exported in the kohya layout published shortcuts use (name it as a published file to get its
+    preset from the name)."""
+    from ..adapters import SHORTCUT_TARGETS, add_lora
+    from ..loading import load_model
+    from ..lora_io import export_lora
+
+    model = load_model(checkpoint, dtype=torch.float32)
+    add_lora(model.unet, "shortcut", rank, targets=SHORTCUT_TARGETS, seed=5)
+    randomise_lora_b_(model.unet, seed=6, std=0.02, adapter="shortcut")
+    return Path(export_lora(model.unet, "shortcut", path, family=family))
