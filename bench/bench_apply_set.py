@@ -4,11 +4,15 @@
 
 A random-weight full-size SD1.5 checkpoint (shortft_core.testing.random_models) and a random rank-``--rank`` LoRA
 set of four segments are built once. ComfyUI's own loaders and KSampler (euler / simple, CFG 3, batch 1) then sample
-with three MODELs of the same checkpoint: the checkpoint alone, the set's merged LoRA through the stock LoraLoader
-(baked into the weights), and the set through ApplyAlignedLoRA (timestep-aware: segment j's LoRA at segment j's
-timesteps). Each (size, steps, variant) is timed ``--repeats`` times after one warm-up run; the median per run and its
-ratio to the stock LoRA are printed as a markdown table, with the per-step cost of each variant from the two step
-counts (the slope: what one more step costs, which a segment switch must not grow).
+with MODELs of the same checkpoint: the checkpoint alone; the set's merged LoRA through the stock LoraLoader (baked
+into the weights) and through the stock LoraLoaderBypass (``W x + B(A x)`` in every call); the set through
+ApplyAlignedLoRA (timestep-aware: segment j's LoRA at segment j's timesteps) as it chooses per layer (bypass for
+weights on the CPU, patched weights elsewhere), with every layer patched, and, when named in ``--only``, with every
+layer bypassed (to compare the two on a GPU). Each (size, steps, variant) is timed ``--repeats`` times after one
+warm-up run, in each of ``--passes`` passes over the variants (every other pass in reverse order, so a slow drift of
+the machine does not favour the variants timed first); the median per run and its ratio to the stock LoRA are printed as a markdown table, with the per-step
+cost of each variant from the two step counts (the slope: what one more step costs, which a segment switch must not
+grow).
 
 ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI) and runs in this
 process with --cpu unless --gpu; its requirements must be installed in this interpreter.
@@ -53,6 +57,18 @@ def import_pack_module(name: str, pack_dir: Path = REPO):
     return importlib.import_module(f"shortft_pack.nodes.{name}")
 
 
+DEFAULT_VARIANTS = ("checkpoint", "stock LoRA (merged file)", "stock LoRA, bypass (merged file)", "ApplyAlignedLoRA",
+                    "ApplyAlignedLoRA, every layer patched")
+VARIANTS = (*DEFAULT_VARIANTS, "ApplyAlignedLoRA, every layer bypassed")
+
+
+class EveryDevice(frozenset):
+    """A set of device types that holds every device type (every layer bypassed, on a GPU too)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
 def build_world(folder: Path, rank: int, seed: int) -> tuple[Path, Path]:
     """A full-size random SD1.5 checkpoint and a random four-segment LoRA set of ``rank`` (every segment differs)."""
     import torch
@@ -75,14 +91,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512], help="image sizes in pixels")
     p.add_argument("--steps", type=int, nargs=2, default=[4, 12], help="two step counts (the per-step slope)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant and pass, after a warm-up")
+    p.add_argument("--passes", type=int, default=1,
+                   help="passes over the variants, every other one in reverse order (medians over all passes)")
     p.add_argument("--rank", type=int, default=64, help="rank of each segment's LoRA")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="time only these variants (names as printed; 'ApplyAlignedLoRA, every layer bypassed' is "
+                        "timed only when named; default: the others)")
     p.add_argument("--json", default=None, help="also write the timings here")
     p.add_argument("--pack", default=str(REPO), help="the pack whose nodes/apply.py is timed (e.g. a git worktree of "
                                                       "an earlier commit, to compare implementations in one run)")
     args = p.parse_args()
+    unknown = [name for name in args.only or () if name not in VARIANTS]
+    if unknown or (args.only is not None and "stock LoRA (merged file)" not in args.only):
+        p.error(f"--only: {', '.join(map(repr, unknown)) or 'the stock LoRA is missing'}; name variants among "
+                f"{', '.join(map(repr, VARIANTS))}, the stock LoRA included (the ratios are to it)")
 
     comfy = find_comfyui()
     sys.path.insert(0, str(comfy))
@@ -113,8 +138,16 @@ def main() -> int:
                                                                    embedding_directory=None)
         lora = comfy.utils.load_torch_file(str(lset.merged_file), safe_load=True)
         stock = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
+        bypass = comfy.sd.load_bypass_lora_for_models(model, None, lora, 1.0, 0)[0]
         aligned = apply.timestep_aware(model, lset, 1.0)
-        variants = {"checkpoint": model, "stock LoRA (merged file)": stock, "ApplyAlignedLoRA": aligned}
+        default = apply.BYPASS_DEVICES
+        # (MODEL, the device types whose layers ApplyAlignedLoRA runs as a bypass)
+        variants = {"checkpoint": (model, default), "stock LoRA (merged file)": (stock, default),
+                    "stock LoRA, bypass (merged file)": (bypass, default),
+                    "ApplyAlignedLoRA": (aligned, default),
+                    "ApplyAlignedLoRA, every layer patched": (aligned, frozenset()),
+                    "ApplyAlignedLoRA, every layer bypassed": (aligned, EveryDevice())}
+        variants = {k: v for k, v in variants.items() if k in (args.only or DEFAULT_VARIANTS)}
         tokens = clip.tokenize("a red circle left of a blue square")
         positive = clip.encode_from_tokens_scheduled(tokens)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
@@ -130,13 +163,17 @@ def main() -> int:
         results = []
         for size in args.sizes:
             for steps in args.steps:
-                for name, m in variants.items():
-                    run(m, size, steps)  # warm-up: loading, the first segment's patch, allocator
-                    times = [run(m, size, steps) for _ in range(args.repeats)]
-                    results.append({"size": size, "steps": steps, "variant": name, "times": times,
-                                    "median": statistics.median(times)})
-                    print(f"{size} px {steps} steps {name}: {statistics.median(times):.3f} s "
-                          f"({', '.join(f'{t:.3f}' for t in times)})", flush=True)
+                times: dict[str, list[float]] = {name: [] for name in variants}
+                for n in range(args.passes):  # every other pass in reverse order: a drift of the box hits all alike
+                    for name in (list(variants) if n % 2 == 0 else list(variants)[::-1]):
+                        m, apply.BYPASS_DEVICES = variants[name]
+                        run(m, size, steps)  # warm-up: loading, the first segment's patch, allocator
+                        times[name] += [run(m, size, steps) for _ in range(args.repeats)]
+                for name, ts in times.items():
+                    results.append({"size": size, "steps": steps, "variant": name, "times": ts,
+                                    "median": statistics.median(ts)})
+                    print(f"{size} px {steps} steps {name}: {statistics.median(ts):.3f} s "
+                          f"({', '.join(f'{t:.3f}' for t in ts)})", flush=True)
     lo, hi = args.steps
     print(f"\n| size | variant | run, {lo} steps (s) | run, {hi} steps (s) | per step (s) | vs stock LoRA, {lo} / "
           f"{hi} steps | per step vs stock |")
@@ -151,7 +188,8 @@ def main() -> int:
             print(f"| {size} px | {name} | {a:.3f} | {b:.3f} | {slope:.3f} | {a / med[(size, lo, stock_name)]:.2f} / "
                   f"{b / med[(size, hi, stock_name)]:.2f} | {slope / stock_slope:.2f} |")
     device = comfy.model_management.get_torch_device()
-    print(f"\ndevice {device}, torch threads {torch.get_num_threads()}, rank {args.rank}, median of {args.repeats}, "
+    print(f"\ndevice {device}, torch threads {torch.get_num_threads()}, rank {args.rank}, median of "
+          f"{args.repeats * args.passes} ({args.passes} passes), "
           f"ApplyAlignedLoRA of {args.pack}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "rank": args.rank, "results": results}, indent=1))

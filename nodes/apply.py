@@ -3,13 +3,20 @@
 
 Timestep-aware mode clones the ModelPatcher and adds an APPLY_MODEL wrapper that reads the integer timestep of each
 UNet call (``model_sampling.timestep(sigma)``, the value the UNet receives) and selects its segment, so the switch is
-exact for every sampler and scheduler. For the duration of the call every weight the segment's LoRA adapts is the
-base weight plus that LoRA's delta, computed with ComfyUI's own ``comfy.lora`` key map and LoRA maths (every key
-lands where the stock loader puts it, with the value it bakes). The patched weights of one segment are computed when
-sampling enters the segment and kept until it leaves it, so a call costs what a stock LoRA's call costs and a switch
-costs one patch of the set's weights, however many steps a segment has; an OUTER_SAMPLE wrapper drops them when the
-sampling run ends. The base model's own parameters are never written: the patched tensors stand in for them inside
-the call and the originals are put back after it.
+exact for every sampler and scheduler. For the duration of the call every layer the segment's LoRA adapts computes
+its base output plus that LoRA's, with ComfyUI's own ``comfy.lora`` key map and LoRA maths (every key lands where
+the stock loader puts it, with the value it bakes), in one of two ways chosen per layer by where its weight lives:
+
+- weight on the GPU: patched. The segment's patched weight (base + delta) is computed when sampling enters the
+  segment and kept until it leaves it; a call then costs what a stock LoRA's call costs, and a switch one patch
+  (a few milliseconds of matmuls on a GPU), however many steps a segment has.
+- weight on the CPU (``--cpu``, or a layer ComfyUI offloaded): bypass, as ComfyUI's LoraLoaderBypass does:
+  ``W x + B (A x)``. A CPU would spend seconds patching a segment's weights; the low-rank product costs no
+  measurable time per step there (bench/bench_apply_set.py), and nothing is patched or kept.
+
+An OUTER_SAMPLE wrapper drops the patched weights when the sampling run ends. The base model's own parameters and
+modules are never written: patched tensors and bypass forwards stand in for them inside the call, and the originals
+are put back after it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import comfy.lora_convert
 import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
+import comfy.weight_adapter
+import comfy.weight_adapter.bypass
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -38,6 +47,8 @@ log = logging.getLogger(__name__)
 NONE = "none"
 TIMESTEP_AWARE, MERGED = "timestep-aware", "merged"
 WRAPPER_KEY = "shortft_lora_set"
+# device types of the weights whose layers run a segment's LoRA as a bypass instead of a patched weight
+BYPASS_DEVICES = frozenset({"cpu"})
 
 
 def lora_roots() -> list[str]:
@@ -118,9 +129,10 @@ def _fits(patch: Any, shape: tuple[int, ...] | None) -> bool:
 
 
 class SegmentWeights:
-    """The set's patched weights for one segment at a time: base weight + that segment's LoRA delta at ``strength``
-    for every weight the segment's LoRA adapts, computed from the base model's current weights (which may carry
-    other patches, e.g. a stock LoRA applied before) the first time a call runs in the segment."""
+    """The set's LoRA for one segment at a time on the layers it adapts: a layer whose weight is on the CPU runs as a
+    bypass (base output + the low-rank product), any other gets a patched weight (base weight + the segment's delta
+    at ``strength``), computed from the base model's current weights (which may carry other patches, e.g. a stock
+    LoRA applied before) the first time a call runs in the segment and kept while calls stay in it."""
 
     def __init__(self, patches: list[dict[str, Any]], strength: float) -> None:
         self.patches, self.strength = patches, strength
@@ -128,8 +140,8 @@ class SegmentWeights:
         self.sources: dict[str, tuple[Any, ...]] = {}  # key -> what identifies the base tensor it was patched from
         self.patched: dict[str, torch.nn.Parameter] = {}
 
-    def _current(self, base_model: Any, j: int) -> dict[str, torch.Tensor]:
-        params = {key: comfy.utils.get_attr(base_model, key) for key in self.patches[j - 1]}
+    def _current(self, base_model: Any, j: int, keys: list[str]) -> dict[str, torch.Tensor]:
+        params = {key: comfy.utils.get_attr(base_model, key) for key in keys}
         stale = self.segment != j or any(self.sources.get(k) != _identity(p) for k, p in params.items())
         if stale:
             self.drop()
@@ -142,20 +154,43 @@ class SegmentWeights:
             self.segment = j
         return params
 
+    def split(self, base_model: Any, j: int) -> tuple[list[str], list[str]]:
+        """Segment j's keys as (patched, bypassed): a plain LoRA on the weight of a layer that lives on the CPU is
+        bypassed; everything else (GPU weights, other adapter kinds, biases) is patched."""
+        patched, bypassed = [], []
+        for key, patch in self.patches[j - 1].items():
+            path, _, name = key.rpartition(".")
+            module = comfy.utils.get_attr(base_model, path)
+            weight = getattr(module, name)
+            (bypassed if name == "weight" and weight.device.type in BYPASS_DEVICES and _bypassable(patch, module)
+             else patched).append(key)
+        return patched, bypassed
+
     @contextlib.contextmanager
     def applied(self, base_model: Any, j: int) -> Iterator[None]:
-        """Segment j's patched weights in place of the base parameters for the duration of the block."""
-        originals = self._current(base_model, j)
-        modules = {}
+        """Segment j's LoRA on every layer it adapts, for the duration of the block."""
+        patched, bypassed = self.split(base_model, j)
+        originals = self._current(base_model, j, patched)
+        swapped: dict[str, tuple[torch.nn.Module, str]] = {}
+        forwards: list[tuple[torch.nn.Module, Any]] = []
         try:
             for key in originals:
                 path, _, name = key.rpartition(".")
                 module = comfy.utils.get_attr(base_model, path)
-                modules[key] = (module, name)
+                swapped[key] = (module, name)
                 module._parameters[name] = self.patched[key]
+            for key in bypassed:
+                module = comfy.utils.get_attr(base_model, key.rpartition(".")[0])
+                forwards.append((module, module.__dict__.get("forward")))
+                module.forward = _bypass_forward(module, self.patches[j - 1][key], self.strength)
             yield
         finally:
-            for key, (module, name) in modules.items():
+            for module, previous in reversed(forwards):
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+            for key, (module, name) in swapped.items():
                 module._parameters[name] = originals[key]
 
     def drop(self) -> None:
@@ -163,6 +198,39 @@ class SegmentWeights:
         self.segment = None
         self.sources.clear()
         self.patched.clear()
+
+
+def _bypassable(patch: Any, module: torch.nn.Module) -> bool:
+    """Whether ComfyUI's LoRA bypass computes exactly what patching the weight gives: a plain LoRA (no DoRA scale,
+    no reshape) on a linear or convolution layer."""
+    if not isinstance(patch, comfy.weight_adapter.LoRAAdapter):
+        return False
+    weights = patch.weights
+    if weights[4] is not None or weights[5] is not None:
+        return False
+    if isinstance(module, torch.nn.Linear):
+        return weights[0].ndim == 2 and weights[1].ndim == 2
+    return comfy.weight_adapter.bypass.get_module_type_info(module)["is_conv"]
+
+
+def _bypass_forward(module: torch.nn.Module, adapter: Any, strength: float) -> Any:
+    """The layer's current forward plus the adapter's low-rank output (ComfyUI's ``h``) at ``strength``."""
+    info = comfy.weight_adapter.bypass.get_module_type_info(module)  # what ComfyUI's bypass hook tells h
+    adapter.multiplier = strength
+    for name in ("is_conv", "conv_dim", "kernel_size", "in_channels", "out_channels"):
+        setattr(adapter, name, info[name])
+    adapter.kw_dict = {k: info[k] for k in ("stride", "padding", "dilation", "groups")} if info["is_conv"] else {}
+    base = module.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = base(x, *args, **kwargs)
+        up = adapter.weights[0]
+        if up.device != x.device or up.dtype != x.dtype:  # once: h would cast in every call (an offloaded layer
+            adapter.weights = tuple(  # computes on the GPU; a file's fp16 LoRA meets fp32 activations on a CPU)
+                w.to(x.device, x.dtype) if isinstance(w, torch.Tensor) else w for w in adapter.weights)
+        return out + adapter.h(x, out)
+
+    return forward
 
 
 def _identity(weight: torch.Tensor) -> tuple[Any, ...]:

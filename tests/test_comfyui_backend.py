@@ -86,22 +86,11 @@ res["decode"], res["decode_grad"] = rel(images[0], images[1]), rel(zs[0].grad, z
 cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=4, checkpoint_every=10)
 from shortft_pack.shortft_core.prompts import PromptSource
 from shortft_pack.shortft_core.trainer import Trainer
+from shortft_pack.shortft_core.testing.parity import set_lora_tensors
 from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
 
 reward = load_tiny_rewards()[0]
 steps = {}
-
-
-def by_name(m, trainer, what):
-    """{diffusers module.lora_A|B: tensor} of every adapter's grads or weights."""
-    out = {}
-    for name, p in m.unet.named_parameters():
-        if ".lora_" not in name or ".shortcut." in name:
-            continue
-        module, _, rest = name.partition(".lora_")
-        module = (m.lora_names or {}).get(module, module)
-        out[module + ".lora_" + rest] = (p.grad if what == "grad" else p).detach().clone()
-    return out
 
 
 from shortft_pack.shortft_core.lifecycle import ModelState
@@ -112,9 +101,9 @@ for label, m in (("comfy", cm), ("lib", ref)):
     run_cfg = __import__("dataclasses").replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
     tr = Trainer(m, reward, run_cfg, PromptSource(prompts[:1] + ["a big blue square on a white background"]),
                  shortcut_preset=preset)
-    init = by_name(m, tr, "weight")
+    init = set_lora_tensors(m, "weight")
     metrics = tr.train_step()
-    steps[label] = (metrics["loss"], by_name(m, tr, "grad"), by_name(m, tr, "weight"), init)
+    steps[label] = (metrics["loss"], set_lora_tensors(m, "grad"), set_lora_tensors(m, "weight"), init)
     state.restore()
 (lc, gc, wc, ic), (lr_, gr, wr, ir) = steps["comfy"], steps["lib"]
 res["init_equal"] = ic.keys() == ir.keys() and all(torch.equal(ic[k], ir[k]) for k in ir)
@@ -203,6 +192,7 @@ from shortft_pack.shortft_core import TrainConfig, attach_shortcut, load_model
 from shortft_pack.shortft_core.lifecycle import ModelState
 from shortft_pack.shortft_core.prompts import PromptSource
 from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
+from shortft_pack.shortft_core.testing.parity import set_lora_tensors
 from shortft_pack.shortft_core.trainer import Trainer
 import comfy.sd
 
@@ -214,16 +204,6 @@ res = {}
 
 def rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
-def by_name(m, what):
-    out = {}
-    for name, p in m.unet.named_parameters():
-        if ".lora_" not in name or ".shortcut." in name:
-            continue
-        module, _, rest = name.partition(".lora_")
-        out[(m.lora_names or {}).get(module, module) + ".lora_" + rest] = (p.grad if what == "grad" else p).detach().clone()
-    return out
 
 
 with torch.inference_mode():  # as CheckpointLoaderSimple makes them
@@ -240,9 +220,10 @@ for label, m in (("comfy", cm), ("lib", ref)):
     state = ModelState.capture(m)
     preset = attach_shortcut(m, shortcut)
     tr = Trainer(m, SymmetryReward(), cfg, prompts, shortcut_preset=preset)
-    init = by_name(m, "weight")
+    init = set_lora_tensors(m, "weight")
     metrics = tr.train_step()
-    steps[label] = (metrics["loss"], by_name(m, "grad"), by_name(m, "weight"), init, tr.last_plan.describe())
+    steps[label] = (metrics["loss"], set_lora_tensors(m, "grad"), set_lora_tensors(m, "weight"), init,
+                    tr.last_plan.describe())
     state.restore()
 (lc, gc, wc, ic, plan), (lr_, gr, wr, ir, _) = steps["comfy"], steps["lib"]
 res["plan"] = plan

@@ -1,0 +1,122 @@
+"""Tier 2: the two ways ApplyAlignedLoRA puts a segment's LoRA on a layer (nodes/apply.py) compute the same sampling,
+in a ComfyUI subprocess on a random full-size SD1.5 checkpoint: the bypass (base output + the low-rank product, what
+a layer whose weight lives on the CPU runs) and the patched weight (base + delta, what a GPU layer runs), for one set
+and for two sets stacked. Bypass patches nothing; afterwards the MODEL's weights and modules are as loaded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from comfy_harness import comfyui_or_skip
+from comfy_process import run_in_comfyui
+
+pytestmark = pytest.mark.comfyui
+
+SCRIPT = r'''
+import json
+
+import comfy.lora
+import comfy.sample
+import comfy.sd
+
+from shortft_pack.shortft_core import LoraSet
+
+apply = pack_module("apply")
+ckpt, set_a, set_b, out = ARGS
+calls = {"patch": 0}
+calculate_weight = comfy.lora.calculate_weight
+
+
+def counting(*args, **kwargs):
+    calls["patch"] += 1
+    return calculate_weight(*args, **kwargs)
+
+
+comfy.lora.calculate_weight = counting
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+res = {}
+with torch.inference_mode():
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=True,
+                                                              embedding_directory=None)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle left of a blue square"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 7)
+
+    def sample(m):
+        return comfy.sample.sample(m, noise, 4, 3.0, "euler", "simple", positive, negative, latent,
+                                   disable_pbar=True, seed=7)
+
+    unet = model.model.diffusion_model
+    plain = sample(model)
+    loaded = {n: t.clone() for n, t in model.model.state_dict().items()}
+    one = apply.timestep_aware(model, LoraSet.open(set_a), 1.0)
+    two = apply.timestep_aware(one, LoraSet.open(set_b), 0.7)
+    weights = one.wrappers["apply_model"][apply.WRAPPER_KEY][0].weights
+    patched_keys, bypassed_keys = weights.split(model.model, 1)
+    res["split_cpu"] = [len(patched_keys), len(bypassed_keys)]
+
+    calls["patch"] = 0
+    bypass = {"one": sample(one), "two": sample(two)}
+    res["patches_bypass"] = calls["patch"]
+    res["forwards_left"] = sum("forward" in m.__dict__ for m in unet.modules())
+
+    apply.BYPASS_DEVICES = frozenset()
+    res["split_patching"] = [len(k) for k in weights.split(model.model, 1)]
+    patched = {"one": sample(one), "two": sample(two)}
+    res["patches_patching"] = calls["patch"]
+
+    res["one"] = rel(bypass["one"], patched["one"])
+    res["two"] = rel(bypass["two"], patched["two"])
+    res["effect_one"] = rel(patched["one"], plain)
+    res["effect_two"] = rel(patched["two"], patched["one"])
+    res["unchanged"] = all(torch.equal(t, loaded[n]) for n, t in model.model.state_dict().items())
+    res["plain_again"] = rel(sample(model), plain)
+    res["forwards_left"] += sum("forward" in m.__dict__ for m in unet.modules())
+open(out, "w").write(json.dumps(res))
+'''
+
+
+def write_set(folder, seed: int, rank: int) -> None:
+    """A random four-segment SD1.5 LoRA set (every segment differs) in ``folder``."""
+    from shortft_core.adapters import LoraSetSpec
+    from shortft_core.lora_set import export_lora_set
+    from shortft_core.testing.random_models import random_unet, randomise_lora_b_
+
+    unet = random_unet("sd15", seed=seed)
+    spec = LoraSetSpec(rank=rank)
+    spec.add_to(unet, seed=seed + 1)
+    randomise_lora_b_(unet, seed=seed + 2, std=0.3)
+    export_lora_set(unet, spec, folder, family="sd15")
+
+
+@pytest.mark.timeout(1200)
+def test_bypass_and_patched_weights_sample_the_same(tmp_path, sd15_checkpoint):
+    """One set and two stacked sets, euler / simple 4 steps (one step per segment), 64 px: the bypass every CPU
+    layer runs equals the patched weights to float rounding, computes no patch, and leaves no forward behind; the
+    sets change the result by far more than that."""
+    comfy = comfyui_or_skip()
+    write_set(tmp_path / "set_a", seed=3, rank=4)
+    write_set(tmp_path / "set_b", seed=11, rank=8)
+    out = tmp_path / "res.json"
+    run_in_comfyui(comfy, SCRIPT, tmp_path / "switch_side.py", str(sd15_checkpoint), str(tmp_path / "set_a"),
+                   str(tmp_path / "set_b"), str(out), timeout=1100)
+    res = json.loads(out.read_text())
+    print(res)
+    patched, bypassed = res["split_cpu"]
+    assert patched == 0 and bypassed > 100  # every adapted SD1.5 layer is a linear or convolution
+    assert res["split_patching"] == [bypassed, 0]
+    assert res["patches_bypass"] == 0
+    assert res["patches_patching"] > 4 * bypassed  # four segments of set a, four of set b on top
+    assert res["one"] < 1e-5 and res["two"] < 1e-5
+    assert res["effect_one"] > 1e-2 and res["effect_two"] > 1e-2
+    assert res["unchanged"] and res["plain_again"] == 0.0
+    assert res["forwards_left"] == 0
