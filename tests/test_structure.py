@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("loops", ("checkpoint", "loop", "trainer", "distillation", "plots")),
     ("sessions", ("runs", "session")),
     ("hosts and tools", ("cli", "cli.common", "cli.sample", "cli.train", "cli.distill", "cli.export", "cli.score",
-                         "__main__", "tiny_world.build", "tiny_world.quality", "testing", "testing.profiling",
-                         "testing.random_models")),
+                         "__main__", "tiny_world.build", "tiny_world.quality", "testing", "testing.parity",
+                         "testing.profiling", "testing.random_models")),
 ]
 LAYER_OF = {f"shortft_core.{m}": i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 HOSTS = ("shortft_core.cli", "shortft_core.__main__")
