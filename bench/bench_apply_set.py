@@ -87,6 +87,77 @@ def build_world(folder: Path, rank: int, seed: int) -> tuple[Path, Path]:
     return ckpt, lora_dir
 
 
+def per_call(apply, model, aligned, lset, positive, args) -> None:
+    """One UNet call (CFG batch of 2) of segment j without the set, with the set bypassed and with its patched
+    weights, the three interleaved call by call (each round starting at the next), and the patch of the segment's
+    weights alone: the break-even is how many calls a segment must have for its patch to cost less than bypassing."""
+    import comfy.model_management
+    import comfy.utils
+    import torch
+
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    weights = aligned.wrappers["apply_model"][apply.WRAPPER_KEY][0].weights
+    j = lset.segments.segment_of(500)
+    device = comfy.model_management.get_torch_device()
+    cond = positive[0][0].repeat(2, 1, 1).to(device)
+    sigma = base.model_sampling.sigma(torch.tensor([500.0, 500.0])).to(device)
+    keys = list(weights.patches[j - 1])
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def call(mode: str, x: torch.Tensor) -> float:
+        apply.BYPASS_DEVICES = EveryDevice() if mode == "bypass" else frozenset()
+        apply.BYPASS_COST = 0.0  # never patch what may be bypassed
+        sync()
+        start = time.perf_counter()
+        if mode == "base":
+            base.apply_model(x, sigma, c_crossattn=cond)
+        else:
+            with weights.applied(base, j, tuple(x.shape)):
+                base.apply_model(x, sigma, c_crossattn=cond)
+        sync()
+        return time.perf_counter() - start
+
+    modes = ["base", "bypass", "patched"]
+    print(f"\n| size | call, no set (s) | call, bypass (s) | call, patched (s) | bypass / patched | patch of a segment "
+          f"({len(keys)} weights, s) | break-even calls per segment | bypass (in + out) x positions per call | "
+          "patch: weight elements | BYPASS_COST implied |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        x = torch.randn(2, 4, size // 8, size // 8, device=device)
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        weights.drop()  # a patch left from another size would stand in for the bypass's first, counting call
+        for mode in modes:
+            call(mode, x)  # warm-up; the patched one computes the segment's weights once
+        for n in range(args.per_call):
+            for mode in modes[n % 3:] + modes[:n % 3]:
+                times[mode].append(call(mode, x))
+        patch = []
+        for _ in range(3):
+            weights.drop()
+            sync()
+            start = time.perf_counter()
+            weights._current(base, j, keys)
+            sync()
+            patch.append(time.perf_counter() - start)
+        med = {m: statistics.median(t) for m, t in times.items()}
+        extra, patch_s = med["bypass"] - med["patched"], statistics.median(patch)
+        even = f"{patch_s / extra:.1f}" if extra > 0 else "never (bypass not slower)"
+        # the cost model's two sides (nodes/apply.py, SegmentWeights._patch_pays) and the BYPASS_COST they imply
+        counted = weights.positions[tuple(x.shape)]
+        tensors = [comfy.utils.get_attr(base, k) for k in keys]
+        patch_elems = sum(w.numel() for w in tensors)
+        bypass_elems = sum((w.numel() // w.shape[0] + w.shape[0]) * counted[k] for k, w in zip(keys, tensors))
+        implied = (extra / bypass_elems) / (patch_s / patch_elems)
+        print(f"| {size} px | {med['base']:.3f} | {med['bypass']:.3f} | {med['patched']:.3f} | "
+              f"{med['bypass'] / med['patched']:.3f} | {patch_s:.3f} | {even} | {bypass_elems / 1e6:.1f} M | "
+              f"{patch_elems / 1e6:.1f} M | {implied:.2f} |", flush=True)
+    weights.drop()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512], help="image sizes in pixels")
@@ -100,6 +171,9 @@ def main() -> int:
     p.add_argument("--only", nargs="*", default=None,
                    help="time only these variants (names as printed; 'ApplyAlignedLoRA, every layer bypassed' is "
                         "timed only when named; default: the others)")
+    p.add_argument("--per-call", type=int, default=0, metavar="N",
+                   help="instead of sampling: N rounds of single UNet calls without the set, bypassed and patched, "
+                        "interleaved, and the patch of one segment (--steps and the variants are ignored)")
     p.add_argument("--json", default=None, help="also write the timings here")
     p.add_argument("--pack", default=str(REPO), help="the pack whose nodes/apply.py is timed (e.g. a git worktree of "
                                                       "an earlier commit, to compare implementations in one run)")
@@ -140,17 +214,21 @@ def main() -> int:
         stock = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
         bypass = comfy.sd.load_bypass_lora_for_models(model, None, lora, 1.0, 0)[0]
         aligned = apply.timestep_aware(model, lset, 1.0)
-        default = apply.BYPASS_DEVICES
-        # (MODEL, the device types whose layers ApplyAlignedLoRA runs as a bypass)
-        variants = {"checkpoint": (model, default), "stock LoRA (merged file)": (stock, default),
-                    "stock LoRA, bypass (merged file)": (bypass, default),
-                    "ApplyAlignedLoRA": (aligned, default),
-                    "ApplyAlignedLoRA, every layer patched": (aligned, frozenset()),
-                    "ApplyAlignedLoRA, every layer bypassed": (aligned, EveryDevice())}
+        default = apply.BYPASS_DEVICES, apply.BYPASS_COST
+        # (MODEL, the device types whose layers ApplyAlignedLoRA may bypass, what bypassing costs against a patch)
+        variants = {"checkpoint": (model, *default), "stock LoRA (merged file)": (stock, *default),
+                    "stock LoRA, bypass (merged file)": (bypass, *default),
+                    "ApplyAlignedLoRA": (aligned, *default),
+                    "ApplyAlignedLoRA, every layer patched": (aligned, frozenset(), 0.0),
+                    "ApplyAlignedLoRA, every layer bypassed": (aligned, EveryDevice(), 0.0)}
         variants = {k: v for k, v in variants.items() if k in (args.only or DEFAULT_VARIANTS)}
         tokens = clip.tokenize("a red circle left of a blue square")
         positive = clip.encode_from_tokens_scheduled(tokens)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+        if args.per_call:
+            per_call(apply, model, aligned, lset, positive, args)
+            return 0
 
         def run(m, size: int, steps: int) -> float:
             latent = torch.zeros(1, 4, size // 8, size // 8)
@@ -166,7 +244,7 @@ def main() -> int:
                 times: dict[str, list[float]] = {name: [] for name in variants}
                 for n in range(args.passes):  # every other pass in reverse order: a drift of the box hits all alike
                     for name in (list(variants) if n % 2 == 0 else list(variants)[::-1]):
-                        m, apply.BYPASS_DEVICES = variants[name]
+                        m, apply.BYPASS_DEVICES, apply.BYPASS_COST = variants[name]
                         run(m, size, steps)  # warm-up: loading, the first segment's patch, allocator
                         times[name] += [run(m, size, steps) for _ in range(args.repeats)]
                 for name, ts in times.items():

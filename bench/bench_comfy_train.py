@@ -2,6 +2,7 @@
 
     python bench/bench_comfy_train.py speed --iterations 20 --repeats 3 --threads 2
     python bench/bench_comfy_train.py memory --image-size 64 --threads 2
+    python bench/bench_comfy_train.py memory --image-size 512 --gpu
 
 ``speed``: the tiny world's preset for ``--iterations`` iterations through one library session, on the model the
 command line trains (``load_tiny_model()``, diffusers modules) and on the MODEL/CLIP/VAE of Load Tiny World
@@ -12,7 +13,9 @@ ratio, and whether the two LoRA sets agree.
 ``memory``: one ShortFT iteration at ``--image-size`` px on a random full-size SD1.5 checkpoint, each variant in a
 fresh process whose peak resident memory (VmHWM) is read at the end: ``one-copy`` loads the checkpoint with ComfyUI's
 loader and trains that MODEL in place (the pack now); ``two-copies`` loads it with ComfyUI's loader and trains the
-library's own copy of the same file beside it (what a graph held when LoadShortcutModel loaded its own base).
+library's own copy of the same file beside it (what a graph held when LoadShortcutModel loaded its own base). With
+``--gpu`` ComfyUI runs on the GPU in its own dtype, its MODEL is placed there first (as after a KSampler ran), the
+library's copy takes the same device and dtype, and the peak is ``torch.cuda.max_memory_allocated``.
 
 ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI); its requirements
 must be installed in this interpreter.
@@ -34,11 +37,11 @@ from bench_apply_set import REPO, find_comfyui, import_pack_module
 sys.path.insert(0, str(REPO))
 
 
-def start_comfyui(threads: int) -> None:
+def start_comfyui(threads: int, gpu: bool = False) -> None:
     import torch
 
     sys.path.insert(0, str(find_comfyui()))
-    sys.argv = [sys.argv[0], "--cpu"]
+    sys.argv = [sys.argv[0]] + ([] if gpu else ["--cpu"])
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -89,12 +92,14 @@ def speed(args: argparse.Namespace) -> None:
 
 MEMORY_SCRIPT = r'''
 import json, sys, time
-variant, ckpt, shortcut, size, threads = sys.argv[1:6]
-sys.path.insert(0, sys.argv[6])
+variant, ckpt, shortcut, size, threads, gpu = sys.argv[1:7]
+gpu = gpu == "gpu"
+sys.path.insert(0, sys.argv[7])
 from bench_comfy_train import start_comfyui
-start_comfyui(int(threads))
+start_comfyui(int(threads), gpu)
 import torch
 from bench_apply_set import import_pack_module
+import comfy.model_management
 import comfy.sd
 backend = import_pack_module("backend")
 from shortft_pack.shortft_core import TrainConfig, attach_shortcut, load_model
@@ -103,18 +108,24 @@ from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
 from shortft_pack.shortft_core.trainer import Trainer
 
 def hwm():
+    """Peak memory so far in GiB: the GPU's allocated peak with --gpu, else the process's resident peak."""
+    if gpu:
+        return torch.cuda.max_memory_allocated() / 2**30
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024 / 1024
 
 with torch.inference_mode():
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+    if gpu:  # as after a KSampler ran: ComfyUI's MODEL in VRAM
+        comfy.model_management.load_models_gpu([model])
 loaded = hwm()
 if variant == "one-copy":
     m = backend.ComfyModel(model, clip, vae)
     m.prepare()
 else:
-    m = load_model(ckpt, dtype=torch.float32)
+    m = load_model(ckpt, device=comfy.model_management.get_torch_device() if gpu else "cpu",
+                   dtype=model.model.get_dtype() if gpu else torch.float32)
 cfg = TrainConfig(iterations=1, batch_size=1, rank=4, guidance=1.0, sample_steps=10, eval_count=0, lr=1e-3,
                   shortcut_guidance=1.0, image_size=int(size))
 preset = attach_shortcut(m, shortcut)
@@ -137,11 +148,15 @@ def memory(args: argparse.Namespace) -> None:
         rows = []
         for variant in ("one-copy", "two-copies"):
             r = subprocess.run([sys.executable, str(script), variant, str(ckpt), str(shortcut), str(args.image_size),
-                                str(args.threads), str(REPO / "bench")], capture_output=True,
-                               text=True, cwd=find_comfyui(), check=True)
+                                str(args.threads), "gpu" if args.gpu else "cpu", str(REPO / "bench")],
+                               capture_output=True, text=True, cwd=find_comfyui(), check=False)
+            if r.returncode != 0:
+                raise SystemExit(f"the {variant} process failed ({r.returncode}):\n{r.stdout[-2000:]}\n"
+                                 f"{r.stderr[-4000:]}")
             rows.append(json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:]))
             print(rows[-1], flush=True)
-    print("\n| variant | after ComfyUI's loader (GiB) | peak (GiB) | iteration (s) |\n|---|---|---|---|")
+    what = "GPU memory allocated" if args.gpu else "resident memory"
+    print(f"\n| variant | {what} after ComfyUI's loader (GiB) | peak (GiB) | iteration (s) |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['variant']} | {row['loaded_gib']:.2f} | {row['peak_gib']:.2f} | {row['seconds']:.1f} |")
 
@@ -153,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--gpu", action="store_true",
+                        help="memory: ComfyUI on the GPU (its own dtype), the peak allocated VRAM instead of RSS")
     args = parser.parse_args(argv)
     started = time.time()
     (speed if args.what == "speed" else memory)(args)

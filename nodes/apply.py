@@ -5,14 +5,18 @@ Timestep-aware mode clones the ModelPatcher and adds an APPLY_MODEL wrapper that
 UNet call (``model_sampling.timestep(sigma)``, the value the UNet receives) and selects its segment, so the switch is
 exact for every sampler and scheduler. For the duration of the call every layer the segment's LoRA adapts computes
 its base output plus that LoRA's, with ComfyUI's own ``comfy.lora`` key map and LoRA maths (every key lands where
-the stock loader puts it, with the value it bakes), in one of two ways chosen per layer by where its weight lives:
+the stock loader puts it, with the value it bakes), in one of two ways:
 
-- weight on the GPU: patched. The segment's patched weight (base + delta) is computed when sampling enters the
-  segment and kept until it leaves it; a call then costs what a stock LoRA's call costs, and a switch one patch
-  (a few milliseconds of matmuls on a GPU), however many steps a segment has.
-- weight on the CPU (``--cpu``, or a layer ComfyUI offloaded): bypass, as ComfyUI's LoraLoaderBypass does:
-  ``W x + B (A x)``. A CPU would spend seconds patching a segment's weights; the low-rank product costs no
-  measurable time per step there (bench/bench_apply_set.py), and nothing is patched or kept.
+- patched: the segment's patched weight (base + delta) is computed when sampling enters the segment and kept until
+  it leaves it; a call then costs what a stock LoRA's call costs, and a switch one patch of the set's weights
+  (a few milliseconds of matmuls on a GPU, seconds on a CPU), however many steps a segment has. Every layer whose
+  weight is on a GPU runs so.
+- bypass, as ComfyUI's LoraLoaderBypass does: ``W x + B (A x)``, nothing patched or kept; a call pays the low-rank
+  product, which grows with the latent's positions. A layer whose weight is on the CPU (``--cpu``, or a layer
+  ComfyUI offloaded) runs so unless the segment's calls left in this run (counted from the sampler's schedule)
+  would spend more on it than a patch costs: the first call at a latent size bypasses and counts each layer's
+  positions, later segments compare (input + output channels) x positions x calls left against the weights'
+  elements, scaled by ``BYPASS_COST`` (measured with bench/bench_apply_set.py --per-call).
 
 An OUTER_SAMPLE wrapper drops the patched weights when the sampling run ends. The base model's own parameters and
 modules are never written: patched tensors and bypass forwards stand in for them inside the call, and the originals
@@ -47,8 +51,12 @@ log = logging.getLogger(__name__)
 NONE = "none"
 TIMESTEP_AWARE, MERGED = "timestep-aware", "merged"
 WRAPPER_KEY = "shortft_lora_set"
-# device types of the weights whose layers run a segment's LoRA as a bypass instead of a patched weight
+# device types of the weights whose layers may run a segment's LoRA as a bypass instead of a patched weight
 BYPASS_DEVICES = frozenset({"cpu"})
+# what bypassing costs per (input + output channel) x position against what patching costs per weight element
+# (measured on a CPU with bench/bench_apply_set.py --per-call): a segment's weights are patched when its calls left
+# would spend more on the bypass than the patch costs
+BYPASS_COST = 1.3
 
 
 def lora_roots() -> list[str]:
@@ -130,15 +138,18 @@ def _fits(patch: Any, shape: tuple[int, ...] | None) -> bool:
 
 class SegmentWeights:
     """The set's LoRA for one segment at a time on the layers it adapts: a layer whose weight is on the CPU runs as a
-    bypass (base output + the low-rank product), any other gets a patched weight (base weight + the segment's delta
-    at ``strength``), computed from the base model's current weights (which may carry other patches, e.g. a stock
-    LoRA applied before) the first time a call runs in the segment and kept while calls stay in it."""
+    bypass (base output + the low-rank product) while that costs less than patching it, any other gets a patched
+    weight (base weight + the segment's delta at ``strength``), computed from the base model's current weights
+    (which may carry other patches, e.g. a stock LoRA applied before) the first time a call of the segment patches
+    and kept while calls stay in it."""
 
     def __init__(self, patches: list[dict[str, Any]], strength: float) -> None:
         self.patches, self.strength = patches, strength
         self.segment: int | None = None
         self.sources: dict[str, tuple[Any, ...]] = {}  # key -> what identifies the base tensor it was patched from
         self.patched: dict[str, torch.nn.Parameter] = {}
+        self.positions: dict[tuple[int, ...], dict[str, int]] = {}  # a call's input shape -> key -> output positions
+        self.sigmas: list[float] = []  # the running sampling's schedule, for the calls a segment has left
 
     def _current(self, base_model: Any, j: int, keys: list[str]) -> dict[str, torch.Tensor]:
         params = {key: comfy.utils.get_attr(base_model, key) for key in keys}
@@ -154,25 +165,45 @@ class SegmentWeights:
             self.segment = j
         return params
 
-    def split(self, base_model: Any, j: int) -> tuple[list[str], list[str]]:
-        """Segment j's keys as (patched, bypassed): a plain LoRA on the weight of a layer that lives on the CPU is
-        bypassed; everything else (GPU weights, other adapter kinds, biases) is patched."""
-        patched, bypassed = [], []
+    def split(self, base_model: Any, j: int, shape: tuple[int, ...] = (), calls_left: int = 1
+              ) -> tuple[list[str], list[str]]:
+        """Segment j's keys as (patched, bypassed) for a call on an input of ``shape`` with ``calls_left`` calls of
+        the segment to come (this one included): a plain LoRA on the weight of a layer that lives on the CPU is
+        bypassed unless patching costs less over those calls; everything else (GPU weights, other adapter kinds,
+        biases) is patched."""
+        patched, cpu = [], []
         for key, patch in self.patches[j - 1].items():
             path, _, name = key.rpartition(".")
             module = comfy.utils.get_attr(base_model, path)
             weight = getattr(module, name)
-            (bypassed if name == "weight" and weight.device.type in BYPASS_DEVICES and _bypassable(patch, module)
+            (cpu if name == "weight" and weight.device.type in BYPASS_DEVICES and _bypassable(patch, module)
              else patched).append(key)
-        return patched, bypassed
+        if cpu and self._patch_pays(base_model, j, cpu, shape, calls_left):
+            return patched + cpu, []
+        return patched, cpu
+
+    def _patch_pays(self, base_model: Any, j: int, keys: list[str], shape: tuple[int, ...], calls_left: int) -> bool:
+        """Whether patching ``keys`` costs less than bypassing them for the calls left (a patch made for this segment
+        is paid already); the bypass's cost is known once a bypassed call at this shape has counted its positions,
+        until then a call bypasses."""
+        paid = self.segment == j and all(k in self.patched for k in keys)
+        positions = self.positions.get(shape, {})
+        if any(k not in positions for k in keys):
+            return paid
+        weights = [comfy.utils.get_attr(base_model, k) for k in keys]
+        patch = 0 if paid else sum(w.numel() for w in weights)
+        bypass = sum((w.numel() // w.shape[0] + w.shape[0]) * positions[k] for k, w in zip(keys, weights))
+        return calls_left * bypass * BYPASS_COST > patch
 
     @contextlib.contextmanager
-    def applied(self, base_model: Any, j: int) -> Iterator[None]:
-        """Segment j's LoRA on every layer it adapts, for the duration of the block."""
-        patched, bypassed = self.split(base_model, j)
+    def applied(self, base_model: Any, j: int, shape: tuple[int, ...] = (), calls_left: int = 1) -> Iterator[None]:
+        """Segment j's LoRA on every layer it adapts, for the duration of the block (a call on an input of
+        ``shape``, with ``calls_left`` calls of the segment to come)."""
+        patched, bypassed = self.split(base_model, j, shape, calls_left)
         originals = self._current(base_model, j, patched)
         swapped: dict[str, tuple[torch.nn.Module, str]] = {}
         forwards: list[tuple[torch.nn.Module, Any]] = []
+        counted = self.positions.setdefault(shape, {})
         try:
             for key in originals:
                 path, _, name = key.rpartition(".")
@@ -182,7 +213,7 @@ class SegmentWeights:
             for key in bypassed:
                 module = comfy.utils.get_attr(base_model, key.rpartition(".")[0])
                 forwards.append((module, module.__dict__.get("forward")))
-                module.forward = _bypass_forward(module, self.patches[j - 1][key], self.strength)
+                module.forward = _bypass_forward(module, self.patches[j - 1][key], self.strength, counted, key)
             yield
         finally:
             for module, previous in reversed(forwards):
@@ -213,8 +244,10 @@ def _bypassable(patch: Any, module: torch.nn.Module) -> bool:
     return comfy.weight_adapter.bypass.get_module_type_info(module)["is_conv"]
 
 
-def _bypass_forward(module: torch.nn.Module, adapter: Any, strength: float) -> Any:
-    """The layer's current forward plus the adapter's low-rank output (ComfyUI's ``h``) at ``strength``."""
+def _bypass_forward(module: torch.nn.Module, adapter: Any, strength: float, positions: dict[str, int],
+                    key: str) -> Any:
+    """The layer's current forward plus the adapter's low-rank output (ComfyUI's ``h``) at ``strength``; the number
+    of output positions it ran on goes to ``positions[key]``."""
     info = comfy.weight_adapter.bypass.get_module_type_info(module)  # what ComfyUI's bypass hook tells h
     adapter.multiplier = strength
     for name in ("is_conv", "conv_dim", "kernel_size", "in_channels", "out_channels"):
@@ -228,6 +261,7 @@ def _bypass_forward(module: torch.nn.Module, adapter: Any, strength: float) -> A
         if up.device != x.device or up.dtype != x.dtype:  # once: h would cast in every call (an offloaded layer
             adapter.weights = tuple(  # computes on the GPU; a file's fp16 LoRA meets fp32 activations on a CPU)
                 w.to(x.device, x.dtype) if isinstance(w, torch.Tensor) else w for w in adapter.weights)
+        positions[key] = out.numel() // out.shape[1 if adapter.is_conv else -1]
         return out + adapter.h(x, out)
 
     return forward
@@ -259,21 +293,35 @@ class SegmentSwitch:
                              f"{sorted(segments)}; a timestep-aware set needs one noise level per call")
         return segments.pop()
 
+    def calls_left(self, executor: Any, j: int, t: torch.Tensor) -> int:
+        """How many steps of the running schedule, from this call's noise level on, lie in segment j (at least 1)."""
+        sampling = executor.class_obj.model_sampling
+        now = float(t.max()) * (1 + 1e-6)
+        levels = [s for s in self.weights.sigmas[:-1] if 0 < s <= now]
+        timesteps = sampling.timestep(torch.tensor(levels)).tolist() if levels else []
+        return max(1, sum(self.segments.segment_of(int(round(v))) == j for v in timesteps
+                          if 0 <= v <= self.segments.top))
+
     def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with self.weights.applied(executor.class_obj, self.segment_of(executor, t)):
+        j = self.segment_of(executor, t)
+        with self.weights.applied(executor.class_obj, j, tuple(x.shape), self.calls_left(executor, j, t)):
             return executor(x, t, *args, **kwargs)
 
 
 class ReleaseAfterSampling:
-    """OUTER_SAMPLE wrapper: the patched weights are freed when a sampling run ends, however it ends."""
+    """OUTER_SAMPLE wrapper: tells the switch the run's schedule, and frees the patched weights when the run ends,
+    however it ends."""
 
     def __init__(self, weights: SegmentWeights) -> None:
         self.weights = weights
 
-    def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, executor: Any, noise: Any, latent_image: Any, sampler: Any, sigmas: torch.Tensor, *args: Any,
+                 **kwargs: Any) -> Any:
+        self.weights.sigmas = [float(s) for s in sigmas.flatten()]
         try:
-            return executor(*args, **kwargs)
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
+            self.weights.sigmas = []
             self.weights.drop()
 
 

@@ -1,7 +1,9 @@
 """Tier 2: the two ways ApplyAlignedLoRA puts a segment's LoRA on a layer (nodes/apply.py) compute the same sampling,
 in a ComfyUI subprocess on a random full-size SD1.5 checkpoint: the bypass (base output + the low-rank product, what
-a layer whose weight lives on the CPU runs) and the patched weight (base + delta, what a GPU layer runs), for one set
-and for two sets stacked. Bypass patches nothing; afterwards the MODEL's weights and modules are as loaded.
+a CPU layer runs while it costs less than a patch) and the patched weight (base + delta, what a GPU layer runs), for
+one set and for two sets stacked. Bypass patches nothing; afterwards the MODEL's weights and modules are as loaded.
+The switch counts the calls a segment has left from the run's schedule, and patches a CPU layer once the bypass's
+cost over those calls (known after one bypassed call at the size) exceeds the patch's.
 """
 
 from __future__ import annotations
@@ -48,12 +50,11 @@ with torch.inference_mode():
                                                               embedding_directory=None)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle left of a blue square"))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    latent = torch.zeros(1, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, 7)
 
-    def sample(m):
-        return comfy.sample.sample(m, noise, 4, 3.0, "euler", "simple", positive, negative, latent,
-                                   disable_pbar=True, seed=7)
+    def sample(m, steps=4, size=8):
+        z = torch.zeros(1, 4, size, size)
+        return comfy.sample.sample(m, comfy.sample.prepare_noise(z, 7), steps, 3.0, "euler", "simple", positive,
+                                   negative, z, disable_pbar=True, seed=7)
 
     unet = model.model.diffusion_model
     plain = sample(model)
@@ -81,6 +82,28 @@ with torch.inference_mode():
     res["unchanged"] = all(torch.equal(t, loaded[n]) for n, t in model.model.state_dict().items())
     res["plain_again"] = rel(sample(model), plain)
     res["forwards_left"] += sum("forward" in m.__dict__ for m in unet.modules())
+
+    # the calls each segment has left, as the switch counts them from the run's schedule
+    apply.BYPASS_DEVICES = frozenset({"cpu"})
+    seen, applied = [], apply.SegmentWeights.applied
+
+    def recording(self, base_model, j, shape=(), calls_left=1):
+        seen.append([j, calls_left])
+        return applied(self, base_model, j, shape, calls_left)
+
+    apply.SegmentWeights.applied = recording
+    sample(one, steps=8)
+    apply.SegmentWeights.applied = applied
+    res["calls_left"] = seen
+
+    # a bypass dearer than any patch: at a size not seen yet the first call bypasses (and counts its positions),
+    # the three later segments patch; the result is the same
+    apply.BYPASS_COST = 1e9
+    calls["patch"] = 0
+    costly = sample(one, size=16)
+    res["patches_costly"] = calls["patch"]
+    apply.BYPASS_DEVICES = frozenset()
+    res["costly"] = rel(costly, sample(one, size=16))
 open(out, "w").write(json.dumps(res))
 '''
 
@@ -120,3 +143,6 @@ def test_bypass_and_patched_weights_sample_the_same(tmp_path, sd15_checkpoint):
     assert res["effect_one"] > 1e-2 and res["effect_two"] > 1e-2
     assert res["unchanged"] and res["plain_again"] == 0.0
     assert res["forwards_left"] == 0
+    # euler / simple 8 steps: 999, 874 | 749, 624 | 499, 374 | 249, 124, two calls in each segment
+    assert res["calls_left"] == [[1, 2], [1, 1], [2, 2], [2, 1], [3, 2], [3, 1], [4, 2], [4, 1]]
+    assert res["patches_costly"] == 3 * bypassed and res["costly"] < 1e-5

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# What the ComfyUI backend and ApplyAlignedLoRA still need from a GPU, as one device call (TOTAL seconds, default
+# 560: a command may run 600 s and a session has 15 device minutes, start-up included; the library's own GPU rows
+# are bench/gpu_session.sh). Each stage has a time limit, so one that runs long cannot starve the next, and each
+# writes its files before the next starts:
+#   1. (S1 s) ApplyAlignedLoRA in the stock KSampler on the GPU against a stock LoRA, at 512 and 1024 px, 4 and 8
+#      steps, two passes: the default (a GPU layer's weights patched per segment) and every layer bypassed, to
+#      confirm the GPU default meets <= 1.1x or to choose the bypass there too (bench/bench_apply_set.py);
+#   2. (the rest) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
+#      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px).
+# OUT receives at most 8 files, none deeper than OUT/file (the device tool's limits).
+#
+#   bash bench/gpu_comfyui.sh "$OUT"            # on the device machine
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_comfyui.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+t0=$(date +%s)
+total=${TOTAL:-560}; s1=${S1:-300}
+export HF_HUB_OFFLINE=1
+left() { echo $(( total - ( $(date +%s) - t0 ) )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+
+# 1.
+timeout "$s1" python bench/bench_apply_set.py --gpu --sizes 512 1024 --steps 4 8 --repeats 2 --passes 2 \
+  --threads 8 --json "$out/apply.json" --only "checkpoint" "stock LoRA (merged file)" \
+  "stock LoRA, bypass (merged file)" "ApplyAlignedLoRA" "ApplyAlignedLoRA, every layer patched" \
+  "ApplyAlignedLoRA, every layer bypassed" > "$out/apply.log" 2>&1
+echo "stage 1 (ApplyAlignedLoRA): rc=$? at $(( $(date +%s) - t0 )) s"
+
+# 2.
+rest=$(left)
+if [ "$rest" -gt 90 ]; then
+  timeout "$rest" python bench/bench_comfy_train.py memory --gpu --image-size 512 --threads 8 \
+    > "$out/memory.log" 2>&1
+  echo "stage 2 (memory, one copy vs two): rc=$? at $(( $(date +%s) - t0 )) s"
+else
+  echo "stage 2 skipped: ${rest} s left"
+fi
+tail -12 "$out/apply.log"; tail -5 "$out/memory.log" 2>/dev/null
