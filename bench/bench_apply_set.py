@@ -98,6 +98,7 @@ def per_call(apply, model, aligned, lset, positive, args) -> None:
     comfy.model_management.load_models_gpu([model])
     base = model.model
     weights = aligned.wrappers["apply_model"][apply.WRAPPER_KEY][0].weights
+    devices, cost = apply.BYPASS_DEVICES, apply.BYPASS_COST  # the node's own choice, for the segments below
     j = lset.segments.segment_of(500)
     device = comfy.model_management.get_torch_device()
     cond = positive[0][0].repeat(2, 1, 1).to(device)
@@ -121,7 +122,28 @@ def per_call(apply, model, aligned, lset, positive, args) -> None:
         sync()
         return time.perf_counter() - start
 
+    # how a segment's layers are run: the node's choice, every layer bypassed, every layer patched (the segment's
+    # patch included), and the stock LoRA's cost (patched weights kept from before: only the calls)
+    policies = {"choice": (devices, cost), "bypass": (EveryDevice(), 0.0), "patched": (frozenset(), cost),
+                "stock": (frozenset(), cost)}
+
+    def segment(policy: str, n: int, x: torch.Tensor) -> float:
+        """A segment of n calls (positions already counted), entered afresh unless ``policy`` is the stock LoRA."""
+        apply.BYPASS_DEVICES, apply.BYPASS_COST = policies[policy]
+        if policy != "stock":
+            weights.drop()
+        else:
+            weights._current(base, j, keys)
+        sync()
+        start = time.perf_counter()
+        for left in range(n, 0, -1):
+            with weights.applied(base, j, tuple(x.shape), left):
+                base.apply_model(x, sigma, c_crossattn=cond)
+        sync()
+        return time.perf_counter() - start
+
     modes = ["base", "bypass", "patched"]
+    results: list[tuple] = []
     print(f"\n| size | call, no set (s) | call, bypass (s) | call, patched (s) | bypass / patched | patch of a segment "
           f"({len(keys)} weights, s) | break-even calls per segment | bypass (in + out) x positions per call | "
           "patch: weight elements | BYPASS_COST implied |")
@@ -155,6 +177,26 @@ def per_call(apply, model, aligned, lset, positive, args) -> None:
         print(f"| {size} px | {med['base']:.3f} | {med['bypass']:.3f} | {med['patched']:.3f} | "
               f"{med['bypass'] / med['patched']:.3f} | {patch_s:.3f} | {even} | {bypass_elems / 1e6:.1f} M | "
               f"{patch_elems / 1e6:.1f} M | {implied:.2f} |", flush=True)
+        for n in args.segment_calls:  # a segment of n calls: the node's per-layer choice against the two ways
+            seg: dict[str, list[float]] = {m: [] for m in policies}
+            order = list(policies)
+            for r in range(args.per_call):  # interleaved, each round starting at the next
+                for policy in order[r % 4:] + order[:r % 4]:
+                    seg[policy].append(segment(policy, n, x))
+            weights.drop()
+            apply.BYPASS_DEVICES, apply.BYPASS_COST = policies["choice"]
+            patched, _ = weights.split(base, j, tuple(x.shape), n)  # what the first call of a fresh segment patches
+            results.append((size, n, {m: statistics.median(t) for m, t in seg.items()}, len(patched), len(keys)))
+        weights.drop()
+    if args.segment_calls:
+        print("\n| size | calls in the segment | node's choice (s) | every layer bypassed (s) | every layer patched, "
+              "patch included (s) | stock LoRA (patch kept, s) | choice / bypassed / patched vs stock | layers "
+              "patched |")
+        print("|---|---|---|---|---|---|---|---|")
+        for size, n, med, layers, total in results:
+            ratios = " / ".join(f"{med[m] / med['stock']:.3f}" for m in ("choice", "bypass", "patched"))
+            print(f"| {size} px | {n} | {med['choice']:.3f} | {med['bypass']:.3f} | {med['patched']:.3f} | "
+                  f"{med['stock']:.3f} | {ratios} | {layers} of {total} |", flush=True)
     weights.drop()
 
 
@@ -174,6 +216,9 @@ def main() -> int:
     p.add_argument("--per-call", type=int, default=0, metavar="N",
                    help="instead of sampling: N rounds of single UNet calls without the set, bypassed and patched, "
                         "interleaved, and the patch of one segment (--steps and the variants are ignored)")
+    p.add_argument("--segment-calls", type=int, nargs="*", default=[1, 2, 4], metavar="N",
+                   help="with --per-call: also time segments of N calls entered afresh as the node chooses per layer, "
+                        "every layer bypassed and every layer patched, against the stock LoRA's N calls")
     p.add_argument("--json", default=None, help="also write the timings here")
     p.add_argument("--pack", default=str(REPO), help="the pack whose nodes/apply.py is timed (e.g. a git worktree of "
                                                       "an earlier commit, to compare implementations in one run)")

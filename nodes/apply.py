@@ -12,11 +12,13 @@ the stock loader puts it, with the value it bakes), in one of two ways:
   (a few milliseconds of matmuls on a GPU, seconds on a CPU), however many steps a segment has. Every layer whose
   weight is on a GPU runs so.
 - bypass, as ComfyUI's LoraLoaderBypass does: ``W x + B (A x)``, nothing patched or kept; a call pays the low-rank
-  product, which grows with the latent's positions. A layer whose weight is on the CPU (``--cpu``, or a layer
-  ComfyUI offloaded) runs so unless the segment's calls left in this run (counted from the sampler's schedule)
-  would spend more on it than a patch costs: the first call at a latent size bypasses and counts each layer's
-  positions, later segments compare (input + output channels) x positions x calls left against the weights'
-  elements, scaled by ``BYPASS_COST`` (measured with bench/bench_apply_set.py --per-call).
+  product, which grows with the positions the layer runs on. A layer whose weight is on the CPU (``--cpu``, or a
+  layer ComfyUI offloaded) runs so unless the segment's calls left in this run (counted from the sampler's
+  schedule) would spend more on that layer than its patch costs: the first call at a latent size bypasses and
+  counts each layer's output positions, later calls compare, layer by layer, (input + output channels) x positions
+  x calls left against the weight's elements, scaled by ``BYPASS_COST`` (measured with bench/bench_apply_set.py
+  --per-call). In a UNet the low-resolution levels and the text-context projections bypass, the high-resolution
+  levels patch once their segment has a call or two.
 
 An OUTER_SAMPLE wrapper drops the patched weights when the sampling run ends. The base model's own parameters and
 modules are never written: patched tensors and bypass forwards stand in for them inside the call, and the originals
@@ -139,9 +141,9 @@ def _fits(patch: Any, shape: tuple[int, ...] | None) -> bool:
 class SegmentWeights:
     """The set's LoRA for one segment at a time on the layers it adapts: a layer whose weight is on the CPU runs as a
     bypass (base output + the low-rank product) while that costs less than patching it, any other gets a patched
-    weight (base weight + the segment's delta at ``strength``), computed from the base model's current weights
+    weight (base weight + the segment's delta at ``strength``), computed from the base model's current weight
     (which may carry other patches, e.g. a stock LoRA applied before) the first time a call of the segment patches
-    and kept while calls stay in it."""
+    that layer, and kept while calls stay in the segment."""
 
     def __init__(self, patches: list[dict[str, Any]], strength: float) -> None:
         self.patches, self.strength = patches, strength
@@ -152,47 +154,51 @@ class SegmentWeights:
         self.sigmas: list[float] = []  # the running sampling's schedule, for the calls a segment has left
 
     def _current(self, base_model: Any, j: int, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The base weights of ``keys``, each with segment j's patched weight made beside it unless one made from
+        that very base tensor is kept (entering another segment frees the previous one's)."""
         params = {key: comfy.utils.get_attr(base_model, key) for key in keys}
-        stale = self.segment != j or any(self.sources.get(k) != _identity(p) for k, p in params.items())
-        if stale:
+        if self.segment != j:
             self.drop()
-            with torch.no_grad():
-                for key, weight in params.items():
+            self.segment = j
+        with torch.no_grad():
+            for key, weight in params.items():
+                if self.sources.get(key) != _identity(weight):
                     patch = self.patches[j - 1][key]
                     new = comfy.lora.calculate_weight([(self.strength, patch, 1.0, None, None)], weight.clone(), key)
                     self.patched[key] = torch.nn.Parameter(new.to(weight.dtype), requires_grad=False)
                     self.sources[key] = _identity(weight)
-            self.segment = j
         return params
 
     def split(self, base_model: Any, j: int, shape: tuple[int, ...] = (), calls_left: int = 1
               ) -> tuple[list[str], list[str]]:
         """Segment j's keys as (patched, bypassed) for a call on an input of ``shape`` with ``calls_left`` calls of
         the segment to come (this one included): a plain LoRA on the weight of a layer that lives on the CPU is
-        bypassed unless patching costs less over those calls; everything else (GPU weights, other adapter kinds,
-        biases) is patched."""
-        patched, cpu = [], []
+        bypassed unless patching that layer costs less over those calls; everything else (GPU weights, other
+        adapter kinds, biases) is patched."""
+        patched, bypassed = [], []
+        counted = self.positions.get(shape, {})
         for key, patch in self.patches[j - 1].items():
             path, _, name = key.rpartition(".")
             module = comfy.utils.get_attr(base_model, path)
             weight = getattr(module, name)
-            (cpu if name == "weight" and weight.device.type in BYPASS_DEVICES and _bypassable(patch, module)
-             else patched).append(key)
-        if cpu and self._patch_pays(base_model, j, cpu, shape, calls_left):
-            return patched + cpu, []
-        return patched, cpu
+            cpu = name == "weight" and weight.device.type in BYPASS_DEVICES and _bypassable(patch, module)
+            if cpu and not self._patch_pays(j, key, weight, counted.get(key), calls_left):
+                bypassed.append(key)
+            else:
+                patched.append(key)
+        return patched, bypassed
 
-    def _patch_pays(self, base_model: Any, j: int, keys: list[str], shape: tuple[int, ...], calls_left: int) -> bool:
-        """Whether patching ``keys`` costs less than bypassing them for the calls left (a patch made for this segment
-        is paid already); the bypass's cost is known once a bypassed call at this shape has counted its positions,
-        until then a call bypasses."""
-        paid = self.segment == j and all(k in self.patched for k in keys)
-        positions = self.positions.get(shape, {})
-        if any(k not in positions for k in keys):
+    def _patch_pays(self, j: int, key: str, weight: torch.Tensor, positions: int | None, calls_left: int) -> bool:
+        """Whether patching one layer's weight costs less than bypassing it for the calls left: both scale with the
+        rank, a patch with the weight's elements (nothing when this segment's patch of this very weight is kept),
+        the bypass with (input + output channels) x the output positions a call runs it on, known once a bypassed
+        call at this input shape has counted them (until then the layer bypasses). A UNet's layers differ by
+        orders of magnitude in positions (its resolution levels, the text context), so the choice is per layer."""
+        paid = self.segment == j and self.sources.get(key) == _identity(weight)
+        if positions is None:
             return paid
-        weights = [comfy.utils.get_attr(base_model, k) for k in keys]
-        patch = 0 if paid else sum(w.numel() for w in weights)
-        bypass = sum((w.numel() // w.shape[0] + w.shape[0]) * positions[k] for k, w in zip(keys, weights))
+        patch = 0 if paid else weight.numel()
+        bypass = (weight.numel() // weight.shape[0] + weight.shape[0]) * positions
         return calls_left * bypass * BYPASS_COST > patch
 
     @contextlib.contextmanager

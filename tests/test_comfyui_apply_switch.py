@@ -3,7 +3,7 @@ in a ComfyUI subprocess on a random full-size SD1.5 checkpoint: the bypass (base
 a CPU layer runs while it costs less than a patch) and the patched weight (base + delta, what a GPU layer runs), for
 one set and for two sets stacked. Bypass patches nothing; afterwards the MODEL's weights and modules are as loaded.
 The switch counts the calls a segment has left from the run's schedule, and patches a CPU layer once the bypass's
-cost over those calls (known after one bypassed call at the size) exceeds the patch's.
+cost over those calls (known after one bypassed call at the size) exceeds that layer's patch, layer by layer.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ with torch.inference_mode():
     patched_keys, bypassed_keys = weights.split(model.model, 1)
     res["split_cpu"] = [len(patched_keys), len(bypassed_keys)]
 
+    measured_cost, apply.BYPASS_COST = apply.BYPASS_COST, 0.0  # every CPU layer bypasses, whatever its positions
     calls["patch"] = 0
     bypass = {"one": sample(one), "two": sample(two)}
     res["patches_bypass"] = calls["patch"]
@@ -84,7 +85,7 @@ with torch.inference_mode():
     res["forwards_left"] += sum("forward" in m.__dict__ for m in unet.modules())
 
     # the calls each segment has left, as the switch counts them from the run's schedule
-    apply.BYPASS_DEVICES = frozenset({"cpu"})
+    apply.BYPASS_DEVICES, apply.BYPASS_COST = frozenset({"cpu"}), measured_cost
     seen, applied = [], apply.SegmentWeights.applied
 
     def recording(self, base_model, j, shape=(), calls_left=1):
@@ -103,7 +104,25 @@ with torch.inference_mode():
     costly = sample(one, size=16)
     res["patches_costly"] = calls["patch"]
     apply.BYPASS_DEVICES = frozenset()
-    res["costly"] = rel(costly, sample(one, size=16))
+    all_patched = {4: sample(one, size=16), 8: sample(one, steps=8, size=16)}
+    res["costly"] = rel(costly, all_patched[4])
+
+    # layer by layer at the measured cost, 128 px (positions counted above): a segment patches its
+    # high-resolution layers and bypasses the low-resolution ones; each patched layer is patched once per segment
+    apply.BYPASS_DEVICES, apply.BYPASS_COST = frozenset({"cpu"}), measured_cost
+    shape = next(s for s in weights.positions if s[-2:] == (16, 16))
+    res["shape"] = list(shape)
+    top = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    low = "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight"
+    split = {n: weights.split(model.model, 1, shape, n) for n in (1, 2, 8)}
+    res["split_layers"] = {n: [len(p), len(b)] for n, (p, b) in split.items()}
+    res["grows"] = set(split[1][0]) <= set(split[2][0]) <= set(split[8][0])
+    res["top_low"] = [top in split[1][0], low in split[8][1]]
+    expected = sum(len(weights.split(model.model, j, shape, 2)[0]) for j in range(1, 5))
+    calls["patch"] = 0
+    mixed = sample(one, steps=8, size=16)
+    res["patches_mixed"] = [calls["patch"], expected]
+    res["mixed"] = rel(mixed, all_patched[8])
 open(out, "w").write(json.dumps(res))
 '''
 
@@ -146,3 +165,11 @@ def test_bypass_and_patched_weights_sample_the_same(tmp_path, sd15_checkpoint):
     # euler / simple 8 steps: 999, 874 | 749, 624 | 499, 374 | 249, 124, two calls in each segment
     assert res["calls_left"] == [[1, 2], [1, 1], [2, 2], [2, 1], [3, 2], [3, 1], [4, 2], [4, 1]]
     assert res["patches_costly"] == 3 * bypassed and res["costly"] < 1e-5
+    # per layer: patched and bypassed layers in one call, more layers patched the more calls a segment has left
+    assert res["shape"] == [2, 4, 16, 16]  # cond and uncond in one call
+    layers = res["split_layers"]
+    assert all(p > 0 and b > 0 and p + b == bypassed for p, b in layers.values())
+    assert res["grows"] and layers["1"][0] < layers["8"][0]
+    assert res["top_low"] == [True, True]
+    assert res["patches_mixed"][0] == res["patches_mixed"][1] > 0
+    assert res["mixed"] < 1e-5
