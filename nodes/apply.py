@@ -17,8 +17,8 @@ the stock loader puts it, with the value it bakes), in one of two ways:
   schedule) would spend more on that layer than its patch costs: the first call at a latent size bypasses and
   counts each layer's output positions, later calls compare, layer by layer, (input + output channels) x positions
   x calls left against the weight's elements, scaled by ``BYPASS_COST`` (measured with bench/bench_apply_set.py
-  --per-call). In a UNet the low-resolution levels and the text-context projections bypass, the high-resolution
-  levels patch once their segment has a call or two.
+  --per-call). In a UNet the high-resolution levels patch from a segment's first call or two, the text-context
+  projections bypass while it has a call or two left, the low-resolution levels unless it has many.
 
 An OUTER_SAMPLE wrapper drops the patched weights when the sampling run ends. The base model's own parameters and
 modules are never written: patched tensors and bypass forwards stand in for them inside the call, and the originals
