@@ -9,8 +9,13 @@
 #   2. (the rest) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
 #      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px).
 # OUT receives at most 8 files, none deeper than OUT/file (the device tool's limits).
+# The device image has torch, transformers and peft but no ComfyUI nor its other requirements, and ../shared does not
+# travel: run bench/stage_device.sh here first and carry .devwhl (ComfyUI's source and the small wheels, unpacked
+# and installed under /tmp below); bench/device_shims stands in for PyAV and comfy-kitchen where they are missing.
 #
-#   bash bench/gpu_comfyui.sh "$OUT"            # on the device machine
+#   bash bench/stage_device.sh                   # here, once
+#   bash bench/gpu_comfyui.sh "$OUT"             # on the device machine, carry=['.devwhl']
+#   PY=3.11 bash bench/stage_device.sh && COMFY_STAGE_ONLY=1 bash bench/gpu_comfyui.sh /tmp/x   # the staging, here
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_comfyui.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -19,6 +24,37 @@ t0=$(date +%s)
 total=${TOTAL:-560}; s1=${S1:-300}
 export HF_HUB_OFFLINE=1
 left() { echo $(( total - ( $(date +%s) - t0 ) )); }
+
+stage=${STAGE_DIR:-/tmp/shortft_stage}
+if [ -f .devwhl/comfyui.tar.xz ] && [ -z "${COMFYUI_PATH:-}" ]; then
+  mkdir -p "$stage/comfyui" && tar -C "$stage/comfyui" -xJf .devwhl/comfyui.tar.xz && export COMFYUI_PATH="$stage/comfyui"
+fi
+if compgen -G ".devwhl/*.whl" > /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$stage/site" \
+    .devwhl/*.whl && export PYTHONPATH="$stage/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+for m in av comfy_kitchen; do  # a stand-in only where the package itself does not import
+  if ! python -c "import $m" 2> /dev/null; then
+    mkdir -p "$stage/shims" && cp -r "bench/device_shims/$m" "$stage/shims/" && echo "stand-in for $m"
+    case ":${PYTHONPATH:-}:" in *":$stage/shims:"*) ;; *) export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$stage/shims" ;; esac
+  fi
+done
+python - > "$out/stage.txt" 2>&1 <<'PY'
+import os, sys
+import torch
+sys.path.insert(0, os.environ.get("COMFYUI_PATH", "../shared/comfyui"))
+sys.argv = [sys.argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"])  # --cpu: trying the staging here
+import comfy.options
+comfy.options.enable_args_parsing()
+import diffusers, torchsde
+import comfy.ldm.modules.attention, comfy.sd, comfy.samplers
+from comfy_api.latest import io
+print("staged: torch", torch.__version__, "cuda", torch.cuda.is_available(), "diffusers", diffusers.__version__,
+      "ComfyUI", os.environ.get("COMFYUI_PATH"))
+PY
+rc=$?; cat "$out/stage.txt" | tail -3
+[ "$rc" = 0 ] || { echo "ComfyUI does not import: see $out/stage.txt"; exit 1; }
+[ -n "${COMFY_STAGE_ONLY:-}" ] && exit 0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 
 # 1.
