@@ -21,7 +21,7 @@ out=${1:?usage: bash bench/gpu_comfyui.sh OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 t0=$(date +%s)
-total=${TOTAL:-560}; s1=${S1:-300}
+total=${TOTAL:-560}; s1=${S1:-300}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
 export HF_HUB_OFFLINE=1
 left() { echo $(( total - ( $(date +%s) - t0 ) )); }
 
@@ -30,16 +30,16 @@ if [ -f .devwhl/comfyui.tar.xz ] && [ -z "${COMFYUI_PATH:-}" ]; then
   mkdir -p "$stage/comfyui" && tar -C "$stage/comfyui" -xJf .devwhl/comfyui.tar.xz && export COMFYUI_PATH="$stage/comfyui"
 fi
 if compgen -G ".devwhl/*.whl" > /dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$stage/site" \
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$stage/site" \
     .devwhl/*.whl && export PYTHONPATH="$stage/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 for m in av comfy_kitchen; do  # a stand-in only where the package itself does not import
-  if ! python -c "import $m" 2> /dev/null; then
+  if ! "$py" -c "import $m" 2> /dev/null; then
     mkdir -p "$stage/shims" && cp -r "bench/device_shims/$m" "$stage/shims/" && echo "stand-in for $m"
     case ":${PYTHONPATH:-}:" in *":$stage/shims:"*) ;; *) export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$stage/shims" ;; esac
   fi
 done
-python - > "$out/stage.txt" 2>&1 <<'PY'
+"$py" - > "$out/stage.txt" 2>&1 <<'PY'
 import os, sys
 import torch
 sys.path.insert(0, os.environ.get("COMFYUI_PATH", "../shared/comfyui"))
@@ -58,7 +58,7 @@ rc=$?; cat "$out/stage.txt" | tail -3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 
 # 1.
-timeout "$s1" python bench/bench_apply_set.py --gpu --sizes 512 1024 --steps 4 8 --repeats 2 --passes 2 \
+timeout "$s1" "$py" bench/bench_apply_set.py --gpu --sizes 512 1024 --steps 4 8 --repeats 2 --passes 2 \
   --threads 8 --json "$out/apply.json" --only "checkpoint" "stock LoRA (merged file)" \
   "stock LoRA, bypass (merged file)" "ApplyAlignedLoRA" "ApplyAlignedLoRA, every layer patched" \
   "ApplyAlignedLoRA, every layer bypassed" > "$out/apply.log" 2>&1
@@ -67,7 +67,7 @@ echo "stage 1 (ApplyAlignedLoRA): rc=$? at $(( $(date +%s) - t0 )) s"
 # 2.
 rest=$(left)
 if [ "$rest" -gt 90 ]; then
-  timeout "$rest" python bench/bench_comfy_train.py memory --gpu --image-size 512 --threads 8 \
+  timeout "$rest" "$py" bench/bench_comfy_train.py memory --gpu --image-size 512 --threads 8 \
     > "$out/memory.log" 2>&1
   echo "stage 2 (memory, one copy vs two): rc=$? at $(( $(date +%s) - t0 )) s"
 else
