@@ -109,40 +109,31 @@ def per_call(apply, model, aligned, lset, positive, args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def call(mode: str, x: torch.Tensor) -> float:
-        apply.BYPASS_DEVICES = EveryDevice() if mode == "bypass" else frozenset()
-        apply.BYPASS_COST = 0.0  # never patch what may be bypassed
-        sync()
-        start = time.perf_counter()
-        if mode == "base":
-            base.apply_model(x, sigma, c_crossattn=cond)
-        else:
-            with weights.applied(base, j, tuple(x.shape)):
-                base.apply_model(x, sigma, c_crossattn=cond)
-        sync()
-        return time.perf_counter() - start
-
-    # how a segment's layers are run: the node's choice, every layer bypassed, every layer patched (the segment's
-    # patch included), and the stock LoRA's cost (patched weights kept from before: only the calls)
+    # how segment j's layers are run: the node's choice, every layer bypassed, every layer patched (entered afresh:
+    # the segment's patch timed with its calls), the stock LoRA's cost (the patched weights made beforehand: only
+    # the calls), and without the set
     policies = {"choice": (devices, cost), "bypass": (EveryDevice(), 0.0), "patched": (frozenset(), cost),
-                "stock": (frozenset(), cost)}
+                "stock": (frozenset(), cost), "base": (devices, cost)}
 
     def segment(policy: str, n: int, x: torch.Tensor) -> float:
-        """A segment of n calls (positions already counted), entered afresh unless ``policy`` is the stock LoRA."""
+        """n UNet calls of segment j under ``policy``, timed together (a bypassed call counts the positions)."""
         apply.BYPASS_DEVICES, apply.BYPASS_COST = policies[policy]
-        if policy != "stock":
-            weights.drop()
-        else:
+        if policy == "stock":
             weights._current(base, j, keys)
+        elif policy != "base":
+            weights.drop()
         sync()
         start = time.perf_counter()
         for left in range(n, 0, -1):
-            with weights.applied(base, j, tuple(x.shape), left):
+            if policy == "base":
                 base.apply_model(x, sigma, c_crossattn=cond)
+            else:
+                with weights.applied(base, j, tuple(x.shape), left):
+                    base.apply_model(x, sigma, c_crossattn=cond)
         sync()
         return time.perf_counter() - start
 
-    modes = ["base", "bypass", "patched"]
+    modes = {"base": "base", "bypass": "bypass", "patched": "stock"}  # a call's column -> its policy
     results: list[tuple] = []
     print(f"\n| size | call, no set (s) | call, bypass (s) | call, patched (s) | bypass / patched | patch of a segment "
           f"({len(keys)} weights, s) | break-even calls per segment | bypass (in + out) x positions per call | "
@@ -152,11 +143,12 @@ def per_call(apply, model, aligned, lset, positive, args) -> None:
         x = torch.randn(2, 4, size // 8, size // 8, device=device)
         times: dict[str, list[float]] = {m: [] for m in modes}
         weights.drop()  # a patch left from another size would stand in for the bypass's first, counting call
-        for mode in modes:
-            call(mode, x)  # warm-up; the patched one computes the segment's weights once
+        for mode, policy in modes.items():
+            segment(policy, 1, x)  # warm-up; the bypassed one counts the positions
+        order = list(modes)
         for n in range(args.per_call):
-            for mode in modes[n % 3:] + modes[:n % 3]:
-                times[mode].append(call(mode, x))
+            for mode in order[n % 3:] + order[:n % 3]:
+                times[mode].append(segment(modes[mode], 1, x))
         patch = []
         for _ in range(3):
             weights.drop()
@@ -178,8 +170,8 @@ def per_call(apply, model, aligned, lset, positive, args) -> None:
               f"{med['bypass'] / med['patched']:.3f} | {patch_s:.3f} | {even} | {bypass_elems / 1e6:.1f} M | "
               f"{patch_elems / 1e6:.1f} M | {implied:.2f} |", flush=True)
         for n in args.segment_calls:  # a segment of n calls: the node's per-layer choice against the two ways
-            seg: dict[str, list[float]] = {m: [] for m in policies}
-            order = list(policies)
+            order = ["choice", "bypass", "patched", "stock"]
+            seg: dict[str, list[float]] = {m: [] for m in order}
             for r in range(args.per_call):  # interleaved, each round starting at the next
                 for policy in order[r % 4:] + order[:r % 4]:
                     seg[policy].append(segment(policy, n, x))

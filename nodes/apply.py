@@ -56,8 +56,8 @@ WRAPPER_KEY = "shortft_lora_set"
 # device types of the weights whose layers may run a segment's LoRA as a bypass instead of a patched weight
 BYPASS_DEVICES = frozenset({"cpu"})
 # what bypassing costs per (input + output channel) x position against what patching costs per weight element
-# (measured on a CPU with bench/bench_apply_set.py --per-call): a segment's weights are patched when its calls left
-# would spend more on the bypass than the patch costs
+# (measured on a CPU with bench/bench_apply_set.py --per-call): a layer's weight is patched for its segment when the
+# segment's calls left would spend more on bypassing that layer than its patch costs
 BYPASS_COST = 1.3
 
 
