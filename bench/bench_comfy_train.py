@@ -3,12 +3,22 @@
     python bench/bench_comfy_train.py speed --iterations 20 --repeats 3 --threads 2
     python bench/bench_comfy_train.py memory --image-size 64 --threads 2
     python bench/bench_comfy_train.py memory --image-size 512 --gpu
+    python bench/bench_comfy_train.py prompts --image-size 512 --gpu --iterations 6
 
 ``speed``: the tiny world's preset for ``--iterations`` iterations through one library session, on the model the
 command line trains (``load_tiny_model()``, diffusers modules) and on the MODEL/CLIP/VAE of Load Tiny World
 (``nodes/backend.py``'s ComfyModel, what ShortFTTrain trains), alternated ``--repeats`` times; the training seconds
 per iteration (the session's own clock, without evaluations and pictures) are printed with their medians and the
 ratio, and whether the two LoRA sets agree.
+
+``prompts``: training with more prompts than the prompt cache holds, on a device ComfyUI believes full, in one
+process per variant: a random full-size SD1.5 checkpoint at ``--image-size`` px, a cache of 2 prompts, 6 training
+prompts, ``--iterations`` iterations (most draw a prompt the cache has dropped, so the text encoder is loaded
+mid-run). After the first iteration ComfyUI's reserved memory is set to what the device has free, so every load
+of the text encoder must free memory by unloading other models. ``held`` is the pack (the network and the VAE kept
+out of ComfyUI's unloading while a prompt encodes); ``unheld`` is the same run without that. Printed per variant:
+iterations done, mid-run encodes, how much of the network and the VAE ComfyUI unloaded during them, the error if
+one stopped the run, and the network's and VAE's parameters left off the device.
 
 ``memory``: one ShortFT iteration at ``--image-size`` px on a random full-size SD1.5 checkpoint, each variant in a
 fresh process whose peak resident memory (VmHWM) is read at the end: ``one-copy`` loads the checkpoint with ComfyUI's
@@ -161,9 +171,96 @@ def memory(args: argparse.Namespace) -> None:
         print(f"| {row['variant']} | {row['loaded_gib']:.2f} | {row['peak_gib']:.2f} | {row['seconds']:.1f} |")
 
 
+PROMPTS_SCRIPT = r'''
+import contextlib, json, sys, time
+variant, ckpt, shortcut, size, threads, gpu, iterations = sys.argv[1:8]
+gpu = gpu == "gpu"
+sys.path.insert(0, sys.argv[8])
+from bench_comfy_train import start_comfyui
+start_comfyui(int(threads), gpu)
+import torch
+from bench_apply_set import import_pack_module
+import comfy.model_management as mm
+import comfy.sd
+backend = import_pack_module("backend")
+from shortft_pack.shortft_core import TrainConfig, attach_shortcut
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
+from shortft_pack.shortft_core.trainer import Trainer
+
+with torch.inference_mode():
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+m = backend.ComfyModel(model, clip, vae, cache_size=2)
+if variant == "unheld":
+    m._kept_in_place = contextlib.nullcontext
+prompts = [f"a red circle left of a blue square, picture {i}" for i in range(6)]
+m.prepare(["", *prompts], (int(size),) * 2)
+device = mm.get_torch_device()
+unloaded, encode = [], clip.encode_from_tokens
+
+
+def on_device():
+    """Bytes of the network's and the VAE's weights ComfyUI counts as loaded on the device."""
+    return m.patcher.loaded_size() + vae.patcher.loaded_size()
+
+
+def counted(*args, **kwargs):
+    before = on_device()
+    out = encode(*args, **kwargs)
+    unloaded.append(max(0, before - on_device()))
+    return out
+
+
+clip.encode_from_tokens = counted
+cfg = TrainConfig(iterations=int(iterations), batch_size=1, rank=4, guidance=1.0, sample_steps=10, eval_count=0,
+                  lr=1e-3, shortcut_guidance=1.0, image_size=int(size))
+preset = attach_shortcut(m, shortcut)
+trainer = Trainer(m, SymmetryReward(), cfg, PromptSource(prompts), shortcut_preset=preset)
+done, error, t0 = 0, None, time.perf_counter()
+try:
+    for i in range(int(iterations)):
+        trainer.train_step()
+        done += 1
+        if i == 0:  # from now on ComfyUI sees a full device: each load must unload other models first
+            mm.EXTRA_RESERVED_VRAM = int(mm.get_free_memory(device))
+except Exception as e:  # what the run stops with is the result
+    error = f"{type(e).__name__}: {str(e)[:200]}"
+off = sum(p.device != device for net in (m.unet, m.vae) for p in net.parameters())
+print("RESULT " + json.dumps({"variant": variant, "iterations": done, "encodes": len(unloaded),
+                              "mib_unloaded_by_encodes": sum(unloaded) / 2**20, "parameters_off_device": off,
+                              "error": error, "seconds": time.perf_counter() - t0}))
+'''
+
+
+def prompts(args: argparse.Namespace) -> None:
+    from shortft_core.testing import random_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = random_models.write_ldm_checkpoint(random_models.random_model("sd15"), tmp / "sd15.safetensors")
+        shortcut = random_models.write_random_shortcut(ckpt, tmp / "Hyper-SD15-4steps-lora.safetensors")
+        script = tmp / "prompts_side.py"
+        script.write_text(PROMPTS_SCRIPT)
+        rows = []
+        for variant in ("held", "unheld"):
+            r = subprocess.run([sys.executable, str(script), variant, str(ckpt), str(shortcut), str(args.image_size),
+                                str(args.threads), "gpu" if args.gpu else "cpu", str(args.iterations),
+                                str(REPO / "bench")], capture_output=True, text=True, cwd=find_comfyui(), check=False)
+            if r.returncode != 0:
+                raise SystemExit(f"the {variant} process failed ({r.returncode}):\n{r.stdout[-2000:]}\n"
+                                 f"{r.stderr[-4000:]}")
+            rows.append(json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:]))
+            print(rows[-1], flush=True)
+    print("\n| variant | iterations done | mid-run encodes | network + VAE unloaded by them (MiB) | "
+          "parameters off the device | stopped by |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['iterations']} of {args.iterations} | {row['encodes']} | "
+              f"{row['mib_unloaded_by_encodes']:.0f} | {row['parameters_off_device']} | {row['error'] or '-'} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "memory"])
+    parser.add_argument("what", choices=["speed", "memory", "prompts"])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -172,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="memory: ComfyUI on the GPU (its own dtype), the peak allocated VRAM instead of RSS")
     args = parser.parse_args(argv)
     started = time.time()
-    (speed if args.what == "speed" else memory)(args)
+    {"speed": speed, "memory": memory, "prompts": prompts}[args.what](args)
     print(f"\n({time.time() - started:.0f} s in all)")
 
 

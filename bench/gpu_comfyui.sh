@@ -6,7 +6,9 @@
 #   1. (S1 s) ApplyAlignedLoRA in the stock KSampler on the GPU against a stock LoRA, at 512 and 1024 px, 4 and 8
 #      steps, two passes: the default (a GPU layer's weights patched per segment) and every layer bypassed, to
 #      confirm the GPU default meets <= 1.1x or to choose the bypass there too (bench/bench_apply_set.py);
-#   2. (the rest) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
+#   2. (S2 s) training with more prompts than the prompt cache on a GPU ComfyUI believes full, with the network and
+#      the VAE held in place while a prompt encodes mid-run and without (bench/bench_comfy_train.py prompts --gpu);
+#   3. (the rest) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
 #      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px).
 # OUT receives at most 8 files, none deeper than OUT/file (the device tool's limits).
 # The device image has torch, transformers and peft but no ComfyUI nor its other requirements, and ../shared does not
@@ -21,7 +23,7 @@ out=${1:?usage: bash bench/gpu_comfyui.sh OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 t0=$(date +%s)
-total=${TOTAL:-560}; s1=${S1:-300}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
+total=${TOTAL:-560}; s1=${S1:-280}; s2=${S2:-120}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
 export HF_HUB_OFFLINE=1
 left() { echo $(( total - ( $(date +%s) - t0 ) )); }
 
@@ -65,12 +67,17 @@ timeout "$s1" "$py" bench/bench_apply_set.py --gpu --sizes 512 1024 --steps 4 8 
 echo "stage 1 (ApplyAlignedLoRA): rc=$? at $(( $(date +%s) - t0 )) s"
 
 # 2.
+timeout "$s2" "$py" bench/bench_comfy_train.py prompts --gpu --image-size 512 --iterations 6 --threads 8 \
+  > "$out/prompts.log" 2>&1
+echo "stage 2 (prompts beyond the cache on a full GPU): rc=$? at $(( $(date +%s) - t0 )) s"
+
+# 3.
 rest=$(left)
 if [ "$rest" -gt 90 ]; then
   timeout "$rest" "$py" bench/bench_comfy_train.py memory --gpu --image-size 512 --threads 8 \
     > "$out/memory.log" 2>&1
-  echo "stage 2 (memory, one copy vs two): rc=$? at $(( $(date +%s) - t0 )) s"
+  echo "stage 3 (memory, one copy vs two): rc=$? at $(( $(date +%s) - t0 )) s"
 else
-  echo "stage 2 skipped: ${rest} s left"
+  echo "stage 3 skipped: ${rest} s left"
 fi
-tail -12 "$out/apply.log"; tail -5 "$out/memory.log" 2>/dev/null
+tail -12 "$out/apply.log"; tail -5 "$out/prompts.log" 2>/dev/null; tail -5 "$out/memory.log" 2>/dev/null

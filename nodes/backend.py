@@ -16,12 +16,13 @@ eps = (x_ve - x0) / sigma_t for eps and v models alike.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import comfy.lora
 import comfy.lora_convert
@@ -146,6 +147,7 @@ class ComfyModel(DiffusionModel):
         self.adapter_order = self._diffusers_order()
         self.cache_size = cache_size
         self._conds: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
+        self._placed = False  # prepare() placed the network and the VAE for training
 
     def _fingerprinted(self) -> list[tuple[torch.nn.Module, Mapping[str, Any]]]:
         clip_patcher = getattr(self.clip, "patcher", None)
@@ -168,8 +170,8 @@ class ComfyModel(DiffusionModel):
     def prepare(self, prompts: Sequence[str] = (), size: tuple[int, int] | None = None) -> None:
         """Encode ``prompts`` at image ``size`` first (at most ``cache_size`` of them; the rest are encoded on first
         use), then place the network and the VAE where ComfyUI computes (whole, no streaming) and make their weights
-        ordinary tensors, so gradients can flow through them. Encoding first keeps ComfyUI from loading the text
-        encoder during training, which on a full GPU could move the network being trained off it."""
+        ordinary tensors, so gradients can flow through them. Encoding first spares the text encoder's loads during
+        training; a prompt beyond the cache is encoded when first used, with the network and the VAE kept in place."""
         wanted = list(dict.fromkeys(prompts))
         for prompt in wanted[: self.cache_size]:
             self._encode_one(prompt, size)
@@ -177,9 +179,29 @@ class ComfyModel(DiffusionModel):
             log.warning("ShortFT: %d prompts, %d encoded before training (the prompt cache's size); the others are "
                         "encoded on first use", len(wanted), self.cache_size)
         comfy.model_management.load_models_gpu([self.patcher, self.comfy_vae.patcher], force_full_load=True)
+        self._placed = True
         count = ordinary_tensors_(self.unet) + ordinary_tensors_(self.vae)
         if count:
             log.info("ShortFT: %d tensors of the MODEL and VAE re-registered outside inference mode", count)
+
+    @contextlib.contextmanager
+    def _kept_in_place(self) -> Iterator[None]:
+        """Once prepare() placed them, the network being trained and the VAE are no candidates for ComfyUI's
+        unloading while the block runs (a prompt encoded mid-run loads the text encoder, and on a full GPU ComfyUI
+        frees memory by moving the least used models off it, which would move trained weights, their LoRA layers
+        and the optimizer's tensors apart). Their entries leave ComfyUI's list of loaded models for the block and
+        return to its head after, however it ends; the memory they hold stays visible to ComfyUI as used device
+        memory, so the text encoder loads into what is free (partly, when little is)."""
+        loaded = comfy.model_management.current_loaded_models
+        ours = (self.base, self.vae)
+        held = [entry for entry in loaded if self._placed and entry.model is not None
+                and any(entry.model.model is m for m in ours)]
+        for entry in held:
+            loaded.remove(entry)
+        try:
+            yield
+        finally:
+            loaded[0:0] = [entry for entry in held if entry not in loaded]
 
     def lean_modules(self) -> list[torch.nn.Module]:
         """None: the lean forwards replace a layer's forward, which would bypass ComfyUI's own (its weight casting
@@ -208,7 +230,8 @@ class ComfyModel(DiffusionModel):
             self._conds.move_to_end(key)
             return hit
         with torch.no_grad():
-            out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
+            with self._kept_in_place():
+                out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
             c, h, w = self.latent_shape(height, width)
             conds = self.base.extra_conds(cross_attn=out["cond"], pooled_output=out.get("pooled_output"),
                                           width=width, height=height, device=self.device,

@@ -279,8 +279,8 @@ class ShortFTTrain(io.ComfyNode):
         try:
             with TrainingSession(request, callbacks=[progress]) as session:
                 session.check()
-                # on a GPU the prompts are encoded before training: ComfyUI loading its text encoder mid-run could
-                # move the network being trained off a full GPU (on a CPU nothing moves, and nothing is encoded twice)
+                # on a GPU the prompts are encoded before training, so the text encoder is not loaded again and again
+                # mid-run (on a CPU nothing is loaded, and nothing is encoded twice)
                 gpu = mm.get_torch_device().type != "cpu"
                 prompts = ["", *session.prompts.prompts, *session.eval_prompts] if gpu else ()
                 size = (session.config.image_size,) * 2 if session.config.image_size else None

@@ -411,3 +411,82 @@ def test_the_family_of_a_model_is_comfyuis_exact_class_and_others_are_refused_by
     for name in ("SSD1B", "SD21UnclipH", "Flux", "SD3"):
         assert res[name] == name
         assert name in res[name + "_refused"] and "SD1.5, SDXL and SD2.x" in res[name + "_refused"]
+
+
+HOLD_SCRIPT = r'''
+import json
+import comfy.model_management as mm
+
+tiny, backend = pack_module("tiny_world"), pack_module("backend")
+res = {}
+with torch.inference_mode():
+    model, clip, vae = tiny.load_tiny_world()
+cm = backend.ComfyModel(model, clip, vae, cache_size=2)
+device = mm.get_torch_device()
+
+
+def ours():
+    return sorted(type(e.model.model).__name__ for e in mm.current_loaded_models
+                  if e.model is not None and (e.model.model is cm.base or e.model.model is cm.vae))
+
+
+def names(entries):
+    return sorted(type(e.model.model).__name__ for e in entries if e.model is not None)
+
+
+encode, during = clip.encode_from_tokens, []
+
+
+def encode_under_pressure(*args, **kwargs):
+    """ComfyUI's own encode, then what its model management does on a device short of memory: every loaded model
+    not kept is unloaded, the least used first."""
+    out = encode(*args, **kwargs)
+    during.append({"ours": ours(), "freed": names(mm.free_memory(1e30, device))})
+    if len(during) == 4:
+        raise RuntimeError("the text encoder failed")
+    return out
+
+
+clip.encode_from_tokens = encode_under_pressure
+cm.prepare(["a red circle", "a blue square", "a green triangle"])  # three prompts, a cache of two
+res["pre_encoded"] = sorted(k[0] for k in cm._conds)
+res["before_placement"] = list(during)
+res["placed"] = ours()
+res["order_before"] = [id(e) for e in mm.current_loaded_models if e.model is not None and e.model.model is cm.base]
+weights = {n: (p.device, p.data_ptr()) for n, p in cm.unet.named_parameters()}
+cm.encode_prompts(["a green triangle"])  # beyond the cache: encoded mid-run
+res["mid_run"] = during[-1]
+res["after"] = ours()
+res["kept_weights"] = weights == {n: (p.device, p.data_ptr()) for n, p in cm.unet.named_parameters()}
+try:
+    cm.encode_prompts(["a yellow star"])
+except RuntimeError as e:
+    res["error"] = str(e)
+res["after_error"] = ours()
+res["same_entry"] = [id(e) for e in mm.current_loaded_models
+                     if e.model is not None and e.model.model is cm.base] == res["order_before"]
+res["unheld_freed"] = names(mm.free_memory(1e30, device))  # the same call outside an encode reaches them
+print("RESULT " + json.dumps(res))
+'''
+
+
+def test_a_prompt_encoded_mid_run_cannot_unload_the_network_being_trained(tmp_path):
+    """Beyond the prompt cache, a prompt is encoded during training, and loading the text encoder lets ComfyUI free
+    device memory by unloading other models: after prepare() placed them, the network being trained and the VAE are
+    held out of that (the rest, the text encoder itself included, can still go) and are back in ComfyUI's list of
+    loaded models afterwards, also when the encode fails. The stand-in for a full GPU is ComfyUI's own free_memory
+    asked for more than the device has, called inside the encode."""
+    comfy = comfyui_or_skip()
+    out = run_in_comfyui(comfy, HOLD_SCRIPT, tmp_path / "hold_side.py", timeout=300)
+    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(res, indent=1))
+    assert res["pre_encoded"] == ["a blue square", "a red circle"]
+    assert len(res["before_placement"]) == 2  # nothing to hold before placement: ComfyUI may unload what it likes
+    placed = sorted(["BaseModel", "AutoencoderKL"])
+    assert res["placed"] == placed
+    assert res["mid_run"]["ours"] == []  # held out while the text encoder loads
+    assert "BaseModel" not in res["mid_run"]["freed"] and "AutoencoderKL" not in res["mid_run"]["freed"]
+    assert res["mid_run"]["freed"], "nothing else was freed: the stand-in for a full device did not run"
+    assert res["after"] == placed and res["kept_weights"]
+    assert res["error"] == "the text encoder failed" and res["after_error"] == placed and res["same_entry"]
+    assert "BaseModel" in res["unheld_freed"], "outside an encode the same call must reach the network"
