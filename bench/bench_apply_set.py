@@ -219,7 +219,12 @@ def main() -> int:
     if unknown or (args.only is not None and "stock LoRA (merged file)" not in args.only):
         p.error(f"--only: {', '.join(map(repr, unknown)) or 'the stock LoRA is missing'}; name variants among "
                 f"{', '.join(map(repr, VARIANTS))}, the stock LoRA included (the ratios are to it)")
+    with tempfile.TemporaryDirectory(prefix="bench_apply_") as work:  # the checkpoint and the set: 2.7 GB
+        return bench(args, Path(work))
 
+
+def bench(args: argparse.Namespace, work: Path) -> int:
+    """Build the checkpoint and the set in ``work``, then time what ``args`` asks (see the module docstring)."""
     comfy = find_comfyui()
     sys.path.insert(0, str(comfy))
     sys.argv = [sys.argv[0]] + ([] if args.gpu else ["--cpu"])
@@ -239,7 +244,6 @@ def main() -> int:
     apply = import_pack_module("apply", Path(args.pack))
     from shortft_core.lora_set import LoraSet
 
-    work = Path(tempfile.mkdtemp(prefix="bench_apply_"))
     t0 = time.perf_counter()
     ckpt, lora_dir = build_world(work, args.rank, seed=0)
     print(f"built the checkpoint and a rank-{args.rank} set in {time.perf_counter() - t0:.0f} s", flush=True)
