@@ -146,25 +146,33 @@ print("RESULT " + json.dumps({"variant": variant, "loaded_gib": loaded, "peak_gi
 '''
 
 
-def memory(args: argparse.Namespace) -> None:
+def in_processes(script_text: str, variants: tuple[str, ...], args: argparse.Namespace, *extra: str) -> list[dict]:
+    """Run ``script_text`` once per variant, each in a fresh process, on one random full-size SD1.5 checkpoint and
+    a random shortcut LoRA for it; its arguments: variant, checkpoint, shortcut, image size, threads, cpu / gpu,
+    this folder, then ``extra``. Returns the JSON each printed after ``RESULT``."""
     from shortft_core.testing import random_models
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = random_models.write_ldm_checkpoint(random_models.random_model("sd15"), tmp / "sd15.safetensors")
         shortcut = random_models.write_random_shortcut(ckpt, tmp / "Hyper-SD15-4steps-lora.safetensors")
-        script = tmp / "memory_side.py"
-        script.write_text(MEMORY_SCRIPT)
+        script = tmp / "side.py"
+        script.write_text(script_text)
         rows = []
-        for variant in ("one-copy", "two-copies"):
+        for variant in variants:
             r = subprocess.run([sys.executable, str(script), variant, str(ckpt), str(shortcut), str(args.image_size),
-                                str(args.threads), "gpu" if args.gpu else "cpu", str(REPO / "bench")],
+                                str(args.threads), "gpu" if args.gpu else "cpu", str(REPO / "bench"), *extra],
                                capture_output=True, text=True, cwd=find_comfyui(), check=False)
             if r.returncode != 0:
                 raise SystemExit(f"the {variant} process failed ({r.returncode}):\n{r.stdout[-2000:]}\n"
                                  f"{r.stderr[-4000:]}")
             rows.append(json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:]))
             print(rows[-1], flush=True)
+    return rows
+
+
+def memory(args: argparse.Namespace) -> None:
+    rows = in_processes(MEMORY_SCRIPT, ("one-copy", "two-copies"), args)
     what = "GPU memory allocated" if args.gpu else "resident memory"
     print(f"\n| variant | {what} after ComfyUI's loader (GiB) | peak (GiB) | iteration (s) |\n|---|---|---|---|")
     for row in rows:
@@ -173,9 +181,9 @@ def memory(args: argparse.Namespace) -> None:
 
 PROMPTS_SCRIPT = r'''
 import contextlib, json, sys, time
-variant, ckpt, shortcut, size, threads, gpu, iterations = sys.argv[1:8]
+variant, ckpt, shortcut, size, threads, gpu, here, iterations = sys.argv[1:9]
 gpu = gpu == "gpu"
-sys.path.insert(0, sys.argv[8])
+sys.path.insert(0, here)
 from bench_comfy_train import start_comfyui
 start_comfyui(int(threads), gpu)
 import torch
@@ -233,24 +241,7 @@ print("RESULT " + json.dumps({"variant": variant, "iterations": done, "encodes":
 
 
 def prompts(args: argparse.Namespace) -> None:
-    from shortft_core.testing import random_models
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        ckpt = random_models.write_ldm_checkpoint(random_models.random_model("sd15"), tmp / "sd15.safetensors")
-        shortcut = random_models.write_random_shortcut(ckpt, tmp / "Hyper-SD15-4steps-lora.safetensors")
-        script = tmp / "prompts_side.py"
-        script.write_text(PROMPTS_SCRIPT)
-        rows = []
-        for variant in ("held", "unheld"):
-            r = subprocess.run([sys.executable, str(script), variant, str(ckpt), str(shortcut), str(args.image_size),
-                                str(args.threads), "gpu" if args.gpu else "cpu", str(args.iterations),
-                                str(REPO / "bench")], capture_output=True, text=True, cwd=find_comfyui(), check=False)
-            if r.returncode != 0:
-                raise SystemExit(f"the {variant} process failed ({r.returncode}):\n{r.stdout[-2000:]}\n"
-                                 f"{r.stderr[-4000:]}")
-            rows.append(json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:]))
-            print(rows[-1], flush=True)
+    rows = in_processes(PROMPTS_SCRIPT, ("held", "unheld"), args, str(args.iterations))
     print("\n| variant | iterations done | mid-run encodes | network + VAE unloaded by them (MiB) | "
           "parameters off the device | stopped by |\n|---|---|---|---|---|---|")
     for row in rows:

@@ -194,8 +194,8 @@ class ComfyModel(DiffusionModel):
         memory, so the text encoder loads into what is free (partly, when little is)."""
         loaded = comfy.model_management.current_loaded_models
         ours = (self.base, self.vae)
-        held = [entry for entry in loaded if self._placed and entry.model is not None
-                and any(entry.model.model is m for m in ours)]
+        held = [entry for entry in loaded if entry.model is not None
+                and any(entry.model.model is m for m in ours)] if self._placed else []
         for entry in held:
             loaded.remove(entry)
         try:
