@@ -3,6 +3,8 @@
 # 560: a command may run 600 s and a session has 15 device minutes, start-up included; the library's own GPU rows
 # are bench/gpu_session.sh). Each stage has a time limit, so one that runs long cannot starve the next, and each
 # writes its files before the next starts:
+#   0. (S0 s, first) LoRA gradients of fp16 / bf16 networks against fp32's in CUDA arithmetic, with and without the
+#      dynamic loss scaling (bench/bench_fp16_gradients.py on the tiny world).
 #   1. (S1 s) ApplyAlignedLoRA in the stock KSampler on the GPU against a stock LoRA, at 512 and 1024 px, 4 and 8
 #      steps, two passes: the default (a GPU layer's weights patched per segment) and every layer bypassed, to
 #      confirm the GPU default meets <= 1.1x or to choose the bypass there too (bench/bench_apply_set.py);
@@ -10,7 +12,7 @@
 #      the VAE held in place while a prompt encodes mid-run and without (bench/bench_comfy_train.py prompts --gpu);
 #   3. (the rest) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
 #      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px).
-# OUT receives at most 8 files, none deeper than OUT/file (the device tool's limits).
+# OUT receives at most 8 files (7 here), none deeper than OUT/file (the device tool's limits).
 # The device image has torch, transformers and peft but no ComfyUI nor its other requirements, and ../shared does not
 # travel: run bench/stage_device.sh here first and carry .devwhl (ComfyUI's source and the small wheels, unpacked
 # and installed under /tmp below); bench/device_shims stands in for PyAV and comfy-kitchen where they are missing.
@@ -23,7 +25,7 @@ out=${1:?usage: bash bench/gpu_comfyui.sh OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 t0=$(date +%s)
-total=${TOTAL:-560}; s1=${S1:-280}; s2=${S2:-120}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
+total=${TOTAL:-560}; s0=${S0:-60}; s1=${S1:-260}; s2=${S2:-120}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
 export HF_HUB_OFFLINE=1
 left() { echo $(( total - ( $(date +%s) - t0 ) )); }
 
@@ -59,6 +61,10 @@ rc=$?; cat "$out/stage.txt" | tail -3
 [ -n "${COMFY_STAGE_ONLY:-}" ] && exit 0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 
+# 0.
+timeout "$s0" "$py" bench/bench_fp16_gradients.py --device cuda --weights 1 0.0009765625 > "$out/fp16.log" 2>&1
+echo "stage 0 (fp16 gradients): rc=$? at $(( $(date +%s) - t0 )) s"
+
 # 1.
 timeout "$s1" "$py" bench/bench_apply_set.py --gpu --sizes 512 1024 --steps 4 8 --repeats 2 --passes 2 \
   --threads 8 --json "$out/apply.json" --only "checkpoint" "stock LoRA (merged file)" \
@@ -80,4 +86,4 @@ if [ "$rest" -gt 90 ]; then
 else
   echo "stage 3 skipped: ${rest} s left"
 fi
-tail -12 "$out/apply.log"; tail -5 "$out/prompts.log" 2>/dev/null; tail -5 "$out/memory.log" 2>/dev/null
+grep "^|" "$out/fp16.log"; tail -12 "$out/apply.log"; tail -5 "$out/prompts.log" 2>/dev/null; tail -5 "$out/memory.log" 2>/dev/null

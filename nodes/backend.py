@@ -203,6 +203,13 @@ class ComfyModel(DiffusionModel):
         finally:
             loaded[0:0] = [entry for entry in held if entry not in loaded]
 
+    @property
+    def fp16_backward(self) -> bool:
+        """ComfyUI computes in its manual-cast dtype where it set one (fp16 weights on a CPU compute in fp32, fp8
+        weights on a GPU in fp16 or bf16), else in the weights' dtype; the VAE in its weights' dtype."""
+        network = self.base.manual_cast_dtype or self.dtype
+        return network == torch.float16 or next(self.vae.parameters()).dtype == torch.float16
+
     def lean_modules(self) -> list[torch.nn.Module]:
         """None: the lean forwards replace a layer's forward, which would bypass ComfyUI's own (its weight casting
         and offloading); they are measured on diffusers' layers only."""
@@ -261,12 +268,15 @@ class ComfyModel(DiffusionModel):
         tt = torch.as_tensor(t, device=x.device)
         if tt.ndim == 0:
             tt = tt.expand(x.shape[0])
-        sigma = self.base.model_sampling.sigmas.to(x.device)[tt.long()].to(x.dtype)
+        # the conversions run in fp32 whatever the latents' dtype: at small sigma eps = (x_ve - x0) / sigma cancels
+        # almost all of x_ve, which in fp16 or bf16 would leave a few percent of error (apply_model casts the
+        # network's input to its own dtype, and its denoised output is fp32)
+        sigma = self.base.model_sampling.sigmas.to(x.device)[tt.long()].float()
         scale = (1.0 + sigma**2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
-        x_ve = x * scale
+        x_ve = x.float() * scale
         extra = dict(cond.added or {})
         denoised = self.base.apply_model(x_ve, sigma, c_crossattn=cond.hidden, **extra)
-        return (x_ve - denoised.to(x.dtype)) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return ((x_ve - denoised.float()) / sigma.reshape(-1, *([1] * (x.ndim - 1)))).to(x.dtype)
 
     @interruptible
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,8 @@ class TrainConfig:
     time_budget_s: float | None = setting(None, "stop, and schedule the stages, by wall-clock seconds instead of "
                                                 "iterations", above=0)
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the LoRAs train in "
-                                         "fp32); bf16 on a GPU", choices=tuple(PRECISION))
+                                         "fp32; fp16 scales the loss dynamically); bf16 on a GPU",
+                                   choices=tuple(PRECISION))
     kl_weight: float = setting(0.0, "DRaFT+-style penalty: weight of the mean squared distance between tuned and "
                                     "base eps on the steps with gradient", at_least=0)
     seed: int = setting(0, "seed of prompts, noise and the LoRAs' initialisation")

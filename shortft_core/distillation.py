@@ -324,7 +324,7 @@ class Distiller(Loop):
         super().__init__(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=max(1, cfg.warmup),
                          total=cfg.steps, schedule="cosine", grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg,
                          checkpoints=CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints),
-                         callbacks=callbacks)
+                         callbacks=callbacks, loss_scaling=model.fp16_backward)
         self.solver = model.schedule.num_train_timesteps // cfg.teacher_steps
         self.skipped = 0
         if cfg.data == "images":
@@ -443,10 +443,9 @@ class Distiller(Loop):
         t0 = time.perf_counter()
         loss = self.loss_on(self.draw(self.gen))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        before = self.skipped
+        self.loss_scale.scale(loss).backward()
         self.apply_gradients(bool(torch.isfinite(loss)))
-        if self.ema is not None and self.skipped == before:
+        if self.ema is not None and self.updated:
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
                     e.lerp_(p.detach(), 1 - self.cfg.ema_decay)

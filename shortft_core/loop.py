@@ -1,6 +1,7 @@
 """The loop skeleton that reward fine-tuning (:class:`~shortft_core.trainer.Trainer`) and shortcut distillation
 (:class:`~shortft_core.distillation.Distiller`) share: the learning-rate schedule, the optimizer update with its
-non-finite guard and gradient clipping, callbacks, stop requests, and exact checkpoint/resume.
+non-finite guard, gradient clipping and (for fp16 networks) dynamic loss scaling, callbacks, stop requests, and exact
+checkpoint/resume.
 
 A subclass provides ``train_step()`` (one optimizer step: forward, backward, :meth:`Loop.apply_gradients`),
 ``extra_state()`` / ``load_extra_state()`` (what else a checkpoint must hold) and, if it has them, ``after_step()``
@@ -57,6 +58,57 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
+class LossScale:
+    """Dynamic loss scaling for backward passes through float16 arithmetic, whose smallest normal number (6e-5) is
+    above many of a reward's per-element gradients at full image sizes: the loss is multiplied by a power of two
+    before backward and the gradients divided by it after (both exact), so small gradients keep their precision
+    instead of flushing to zero. An overflow (a non-finite gradient with a finite loss) halves the scale and skips
+    that update; ``growth_interval`` clean updates in a row double it. Disabled, it is the identity."""
+
+    INITIAL, FLOOR, GROWTH_INTERVAL = 2.0**16, 1.0, 2000
+
+    def __init__(self, enabled: bool, growth_interval: int = GROWTH_INTERVAL) -> None:
+        self.enabled = enabled
+        self.value = self.INITIAL if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.clean = 0  # clean updates since the scale last changed
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on."""
+        return loss * self.value if self.enabled else loss
+
+    def unscale_(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Divide the accumulated gradients by the scale, in place."""
+        if self.enabled:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.value)
+
+    def absorbs_overflow(self) -> bool:
+        """Called when an update's loss is finite but a gradient is not: halve the scale and say whether that was
+        an overflow of the scaled gradients (True) rather than a gradient that is not finite at scale 1 (False)."""
+        if not self.enabled or self.value <= self.FLOOR:
+            return False
+        self.value = max(self.FLOOR, self.value / 2)
+        self.clean = 0
+        return True
+
+    def updated(self) -> None:
+        """Called after each clean update: grow the scale after ``growth_interval`` of them in a row."""
+        if self.enabled:
+            self.clean += 1
+            if self.clean >= self.growth_interval:
+                self.value *= 2
+                self.clean = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "clean": self.clean}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.enabled and state:
+            self.value, self.clean = float(state["value"]), int(state["clean"])
+
+
 class Callback:
     """Hooks a loop calls; hosts implement them (progress bars, previews, metrics, stop requests)."""
 
@@ -104,7 +156,7 @@ class Loop:
     def __init__(self, params: Sequence[torch.nn.Parameter] | Sequence[dict], *, lr: float, weight_decay: float,
                  warmup: int, total: int, schedule: str, grad_clip: float, seed: int, config: Any,
                  checkpoints: CheckpointManager | None, callbacks: Sequence[Callback] = (),
-                 procs: Any = None) -> None:
+                 procs: Any = None, loss_scaling: bool = False) -> None:
         self.config = config
         self.total, self.grad_clip = total, grad_clip
         self.opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
@@ -115,6 +167,8 @@ class Loop:
         self.acc = procs if procs is not None else SingleProcess(torch.device("cpu"))
         self.iteration = 0
         self.skipped = 0
+        self.updated = False  # the last apply_gradients() changed the weights
+        self.loss_scale = LossScale(loss_scaling)
         self.elapsed = 0.0
         self.stopped = False  # the last iterate() ended on a stop request
         self._saved_at: int | None = None
@@ -139,14 +193,21 @@ class Loop:
         return [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
 
     def apply_gradients(self, losses_finite: bool) -> float:
-        """Clip and apply the accumulated gradients of the trainable parameters, or skip the update when the loss or
-        a gradient is not finite (more than ``MAX_SKIPPED`` such iterations end the run); steps the LR schedule and
-        the counter. Returns the gradient norm before clipping (NaN when skipped)."""
+        """Unscale (:class:`LossScale`), clip and apply the accumulated gradients of the trainable parameters, or
+        skip the update when the loss or a gradient is not finite: an overflow of loss-scaled gradients lowers the
+        scale, anything else counts as a non-finite iteration (more than ``MAX_SKIPPED`` of them end the run); steps
+        the LR schedule and the counter. Returns the gradient norm before clipping (NaN when skipped)."""
         params = self.trainable
         grad_norm = float("nan")
-        if losses_finite and all_finite([p.grad for p in params]):
+        self.loss_scale.unscale_(params)
+        self.updated = losses_finite and all_finite([p.grad for p in params])
+        if self.updated:
             grad_norm = clip_gradients(params, self.grad_clip)
             self.opt.step()
+            self.loss_scale.updated()
+        elif losses_finite and self.loss_scale.absorbs_overflow():
+            log.info("iteration %d: the fp16 gradients overflowed at loss scale %g; update skipped, scale now %g",
+                     self.iteration, self.loss_scale.value * 2, self.loss_scale.value)
         else:
             self.skipped += 1
             log.warning("iteration %d: non-finite loss or gradient; update skipped (%d so far)", self.iteration,
@@ -184,7 +245,7 @@ class Loop:
     def state(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "rng": capture_rng({self.rng_name: self.gen}), "iteration": self.iteration, "skipped": self.skipped,
-                "elapsed": self.elapsed, "config": json.dumps(self.config.to_dict()), **self.extra_state()}
+                "loss_scale": self.loss_scale.state_dict(), "elapsed": self.elapsed, "config": json.dumps(self.config.to_dict()), **self.extra_state()}
 
     def save_checkpoint(self) -> Path | None:
         if self.ckpt is None or not self.acc.is_main_process:
@@ -212,6 +273,7 @@ class Loop:
         self.sched.load_state_dict(st["scheduler"])
         restore_rng(st["rng"], {self.rng_name: self.gen})
         self.iteration, self.skipped = int(st["step"]), int(st["skipped"])
+        self.loss_scale.load_state_dict(st.get("loss_scale", {}))
         self.elapsed = float(st.get("elapsed", 0.0))
         self._saved_at = self.iteration
         log.info("resumed from %s at iteration %d", path, self.iteration)

@@ -183,6 +183,12 @@ class DiffusionModel(abc.ABC):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def fp16_backward(self) -> bool:
+        """Whether training's backward pass runs through float16 arithmetic (the network or the decoder computes in
+        fp16), where the loops scale the loss so that small gradients keep their precision."""
+        return any(next(m.parameters()).dtype == torch.float16 for m in (self.unet, self.vae))
+
     def parts(self) -> list[torch.nn.Module]:
         """Every module training may touch (for :class:`~shortft_core.lifecycle.ModelState`)."""
         return [self.unet, self.vae, *self.text_encoders]

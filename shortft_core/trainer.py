@@ -152,7 +152,8 @@ class Trainer(Loop):
                          weight_decay=cfg.weight_decay, warmup=cfg.warmup, total=cfg.iterations,
                          schedule=cfg.lr_schedule, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg,
                          checkpoints=CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
-                         if self.out else None, callbacks=callbacks, procs=processes(model.device, accelerator))
+                         if self.out else None, callbacks=callbacks, procs=processes(model.device, accelerator),
+                         loss_scaling=model.fp16_backward)
         self.stage = 0
         self.history = History()
         self.wrapped: torch.nn.Module | None = None
@@ -238,7 +239,7 @@ class Trainer(Loop):
                 else contextlib.nullcontext()
             with ctx:
                 loss, metrics = self.wrapped(plan, x, cond, uncond, prompts, self.gen, self._chain_hook(plan, micro))
-                (loss / cfg.grad_accum).backward()
+                self.loss_scale.scale(loss / cfg.grad_accum).backward()
             rewards.append(metrics["reward"].float().mean())
             losses.append(loss.detach().float())
         self.last_plan = plan

@@ -490,3 +490,121 @@ def test_a_prompt_encoded_mid_run_cannot_unload_the_network_being_trained(tmp_pa
     assert res["after"] == placed and res["kept_weights"]
     assert res["error"] == "the text encoder failed" and res["after_error"] == placed and res["same_entry"]
     assert "BaseModel" in res["unheld_freed"], "outside an encode the same call must reach the network"
+
+
+# ----- a MODEL that computes in fp16, as ComfyUI runs SD1.5 / SDXL on a GPU ----------------------------------------
+FP16_SCRIPT = r'''
+import dataclasses
+import json
+
+import comfy.model_management
+import math
+from pathlib import Path
+
+from shortft_pack.shortft_core import (TrainingSession, TrainRequest, attach_shortcut, tiny_config,
+                                      tiny_shortcut_path)
+from shortft_pack.shortft_core.checkpoint import CheckpointManager
+from shortft_pack.shortft_core.lifecycle import ModelState
+from shortft_pack.shortft_core.loop import LossScale
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.rewards.combine import WeightedReward
+from shortft_pack.shortft_core.testing.parity import set_lora_tensors
+from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
+from shortft_pack.shortft_core.trainer import Trainer
+
+tiny, backend = pack_module("tiny_world"), pack_module("backend")
+res = {}
+with torch.inference_mode():
+    fp32 = tiny.load_tiny_world()
+    cast = tiny.load_tiny_world(dtype=torch.float16)  # on a CPU ComfyUI computes fp16 weights in fp32
+    manual_cast = comfy.model_management.unet_manual_cast
+    comfy.model_management.unet_manual_cast = lambda *a, **k: None  # what a GPU picks for SD1.5 / SDXL in fp16
+    try:
+        half = tiny.load_tiny_world(dtype=torch.float16)
+    finally:
+        comfy.model_management.unet_manual_cast = manual_cast
+res["manual_cast"] = [str(w[0].model.manual_cast_dtype) for w in (cast, half)]
+alignment = load_tiny_rewards()[0]
+prompts = ["a red circle left of a blue square on a white background", "a big blue square on a white background"]
+cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=4, grad_clip=0.0)
+
+
+def grads(world, weight, scaling=True):
+    """One iteration's LoRA gradients with the reward times ``weight``, divided by it."""
+    reward = WeightedReward([("alignment", weight, alignment)])
+    m = backend.ComfyModel(*world)
+    m.prepare(prompts + [""])
+    state = ModelState.capture(m)
+    preset = attach_shortcut(m, tiny_shortcut_path())
+    run_cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
+    tr = Trainer(m, reward, run_cfg, PromptSource(prompts), shortcut_preset=preset)
+    enabled = tr.loss_scale.enabled
+    if not scaling:
+        tr.loss_scale = LossScale(False)
+    tr.train_step()
+    g = set_lora_tensors(m, "grad")
+    state.restore()
+    return torch.cat([g[k].float().flatten() for k in sorted(g)]) / weight, enabled, m.fp16_backward
+
+
+def err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# weight 2^-10: per-element gradients about as small as a full-size image's
+small = 2.0**-10
+ref, res["scaled_fp32"], res["fp16_backward_fp32"] = grads(fp32, small)
+res["fp16_backward_cast"] = grads(cast, small)[2]
+half_g, res["scaled_half"], res["fp16_backward_half"] = grads(half, small)
+unscaled = grads(half, small, scaling=False)[0]
+res["err"], res["err_unscaled"] = err(half_g, ref), err(unscaled, ref)
+res["err_weight_1"] = err(grads(half, 1.0)[0], grads(fp32, 1.0)[0])  # fp16 arithmetic's own error
+res["zeroed_unscaled"] = float(((unscaled == 0) & (ref != 0)).float().mean())
+# the noise prediction at a small and a large sigma: the fp16 network against the fp32 one
+cm32, cm16 = backend.ComfyModel(*fp32), backend.ComfyModel(*half)
+cond = cm32.encode_prompts(prompts)
+x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    for t in (999, 1):
+        res[f"eps_{t}"] = err(cm16.eps(x.half(), t, cond).float(), cm32.eps(x, t, cond))
+
+# a whole session on the fp16 MODEL (two iterations, evaluations, the set written), which leaves the MODEL as it was
+weights = {n: t.detach().clone() for n, t in half[0].model.state_dict().items()}
+request = TrainRequest(out=Path(ARGS[0]) / "fp16_run", model=backend.ComfyModel(*half),
+                       config={"iterations": 2, "batch_size": 2, "rank": 4, "eval_count": 2}, preset="tiny",
+                       grid_prompts=2)
+with TrainingSession(request) as session:
+    session.check()
+    run = session.run()
+res["session"] = [run.status, session.config.mixed_precision] + [math.isfinite(v) for v in run.after.values()]
+ckpt = CheckpointManager.load(sorted((Path(ARGS[0]) / "fp16_run" / "checkpoints").glob("*.pt"))[-1])
+res["checkpoint_scale"] = ckpt["loss_scale"]["value"]
+after = half[0].model.state_dict()
+res["model_kept"] = after.keys() == weights.keys() and all(
+    torch.equal(after[n], w) and after[n].dtype == w.dtype for n, w in weights.items())
+print("RESULT " + json.dumps(res))
+'''
+
+
+def test_a_model_computing_in_fp16_trains_with_loss_scaling(tmp_path):
+    """The tiny world's UNet built as ComfyUI builds SD1.5 on a GPU (fp16 weights, no manual cast: fp16
+    arithmetic), its reward weighted down to a full-size image's per-element gradients: the backend reports the
+    fp16 backward, the trainer scales the loss, and one iteration's LoRA gradients are as close to the fp32 MODEL's
+    as at full weight (fp16 arithmetic's own error); unscaled, a large share of them is lost. fp16 weights that
+    ComfyUI computes in fp32 are not scaled. The noise prediction's conversions run in fp32: at sigma 0.03 the
+    fp16 network's eps stays as close to fp32's as at the largest sigma. A whole session trains that MODEL and
+    leaves it as it was."""
+    comfy = comfyui_or_skip()
+    out = run_in_comfyui(comfy, FP16_SCRIPT, tmp_path / "fp16_side.py", tmp_path, timeout=900)
+    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(res, indent=1))
+    assert res["manual_cast"] == ["torch.float32", "None"]
+    assert (res["fp16_backward_fp32"], res["fp16_backward_cast"], res["fp16_backward_half"]) == (False, False, True)
+    assert not res["scaled_fp32"] and res["scaled_half"]
+    assert res["err_weight_1"] < 0.08, res
+    assert res["err"] < 1.25 * res["err_weight_1"] + 0.005, res
+    assert res["err_unscaled"] > 0.2 and res["zeroed_unscaled"] > 0.1, res
+    assert res["eps_999"] < 2e-3 and res["eps_1"] < 2 * res["eps_999"], res
+    # a session on it: finished, fp16 recorded, finite held-out rewards, the scale in its checkpoint, MODEL kept
+    assert res["session"][:2] == ["finished", "fp16"] and all(res["session"][2:]), res["session"]
+    assert res["checkpoint_scale"] >= 1.0 and res["model_kept"]
