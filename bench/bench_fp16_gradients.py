@@ -13,7 +13,6 @@ fp32's are not. Runs on a CPU (its fp16 arithmetic stands in for a GPU's) or on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -23,32 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from shortft_core import attach_shortcut, load_tiny_model, tiny_config, tiny_shortcut_path  # noqa: E402
-from shortft_core.loop import LossScale  # noqa: E402
-from shortft_core.prompts import PromptSource  # noqa: E402
-from shortft_core.rewards.combine import WeightedReward  # noqa: E402
-from shortft_core.testing.parity import set_lora_tensors  # noqa: E402
+from shortft_core import load_tiny_model  # noqa: E402
+from shortft_core.testing.parity import tiny_iteration_grads  # noqa: E402
 from shortft_core.tiny_world import load_tiny_rewards  # noqa: E402
-from shortft_core.trainer import Trainer  # noqa: E402
 
-PROMPTS = ["a red circle left of a blue square on a white background", "a big blue square on a white background"]
-VARIANTS = (("bf16", torch.bfloat16, True), ("fp16 unscaled", torch.float16, False), ("fp16 scaled", torch.float16, True))
-
-
-def lora_grads(dtype: torch.dtype, weight: float, scaling: bool, device: str) -> torch.Tensor:
-    """One iteration's LoRA gradients (fp32, divided by ``weight``), every backend setting left at its default
-    except loss scaling, which is turned off where ``scaling`` is False."""
-    reward = WeightedReward([("alignment", weight, load_tiny_rewards(device)[0])])
-    cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=4, grad_clip=0.0)
-    model = load_tiny_model(device=device, dtype=dtype)
-    preset = attach_shortcut(model, tiny_shortcut_path())
-    cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
-    trainer = Trainer(model, reward, cfg, PromptSource(PROMPTS), shortcut_preset=preset)
-    if not scaling:
-        trainer.loss_scale = LossScale(False)
-    trainer.train_step()
-    grads = set_lora_tensors(model, "grad")
-    return torch.cat([grads[k].float().flatten().cpu() for k in sorted(grads)]) / weight
+# (column, the UNet's dtype, loss scaling: None = the trainer's own choice by dtype, False = off)
+VARIANTS = (("bf16", torch.bfloat16, None), ("fp16 unscaled", torch.float16, False), ("fp16 scaled", torch.float16, None))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,13 +40,18 @@ def main(argv: list[str] | None = None) -> None:
     if any(w <= 0 for w in args.weights):
         ap.error("--weights must be positive")
     torch.set_num_threads(args.threads)
+    reward = load_tiny_rewards(args.device)[0]
+
+    def lora_grads(dtype: torch.dtype, weight: float, scaling: bool | None) -> torch.Tensor:
+        return tiny_iteration_grads(load_tiny_model(device=args.device, dtype=dtype), reward, weight, scaling)[0]
+
     print(f"| w | {' | '.join(name for name, _, _ in VARIANTS)} |")
     print("|---|" + "---|" * len(VARIANTS))
     for w in args.weights:
-        ref = lora_grads(torch.float32, w, False, args.device)
+        ref = lora_grads(torch.float32, w, None)
         cells = []
         for _, dtype, scaling in VARIANTS:
-            g = lora_grads(dtype, w, scaling, args.device)
+            g = lora_grads(dtype, w, scaling)
             rel = float((g - ref).norm() / ref.norm())
             cos = float(torch.nn.functional.cosine_similarity(g, ref, dim=0))
             zeroed = float(((g == 0) & (ref != 0)).float().mean())

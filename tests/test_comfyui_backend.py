@@ -494,23 +494,15 @@ def test_a_prompt_encoded_mid_run_cannot_unload_the_network_being_trained(tmp_pa
 
 # ----- a MODEL that computes in fp16, as ComfyUI runs SD1.5 / SDXL on a GPU ----------------------------------------
 FP16_SCRIPT = r'''
-import dataclasses
 import json
-
-import comfy.model_management
 import math
 from pathlib import Path
 
-from shortft_pack.shortft_core import (TrainingSession, TrainRequest, attach_shortcut, tiny_config,
-                                      tiny_shortcut_path)
+import comfy.model_management
+from shortft_pack.shortft_core import TrainingSession, TrainRequest
 from shortft_pack.shortft_core.checkpoint import CheckpointManager
-from shortft_pack.shortft_core.lifecycle import ModelState
-from shortft_pack.shortft_core.loop import LossScale
-from shortft_pack.shortft_core.prompts import PromptSource
-from shortft_pack.shortft_core.rewards.combine import WeightedReward
-from shortft_pack.shortft_core.testing.parity import set_lora_tensors
+from shortft_pack.shortft_core.testing.parity import TWO_PROMPTS, tiny_iteration_grads
 from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
-from shortft_pack.shortft_core.trainer import Trainer
 
 tiny, backend = pack_module("tiny_world"), pack_module("backend")
 res = {}
@@ -525,26 +517,15 @@ with torch.inference_mode():
         comfy.model_management.unet_manual_cast = manual_cast
 res["manual_cast"] = [str(w[0].model.manual_cast_dtype) for w in (cast, half)]
 alignment = load_tiny_rewards()[0]
-prompts = ["a red circle left of a blue square on a white background", "a big blue square on a white background"]
-cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=4, grad_clip=0.0)
+prompts = list(TWO_PROMPTS)
 
 
-def grads(world, weight, scaling=True):
-    """One iteration's LoRA gradients with the reward times ``weight``, divided by it."""
-    reward = WeightedReward([("alignment", weight, alignment)])
+def grads(world, weight, scaling=None):
+    """One iteration's LoRA gradients with the reward times ``weight``, divided by it; whether the loss was scaled;
+    whether the backend reports an fp16 backward."""
     m = backend.ComfyModel(*world)
     m.prepare(prompts + [""])
-    state = ModelState.capture(m)
-    preset = attach_shortcut(m, tiny_shortcut_path())
-    run_cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
-    tr = Trainer(m, reward, run_cfg, PromptSource(prompts), shortcut_preset=preset)
-    enabled = tr.loss_scale.enabled
-    if not scaling:
-        tr.loss_scale = LossScale(False)
-    tr.train_step()
-    g = set_lora_tensors(m, "grad")
-    state.restore()
-    return torch.cat([g[k].float().flatten() for k in sorted(g)]) / weight, enabled, m.fp16_backward
+    return (*tiny_iteration_grads(m, alignment, weight, scaling), m.fp16_backward)
 
 
 def err(a, b):

@@ -5,19 +5,14 @@ as non-finite iterations; the scale survives checkpoint and resume."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from shortft_core import attach_shortcut, load_tiny_model, tiny_config, tiny_shortcut_path
+from shortft_core import load_tiny_model, tiny_config
 from shortft_core.checkpoint import CheckpointManager
-from shortft_core.loop import MAX_SKIPPED, LossScale, Loop
-from shortft_core.prompts import PromptSource
-from shortft_core.rewards.combine import WeightedReward
-from shortft_core.testing.parity import set_lora_tensors
+from shortft_core.loop import MAX_SKIPPED, Loop, LossScale
+from shortft_core.testing.parity import tiny_iteration_grads
 from shortft_core.tiny_world import load_tiny_rewards
-from shortft_core.trainer import Trainer
 
 
 class Toy(Loop):
@@ -104,25 +99,10 @@ def test_fp16_tiny_world_lora_gradients_match_fp32_with_a_down_weighted_reward()
     the per-element gradients are as small as a full-size image's: one iteration's LoRA gradients equal fp32's to
     about 1 % with loss scaling, and lose a large share of their entries without it."""
     alignment = load_tiny_rewards()[0]
-    reward = WeightedReward([("alignment", 2.0**-10, alignment)])
-    prompts = ["a red circle left of a blue square on a white background", "a big blue square on a white background"]
-    cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=4, grad_clip=0.0)
-
-    def grads(dtype: torch.dtype, scaling: bool = True) -> tuple[torch.Tensor, bool]:
-        model = load_tiny_model(dtype=dtype)
-        preset = attach_shortcut(model, tiny_shortcut_path())
-        run_cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
-        trainer = Trainer(model, reward, run_cfg, PromptSource(prompts), shortcut_preset=preset)
-        enabled = trainer.loss_scale.enabled
-        if not scaling:
-            trainer.loss_scale = LossScale(False)
-        trainer.train_step()
-        g = set_lora_tensors(model, "grad")
-        return torch.cat([g[k].float().flatten() for k in sorted(g)]), enabled
-
-    ref, ref_scaled = grads(torch.float32)
-    half, half_scaled = grads(torch.float16)
-    unscaled, _ = grads(torch.float16, scaling=False)
+    small = 2.0**-10
+    ref, ref_scaled = tiny_iteration_grads(load_tiny_model(), alignment, small)
+    half, half_scaled = tiny_iteration_grads(load_tiny_model(dtype=torch.float16), alignment, small)
+    unscaled, _ = tiny_iteration_grads(load_tiny_model(dtype=torch.float16), alignment, small, scaling=False)
     assert not ref_scaled and half_scaled  # on by the network's dtype alone
     err = float((half - ref).norm() / ref.norm())
     err_unscaled = float((unscaled - ref).norm() / ref.norm())
