@@ -33,8 +33,10 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
+import comfy.float
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_management
 import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
@@ -163,11 +165,19 @@ class SegmentWeights:
         with torch.no_grad():
             for key, weight in params.items():
                 if self.sources.get(key) != _identity(weight):
-                    patch = self.patches[j - 1][key]
-                    new = comfy.lora.calculate_weight([(self.strength, patch, 1.0, None, None)], weight.clone(), key)
-                    self.patched[key] = torch.nn.Parameter(new.to(weight.dtype), requires_grad=False)
+                    self.patched[key] = torch.nn.Parameter(self._patch(key, weight, self.patches[j - 1][key]),
+                                                           requires_grad=False)
                     self.sources[key] = _identity(weight)
         return params
+
+    def _patch(self, key: str, weight: torch.Tensor, patch: Any) -> torch.Tensor:
+        """``weight`` with ``patch`` at the set's strength, made as ComfyUI's own patcher makes a patched weight (in
+        its LoRA compute dtype, rounded back stochastically, seeded by the key), so fp8 weights take the LoRA as a
+        stock LoRA does: added in their own dtype, the delta would be lost (ComfyUI logs the error and keeps the
+        weight)."""
+        work = weight.to(comfy.model_management.lora_compute_dtype(weight.device), copy=True)
+        new = comfy.lora.calculate_weight([(self.strength, patch, 1.0, None, None)], work, key)
+        return comfy.float.stochastic_rounding(new, weight.dtype, seed=comfy.utils.string_to_seed(key))
 
     def split(self, base_model: Any, j: int, shape: tuple[int, ...] = (), calls_left: int = 1
               ) -> tuple[list[str], list[str]]:

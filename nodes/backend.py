@@ -204,11 +204,14 @@ class ComfyModel(DiffusionModel):
             loaded[0:0] = [entry for entry in held if entry not in loaded]
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the network computes in, which the chain's latents take: ComfyUI's manual-cast dtype where it
+        set one (fp16 weights on a CPU compute in fp32, fp8 weights in fp16, bf16 or fp32), else the weights'."""
+        return self.base.manual_cast_dtype or self.base.get_dtype()
+
+    @property
     def fp16_backward(self) -> bool:
-        """ComfyUI computes in its manual-cast dtype where it set one (fp16 weights on a CPU compute in fp32, fp8
-        weights on a GPU in fp16 or bf16), else in the weights' dtype; the VAE in its weights' dtype."""
-        network = self.base.manual_cast_dtype or self.dtype
-        return network == torch.float16 or next(self.vae.parameters()).dtype == torch.float16
+        return self.dtype == torch.float16 or next(self.vae.parameters()).dtype == torch.float16
 
     def lean_modules(self) -> list[torch.nn.Module]:
         """None: the lean forwards replace a layer's forward, which would bypass ComfyUI's own (its weight casting
@@ -309,6 +312,8 @@ class ComfyModel(DiffusionModel):
             rank = down.shape[0]
             module = key.removeprefix("diffusion_model.").removesuffix(".weight")
             modules[module] = LoraModule(down.float(), up.float(), float(alpha) if alpha is not None else float(rank))
-        load_lora_modules(self.unet, modules, adapter_name, trainable=trainable, activate=activate, source=path)
+        # stored in the dtype the network computes in, not its weights' (which may be fp8)
+        load_lora_modules(self.unet, modules, adapter_name, trainable=trainable, dtype=self.dtype, activate=activate,
+                          source=path)
         named = {self.lora_names.get(m, m) if self.lora_names else m: v for m, v in modules.items()}
         return LoadedLora(adapter_name, path, "comfyui", lora_base_family(named), named, lora_metadata(path))

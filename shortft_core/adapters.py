@@ -76,14 +76,14 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
     for p in unet.parameters():
         if id(p) in flags:
             p.requires_grad_(flags[id(p)])
-    if order is not None and seed is not None:
-        initialise_in_order(unet, name, order, seed)
     params = adapter_parameters(unet, name)
     if not params:
         raise ValueError(f"no module of the UNet matched the LoRA targets {list(targets)}")
     for p in params:  # trainable: fp32 whatever the base's dtype (an optimizer step can be below bf16's resolution)
         p.data = p.data.float()
         p.requires_grad_(True)
+    if order is not None and seed is not None:  # after the cast: exact values whatever the base's dtype (fp8 too)
+        initialise_in_order(unet, name, order, seed)
     lora_compute_in_input_dtype(unet)
     return params
 
