@@ -272,8 +272,8 @@ class ComfyModel(DiffusionModel):
         if tt.ndim == 0:
             tt = tt.expand(x.shape[0])
         # the conversions run in fp32 whatever the latents' dtype: at small sigma eps = (x_ve - x0) / sigma cancels
-        # almost all of x_ve, which in fp16 or bf16 would leave a few percent of error (apply_model casts the
-        # network's input to its own dtype, and its denoised output is fp32)
+        # almost all of x_ve, so in fp16 or bf16 x0's rounding would reach eps magnified 1 / sigma times (33x at
+        # t = 1); apply_model casts the network's input to the network's dtype and returns x0 in fp32
         sigma = self.base.model_sampling.sigmas.to(x.device)[tt.long()].float()
         scale = (1.0 + sigma**2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
         x_ve = x.float() * scale
