@@ -11,6 +11,7 @@ stage, seconds), evals (iteration, seconds, reward means and stds) and previews 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any
 
@@ -49,20 +50,33 @@ def live_preview(node_id: str) -> bytes | None:
 def begin(node_id: str, state: dict[str, Any]) -> None:
     """A node starts a run: its state is ``state`` with no points, evaluations nor preview yet."""
     with _LOCK:
-        _LIVE[node_id] = {**state, "points": [], "evals": [], "previews": 0}
+        _LIVE[node_id] = {**json_safe(state), "points": [], "evals": [], "previews": 0}
         _PREVIEWS.pop(node_id, None)
 
 
 def update(node_id: str, **fields: Any) -> None:
     """Set fields of a node's state (phase, status ...)."""
     with _LOCK:
-        _LIVE[node_id].update(fields)
+        _LIVE[node_id].update(json_safe(fields))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN nor infinity, and browsers reject the
+    ``NaN`` Python's json writes, which would lose a whole event or live state (a diverging run's loss); the chart
+    skips nulls."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def append(node_id: str, key: str, item: dict[str, Any]) -> None:
     """Add a point (``key`` "points") or an evaluation ("evals") to a node's state."""
     with _LOCK:
-        _LIVE[node_id][key].append(dict(item))
+        _LIVE[node_id][key].append(json_safe(dict(item)))
 
 
 def set_preview(node_id: str, jpeg: bytes, iteration: int) -> None:
@@ -98,7 +112,7 @@ def send(event: dict[str, Any]) -> None:
     server = getattr(PromptServer, "instance", None)
     if server is None:
         return
-    server.send_sync(PROGRESS_EVENT, {"prompt_id": prompt_id(), **event}, server.client_id)
+    server.send_sync(PROGRESS_EVENT, json_safe({"prompt_id": prompt_id(), **event}), server.client_id)
 
 
 async def get_live(request: web.Request) -> web.Response:
