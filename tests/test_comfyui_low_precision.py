@@ -17,7 +17,9 @@ SCRIPT = r'''
 import json
 
 import comfy.sample
-from shortft_pack.shortft_core import LoraSet
+import comfy.utils
+from shortft_pack.shortft_core import LoraSet, tiny_shortcut_path
+from shortft_pack.shortft_core.adapters import remove_adapters
 from shortft_pack.shortft_core.testing.parity import tiny_iteration_grads
 from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
 
@@ -52,9 +54,8 @@ g8, res["scaled"] = tiny_iteration_grads(m8, alignment)
 g32, _ = tiny_iteration_grads(m32, alignment)
 res["grads"] = rel(g8, g32)
 res["grads_nonzero"] = float(g8.abs().max())
-m8.load_lora(__import__("shortft_pack.shortft_core", fromlist=["x"]).tiny_shortcut_path(), "probe")
+m8.load_lora(tiny_shortcut_path(), "probe")
 res["shortcut_dtypes"] = sorted({str(p.dtype) for n, p in unet.named_parameters() if ".probe." in n})
-from shortft_pack.shortft_core.adapters import remove_adapters
 remove_adapters(unet, ["probe"])
 res["weights_kept"] = all(torch.equal(t.float(), values[n].float()) and t.dtype == values[n].dtype
                           for n, t in unet.state_dict().items())
