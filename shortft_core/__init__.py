@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     # prompts, and running library code from a host's worker thread
     "prompt_lines": "prompts", "read_prompt_file": "prompts", "PromptSource": "prompts",
     "outside_inference_mode": "lifecycle",
+    # memory: blocks recomputed in backward instead of keeping their activations
+    "checkpoint_blocks": "memory",
 }
 # names a module defines under another name
 _RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir", "find_shortcut_preset": "find_preset"}

@@ -71,10 +71,12 @@ class TrainConfig:
     drtune_trained: int = setting(5, "DRTune: evenly spaced steps that carry gradient through the network", at_least=1)
     checkpoint_unet: bool = setting(False, "gradient checkpointing of the UNet calls with gradient: half the "
                                            "peak memory or less, at 1.3-1.8x the time (full BPTT and AlignProp "
-                                           "always use it)")
-    checkpoint_vae: bool = setting(False, "block-wise checkpointing of the VAE decoder (its full-resolution backward)")
+                                           "always use it; may change on --resume)")
+    checkpoint_vae: bool = setting(False, "block-wise checkpointing of the VAE decoder (its full-resolution "
+                                          "backward; may change on --resume)")
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
-                                                 "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
+                                                 "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU; may "
+                                                 "change on --resume)")
     # sampling
     image_size: int | None = setting(None, "image size in pixels of training, evaluation and previews, square "
                                            "(none: the model's native size, e.g. 512 for SD1.5, 1024 for SDXL)",

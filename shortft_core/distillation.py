@@ -103,7 +103,8 @@ class DistillConfig:
     mixed_precision: str = setting("no", "no | bf16 | fp16: dtype of the frozen base weights (the shortcut LoRA "
                                          "trains in fp32); bf16 on a GPU", choices=tuple(PRECISION))
     offload_text_encoders: bool = setting(False, "keep the text encoders in host memory, lent to the GPU only to "
-                                                 "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU)")
+                                                 "encode a prompt not cached (SDXL: 1.5 GiB less on the GPU; may "
+                                                 "change on --resume)")
     checkpoint_every: int = setting(500, "steps between checkpoints (atomic; --resume continues exactly)", at_least=1)
     keep_checkpoints: int = setting(2, "checkpoints kept on disk (older ones are deleted)", at_least=1)
 
@@ -306,7 +307,7 @@ class Distiller(Loop):
     :class:`~shortft_core.session.DistillSession`."""
 
     rng_name = "data"
-    resume_may_change = ("steps", "checkpoint_every", "keep_checkpoints")
+    resume_may_change = ("steps", "checkpoint_every", "keep_checkpoints", "offload_text_encoders")
 
     def __init__(self, model: DiffusionModel, cfg: DistillConfig, out: str | Path,
                  callbacks: Sequence[Callback] = ()) -> None:

@@ -23,9 +23,9 @@ import torch
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Per-module instance attributes that training may set or override (peft's active adapters and input casting,
-# the memory module's forward overrides, diffusers' gradient checkpointing, train/eval mode).
-_ATTRS = ("forward", "_shortft_lean", "cast_input_dtype_enabled", "_active_adapter", "gradient_checkpointing",
-          "_gradient_checkpointing_func", "training", "merged_adapters")
+# the memory module's forward overrides and block checkpointing, diffusers' gradient checkpointing, train/eval mode).
+_ATTRS = ("forward", "_shortft_lean", "_shortft_checkpointed", "cast_input_dtype_enabled", "_active_adapter",
+          "gradient_checkpointing", "_gradient_checkpointing_func", "training", "merged_adapters")
 _MISSING = object()
 
 

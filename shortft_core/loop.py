@@ -187,6 +187,12 @@ class Loop:
     def finished(self) -> bool:
         return self.iteration >= self.total
 
+    @property
+    def saved_at(self) -> int | None:
+        """The iteration of the newest checkpoint this loop wrote or resumed from (None: none yet), where a run
+        that fails now would continue."""
+        return self._saved_at
+
     # ---- the update ----
     @property
     def trainable(self) -> list[torch.nn.Parameter]:

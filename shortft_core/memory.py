@@ -15,15 +15,21 @@ recomputes the GELU (an elementwise op) in backward, with the same kernels, so g
 the VAE decoder): autograd keeps the norm's input and the SiLU's input, two tensors of one size; the fused pair
 keeps only the norm's input and recomputes both (cheap, memory-bound ops) in backward. Half of a VAE decode's
 activations are these pairs.
+
+:func:`checkpoint_blocks` trades time for memory instead: whole blocks (a reward model's transformer layers, the
+blocks of a VAE decoder that has no checkpointing switch of its own) keep only their input and run again in
+backward.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -204,3 +210,26 @@ def lean_norm_act(module: torch.nn.Module, devices: tuple[str, ...] | None = DEF
 def lean_saved_activations(*modules: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:
     """All of the above on each module (the trainer's UNet and VAE); returns how many layers were switched."""
     return sum(lean_frozen_convs(m, devices) + lean_geglu(m, devices) + lean_norm_act(m, devices) for m in modules)
+
+
+def checkpoint_blocks(blocks: Iterable[torch.nn.Module]) -> int:
+    """Recompute each block's activations during backward instead of storing them (a ViT-H's activation memory
+    drops from one copy per block to one per model). Works in eval mode, unlike transformers' own switch; parameter
+    names and outputs are unchanged. The override is an instance ``forward`` and a ``_shortft_checkpointed`` mark,
+    both of which :class:`~shortft_core.lifecycle.ModelState` records and removes. Returns the number of blocks
+    wrapped."""
+    n = 0
+    for block in blocks:
+        if getattr(block, "_shortft_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+        block._shortft_checkpointed = True
+        n += 1
+    return n

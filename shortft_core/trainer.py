@@ -103,8 +103,10 @@ class Trainer(Loop):
     training session (:mod:`shortft_core.session`) records the model's state first and restores it afterwards.
     """
 
+    # what a continued run may change: its length and reporting, and how memory is spent (checkpointing and the text
+    # encoders' placement give the same values, so a run that ran out of memory continues with them on)
     resume_may_change = ("iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every",
-                         "preview_chain", "time_budget_s")
+                         "preview_chain", "time_budget_s", "checkpoint_unet", "checkpoint_vae", "offload_text_encoders")
 
     def __init__(self, model: DiffusionModel, reward: Callable, cfg: TrainConfig, prompts: PromptSource,
                  eval_prompts: Sequence[str] = (), out: str | os.PathLike | None = None,

@@ -188,7 +188,8 @@ def test_a_stop_is_honoured_within_one_network_call_and_resume_is_exact(tmp_path
     """Stop requests in the middle of the second iteration's forward chain, or of its backward pass (the tiny
     ShortFT stage-1 chain has 14 network calls, so poll 16 falls in iteration 1's backward): no more than one
     network call runs after the request, the unfinished iteration is discarded, and continuing gives bit for bit
-    the LoRA set of an uninterrupted run."""
+    the LoRA set of an uninterrupted run, also when it continues with the UNet and the VAE recomputed in backward
+    (memory settings a continued run may change: a run that ran out of memory goes on with them)."""
     cfg = small(iterations=3)
     whole = train(request(tmp_path / "whole", config=cfg))
     stopper = StopAfter(polls)
@@ -197,7 +198,7 @@ def test_a_stop_is_honoured_within_one_network_call_and_resume_is_exact(tmp_path
     assert stopper.calls_after <= 1
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "stopped"
     assert (tmp_path / "cut" / "lora" / "set.json").is_file()  # the partial set is written
-    resumed = train(request(tmp_path / "cut", config=cfg))
+    resumed = train(request(tmp_path / "cut", config=small(iterations=3, checkpoint_unet=True, checkpoint_vae=True)))
     assert resumed.status == "finished" and resumed.iteration == 3
     a, b = _adapters(whole.lora.folder), _adapters(resumed.lora.folder)
     assert all(torch.equal(a[j][k], b[j][k]) for j in a for k in a[j])
@@ -228,6 +229,10 @@ def test_run_folders_are_idempotent(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished run was trained again"))
         assert train(request(out)).status == "reused"
+    with monkeypatch.context() as m:  # how memory is spent is no other run
+        m.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished run was trained again"))
+        memory = small(checkpoint_unet=True, checkpoint_vae=True, offload_text_encoders=True)
+        assert train(request(out, config=memory)).status == "reused"
     with pytest.raises(ValueError, match=r"other settings \(lr, rank\)"):
         train(request(out, config=small(rank=4, lr=1e-3)))
     with pytest.raises(ValueError, match=r"other settings \(prompts\)"):

@@ -9,10 +9,9 @@ A reward may live on another device than the images (e.g. the reward on ``cuda:1
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
 class Reward(torch.nn.Module):
@@ -65,22 +64,3 @@ def check_images(images: torch.Tensor, who: str = "reward") -> None:
         raise ValueError(f"{who}: images must be floating point in [0, 1], got {images.dtype}; divide uint8 by 255")
 
 
-def checkpoint_blocks(blocks: Iterable[torch.nn.Module]) -> int:
-    """Recompute each block's activations during backward instead of storing them (activation memory of a
-    ViT-H drops from one copy per block to one per model). Works in eval mode, unlike transformers' own switch;
-    parameter names and outputs are unchanged. Returns the number of blocks wrapped."""
-    n = 0
-    for block in blocks:
-        if getattr(block, "_shortft_checkpointed", False):
-            continue
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        block.forward = forward
-        block._shortft_checkpointed = True
-        n += 1
-    return n

@@ -17,10 +17,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, checkpoint_blocks
-from .preprocess import Preprocess
 from ..compat import transformers_dtype
 from ..files import check_safetensors
+from ..memory import checkpoint_blocks
+from .base import Reward
+from .preprocess import Preprocess
 from .weights import load_state_dict, load_strict
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..memory import checkpoint_blocks
 from .aesthetic import AestheticMLP
-from .base import Reward, checkpoint_blocks
+from .base import Reward
 from .preprocess import Preprocess
 from .weights import RewardKeyMismatch, check_keys, check_shapes, load_state_dict
 
