@@ -32,8 +32,8 @@ import comfy.utils
 import torch
 
 from ..shortft_core import (Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule, StopRequested,
-                            bundled_config, diffusers_module_order, load_lora_modules, lora_base_family,
-                            lora_metadata, tiny_weights_dir)
+                            bundled_config, checkpoint_blocks, diffusers_module_order, load_lora_modules,
+                            lora_base_family, lora_metadata, tiny_weights_dir)
 from .apply import lora_patches
 from .family import trainable_family
 
@@ -287,6 +287,23 @@ class ComfyModel(DiffusionModel):
         vae_dtype = next(self.vae.parameters()).dtype
         image = self.vae.decode(z.to(vae_dtype))
         return ((image.float() + 1.0) / 2.0).clamp(0, 1)
+
+    def enable_decoder_checkpointing(self) -> None:
+        """Recompute the VAE decoder's middle and upsampling blocks (ResNet, attention, upsample) in backward, one at
+        a time, so the decode's backward keeps each block's input instead of every activation at full resolution.
+        The blocks' forwards are instance overrides, which the training session removes when it ends."""
+        decoder = getattr(self.vae, "decoder", None)
+        mid, ups = getattr(decoder, "mid", None), getattr(decoder, "up", None)
+        if mid is None or ups is None:
+            raise ValueError(f"checkpoint_vae: this VAE's decoder ({type(decoder).__name__}) has no middle and "
+                             "upsampling blocks to recompute; turn VAE checkpointing off")
+        blocks = [getattr(mid, name) for name in ("block_1", "attn_1", "block_2") if hasattr(mid, name)]
+        for level in ups:
+            blocks += [*level.block, *level.attn]
+            if hasattr(level, "upsample"):
+                blocks.append(level.upsample)
+        count = checkpoint_blocks(blocks)
+        log.info("ShortFT: %d blocks of the VAE decoder recomputed in backward", count)
 
     def offload_text_encoders(self, cache_size: int = 1024) -> int:
         """ComfyUI's model management places the text encoder itself (loaded to encode, offloadable after): only

@@ -125,15 +125,51 @@ def parse_fractions(text: str) -> tuple[float, ...] | None:
                          "empty for an equal split)") from None
 
 
+# gradient_checkpointing's choices: what is recomputed in backward instead of kept (UNet calls, VAE decoder blocks)
+CHECKPOINTING = {"off": (False, False), "unet": (True, False), "unet + vae": (True, True)}
+AUTO = "auto"
+
+
+def checkpoint_settings(choice: str, gpu: bool, family: str = "") -> dict[str, bool]:
+    """gradient_checkpointing's choice as the library's settings. auto: the UNet and the VAE decoder recomputed on
+    a GPU, where memory is what limits a real model (without it one SDXL image at 1024 px needs more than 88 GiB,
+    one SD1.5 image at 512 px ~20), nothing on a CPU or for the tiny world, where it would only cost time."""
+    if choice == AUTO:
+        choice = "unet + vae" if gpu and family != "tiny" else "off"
+    if choice not in CHECKPOINTING:
+        raise ValueError(f"gradient_checkpointing {choice!r}: choose one of {AUTO}, {', '.join(CHECKPOINTING)}")
+    unet, vae = CHECKPOINTING[choice]
+    return {"checkpoint_unet": unet, "checkpoint_vae": vae}
+
+
 def widget_settings(method: str, iterations: int, time_budget_s: float, batch_size: int, lr: float, rank: int,
                     guidance: float, seed: int, stage_fractions: str, checkpoint_every: int, eval_every: int = 0,
-                    preview_every: int = 0, preview_chain: str = "shortcut", image_size: int = 0) -> dict[str, Any]:
-    """The training settings the node's widgets set (the library completes them from the preset and the model)."""
+                    preview_every: int = 0, preview_chain: str = "shortcut", image_size: int = 0,
+                    checkpointing: dict[str, bool] | None = None) -> dict[str, Any]:
+    """The training settings the node's widgets set (the library completes them from the preset and the model);
+    ``checkpointing``: :func:`checkpoint_settings`'s (none: the library's default, nothing recomputed)."""
     return {"method": method, "iterations": iterations, "time_budget_s": time_budget_s if time_budget_s > 0 else None,
             "batch_size": batch_size, "lr": lr, "rank": rank, "guidance": guidance, "seed": seed,
             "stage_fractions": parse_fractions(stage_fractions), "checkpoint_every": checkpoint_every,
             "eval_every": eval_every, "preview_every": preview_every, "preview_chain": preview_chain,
-            "image_size": image_size if image_size > 0 else None}
+            "image_size": image_size if image_size > 0 else None, **(checkpointing or {})}
+
+
+def out_of_memory_message(error: BaseException, choice: str, checkpointing: dict[str, bool], trainer: Any) -> str:
+    """What to change after the GPU ran out of memory, and what queueing again does (the checkpointing choice may
+    change on a continued run: it gives the same values)."""
+    done = (trainer.saved_at or 0) if trainer is not None else 0
+    at = f" with {trainer.iteration} iterations done" if trainer is not None else ""
+    used = [n for n, on in (("the UNet", checkpointing["checkpoint_unet"]),
+                            ("the VAE", checkpointing["checkpoint_vae"])) if on]
+    fixes = [] if all(checkpointing.values()) else ["set gradient_checkpointing to 'unet + vae'"]
+    fixes += ["lower batch_size, image_size or rank", "set guidance to 1 (no CFG on the tuned steps: half the "
+              "batch of every tuned step)"]
+    resume = (f"queue the graph again with resume on: the run continues from its checkpoint at iteration {done}"
+              if done else "queue the graph again: the run starts over")
+    return (f"ShortFTTrain ran out of GPU memory{at} (gradient_checkpointing {choice}: "
+            f"{' and '.join(used) + ' recomputed' if used else 'nothing recomputed'}). To fit: {'; '.join(fixes)}. "
+            f"Then {resume}. ({error})")
 
 
 class ShortFTTrain(io.ComfyNode):
@@ -218,6 +254,12 @@ class ShortFTTrain(io.ComfyNode):
                 io.Int.Input("image_size", default=0, min=0, max=8192, step=8, optional=True,
                              tooltip="Image size in pixels (square) of training, evaluation and previews; 0: the "
                                      "MODEL's native size (512 for SD1.5, 1024 for SDXL, 32 for the tiny world)."),
+                io.Combo.Input("gradient_checkpointing", options=[AUTO, *CHECKPOINTING], default=AUTO, optional=True,
+                               tooltip="Recompute activations in backward instead of keeping them: less GPU memory, "
+                                       "more time, the same results. unet: the network calls with gradient (half "
+                                       "the peak or less, 1.3-1.8x the time); unet + vae: the VAE decoder's blocks "
+                                       "too. auto: unet + vae on a GPU, off on a CPU and for the tiny world. A "
+                                       "stopped run may continue with another choice."),
             ],
             outputs=[
                 LORA_SET.Output(display_name="lora_set", tooltip="The trained LoRA set (for ApplyAlignedLoRA, "
@@ -258,15 +300,18 @@ class ShortFTTrain(io.ComfyNode):
                 time_budget_s: float, batch_size: int, lr: float, rank: int, guidance: float, seed: int,
                 stage_fractions: str, checkpoint_every: int, run_name: str, resume: bool, prompt_file: str = "",
                 eval_prompts: str = "", eval_every: int = 0, preview_every: int = 20,
-                preview_chain: str = "shortcut", image_size: int = 0) -> io.NodeOutput:
+                preview_chain: str = "shortcut", image_size: int = 0,
+                gradient_checkpointing: str = AUTO) -> io.NodeOutput:
         out, lora_dir = run_folders(run_name)
         if prompt_source == TINY_CAPTIONS and model.family != "tiny":
             raise ValueError(f"prompt_source {TINY_CAPTIONS!r} is the tiny world's; this {model.family} MODEL needs "
                              f"its own prompts ({TEXT!r} or {FILE!r})")
         held_out = prompt_lines(eval_prompts or "")
+        gpu = mm.get_torch_device().type != "cpu"
+        checkpointing = checkpoint_settings(gradient_checkpointing, gpu, model.family)
         settings = widget_settings(method, iterations, time_budget_s, batch_size, lr, rank, guidance, seed,
                                    stage_fractions, checkpoint_every, eval_every, preview_every, preview_chain,
-                                   image_size)
+                                   image_size, checkpointing)
         source = None if prompt_source == TINY_CAPTIONS else (
             str(_prompt_file(prompt_file)) if prompt_source == FILE else prompt_lines(prompts))
         request = TrainRequest(out=out, model=model.model, reward=reward, config=settings, preset=PRESET,
@@ -281,11 +326,17 @@ class ShortFTTrain(io.ComfyNode):
                 session.check()
                 # on a GPU the prompts are encoded before training, so the text encoder is not loaded again and again
                 # mid-run (on a CPU nothing is loaded, and nothing is encoded twice)
-                gpu = mm.get_torch_device().type != "cpu"
                 prompts = ["", *session.prompts.prompts, *session.eval_prompts] if gpu else ()
                 size = (session.config.image_size,) * 2 if session.config.image_size else None
                 model.model.prepare(prompts, size)
-                result = session.run()
+                try:
+                    result = session.run()
+                except Exception as e:
+                    if not mm.is_oom(e):
+                        raise
+                    # ComfyUI's own handling of an out-of-memory error (unloading every model) still applies
+                    raise mm.OOM_EXCEPTION(out_of_memory_message(e, gradient_checkpointing, checkpointing,
+                                                                 session.trainer)) from e
             status = result.status
         finally:
             progress.finish(status)

@@ -29,7 +29,7 @@ from browser_tools import (WORKFLOWS, Editor, browser_skip_reason, launch, place
 NOTE_COLOR, NOTE_BG = "#432", "#653"
 # ShortFTTrain's size: room below its widgets and live chart for the image ComfyUI shows on the node (the latest
 # training preview, then the before/after grid)
-TRAIN_SIZE = (440, 1280)
+TRAIN_SIZE = (440, 1304)
 
 
 @dataclass
@@ -78,7 +78,7 @@ def train_widgets(**overrides) -> dict[str, Any]:
          "time_budget_s": 0.0, "batch_size": 4, "lr": 0.0005, "rank": 8, "guidance": 1.0, "seed": 0,
          "stage_fractions": "", "checkpoint_every": 100, "run_name": "shortft_tiny", "resume": True,
          "prompt_file": "", "eval_prompts": "", "eval_every": 80, "preview_every": 20, "preview_chain": "shortcut",
-         "image_size": 0}
+         "image_size": 0, "gradient_checkpointing": "auto"}
     w.update(overrides)
     return w
 

@@ -1,0 +1,193 @@
+"""Tier 2: how training through a ComfyUI MODEL spends memory, in a ComfyUI subprocess on the tiny world.
+
+The UNet's calls and the VAE decoder's blocks (ComfyUI's own ``Decoder``) recompute their activations in backward
+when asked: the peak of a training step drops and the losses and trained LoRAs stay those of a run that keeps them;
+when training ends the decoder's blocks are its own again, and a second session checkpoints them again.
+
+ShortFTTrain's ``gradient_checkpointing`` widget reaches the run's settings, and an out-of-memory error during
+training (raised here where a GPU would raise it) comes back as ComfyUI's out-of-memory error with a message that
+names the widget and the iteration the run continues from; queueing the graph again with the UNet and the VAE
+recomputed continues the run from that checkpoint and ends with the LoRA set of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from comfy_harness import comfyui_or_skip
+from comfy_process import run_in_comfyui, script_result
+
+pytestmark = pytest.mark.comfyui
+
+SCRIPT = r'''
+import dataclasses
+import json
+from pathlib import Path
+
+import folder_paths
+from safetensors.torch import load_file
+
+from shortft_pack.shortft_core import attach_shortcut, tiny_config, tiny_shortcut_path
+from shortft_pack.shortft_core.lifecycle import ModelState
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.testing.parity import set_lora_tensors
+from shortft_pack.shortft_core.testing.profiling import LivePeak
+from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
+from shortft_pack.shortft_core.trainer import Trainer
+import comfy.model_management as mm
+
+out_dir = Path(ARGS[0])
+tiny, backend = pack_module("tiny_world"), pack_module("backend")
+train, shortcut_node, reward_node = pack_module("train"), pack_module("model"), pack_module("reward")
+res = {}
+
+with torch.inference_mode():  # as ComfyUI's nodes make them
+    model, clip, vae = tiny.load_tiny_world()
+cm = backend.ComfyModel(model, clip, vae)
+cm.prepare()
+decoder = cm.vae.decoder
+keys_before = sorted(cm.unet.state_dict())
+
+
+def overridden():
+    """The decoder's modules that carry an instance forward or the checkpointing mark."""
+    return sorted(n for n, m in decoder.named_modules()
+                  if "forward" in m.__dict__ or "_shortft_checkpointed" in m.__dict__)
+
+
+def recomputed():
+    """How many of the decoder's modules run an instance forward (the checkpointed ones)."""
+    return sum("forward" in m.__dict__ for m in decoder.modules())
+
+
+reward = load_tiny_rewards()[0]
+prompts = ["a red circle left of a blue square on a white background", "a big blue square on a white background"]
+runs = {}
+for name, unet, vae_ in (("off", False, False), ("unet", True, False), ("vae", False, True), ("both", True, True),
+                         ("both_again", True, True)):
+    state = ModelState.capture(cm)
+    preset = attach_shortcut(cm, tiny_shortcut_path())
+    cfg = tiny_config(iterations=2, batch_size=2, eval_count=0, rank=4, checkpoint_unet=unet, checkpoint_vae=vae_)
+    cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
+    tr = Trainer(cm, reward, cfg, PromptSource(prompts), shortcut_preset=preset)
+    res[f"recomputed_{name}"] = recomputed()
+    with LivePeak() as mem:
+        losses = [tr.train_step()["loss"] for _ in range(cfg.iterations)]
+    runs[name] = (losses, set_lora_tensors(cm, "weight"))
+    res[f"peak_{name}"] = mem.peak
+    state.restore()
+    res[f"left_{name}"] = overridden()
+res["keys_kept"] = sorted(cm.unet.state_dict()) == keys_before
+res["loss_off"] = runs["off"][0]
+for name in ("unet", "vae", "both"):
+    losses, weights = runs[name]
+    res[f"loss_{name}"] = losses
+    ref = runs["off"][1]
+    a = torch.cat([ref[k].flatten().float() for k in sorted(ref)])
+    b = torch.cat([weights[k].flatten().float() for k in sorted(ref)])
+    res[f"weights_{name}"] = float((a - b).norm() / a.norm())
+    res[f"weights_keys_{name}"] = sorted(weights) == sorted(ref) and len(ref) > 0
+
+# the node: its widget, and an out-of-memory error during training
+folder_paths.set_output_directory(str(out_dir / "output"))
+folder_paths.add_model_folder_path("loras", str(out_dir / "loras"), is_default=True)
+res["settings"] = {choice: [train.checkpoint_settings(choice, gpu, family) for gpu, family in
+                            ((False, "sd15"), (True, "sd15"), (True, "tiny"))]
+                   for choice in ("auto", "off", "unet", "unet + vae")}
+try:
+    train.checkpoint_settings("everything", True, "sd15")
+except ValueError as e:
+    res["bad_choice"] = str(e)
+with torch.inference_mode():
+    shortcut_model = shortcut_node.LoadShortcutModel.execute(model, clip, vae, shortcut="tiny", preset="auto").result[0]
+    tiny_reward = reward_node.RewardModel.execute(reward="tiny_alignment", spec="", device="cpu").result[0]
+node = train.ShortFTTrain.PREPARE_CLASS_CLONE(None)
+widgets = dict(prompt_source="tiny-world captions", prompts="", method="shortft", iterations=5, time_budget_s=0.0,
+               batch_size=1, lr=0.005, rank=2, guidance=1.0, seed=0, stage_fractions="", checkpoint_every=2,
+               resume=True, eval_prompts="a small red circle on the left on a white background", eval_every=0,
+               preview_every=0)
+original_step = Trainer.train_step
+
+
+def step_out_of_memory_at_four(self):
+    if self.iteration == 3:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return original_step(self)
+
+
+Trainer.train_step = step_out_of_memory_at_four
+try:
+    with torch.inference_mode():
+        node.execute(shortcut_model, tiny_reward, run_name="oom", gradient_checkpointing="off", **widgets)
+    res["oom"] = None
+except Exception as e:
+    res["oom"], res["oom_type"], res["oom_is_oom"] = str(e), type(e).__name__, mm.is_oom(e)
+Trainer.train_step = original_step
+res["overridden_after_oom"] = overridden()
+res["adapters_after_oom"] = sorted(getattr(cm.unet, "peft_config", {}) or {})
+run_file = out_dir / "output" / "shortft" / "oom" / "run.json"
+res["after_oom"] = json.loads(run_file.read_text())["status"]
+with torch.inference_mode():
+    node.execute(shortcut_model, tiny_reward, run_name="oom", gradient_checkpointing="unet + vae", **widgets)
+    node.execute(shortcut_model, tiny_reward, run_name="straight", gradient_checkpointing="off", **widgets)
+for name in ("oom", "straight"):
+    done = json.loads((out_dir / "output" / "shortft" / name / "run.json").read_text())
+    res[f"run_{name}"] = [done["status"], done["iteration"], done["settings"]["config"]["checkpoint_unet"],
+                          done["settings"]["config"]["checkpoint_vae"]]
+sets = {name: {f.name: load_file(str(f)) for f in sorted((out_dir / "loras" / "shortft" / name).glob("segment_*"))}
+        for name in ("oom", "straight")}
+res["set_files"] = sorted(sets["oom"])
+res["set_equal"] = sorted(sets["oom"]) == sorted(sets["straight"]) and all(
+    torch.equal(sets["oom"][f][k], sets["straight"][f][k]) for f in sets["straight"] for k in sets["straight"][f])
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("checkpointing")
+    out = run_in_comfyui(comfy, SCRIPT, tmp / "checkpointing_side.py", tmp / "work", timeout=1200)
+    return script_result(out)
+
+
+def test_recomputing_the_unet_and_the_vae_lowers_the_peak_and_changes_no_value(measured):
+    for name in ("unet", "vae", "both"):
+        assert measured[f"weights_keys_{name}"]
+        assert measured[f"loss_{name}"] == pytest.approx(measured["loss_off"], rel=1e-5), name
+        assert measured[f"weights_{name}"] < 1e-5, (name, measured[f"weights_{name}"])
+    off, unet, vae, both = (measured[f"peak_{k}"] for k in ("off", "unet", "vae", "both"))
+    assert unet < 0.8 * off and vae < off and both < vae and both <= unet, (off, unet, vae, both)
+
+
+def test_the_decoders_blocks_are_its_own_again_after_training_and_checkpoint_again(measured):
+    assert measured["recomputed_off"] == measured["recomputed_unet"] == 0
+    # the tiny decoder: middle (two ResNet blocks, attention), two levels of ResNet blocks, one upsample
+    assert measured["recomputed_vae"] > 5 and measured["recomputed_both"] == measured["recomputed_vae"]
+    assert measured["recomputed_both_again"] == measured["recomputed_both"]  # a second session checkpoints again
+    for name in ("off", "unet", "vae", "both", "both_again"):
+        assert measured[f"left_{name}"] == [], name
+    assert measured["keys_kept"]
+
+
+def test_the_widget_sets_the_runs_checkpointing(measured):
+    none, both = {"checkpoint_unet": False, "checkpoint_vae": False}, {"checkpoint_unet": True, "checkpoint_vae": True}
+    unet = {"checkpoint_unet": True, "checkpoint_vae": False}
+    assert measured["settings"] == {"auto": [none, both, none], "off": [none] * 3, "unet": [unet] * 3,
+                                    "unet + vae": [both] * 3}
+    assert "everything" in measured["bad_choice"] and "unet + vae" in measured["bad_choice"]
+
+
+def test_out_of_memory_names_the_fix_and_the_run_continues_to_the_uninterrupted_set(measured):
+    message = measured["oom"]
+    assert message is not None, "the out-of-memory error was swallowed"
+    assert measured["oom_is_oom"] and measured["oom_type"] == "OutOfMemoryError"  # ComfyUI's own handling applies
+    assert "ran out of GPU memory with 3 iterations done" in message, message
+    assert "gradient_checkpointing off" in message and "'unet + vae'" in message, message
+    assert "checkpoint at iteration 2" in message and "Tried to allocate 2.00 GiB" in message, message
+    assert measured["overridden_after_oom"] == [] and measured["adapters_after_oom"] == []  # the MODEL as it was
+    assert measured["after_oom"] == "partial"
+    assert measured["run_oom"] == ["finished", 5, True, True]
+    assert measured["run_straight"] == ["finished", 5, False, False]
+    assert measured["set_files"] == ["segment_1.safetensors", "segment_2.safetensors", "segment_3.safetensors"]
+    assert measured["set_equal"], "continuing with checkpointing on must give the uninterrupted run's set"
