@@ -10,6 +10,7 @@ import ...``: the nodes' own copy, so classes and module state are the ones the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,15 @@ def run_in_comfyui(comfy: Path, body: str, script: Path, *args: str, timeout: fl
         pytest.fail(f"the ComfyUI-side script {script.name} failed (exit status {r.returncode}):\n{r.stdout[-3000:]}\n"
                     f"{r.stderr[-4000:]}")
     return r.stdout
+
+
+def script_result(out: str) -> dict:
+    """The JSON object a script printed on its ``RESULT`` line (also printed indented, for the test's log)."""
+    import pytest
+
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        pytest.fail(f"the ComfyUI-side script printed no RESULT line:\n{out[-3000:]}")
+    res = json.loads(line[len("RESULT "):])
+    print(json.dumps(res, indent=1))
+    return res

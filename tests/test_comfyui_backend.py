@@ -15,7 +15,7 @@ import json
 import pytest
 
 from comfy_harness import comfyui_or_skip
-from comfy_process import run_in_comfyui
+from comfy_process import run_in_comfyui, script_result
 
 pytestmark = pytest.mark.comfyui
 
@@ -143,10 +143,7 @@ def measured(tmp_path_factory) -> dict:
     comfy = comfyui_or_skip()
     tmp = tmp_path_factory.mktemp("backend")
     out = run_in_comfyui(comfy, SCRIPT, tmp / "backend_side.py", tmp / "runs", timeout=1200)
-    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
-    res = json.loads(line[len("RESULT "):])
-    print(json.dumps(res, indent=1))
-    return res
+    return script_result(out)
 
 
 def test_the_seam_pieces_equal_the_librarys(measured):
@@ -250,9 +247,7 @@ def sd15_measured(tmp_path_factory, sd15_checkpoint) -> dict:
     tmp = tmp_path_factory.mktemp("backend_sd15")
     shortcut = write_random_shortcut(sd15_checkpoint, tmp / "shortcut_sd15.safetensors")
     out = run_in_comfyui(comfy, SD15_SCRIPT, tmp / "sd15_side.py", sd15_checkpoint, shortcut, timeout=1800)
-    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(res, indent=1))
-    return res
+    return script_result(out)
 
 
 @pytest.mark.timeout(2400)
@@ -360,9 +355,7 @@ def sd2_measured(tmp_path_factory) -> dict:
     (tmp / "scheduler.json").write_text(json.dumps(SD2_SCHEDULER))
     out = run_in_comfyui(comfy, SD2_SCRIPT, tmp / "sd2_side.py", tmp / "unet.safetensors", tmp / "unet.json",
                          tmp / "scheduler.json", timeout=1800)
-    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(res, indent=1))
-    return res
+    return script_result(out)
 
 
 @pytest.mark.timeout(2400)
@@ -405,7 +398,7 @@ def test_the_family_of_a_model_is_comfyuis_exact_class_and_others_are_refused_by
     are not taken for their base); every other family is refused naming it and what is supported."""
     comfy = comfyui_or_skip()
     out = run_in_comfyui(comfy, FAMILY_SCRIPT, tmp_path / "family_side.py", timeout=300)
-    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    res = script_result(out)
     assert [res[k] for k in ("SD15", "SDXL", "SD20")] == ["sd15", "sdxl", "sd2"]
     assert [res[k + "_refused"] for k in ("SD15", "SDXL", "SD20")] == [None, None, None]
     for name in ("SSD1B", "SD21UnclipH", "Flux", "SD3"):
@@ -478,8 +471,7 @@ def test_a_prompt_encoded_mid_run_cannot_unload_the_network_being_trained(tmp_pa
     asked for more than the device has, called inside the encode."""
     comfy = comfyui_or_skip()
     out = run_in_comfyui(comfy, HOLD_SCRIPT, tmp_path / "hold_side.py", timeout=300)
-    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(res, indent=1))
+    res = script_result(out)
     assert res["pre_encoded"] == ["a blue square", "a red circle"]
     assert len(res["before_placement"]) == 2  # nothing to hold before placement: ComfyUI may unload what it likes
     placed = sorted(["BaseModel", "AutoencoderKL"])
@@ -577,8 +569,7 @@ def test_a_model_computing_in_fp16_trains_with_loss_scaling(tmp_path):
     leaves it as it was."""
     comfy = comfyui_or_skip()
     out = run_in_comfyui(comfy, FP16_SCRIPT, tmp_path / "fp16_side.py", tmp_path, timeout=900)
-    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(res, indent=1))
+    res = script_result(out)
     assert res["manual_cast"] == ["torch.float32", "None"]
     assert (res["fp16_backward_fp32"], res["fp16_backward_cast"], res["fp16_backward_half"]) == (False, False, True)
     assert not res["scaled_fp32"] and res["scaled_half"]

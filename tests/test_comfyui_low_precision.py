@@ -4,12 +4,10 @@ training and ApplyAlignedLoRA. The tiny world built in fp8, in a ComfyUI subproc
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from comfy_harness import comfyui_or_skip
-from comfy_process import run_in_comfyui
+from comfy_process import run_in_comfyui, script_result
 
 pytestmark = pytest.mark.comfyui
 
@@ -119,8 +117,7 @@ def test_an_fp8_model_trains_and_takes_the_set_as_comfyui_computes_it(tmp_path):
     comfy = comfyui_or_skip()
     write_tiny_set(tmp_path / "set")
     out = run_in_comfyui(comfy, SCRIPT, tmp_path / "fp8_side.py", tmp_path / "set", timeout=900)
-    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(res, indent=1))
+    res = script_result(out)
     assert "torch.float8_e4m3fn" in res["weight_dtypes"]
     assert res["dtype"] == "torch.float32" and not res["scaled"]
     assert res["grads"] < 1e-4 and res["grads_nonzero"] > 0
