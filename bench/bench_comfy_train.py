@@ -4,6 +4,7 @@
     python bench/bench_comfy_train.py memory --image-size 64 --threads 2
     python bench/bench_comfy_train.py memory --image-size 512 --gpu
     python bench/bench_comfy_train.py prompts --image-size 512 --gpu --iterations 6
+    python bench/bench_comfy_train.py checkpointing --image-size 256 --threads 2
 
 ``speed``: the tiny world's preset for ``--iterations`` iterations through one library session, on the model the
 command line trains (``load_tiny_model()``, diffusers modules) and on the MODEL/CLIP/VAE of Load Tiny World
@@ -26,6 +27,14 @@ loader and trains that MODEL in place (the pack now); ``two-copies`` loads it wi
 library's own copy of the same file beside it (what a graph held when LoadShortcutModel loaded its own base). With
 ``--gpu`` ComfyUI runs on the GPU in its own dtype, its MODEL is placed there first (as after a KSampler ran), the
 library's copy takes the same device and dtype, and the peak is ``torch.cuda.max_memory_allocated``.
+
+``checkpointing``: what ShortFTTrain's ``gradient_checkpointing`` choices cost and save, on a random full-size SD1.5
+checkpoint loaded by ComfyUI's loader and trained in place at ``--image-size`` px (batch 1, rank 8, no CFG on the
+tuned steps, the library's default chain), each choice in a fresh process: warm-up plus one iteration. The peak is
+what the iterations allocate beyond the loaded weights: on a CPU the live tensor bytes of every op
+(``profiling.LivePeak``, which predicted an H100's allocated peak 2-11 % low for the library's own models), with
+``--gpu`` ``torch.cuda.max_memory_allocated`` less what was allocated before. Printed per choice: that peak, the
+measured iteration's seconds, and its loss (equal across choices: checkpointing changes memory, not values).
 
 ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI); its requirements
 must be installed in this interpreter.
@@ -100,22 +109,27 @@ def speed(args: argparse.Namespace) -> None:
           f"max relative difference {diff:.2e}")
 
 
-MEMORY_SCRIPT = r'''
-import json, sys, time
-variant, ckpt, shortcut, size, threads, gpu = sys.argv[1:7]
+# What every side script starts with: its arguments (variant, checkpoint, shortcut, image size, threads, cpu / gpu,
+# this folder, then the mode's own in ``extra``), ComfyUI started, the pack's backend and the library as it holds it.
+SIDE_PREAMBLE = r'''
+import contextlib, json, sys, time
+variant, ckpt, shortcut, size, threads, gpu, here, *extra = sys.argv[1:]
 gpu = gpu == "gpu"
-sys.path.insert(0, sys.argv[7])
+sys.path.insert(0, here)
 from bench_comfy_train import start_comfyui
 start_comfyui(int(threads), gpu)
 import torch
 from bench_apply_set import import_pack_module
-import comfy.model_management
+import comfy.model_management as mm
 import comfy.sd
 backend = import_pack_module("backend")
 from shortft_pack.shortft_core import TrainConfig, attach_shortcut, load_model
 from shortft_pack.shortft_core.prompts import PromptSource
 from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
 from shortft_pack.shortft_core.trainer import Trainer
+'''
+
+MEMORY_SCRIPT = r'''
 
 def hwm():
     """Peak memory so far in GiB: the GPU's allocated peak with --gpu, else the process's resident peak."""
@@ -147,9 +161,9 @@ print("RESULT " + json.dumps({"variant": variant, "loaded_gib": loaded, "peak_gi
 
 
 def in_processes(script_text: str, variants: tuple[str, ...], args: argparse.Namespace, *extra: str) -> list[dict]:
-    """Run ``script_text`` once per variant, each in a fresh process, on one random full-size SD1.5 checkpoint and
-    a random shortcut LoRA for it; its arguments: variant, checkpoint, shortcut, image size, threads, cpu / gpu,
-    this folder, then ``extra``. Returns the JSON each printed after ``RESULT``."""
+    """Run :data:`SIDE_PREAMBLE` + ``script_text`` once per variant, each in a fresh process, on one random
+    full-size SD1.5 checkpoint and a random shortcut LoRA for it; its arguments: variant, checkpoint, shortcut, image
+    size, threads, cpu / gpu, this folder, then ``extra``. Returns the JSON each printed after ``RESULT``."""
     from shortft_core.testing import random_models
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,7 +171,7 @@ def in_processes(script_text: str, variants: tuple[str, ...], args: argparse.Nam
         ckpt = random_models.write_ldm_checkpoint(random_models.random_model("sd15"), tmp / "sd15.safetensors")
         shortcut = random_models.write_random_shortcut(ckpt, tmp / "Hyper-SD15-4steps-lora.safetensors")
         script = tmp / "side.py"
-        script.write_text(script_text)
+        script.write_text(SIDE_PREAMBLE + script_text)
         rows = []
         for variant in variants:
             r = subprocess.run([sys.executable, str(script), variant, str(ckpt), str(shortcut), str(args.image_size),
@@ -180,21 +194,7 @@ def memory(args: argparse.Namespace) -> None:
 
 
 PROMPTS_SCRIPT = r'''
-import contextlib, json, sys, time
-variant, ckpt, shortcut, size, threads, gpu, here, iterations = sys.argv[1:9]
-gpu = gpu == "gpu"
-sys.path.insert(0, here)
-from bench_comfy_train import start_comfyui
-start_comfyui(int(threads), gpu)
-import torch
-from bench_apply_set import import_pack_module
-import comfy.model_management as mm
-import comfy.sd
-backend = import_pack_module("backend")
-from shortft_pack.shortft_core import TrainConfig, attach_shortcut
-from shortft_pack.shortft_core.prompts import PromptSource
-from shortft_pack.shortft_core.rewards.pixel import SymmetryReward
-from shortft_pack.shortft_core.trainer import Trainer
+(iterations,) = extra
 
 with torch.inference_mode():
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
@@ -249,18 +249,67 @@ def prompts(args: argparse.Namespace) -> None:
               f"{row['mib_unloaded_by_encodes']:.0f} | {row['parameters_off_device']} | {row['error'] or '-'} |")
 
 
+CHECKPOINTING_SCRIPT = r'''
+from shortft_pack.shortft_core.testing.profiling import LivePeak
+
+with torch.inference_mode():
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+m = backend.ComfyModel(model, clip, vae)
+m.prepare(["a red circle left of a blue square", ""], (int(size),) * 2)
+unet, vae_ = {"off": (False, False), "unet": (True, False), "vae": (False, True), "unet + vae": (True, True)}[variant]
+cfg = TrainConfig(iterations=2, batch_size=1, rank=8, guidance=1.0, eval_count=0, lr=1e-3, shortcut_guidance=1.0,
+                  image_size=int(size), checkpoint_unet=unet, checkpoint_vae=vae_)
+preset = attach_shortcut(m, shortcut)
+trainer = Trainer(m, SymmetryReward(), cfg, PromptSource(["a red circle left of a blue square"]),
+                  shortcut_preset=preset)
+seconds, losses = [], []
+if gpu:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    for _ in range(2):
+        t0 = time.perf_counter()
+        losses.append(trainer.train_step()["loss"])
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() - before
+else:
+    with LivePeak() as mem:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            losses.append(trainer.train_step()["loss"])
+            seconds.append(time.perf_counter() - t0)
+    peak = mem.peak
+print("RESULT " + json.dumps({"variant": variant, "peak_gib": peak / 2**30, "seconds": seconds[-1], "loss": losses,
+                              "dtype": str(m.dtype)}))
+'''
+
+
+def checkpointing(args: argparse.Namespace) -> None:
+    rows = in_processes(CHECKPOINTING_SCRIPT, ("off", "unet", "vae", "unet + vae"), args)
+    base = rows[0]
+    where = "GPU, allocated" if args.gpu else "CPU, live tensor bytes"
+    print(f"\n| gradient_checkpointing | peak beyond the weights ({where}; GiB) | vs off | iteration (s) | vs off | "
+          f"losses |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['peak_gib']:.2f} | {row['peak_gib'] / base['peak_gib']:.2f} | "
+              f"{row['seconds']:.1f} | {row['seconds'] / base['seconds']:.2f} | "
+              f"{' / '.join(f'{v:.6f}' for v in row['loss'])} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "memory", "prompts"])
+    parser.add_argument("what", choices=["speed", "memory", "prompts", "checkpointing"])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--gpu", action="store_true",
-                        help="memory: ComfyUI on the GPU (its own dtype), the peak allocated VRAM instead of RSS")
+                        help="memory, checkpointing: ComfyUI on the GPU (its own dtype), the peak allocated VRAM "
+                             "instead of RSS / live tensor bytes")
     args = parser.parse_args(argv)
     started = time.time()
-    {"speed": speed, "memory": memory, "prompts": prompts}[args.what](args)
+    {"speed": speed, "memory": memory, "prompts": prompts, "checkpointing": checkpointing}[args.what](args)
     print(f"\n({time.time() - started:.0f} s in all)")
 
 

@@ -10,9 +10,13 @@
 #      confirm the GPU default meets <= 1.1x or to choose the bypass there too (bench/bench_apply_set.py);
 #   2. (S2 s) training with more prompts than the prompt cache on a GPU ComfyUI believes full, with the network and
 #      the VAE held in place while a prompt encodes mid-run and without (bench/bench_comfy_train.py prompts --gpu);
-#   3. (the rest) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
-#      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px).
-# OUT receives at most 8 files (7 here), none deeper than OUT/file (the device tool's limits).
+#   3. (S3 s) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
+#      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px);
+#   4. (the rest) ShortFTTrain's gradient_checkpointing choices through that MODEL in ComfyUI's fp16 at 512 px:
+#      allocated peak and iteration time of each (bench/bench_comfy_train.py checkpointing --gpu).
+# STAGES (default "0 1 2 3 4") picks stages: with the default limits stage 4 finds no time left in the first call,
+# so a session that has device time for a second call runs STAGES=4 (or drops a stage from the first).
+# OUT receives at most 8 files (8 here), none deeper than OUT/file (the device tool's limits).
 # The device image has torch, transformers and peft but no ComfyUI nor its other requirements, and ../shared does not
 # travel: run bench/stage_device.sh here first and carry .devwhl (ComfyUI's source and the small wheels, unpacked
 # and installed under /tmp below); bench/device_shims stands in for PyAV and comfy-kitchen where they are missing.
@@ -25,9 +29,10 @@ out=${1:?usage: bash bench/gpu_comfyui.sh OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 t0=$(date +%s)
-total=${TOTAL:-560}; s0=${S0:-60}; s1=${S1:-260}; s2=${S2:-120}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
+total=${TOTAL:-560}; s0=${S0:-60}; s1=${S1:-260}; s2=${S2:-120}; s3=${S3:-120}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
 export HF_HUB_OFFLINE=1
 left() { echo $(( total - ( $(date +%s) - t0 ) )); }
+want() { case " ${STAGES:-0 1 2 3 4} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 stage=${STAGE_DIR:-/tmp/shortft_stage}
 if [ -f .devwhl/comfyui.tar.xz ] && [ -z "${COMFYUI_PATH:-}" ]; then
@@ -62,28 +67,38 @@ rc=$?; cat "$out/stage.txt" | tail -3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 
 # 0.
-timeout "$s0" "$py" bench/bench_fp16_gradients.py --device cuda --weights 1 0.0009765625 > "$out/fp16.log" 2>&1
-echo "stage 0 (fp16 gradients): rc=$? at $(( $(date +%s) - t0 )) s"
+if want 0; then
+  timeout "$s0" "$py" bench/bench_fp16_gradients.py --device cuda --weights 1 0.0009765625 > "$out/fp16.log" 2>&1
+  echo "stage 0 (fp16 gradients): rc=$? at $(( $(date +%s) - t0 )) s"
+fi
 
 # 1.
-timeout "$s1" "$py" bench/bench_apply_set.py --gpu --sizes 512 1024 --steps 4 8 --repeats 2 --passes 2 \
-  --threads 8 --json "$out/apply.json" --only "checkpoint" "stock LoRA (merged file)" \
-  "stock LoRA, bypass (merged file)" "ApplyAlignedLoRA" "ApplyAlignedLoRA, every layer patched" \
-  "ApplyAlignedLoRA, every layer bypassed" > "$out/apply.log" 2>&1
-echo "stage 1 (ApplyAlignedLoRA): rc=$? at $(( $(date +%s) - t0 )) s"
+if want 1; then
+  timeout "$s1" "$py" bench/bench_apply_set.py --gpu --sizes 512 1024 --steps 4 8 --repeats 2 --passes 2 \
+    --threads 8 --json "$out/apply.json" --only "checkpoint" "stock LoRA (merged file)" \
+    "stock LoRA, bypass (merged file)" "ApplyAlignedLoRA" "ApplyAlignedLoRA, every layer patched" \
+    "ApplyAlignedLoRA, every layer bypassed" > "$out/apply.log" 2>&1
+  echo "stage 1 (ApplyAlignedLoRA): rc=$? at $(( $(date +%s) - t0 )) s"
+fi
 
 # 2.
-timeout "$s2" "$py" bench/bench_comfy_train.py prompts --gpu --image-size 512 --iterations 6 --threads 8 \
-  > "$out/prompts.log" 2>&1
-echo "stage 2 (prompts beyond the cache on a full GPU): rc=$? at $(( $(date +%s) - t0 )) s"
-
-# 3.
-rest=$(left)
-if [ "$rest" -gt 90 ]; then
-  timeout "$rest" "$py" bench/bench_comfy_train.py memory --gpu --image-size 512 --threads 8 \
-    > "$out/memory.log" 2>&1
-  echo "stage 3 (memory, one copy vs two): rc=$? at $(( $(date +%s) - t0 )) s"
-else
-  echo "stage 3 skipped: ${rest} s left"
+if want 2; then
+  timeout "$s2" "$py" bench/bench_comfy_train.py prompts --gpu --image-size 512 --iterations 6 --threads 8 \
+    > "$out/prompts.log" 2>&1
+  echo "stage 2 (prompts beyond the cache on a full GPU): rc=$? at $(( $(date +%s) - t0 )) s"
 fi
-grep "^|" "$out/fp16.log"; tail -12 "$out/apply.log"; tail -5 "$out/prompts.log" 2>/dev/null; tail -5 "$out/memory.log" 2>/dev/null
+
+# 3. and 4.
+for n in 3 4; do
+  want "$n" || continue
+  rest=$(left)
+  if [ "$n" = 3 ] && [ "$rest" -gt "$s3" ]; then rest=$s3; fi
+  if [ "$rest" -gt 60 ]; then
+    what=$([ "$n" = 3 ] && echo memory || echo checkpointing)
+    timeout "$rest" "$py" bench/bench_comfy_train.py "$what" --gpu --image-size 512 --threads 8 > "$out/$what.log" 2>&1
+    echo "stage $n ($what): rc=$? at $(( $(date +%s) - t0 )) s"
+  else
+    echo "stage $n skipped: ${rest} s left (run it again with STAGES=$n)"
+  fi
+done
+for f in fp16 apply prompts memory checkpointing; do [ -f "$out/$f.log" ] && { echo "== $f"; grep "^|" "$out/$f.log" | tail -12; }; done
