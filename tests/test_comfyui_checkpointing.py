@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_harness import comfyui_or_skip
+from comfy_harness import comfyui_or_skip, tree_state
 from comfy_process import run_in_comfyui, script_result
 
 pytestmark = pytest.mark.comfyui
@@ -89,7 +89,9 @@ for name in ("unet", "vae", "both"):
     res[f"weights_keys_{name}"] = sorted(weights) == sorted(ref) and len(ref) > 0
 
 # the node: its widget, and an out-of-memory error during training
+# the node's files (its run, its LoRA set, the preview ComfyUI saves for its image) go under the test's folder
 folder_paths.set_output_directory(str(out_dir / "output"))
+folder_paths.set_temp_directory(str(out_dir / "temp"))
 folder_paths.add_model_folder_path("loras", str(out_dir / "loras"), is_default=True)
 res["settings"] = {choice: [train.checkpoint_settings(choice, gpu, family) for gpu, family in
                             ((False, "sd15"), (True, "sd15"), (True, "tiny"))]
@@ -147,8 +149,13 @@ print("RESULT " + json.dumps(res))
 def measured(tmp_path_factory) -> dict:
     comfy = comfyui_or_skip()
     tmp = tmp_path_factory.mktemp("checkpointing")
+    before = tree_state(comfy)
     out = run_in_comfyui(comfy, SCRIPT, tmp / "checkpointing_side.py", tmp / "work", timeout=1200)
-    return script_result(out)
+    after = tree_state(comfy)
+    res = script_result(out)
+    res["written_into_comfyui"] = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    res["preview_saved"] = sorted(p.name for p in (tmp / "work" / "temp").glob("*.png"))
+    return res
 
 
 def test_recomputing_the_unet_and_the_vae_lowers_the_peak_and_changes_no_value(measured):
@@ -191,3 +198,5 @@ def test_out_of_memory_names_the_fix_and_the_run_continues_to_the_uninterrupted_
     assert measured["run_straight"] == ["finished", 5, False, False]
     assert measured["set_files"] == ["segment_1.safetensors", "segment_2.safetensors", "segment_3.safetensors"]
     assert measured["set_equal"], "continuing with checkpointing on must give the uninterrupted run's set"
+    # the node's preview of each finished run went to the temp folder set here, nothing into ComfyUI's checkout
+    assert len(measured["preview_saved"]) == 2 and measured["written_into_comfyui"] == [], measured
