@@ -267,19 +267,14 @@ if gpu:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
+with contextlib.nullcontext() if gpu else LivePeak() as mem:
     for _ in range(2):
         t0 = time.perf_counter()
         losses.append(trainer.train_step()["loss"])
-        torch.cuda.synchronize()
+        if gpu:
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() - before
-else:
-    with LivePeak() as mem:
-        for _ in range(2):
-            t0 = time.perf_counter()
-            losses.append(trainer.train_step()["loss"])
-            seconds.append(time.perf_counter() - t0)
-    peak = mem.peak
+peak = torch.cuda.max_memory_allocated() - before if gpu else mem.peak
 print("RESULT " + json.dumps({"variant": variant, "peak_gib": peak / 2**30, "seconds": seconds[-1], "loss": losses,
                               "dtype": str(m.dtype)}))
 '''

@@ -101,4 +101,6 @@ for n in 3 4; do
     echo "stage $n skipped: ${rest} s left (run it again with STAGES=$n)"
   fi
 done
-for f in fp16 apply prompts memory checkpointing; do [ -f "$out/$f.log" ] && { echo "== $f"; grep "^|" "$out/$f.log" | tail -12; }; done
+for f in fp16 apply prompts memory checkpointing; do
+  if [ -f "$out/$f.log" ]; then echo "== $f"; grep "^|" "$out/$f.log" | tail -12; fi
+done

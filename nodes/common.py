@@ -23,6 +23,7 @@ LORA_SET = io.Custom("SHORTFT_LORA_SET")
 
 CATEGORY = "ShortFT"
 TINY = "tiny"
+AUTO = "auto"  # a combo choice the node resolves itself (a shortcut's preset, the checkpointing)
 REWARD_FOLDER = "reward_models"
 REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors", ".json", ".txt"}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

@@ -22,13 +22,12 @@ from comfy_api.latest import io
 from ..shortft_core import SHORTCUT_PRESETS, find_shortcut_preset, lora_file, tiny_shortcut_path
 from .apply import lora_patches
 from .backend import ComfyModel
-from .common import CATEGORY, SHORTFT_MODEL, TINY, UNLINKED
+from .common import AUTO, CATEGORY, SHORTFT_MODEL, TINY, UNLINKED
 from .family import trainable_family
 
 log = logging.getLogger(__name__)
 
 NONE = "none"
-AUTO = "auto"
 # the widgets LoadShortcutModel had when it loaded its own copy of a base (workflows made before it took a MODEL)
 LEGACY_WIDGETS = ("base", "device", "dtype")
 REPLACEMENT = ("connect the MODEL, CLIP and VAE of a stock loader (Load Checkpoint; Load Tiny World for the tiny "

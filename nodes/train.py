@@ -30,7 +30,7 @@ from comfy_api.latest import io, ui
 from ..shortft_core import (METHODS, TRAIN_PRESETS, Callback, TrainingSession, TrainRequest, check_settings,
                             prompt_lines, reward_label)
 from . import live
-from .common import CATEGORY, LORA_SET, SHORTFT_MODEL, SHORTFT_REWARD, pil_image, png_image, run_folders
+from .common import AUTO, CATEGORY, LORA_SET, SHORTFT_MODEL, SHORTFT_REWARD, pil_image, png_image, run_folders
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,6 @@ def parse_fractions(text: str) -> tuple[float, ...] | None:
 
 # gradient_checkpointing's choices: what is recomputed in backward instead of kept (UNet calls, VAE decoder blocks)
 CHECKPOINTING = {"off": (False, False), "unet": (True, False), "unet + vae": (True, True)}
-AUTO = "auto"
 
 
 def checkpoint_settings(choice: str, gpu: bool, family: str = "") -> dict[str, bool]:
