@@ -34,7 +34,10 @@ tuned steps, the library's default chain), each choice in a fresh process: warm-
 what the iterations allocate beyond the loaded weights: on a CPU the live tensor bytes of every op
 (``profiling.LivePeak``, which predicted an H100's allocated peak 2-11 % low for the library's own models), with
 ``--gpu`` ``torch.cuda.max_memory_allocated`` less what was allocated before. Printed per choice: that peak, the
-measured iteration's seconds, and its loss (equal across choices: checkpointing changes memory, not values).
+measured iteration's seconds, and its loss (equal across choices: checkpointing changes memory, not values). The
+rows ``..., lean layers`` add the lean layers the trainer gives ComfyUI's layers on CUDA (frozen convolutions, GEGLUs,
+GroupNorm+SiLU pairs keeping less for backward), forced on here on every device; the other rows have them off on
+every device.
 
 ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI); its requirements
 must be installed in this interpreter.
@@ -256,10 +259,14 @@ with torch.inference_mode():
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
 m = backend.ComfyModel(model, clip, vae)
 m.prepare(["a red circle left of a blue square", ""], (int(size),) * 2)
-unet, vae_ = {"off": (False, False), "unet": (True, False), "vae": (False, True), "unet + vae": (True, True)}[variant]
+choice, lean = variant.split(", lean layers")[0], variant.endswith(", lean layers")
+unet, vae_ = {"off": (False, False), "unet": (True, False), "vae": (False, True), "unet + vae": (True, True)}[choice]
 cfg = TrainConfig(iterations=2, batch_size=1, rank=8, guidance=1.0, eval_count=0, lr=1e-3, shortcut_guidance=1.0,
                   image_size=int(size), checkpoint_unet=unet, checkpoint_vae=vae_)
 preset = attach_shortcut(m, shortcut)
+# the lean layers switched beforehand (the shortcut's included), on every device or on none; the trainer's own
+# switch (CUDA only) then finds them switched, so each row means the same on a CPU and a GPU
+switched = m.enable_lean_activations(devices=None if lean else ())
 trainer = Trainer(m, SymmetryReward(), cfg, PromptSource(["a red circle left of a blue square"]),
                   shortcut_preset=preset)
 seconds, losses = [], []
@@ -276,12 +283,13 @@ with contextlib.nullcontext() if gpu else LivePeak() as mem:
         seconds.append(time.perf_counter() - t0)
 peak = torch.cuda.max_memory_allocated() - before if gpu else mem.peak
 print("RESULT " + json.dumps({"variant": variant, "peak_gib": peak / 2**30, "seconds": seconds[-1], "loss": losses,
-                              "dtype": str(m.dtype)}))
+                              "dtype": str(m.dtype), "lean_layers": switched if lean else 0}))
 '''
 
 
 def checkpointing(args: argparse.Namespace) -> None:
-    rows = in_processes(CHECKPOINTING_SCRIPT, ("off", "unet", "vae", "unet + vae"), args)
+    rows = in_processes(CHECKPOINTING_SCRIPT, ("off", "unet", "vae", "unet + vae", "off, lean layers",
+                                               "unet + vae, lean layers"), args)
     base = rows[0]
     where = "GPU, allocated" if args.gpu else "CPU, live tensor bytes"
     print(f"\n| gradient_checkpointing | peak beyond the weights ({where}; GiB) | vs off | iteration (s) | vs off | "

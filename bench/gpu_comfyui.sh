@@ -12,8 +12,9 @@
 #      the VAE held in place while a prompt encodes mid-run and without (bench/bench_comfy_train.py prompts --gpu);
 #   3. (S3 s) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
 #      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px);
-#   4. (the rest) ShortFTTrain's gradient_checkpointing choices through that MODEL in ComfyUI's fp16 at 512 px:
-#      allocated peak and iteration time of each (bench/bench_comfy_train.py checkpointing --gpu).
+#   4. (the rest) ShortFTTrain's gradient_checkpointing choices through that MODEL in ComfyUI's fp16 at 512 px,
+#      with the lean layers off and on: allocated peak and iteration time of each (bench/bench_comfy_train.py
+#      checkpointing --gpu).
 # STAGES (default "0 1 2 3 4") picks stages: with the default limits stage 4 finds no time left in the first call,
 # so a session that has device time for a second call runs STAGES=4 (or drops a stage from the first).
 # OUT receives at most 8 files (8 here), none deeper than OUT/file (the device tool's limits).

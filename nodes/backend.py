@@ -28,12 +28,14 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
 import comfy.model_sampling
+import comfy.ops
 import comfy.utils
 import torch
 
-from ..shortft_core import (Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule, StopRequested,
-                            bundled_config, checkpoint_blocks, diffusers_module_order, load_lora_modules,
-                            lora_base_family, lora_metadata, tiny_weights_dir)
+from ..shortft_core import (LEAN_DEVICES, Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule,
+                            StopRequested, bundled_config, checkpoint_blocks, diffusers_module_order, lean_frozen_convs,
+                            lean_geglu, lean_norm_act, load_lora_modules, lora_base_family, lora_metadata,
+                            tiny_weights_dir)
 from .apply import lora_patches
 from .family import trainable_family
 
@@ -91,6 +93,62 @@ def ordinary_tensors_(module: torch.nn.Module) -> int:
                     sub._buffers[name] = b.clone()
                     done += 1
     return done
+
+
+def computes_own_weight(layer: torch.nn.Module) -> bool:
+    """The gate of a lean ComfyUI layer, asked on each call: ComfyUI's interrupt check (which the layer's own forward
+    makes), then whether the layer computes with its weight as stored. Not where ComfyUI computes with a copy (manual
+    cast, low-VRAM or dynamic streaming) or a function of it (weight patches): its own forward runs there."""
+    comfy.ops.run_every_op()
+    return not (getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+                or getattr(layer, "bias_function", None))
+
+
+def norm_act_pairs(module: torch.nn.Module) -> list[tuple[torch.nn.GroupNorm, torch.nn.SiLU]]:
+    """The ``GroupNorm -> SiLU`` pairs of ComfyUI's UNet and VAE whose norm output goes only into the activation: the
+    ResBlocks' input layers and their output layers where no scale/shift comes between, the UNet's output head, the
+    VAE ResnetBlocks' two norms with their shared (in-place) SiLU. The VAE decoder's output head applies a function,
+    not a module, and is left."""
+    from comfy.ldm.modules.diffusionmodules import model as vae_blocks
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    found: list[tuple[torch.nn.Module, torch.nn.Module]] = []
+    for m in module.modules():
+        if type(m) is openaimodel.ResBlock:
+            found.append((m.in_layers[0], m.in_layers[1]))
+            if not m.use_scale_shift_norm:
+                found.append((m.out_layers[0], m.out_layers[1]))
+        elif type(m) is openaimodel.UNetModel:
+            found.append((m.out[0], m.out[1]))
+        elif type(m) is vae_blocks.ResnetBlock:
+            found += [(m.norm1, m.swish), (m.norm2, m.swish)]
+    return [(n, a) for n, a in found if _plain(n, torch.nn.GroupNorm, comfy.ops.disable_weight_init.GroupNorm)
+            and type(a) is torch.nn.SiLU]
+
+
+def _plain(layer: torch.nn.Module, torch_class: type, comfy_class: type) -> bool:
+    """Whether ``layer`` is a ``torch_class`` whose forward is torch's or ComfyUI's stock one (which computes with the
+    weight as stored unless it casts or patches it): ComfyUI's operation sets that compute otherwise (fp8,
+    quantized, cuBLAS) override the forward and are left alone."""
+    return isinstance(layer, torch_class) and type(layer).forward in (torch_class.forward, comfy_class.forward)
+
+
+def lean_layers(module: torch.nn.Module, devices: tuple[str, ...] | None = LEAN_DEVICES) -> int:
+    """Give ComfyUI's frozen convolutions, GEGLU feed-forwards and GroupNorm+SiLU pairs in ``module`` the library's
+    lean forwards (less kept for backward, same values), taken on ``devices`` and, per call, where
+    :func:`computes_own_weight` allows; returns how many layers were switched. Peft's convolutions (the adapters')
+    are switched too; the layers of ComfyUI's manual cast compute with a cast copy, so the gate sends them ComfyUI's
+    way on every call."""
+    from comfy.ldm.modules.attention import GEGLU
+
+    stock = comfy.ops.disable_weight_init
+    convs = tuple({type(m) for m in module.modules() if _plain(m, torch.nn.Conv2d, stock.Conv2d)
+                   and type(m)._conv_forward is torch.nn.Conv2d._conv_forward})  # conv2d with the weight as passed
+    count = (lean_frozen_convs(module, devices, kinds=convs, gate=computes_own_weight)
+             + lean_geglu(module, devices, kinds=(GEGLU,))
+             + lean_norm_act(module, devices, pairs=norm_act_pairs, gate=computes_own_weight))
+    log.debug("ShortFT: %d layers of %s keep less for backward", count, type(module).__name__)
+    return count
 
 
 def fingerprint(parts: Sequence[tuple[torch.nn.Module, Mapping[str, Any]]], samples: int = 8,
@@ -213,10 +271,9 @@ class ComfyModel(DiffusionModel):
     def fp16_backward(self) -> bool:
         return self.dtype == torch.float16 or next(self.vae.parameters()).dtype == torch.float16
 
-    def lean_modules(self) -> list[torch.nn.Module]:
-        """None: the lean forwards replace a layer's forward, which would bypass ComfyUI's own (its weight casting
-        and offloading); they are measured on diffusers' layers only."""
-        return []
+    def enable_lean_activations(self, devices: tuple[str, ...] | None = LEAN_DEVICES) -> int:
+        """The library's lean layers on ComfyUI's own classes (see :func:`lean_layers`)."""
+        return lean_layers(self.unet, devices) + lean_layers(self.vae, devices)
 
     @property
     def latent_format(self) -> Any:

@@ -47,11 +47,13 @@ _EXPORTS: dict[str, str] = {
     # prompts, and running library code from a host's worker thread
     "prompt_lines": "prompts", "read_prompt_file": "prompts", "PromptSource": "prompts",
     "outside_inference_mode": "lifecycle",
-    # memory: blocks recomputed in backward instead of keeping their activations
-    "checkpoint_blocks": "memory",
+    # memory: blocks recomputed in backward instead of keeping their activations, layers that keep less for it
+    "checkpoint_blocks": "memory", "lean_frozen_convs": "memory", "lean_geglu": "memory", "lean_norm_act": "memory",
+    "LEAN_DEVICES": "memory",
 }
 # names a module defines under another name
-_RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir", "find_shortcut_preset": "find_preset"}
+_RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir", "find_shortcut_preset": "find_preset",
+            "LEAN_DEVICES": "DEFAULT_DEVICES"}
 
 __all__ = sorted(_EXPORTS)
 

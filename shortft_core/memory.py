@@ -16,6 +16,10 @@ the VAE decoder): autograd keeps the norm's input and the SiLU's input, two tens
 keeps only the norm's input and recomputes both (cheap, memory-bound ops) in backward. Half of a VAE decode's
 activations are these pairs.
 
+Each switch finds diffusers' layers by default; a host whose layers compute the same way (ComfyUI's) names its
+classes (``kinds``, ``pairs``) and a ``gate`` asked on each call, which keeps the host's own forward where the
+layer computes from a cast or patched copy of its weight.
+
 :func:`checkpoint_blocks` trades time for memory instead: whole blocks (a reward model's transformer layers, the
 blocks of a VAE decoder that has no checkpointing switch of its own) keep only their input and run again in
 backward.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +55,23 @@ class _FrozenConv2d(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
+Gate = Callable[[torch.nn.Module], bool]
+"""A host's say, per call, on whether a layer may take its lean path: False where the host's own forward must run
+(ComfyUI: a layer that computes with a cast or patched copy of its weight). It may raise to stop the computation
+(ComfyUI's interrupt, which the host's forward would have checked)."""
+
+
+class LeanPath(NamedTuple):
+    """Where a switched layer takes its lean path: inputs on ``devices`` (None: any), and where ``gate`` allows."""
+
+    devices: tuple[str, ...] | None
+    gate: Gate | None = None
+
+
 def _on(self: torch.nn.Module, x: torch.Tensor) -> bool:
-    devices = self._shortft_lean
-    return torch.is_grad_enabled() and x.requires_grad and (devices is None or x.device.type in devices)
+    devices, gate = self._shortft_lean
+    return (torch.is_grad_enabled() and x.requires_grad and (devices is None or x.device.type in devices)
+            and (gate is None or gate(self)))
 
 
 def _lean_forward(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -67,21 +85,24 @@ DEFAULT_DEVICES: tuple[str, ...] = ("cuda",)  # where memory is the limit; on CP
 #                                               is faster (BENCHMARKS.md: a VAE decode 1.75x slower lean)
 
 
-def lean_frozen_convs(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:
+def lean_frozen_convs(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES, *,
+                      kinds: tuple[type, ...] = (torch.nn.Conv2d,), gate: Gate | None = None) -> int:
     """Let every ``Conv2d`` in ``module`` skip saving its input while its weight is frozen; returns how many.
 
     Decided per call, so a convolution whose weight (or a LoRA on it) is trained keeps the normal path, and so is
-    the device: only inputs on ``devices`` (None: any) take the lean path. Only zero-padded, non-string-padded
-    convolutions are switched (diffusers' and peft's are).
+    the device: only inputs on ``devices`` (None: any) take the lean path, and only where ``gate`` allows. Switched
+    are layers whose exact type is one of ``kinds`` (``Conv2d`` subclasses whose forward computes ``conv2d`` with
+    the layer's own weight when the gate allows; diffusers' and peft's are plain ``Conv2d``), zero-padded and not
+    string-padded.
     """
     n = 0
     for m in module.modules():
-        if type(m) is not torch.nn.Conv2d or hasattr(m, "_shortft_lean"):
+        if type(m) not in kinds or hasattr(m, "_shortft_lean"):
             continue
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             continue
         m.forward = types.MethodType(_lean_forward, m)
-        m._shortft_lean = devices
+        m._shortft_lean = LeanPath(devices, gate)
         n += 1
     log.debug("lean frozen convolutions: %d switched", n)
     return n
@@ -111,16 +132,20 @@ def _lean_geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> t
     return h * F.gelu(gate)
 
 
-def lean_geglu(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:
-    """Let every diffusers ``GEGLU`` in ``module`` recompute its GELU in backward instead of keeping it (on
-    ``devices``; None: any); returns how many (a third of each feed-forward's kept activations)."""
-    from diffusers.models.activations import GEGLU
+def lean_geglu(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES, *,
+               kinds: tuple[type, ...] | None = None) -> int:
+    """Let every GEGLU in ``module`` recompute its GELU in backward instead of keeping it (on ``devices``; None:
+    any); returns how many (a third of each feed-forward's kept activations). ``kinds``: the exact GEGLU classes,
+    each computing ``h * gelu(gate)`` from the two halves of its ``proj`` (default: diffusers')."""
+    if kinds is None:
+        from diffusers.models.activations import GEGLU
 
+        kinds = (GEGLU,)
     n = 0
     for m in module.modules():
-        if type(m) is GEGLU and not hasattr(m, "_shortft_lean"):
+        if type(m) in kinds and not hasattr(m, "_shortft_lean"):
             m.forward = types.MethodType(_lean_geglu_forward, m)
-            m._shortft_lean = devices
+            m._shortft_lean = LeanPath(devices)
             n += 1
     return n
 
@@ -190,18 +215,22 @@ def _pairs(module: torch.nn.Module) -> list[tuple[torch.nn.GroupNorm, torch.nn.S
     return [(n, a) for n, a in out if type(n) is torch.nn.GroupNorm and type(a) is torch.nn.SiLU]
 
 
-def lean_norm_act(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:
-    """Fuse every ``GroupNorm -> SiLU`` pair of diffusers' ResNet blocks and output heads in ``module`` so that
-    backward keeps only the norm's input (on ``devices``; None: any); returns how many norms were switched."""
+def lean_norm_act(module: torch.nn.Module, devices: tuple[str, ...] | None = DEFAULT_DEVICES, *,
+                  pairs: Callable[[torch.nn.Module], list[tuple[torch.nn.GroupNorm, torch.nn.SiLU]]] = _pairs,
+                  gate: Gate | None = None) -> int:
+    """Fuse every ``GroupNorm -> SiLU`` pair in ``module`` so that backward keeps only the norm's input (on
+    ``devices``, None: any, and where ``gate`` allows); returns how many norms were switched. ``pairs`` finds the
+    pairs whose norm output goes only into the activation, and whose norm computes ``group_norm`` with its own
+    weight when the gate allows (default: those of diffusers' ResNet blocks and output heads)."""
     n = 0
-    for norm, act in _pairs(module):
+    for norm, act in pairs(module):
         if hasattr(norm, "_shortft_lean"):
             continue
         if not hasattr(act, "_shortft_lean"):
             act.forward = types.MethodType(_fused_act_forward, act)
-            act._shortft_lean = devices
+            act._shortft_lean = LeanPath(devices)
         norm.forward = types.MethodType(_fused_norm_forward, norm)
-        norm._shortft_lean = devices
+        norm._shortft_lean = LeanPath(devices, gate)
         n += 1
     log.debug("lean GroupNorm+SiLU pairs: %d switched", n)
     return n

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from .memory import DEFAULT_DEVICES, lean_saved_activations
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,10 @@ class DiffusionModel(abc.ABC):
         """Every module training may touch (for :class:`~shortft_core.lifecycle.ModelState`)."""
         return [self.unet, self.vae, *self.text_encoders]
 
-    def lean_modules(self) -> list[torch.nn.Module]:
-        """The modules whose layers may take the memory module's lean forwards on CUDA (exact, measured on
-        diffusers' layers)."""
-        return [self.unet, self.vae]
+    def enable_lean_activations(self, devices: tuple[str, ...] | None = DEFAULT_DEVICES) -> int:
+        """Give the network's and the VAE's layers the memory module's lean forwards, taken on ``devices`` (None:
+        any; CUDA by default): same values, less kept for backward. Returns how many layers were switched."""
+        return lean_saved_activations(self.unet, self.vae, devices=devices)
 
     @abc.abstractmethod
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:

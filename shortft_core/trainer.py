@@ -28,7 +28,6 @@ from .chain import guided_eps, run_plan
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
 from .loop import Callback, Loop, StopRequested, all_finite, processes
-from .memory import lean_saved_activations
 from .methods import inference_plan, method_plan, stage_at
 from .models import Conditioning, DiffusionModel
 from .plans import ChainPlan
@@ -134,14 +133,19 @@ class Trainer(Loop):
         self.eval_rewards = eval_reward or {"reward": reward}
         self.out = Path(out) if out is not None else None
         self.lora.add_to(unet, seed=cfg.seed, order=model.adapter_order)
+        # the gradient passes through the VAE's decoder but trains none of its weights: a host's VAE may come with
+        # trainable parameters (ComfyUI's does), whose weight gradients would cost backward time, the inputs kept
+        # for them, and a .grad per weight (the session's ModelState gives the flags back)
+        model.vae.requires_grad_(False)
         self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}  # fp32 (add_lora)
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
             model.enable_decoder_checkpointing()
         if cfg.offload_text_encoders:
             model.offload_text_encoders()
-        # on CUDA, frozen convolutions keep only their weight and GEGLUs recompute their GELU in backward: same
-        # gradients, less activation memory (BENCHMARKS.md, "Frozen convolutions keep only their weight")
-        lean_saved_activations(*model.lean_modules())
+        # on CUDA, frozen convolutions keep only their weight, GEGLUs recompute their GELU and GroupNorm+SiLU pairs
+        # their output in backward: same gradients, less activation memory (BENCHMARKS.md, "Frozen convolutions
+        # keep only their weight")
+        model.enable_lean_activations()
         self.objective = ChainObjective(model, reward, cfg.kl_weight)
         self.switch = self.objective.switch
         self.switch.refresh()

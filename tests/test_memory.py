@@ -224,7 +224,7 @@ def test_the_trainer_switches_the_frozen_convolutions_and_geglus(tmp_path, tiny_
     convs += [norm for net in (model.unet, model.vae) for norm, _ in _pairs(net)]
     Trainer(model, tiny_rewards[0], TrainConfig(iterations=1, batch_size=1, rank=4, eval_count=0),
             PromptSource(held_out_prompts(2)), out=tmp_path)
-    assert convs and all(getattr(m, "_shortft_lean", None) == ("cuda",) for m in convs)  # the lean path on CUDA
+    assert convs and all(m._shortft_lean.devices == ("cuda",) for m in convs)  # the lean path on CUDA
 
 
 def test_the_lean_path_is_taken_only_on_its_devices():
@@ -235,6 +235,45 @@ def test_the_lean_path_is_taken_only_on_its_devices():
     conv2 = torch.nn.Conv2d(2, 2, 3, padding=1).requires_grad_(False)
     lean_frozen_convs(conv2, devices=("cpu",))
     assert "FrozenConv2d" in type(conv2(x).grad_fn).__name__
+
+
+def test_a_host_names_its_layer_classes_and_gates_each_call():
+    """A host's own Conv2d subclass is switched only when named in ``kinds``; its ``gate`` is asked on each call
+    that could go lean (not under no_grad) and, answering False, sends the call to the layer's own forward."""
+
+    class HostConv(torch.nn.Conv2d):
+        pass
+
+    calls = []
+
+    def gate(layer):
+        calls.append(layer)
+        return layer.allow
+
+    conv = HostConv(2, 2, 3, padding=1).requires_grad_(False)
+    assert lean_frozen_convs(conv, devices=None) == 0  # not a plain Conv2d: left to the host
+    assert lean_frozen_convs(conv, devices=None, kinds=(HostConv,), gate=gate) == 1
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    conv.allow = True
+    assert "FrozenConv2d" in type(conv(x).grad_fn).__name__ and calls == [conv]
+    conv.allow = False
+    assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0" and len(calls) == 2
+    with torch.no_grad():
+        conv(x)
+    assert len(calls) == 2
+
+    norm, act = torch.nn.GroupNorm(2, 4), torch.nn.SiLU()
+    y = torch.randn(1, 4, 3, 3, requires_grad=True)
+    ref = act(norm(y))
+    assert lean_norm_act(torch.nn.Sequential(norm, act), devices=None, pairs=lambda m: [(m[0], m[1])],
+                         gate=gate) == 1
+    norm.allow = True
+    out = act(norm(y))
+    assert "GroupNormSiLU" in type(out.grad_fn).__name__ and torch.equal(out, ref)
+    norm.allow = False
+    out = act(norm(y))
+    assert type(out.grad_fn).__name__ == "SiluBackward0" and torch.equal(out, ref)  # the pair unfused, as before
+    assert calls[-2:] == [norm, norm]
 
 
 def test_training_with_every_switch_matches_training_without(tmp_path, tiny_rewards, fresh_tiny):
