@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -172,6 +173,7 @@ class Loop:
         self.elapsed = 0.0
         self.stopped = False  # the last iterate() ended on a stop request
         self._saved_at: int | None = None
+        self._updating = False  # this iteration's update began: the trained state may be half-updated until it ends
 
     # ---- what a subclass provides ----
     def train_step(self) -> dict:
@@ -205,6 +207,7 @@ class Loop:
         the LR schedule and the counter. Returns the gradient norm before clipping (NaN when skipped)."""
         params = self.trainable
         grad_norm = float("nan")
+        self._updating = True
         self.loss_scale.unscale_(params)
         self.updated = losses_finite and all_finite([p.grad for p in params])
         if self.updated:
@@ -285,10 +288,24 @@ class Loop:
         log.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
+    def _keep_done_iterations(self, error: BaseException, rng: dict) -> None:
+        """After running out of memory inside an iteration, before its update: free what the failed iteration held
+        and checkpoint the iterations done, with the generator as the iteration found it, so a run continued (with
+        less memory in use) repeats that iteration exactly and loses none before it."""
+        restore_rng(rng, {self.rng_name: self.gen})
+        self.opt.zero_grad(set_to_none=True)
+        traceback.clear_frames(error.__traceback__)  # the failed iteration's activations, held by its frames
+        if self._saved_at != self.iteration and self.iteration > 0:
+            path = self.save_checkpoint()
+            if path is not None:
+                log.warning("out of memory in iteration %d: the %d done are checkpointed in %s", self.iteration + 1,
+                            self.iteration, path)
+
     # ---- the loop ----
     def iterate(self) -> dict:
         """Iterate until :meth:`finished` or a stop request; checkpoints every ``checkpoint_every`` iterations and
-        where it ends. Returns the last iteration's metrics."""
+        where it ends, also where an iteration runs out of memory before its update (the error is raised after).
+        Returns the last iteration's metrics."""
         every = getattr(self.config, "checkpoint_every", 0)
         self.stopped = False
         metrics: dict = {}
@@ -300,6 +317,7 @@ class Loop:
                 break
             rng = capture_rng({self.rng_name: self.gen})
             t0 = time.perf_counter()
+            self._updating = False
             try:
                 metrics = self.train_step()
             except StopRequested:
@@ -307,6 +325,11 @@ class Loop:
                 self.opt.zero_grad(set_to_none=True)
                 self.stopped = True
                 break
+            except torch.OutOfMemoryError as error:
+                if self._updating or self.acc.num_processes > 1:
+                    raise  # a half-made update (or EMA), or other ranks mid-iteration: the last checkpoint stands
+                self._keep_done_iterations(error, rng)
+                raise
             self.elapsed += time.perf_counter() - t0
             metrics.setdefault("seconds", self.elapsed)
             for cb in self.callbacks:

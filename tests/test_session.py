@@ -205,6 +205,56 @@ def test_a_stop_is_honoured_within_one_network_call_and_resume_is_exact(tmp_path
     assert resumed.history.reward == whole.history.reward
 
 
+class OutOfMemoryAt(Callback):
+    """Raises CUDA's out-of-memory error at the ``n``-th stop poll of iteration ``at`` (one follows every network
+    call, forward and backward), as a GPU raises it in the middle of an iteration."""
+
+    def __init__(self, at: int, n: int) -> None:
+        self.at, self.n, self.polls = at, n, 0
+
+    def should_stop(self, loop) -> bool:
+        if loop.iteration == self.at:
+            self.polls += 1
+            if self.polls == self.n:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return False
+
+
+def test_running_out_of_memory_in_an_iteration_keeps_the_iterations_before_it(tmp_path, monkeypatch):
+    """An out-of-memory error in the middle of iteration 3's chain (no periodic checkpoint yet) is raised after a
+    checkpoint of the 2 iterations done, made with the generator as iteration 3 found it: continuing the run (here
+    with the UNet and the VAE recomputed) gives bit for bit the uninterrupted run's LoRA set. One raised while the
+    update is being applied leaves no checkpoint (the weights may be half-updated)."""
+    import shortft_core.loop as loop_module
+    from shortft_core.checkpoint import CheckpointManager
+
+    cfg = small(iterations=4)
+    whole = train(request(tmp_path / "whole", config=cfg))
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        train(request(tmp_path / "cut", config=cfg), callbacks=[OutOfMemoryAt(2, 6)])
+    kept = CheckpointManager(tmp_path / "cut" / "checkpoints").latest()
+    assert kept is not None and CheckpointManager.load(kept)["step"] == 2
+    resumed = train(request(tmp_path / "cut", config=small(iterations=4, checkpoint_unet=True, checkpoint_vae=True)))
+    assert resumed.status == "finished" and resumed.iteration == 4
+    a, b = _adapters(whole.lora.folder), _adapters(resumed.lora.folder)
+    assert all(torch.equal(a[j][k], b[j][k]) for j in a for k in a[j])
+    assert resumed.history.reward == whole.history.reward
+
+    calls = []
+
+    def clip_then_fail(params, max_norm):
+        calls.append(1)
+        if len(calls) == 3:  # inside iteration 3's update
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB")
+        return clip(params, max_norm)
+
+    clip = loop_module.clip_gradients
+    monkeypatch.setattr(loop_module, "clip_gradients", clip_then_fail)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(request(tmp_path / "in_update", config=cfg))
+    assert len(calls) == 3 and CheckpointManager(tmp_path / "in_update" / "checkpoints").latest() is None
+
+
 # ----- idempotent run folders ---------------------------------------------------------------------------------
 def test_run_folders_are_idempotent(tmp_path, monkeypatch):
     import shortft_core.loading as models
