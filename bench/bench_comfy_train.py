@@ -39,6 +39,15 @@ rows ``..., lean layers`` add the lean layers the trainer gives ComfyUI's layers
 GroupNorm+SiLU pairs keeping less for backward), forced on here on every device; the other rows have them off on
 every device.
 
+``dynamic``: training the MODEL of ComfyUI's checkpoint loader under DynamicVRAM, which ``main.py`` turns on by default
+on an NVIDIA GPU (the loaders then give a ``ModelPatcherDynamic``: weights stay in host memory and stream to the GPU
+per layer call; the pack trains the static copies ComfyUI loads for such a MODEL and VAE), against the legacy model
+patcher, each in a fresh process on a random full-size SD1.5 at
+``--image-size`` px (3 iterations, UNet and VAE recomputed, as ``auto`` on a GPU). Printed per variant: the patchers
+the loader gave, the iterations done and their losses, the LoRA set's difference from the legacy run's, how much
+ComfyUI's own prediction of the MODEL changed from before training to after it, the peak, and the error that
+stopped it (with its traceback). On a CPU, ComfyUI's loaders give the legacy patcher either way.
+
 ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI); its requirements
 must be installed in this interpreter.
 """
@@ -59,15 +68,34 @@ from bench_apply_set import REPO, find_comfyui, import_pack_module
 sys.path.insert(0, str(REPO))
 
 
-def start_comfyui(threads: int, gpu: bool = False) -> None:
-    import torch
-
+def start_comfyui(threads: int, gpu: bool = False, dynamic_vram: bool = False) -> str:
+    """ComfyUI's source importable, its arguments parsed as ``main.py`` (``--cpu`` unless ``gpu``). With
+    ``dynamic_vram``, DynamicVRAM started as ``main.py`` starts it on an NVIDIA GPU (comfy-aimdo before torch, then its
+    devices, then the dynamic model patcher as the loaders' default); returns why not where it cannot start."""
     sys.path.insert(0, str(find_comfyui()))
     sys.argv = [sys.argv[0]] + ([] if gpu else ["--cpu"])
     import comfy.options
 
     comfy.options.enable_args_parsing()
+    started = "off"
+    if dynamic_vram:
+        import comfy_aimdo.control
+
+        started = "comfy-aimdo did not load" if not comfy_aimdo.control.init() else "on"
+    import torch
+
     torch.set_num_threads(threads)
+    if started == "on":
+        import comfy.memory_management
+        import comfy.model_management
+        import comfy.model_patcher
+
+        devices = [d.index for d in comfy.model_management.get_all_torch_devices() if d.type == "cuda"]
+        if not devices or not comfy_aimdo.control.init_devices(devices):
+            return "no device comfy-aimdo could take (it needs an NVIDIA or AMD GPU)"
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return started
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -120,7 +148,7 @@ variant, ckpt, shortcut, size, threads, gpu, here, *extra = sys.argv[1:]
 gpu = gpu == "gpu"
 sys.path.insert(0, here)
 from bench_comfy_train import start_comfyui
-start_comfyui(int(threads), gpu)
+dynamic_vram = start_comfyui(int(threads), gpu, dynamic_vram=variant == "dynamic")
 import torch
 from bench_apply_set import import_pack_module
 import comfy.model_management as mm
@@ -300,9 +328,92 @@ def checkpointing(args: argparse.Namespace) -> None:
               f"{' / '.join(f'{v:.6f}' for v in row['loss'])} |")
 
 
+DYNAMIC_SCRIPT = r'''
+import traceback
+from safetensors.torch import save_file
+from shortft_pack.shortft_core.lifecycle import ModelState
+from shortft_pack.shortft_core.testing.parity import set_lora_tensors
+
+out_dir = extra[0]
+res = {"variant": variant, "dynamic_vram": dynamic_vram, "iterations": 0, "loss": [], "error": None}
+t0 = time.perf_counter()
+try:
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+    res["patcher"] = type(model).__name__
+    res["vae_patcher"] = type(vae.patcher).__name__
+    device = mm.get_torch_device()
+    c, h, w = 4, int(size) // 8, int(size) // 8
+    x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+    sigma = torch.tensor([2.0], device=device)
+    cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def denoised():
+        """ComfyUI's own prediction of the MODEL as it is (loaded as a sampler loads it)."""
+        with torch.inference_mode():
+            mm.load_models_gpu([model])
+            return model.model.apply_model(x, sigma, c_crossattn=cond).float().cpu()
+
+    before = denoised()
+    m = backend.ComfyModel(model, clip, vae)
+    state = ModelState.capture(m)
+    m.prepare(["a red circle left of a blue square", ""], (int(size),) * 2)
+    cfg = TrainConfig(iterations=3, batch_size=1, rank=8, guidance=1.0, eval_count=0, lr=1e-3, shortcut_guidance=1.0,
+                      image_size=int(size), checkpoint_unet=True, checkpoint_vae=True)
+    preset = attach_shortcut(m, shortcut)
+    trainer = Trainer(m, SymmetryReward(), cfg, PromptSource(["a red circle left of a blue square"]),
+                      shortcut_preset=preset)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(cfg.iterations):
+        res["loss"].append(trainer.train_step()["loss"])
+        res["iterations"] += 1
+    res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    save_file({k: v.float().cpu().contiguous() for k, v in set_lora_tensors(m, "weight").items()},
+              f"{out_dir}/{variant}.safetensors")
+    state.restore()
+    after = denoised()
+    res["model_unchanged"] = float((after - before).abs().max())
+except Exception as e:  # what stops a variant is its result
+    res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    res["traceback"] = traceback.format_exc()[-1500:]
+res["seconds"] = time.perf_counter() - t0
+print("RESULT " + json.dumps(res))
+'''
+
+
+def dynamic(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = in_processes(DYNAMIC_SCRIPT, ("legacy", "dynamic"), args, tmp)
+        sets = {row["variant"]: load_file(f"{tmp}/{row['variant']}.safetensors") for row in rows
+                if Path(f"{tmp}/{row['variant']}.safetensors").is_file()}
+    ref = sets.get("legacy")
+    print("\n| variant | DynamicVRAM | MODEL / VAE patcher | iterations | losses | LoRA set vs legacy (rel. L2) | "
+          "MODEL after, max abs change | peak (GiB) | s | stopped by |\n|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        mine = sets.get(row["variant"])
+        diff = "-"
+        if ref is not None and mine is not None and ref.keys() == mine.keys():
+            a = [ref[k].flatten() for k in sorted(ref)]
+            b = [mine[k].flatten() for k in sorted(ref)]
+            import torch
+
+            diff = f"{float((torch.cat(a) - torch.cat(b)).norm() / torch.cat(a).norm()):.2e}"
+        peak = "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}"
+        patchers = f"{row.get('patcher', '-')} / {row.get('vae_patcher', '-')}"
+        print(f"| {row['variant']} | {row['dynamic_vram']} | {patchers} | "
+              f"{row['iterations']} | {' / '.join(f'{v:.6f}' for v in row['loss'])} | {diff} | "
+              f"{row.get('model_unchanged', '-')} | {peak} | {row['seconds']:.0f} | {row['error'] or '-'} |")
+    for row in rows:
+        if row.get("traceback"):
+            print(f"\n{row['variant']}:\n{row['traceback']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "memory", "prompts", "checkpointing"])
+    parser.add_argument("what", choices=["speed", "memory", "prompts", "checkpointing", "dynamic"])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -312,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
                              "instead of RSS / live tensor bytes")
     args = parser.parse_args(argv)
     started = time.time()
-    {"speed": speed, "memory": memory, "prompts": prompts, "checkpointing": checkpointing}[args.what](args)
+    {"speed": speed, "memory": memory, "prompts": prompts, "checkpointing": checkpointing,
+     "dynamic": dynamic}[args.what](args)
     print(f"\n({time.time() - started:.0f} s in all)")
 
 

@@ -12,11 +12,14 @@
 #      the VAE held in place while a prompt encodes mid-run and without (bench/bench_comfy_train.py prompts --gpu);
 #   3. (S3 s) the memory of training the MODEL ComfyUI loaded, one copy against two, as allocated VRAM
 #      (bench/bench_comfy_train.py memory --gpu, a random full-size SD1.5 at 512 px);
+#   5. (S5 s, before 4) training that MODEL under DynamicVRAM, which ComfyUI's main.py turns on by default on NVIDIA
+#      GPUs (its loaders then give a ModelPatcherDynamic), against the legacy patcher: does it train, to the same
+#      LoRA set, leaving the MODEL as it was (bench/bench_comfy_train.py dynamic --gpu);
 #   4. (the rest) ShortFTTrain's gradient_checkpointing choices through that MODEL in ComfyUI's fp16 at 512 px,
 #      with the lean layers off and on: allocated peak and iteration time of each (bench/bench_comfy_train.py
 #      checkpointing --gpu).
-# STAGES (default "0 1 2 3 4") picks stages: with the default limits stage 4 finds no time left in the first call,
-# so a session that has device time for a second call runs STAGES=4 (or drops a stage from the first).
+# STAGES (default "0 1 2 3 4 5") picks stages: with the default limits stages 5 and 4 find no time left in the first
+# call, so a session with device time for a second call runs STAGES="5 4" with TOTAL set to what it has left.
 # OUT receives at most 8 files (8 here), none deeper than OUT/file (the device tool's limits).
 # The device image has torch, transformers and peft but no ComfyUI nor its other requirements, and ../shared does not
 # travel: run bench/stage_device.sh here first and carry .devwhl (ComfyUI's source and the small wheels, unpacked
@@ -30,10 +33,10 @@ out=${1:?usage: bash bench/gpu_comfyui.sh OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 t0=$(date +%s)
-total=${TOTAL:-560}; s0=${S0:-60}; s1=${S1:-260}; s2=${S2:-120}; s3=${S3:-120}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
+total=${TOTAL:-560}; s0=${S0:-60}; s1=${S1:-260}; s2=${S2:-120}; s3=${S3:-120}; s5=${S5:-150}; py=${PYTHON:-python3}  # the device image: python3 in /opt/torch/.venv
 export HF_HUB_OFFLINE=1
 left() { echo $(( total - ( $(date +%s) - t0 ) )); }
-want() { case " ${STAGES:-0 1 2 3 4} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+want() { case " ${STAGES:-0 1 2 3 4 5} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 stage=${STAGE_DIR:-/tmp/shortft_stage}
 if [ -f .devwhl/comfyui.tar.xz ] && [ -z "${COMFYUI_PATH:-}" ]; then
@@ -65,7 +68,7 @@ PY
 rc=$?; cat "$out/stage.txt" | tail -3
 [ "$rc" = 0 ] || { echo "ComfyUI does not import: see $out/stage.txt"; exit 1; }
 [ -n "${COMFY_STAGE_ONLY:-}" ] && exit 0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/stage.txt" 2>&1
 
 # 0.
 if want 0; then
@@ -89,19 +92,20 @@ if want 2; then
   echo "stage 2 (prompts beyond the cache on a full GPU): rc=$? at $(( $(date +%s) - t0 )) s"
 fi
 
-# 3. and 4.
-for n in 3 4; do
+# 3., 5. and 4.
+for n in 3 5 4; do
   want "$n" || continue
   rest=$(left)
-  if [ "$n" = 3 ] && [ "$rest" -gt "$s3" ]; then rest=$s3; fi
+  cap=$(case "$n" in 3) echo "$s3" ;; 5) echo "$s5" ;; *) echo "$rest" ;; esac)
+  if [ "$rest" -gt "$cap" ]; then rest=$cap; fi
   if [ "$rest" -gt 60 ]; then
-    what=$([ "$n" = 3 ] && echo memory || echo checkpointing)
+    what=$(case "$n" in 3) echo memory ;; 5) echo dynamic ;; *) echo checkpointing ;; esac)
     timeout "$rest" "$py" bench/bench_comfy_train.py "$what" --gpu --image-size 512 --threads 8 > "$out/$what.log" 2>&1
     echo "stage $n ($what): rc=$? at $(( $(date +%s) - t0 )) s"
   else
     echo "stage $n skipped: ${rest} s left (run it again with STAGES=$n)"
   fi
 done
-for f in fp16 apply prompts memory checkpointing; do
+for f in fp16 apply prompts memory dynamic checkpointing; do
   if [ -f "$out/$f.log" ]; then echo "== $f"; grep "^|" "$out/$f.log" | tail -12; fi
 done

@@ -8,6 +8,8 @@ injected into the diffusion model's modules (they add ``B(A x)`` beside the froz
 LoRA files reach them through ComfyUI's own key maps, so every layout ComfyUI loads loads here. The library's
 :class:`~shortft_core.TrainingSession` records what training changes and puts it back; the weights themselves are
 only re-registered as ordinary tensors where ComfyUI made them in inference mode (same values, dtype and device).
+Under ComfyUI's DynamicVRAM (its default on NVIDIA GPUs), which streams a MODEL's or VAE's weights from host memory per
+layer call, the network and the VAE trained are static copies ComfyUI loads for them (:func:`static_copy`).
 
 The chain works in the variance-preserving latent x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; ComfyUI's discrete
 models take x_ve = x_t / sqrt(abar_t) at sigma_t = sqrt((1 - abar_t) / abar_t) and return the denoised x0, so
@@ -17,6 +19,7 @@ eps = (x_ve - x0) / sigma_t for eps and v models alike.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -93,6 +96,40 @@ def ordinary_tensors_(module: torch.nn.Module) -> int:
                     sub._buffers[name] = b.clone()
                     done += 1
     return done
+
+
+def is_dynamic(patcher: Any) -> bool:
+    """Whether ComfyUI's DynamicVRAM streams this patcher's weights (its default on NVIDIA GPUs): they stay in host
+    memory and are staged on the GPU per layer call."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def static_copy(patcher: Any, what: str) -> Any:
+    """``patcher`` itself, or where DynamicVRAM streams its weights, the static copy ComfyUI loads for it (its own
+    ``clone(disable_dynamic=True)``, as its torch.compile node does: the file read again into a model of its own, the
+    patches carried over). Training places the network whole on the GPU and keeps the weights each layer used alive
+    until backward; streamed weights stay in host memory and are staged per call, so the caller's patcher is left
+    to sampling and the copy is trained."""
+    if not is_dynamic(patcher):
+        return patcher
+    try:
+        static = patcher.clone(disable_dynamic=True)
+    except RuntimeError as e:
+        raise ValueError(f"the {what} streams its weights (ComfyUI's DynamicVRAM) and its loader cannot give the "
+                         f"static copy training needs ({e}): load it with a core loader (Load Checkpoint, Load "
+                         "Diffusion Model, Load VAE) or start ComfyUI with --disable-dynamic-vram") from None
+    log.info("ShortFT: the %s streams its weights (DynamicVRAM): training a static copy ComfyUI loaded for it", what)
+    return static
+
+
+def static_vae(vae: Any) -> Any:
+    """``vae`` itself, or a VAE over the static copy of its patcher (see :func:`static_copy`)."""
+    patcher = static_copy(vae.patcher, "VAE")
+    if patcher is vae.patcher:
+        return vae
+    copied = copy.copy(vae)
+    copied.patcher, copied.first_stage_model = patcher, patcher.model
+    return copied
 
 
 def computes_own_weight(layer: torch.nn.Module) -> bool:
@@ -184,6 +221,7 @@ class ComfyModel(DiffusionModel):
     its batch and the CLIP runs once per prompt."""
 
     def __init__(self, model: Any, clip: Any, vae: Any, source: str = "ComfyUI MODEL", cache_size: int = 4096) -> None:
+        model, vae = static_copy(model, "MODEL"), static_vae(vae)  # DynamicVRAM's streamed weights: a static copy
         self.patcher, self.clip, self.comfy_vae = model, clip, vae
         self.base = model.model
         self.family = trainable_family(model)

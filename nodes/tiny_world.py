@@ -254,6 +254,10 @@ def load_vae(pipeline: Path) -> comfy.sd.VAE:
         if isinstance(m, torch.nn.GroupNorm):  # built with 32 groups; the forward reads num_groups
             m.num_groups = cfg["norm_num_groups"]
     vae.downscale_ratio = vae.upscale_ratio = ratio
+    if vae.patcher.is_dynamic():  # DynamicVRAM's streaming patcher: a VAE of a few MB gains nothing from it, and
+        # training needs its weights placed whole (the same legacy patcher as the tiny UNet's)
+        vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.patcher.load_device,
+                                                       offload_device=vae.patcher.offload_device)
     return vae
 
 

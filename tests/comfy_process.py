@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from comfy_harness import REPO
+from comfy_harness import REPO, comfyui_or_skip
 
 PREAMBLE = textwrap.dedent(r'''
     import importlib, importlib.util, sys, types
@@ -69,3 +69,11 @@ def script_result(out: str) -> dict:
     res = json.loads(line[len("RESULT "):])
     print(json.dumps(res, indent=1))
     return res
+
+
+def script_in_comfyui(tmp_path_factory, name: str, body: str, timeout: float = 900) -> dict:
+    """Run ``body`` in ComfyUI's Python world (skipped, saying so, without a ComfyUI checkout) in a folder of its own
+    and return what it printed on its ``RESULT`` line: the body of a module fixture of a tier-2 test."""
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp(name)
+    return script_result(run_in_comfyui(comfy, body, tmp / f"{name}_side.py", timeout=timeout))

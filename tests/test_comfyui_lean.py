@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_harness import comfyui_or_skip
-from comfy_process import run_in_comfyui, script_result
+from comfy_process import script_in_comfyui
 
 pytestmark = pytest.mark.comfyui
 
@@ -136,9 +135,7 @@ print("RESULT " + json.dumps(res))
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    comfy = comfyui_or_skip()
-    tmp = tmp_path_factory.mktemp("lean")
-    return script_result(run_in_comfyui(comfy, SCRIPT, tmp / "lean_side.py", timeout=900))
+    return script_in_comfyui(tmp_path_factory, "lean", SCRIPT)
 
 
 def test_comfyuis_layers_are_switched(measured):
