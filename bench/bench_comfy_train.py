@@ -45,7 +45,9 @@ per layer call; the pack trains the static copies ComfyUI loads for such a MODEL
 patcher, each in a fresh process on a random full-size SD1.5 at
 ``--image-size`` px (3 iterations, UNet and VAE recomputed, as ``auto`` on a GPU). Printed per variant: the patchers
 the loader gave, the iterations done and their losses, the LoRA set's difference from the legacy run's, how much
-ComfyUI's own prediction of the MODEL changed from before training to after it, the peak, and the error that
+ComfyUI's own prediction of the MODEL changed from before training to after it, how far the set sampled through
+ApplyAlignedLoRA on the loader's MODEL lies from the same on the MODEL trained (stock sampler, euler / simple, 4
+steps; streamed, the former bypasses every layer) next to the set's own effect, the peak, and the error that
 stopped it (with its traceback). On a CPU, ComfyUI's loaders give the legacy patcher either way.
 
 ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI); its requirements
@@ -371,9 +373,34 @@ try:
     res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     save_file({k: v.float().cpu().contiguous() for k, v in set_lora_tensors(m, "weight").items()},
               f"{out_dir}/{variant}.safetensors")
+    folder = f"{out_dir}/{variant}_set"
+    trainer.save_lora_set(folder)
     state.restore()
     after = denoised()
     res["model_unchanged"] = float((after - before).abs().max())
+
+    # the set through ApplyAlignedLoRA on the loader's MODEL (streamed under DynamicVRAM: every layer bypasses) and
+    # on the MODEL trained (the static copy there; the same object in the legacy run), stock sampling, 4 segments
+    import comfy.sample
+    from shortft_pack.shortft_core import LoraSet
+
+    apply = import_pack_module("apply")
+    lset = LoraSet.open(folder)
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle left of a blue square"))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        z = torch.zeros(1, 4, h, w)
+
+        def draw(patcher):
+            return comfy.sample.sample(patcher, comfy.sample.prepare_noise(z, 7), 4, 1.0, "euler", "simple", positive,
+                                       negative, z, disable_pbar=True, seed=7).float().cpu()
+
+        plain = draw(model)
+        applied = {name: draw(apply.timestep_aware(p, lset, 1.0)) for name, p in (("loaded", model),
+                                                                                    ("trained", m.patcher))}
+    res["set_effect"] = float((applied["trained"] - plain).norm() / plain.norm())
+    res["applied_loaded_vs_trained"] = float((applied["loaded"] - applied["trained"]).norm()
+                                             / applied["trained"].norm())
 except Exception as e:  # what stops a variant is its result
     res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     res["traceback"] = traceback.format_exc()[-1500:]
@@ -391,7 +418,8 @@ def dynamic(args: argparse.Namespace) -> None:
                 if Path(f"{tmp}/{row['variant']}.safetensors").is_file()}
     ref = sets.get("legacy")
     print("\n| variant | DynamicVRAM | MODEL / VAE patcher | iterations | losses | LoRA set vs legacy (rel. L2) | "
-          "MODEL after, max abs change | peak (GiB) | s | stopped by |\n|---|---|---|---|---|---|---|---|---|---|")
+          "MODEL after, max abs change | set applied: loader's MODEL vs the trained one (its effect) | peak (GiB) | "
+          "s | stopped by |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mine = sets.get(row["variant"])
         diff = "-"
@@ -402,10 +430,13 @@ def dynamic(args: argparse.Namespace) -> None:
 
             diff = f"{float((torch.cat(a) - torch.cat(b)).norm() / torch.cat(a).norm()):.2e}"
         peak = "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}"
+        applied = (f"{row['applied_loaded_vs_trained']:.2e} ({row['set_effect']:.2e})" if "set_effect" in row
+                   else "-")
         patchers = f"{row.get('patcher', '-')} / {row.get('vae_patcher', '-')}"
         print(f"| {row['variant']} | {row['dynamic_vram']} | {patchers} | "
               f"{row['iterations']} | {' / '.join(f'{v:.6f}' for v in row['loss'])} | {diff} | "
-              f"{row.get('model_unchanged', '-')} | {peak} | {row['seconds']:.0f} | {row['error'] or '-'} |")
+              f"{row.get('model_unchanged', '-')} | {applied} | {peak} | {row['seconds']:.0f} | "
+              f"{row['error'] or '-'} |")
     for row in rows:
         if row.get("traceback"):
             print(f"\n{row['variant']}:\n{row['traceback']}")

@@ -20,6 +20,10 @@ the stock loader puts it, with the value it bakes), in one of two ways:
   --per-call). In a UNet the high-resolution levels patch from a segment's first call or two, the text-context
   projections bypass while it has a call or two left, the low-resolution levels unless it has many.
 
+A MODEL whose weights ComfyUI's DynamicVRAM streams (its default on NVIDIA GPUs) bypasses every layer: such a layer
+computes with the copy of its weight ComfyUI staged on the GPU (or pinned in host memory), never with a tensor put in
+its place, so a patched weight would go unseen.
+
 An OUTER_SAMPLE wrapper drops the patched weights when the sampling run ends. The base model's own parameters and
 modules are never written: patched tensors and bypass forwards stand in for them inside the call, and the originals
 are put back after it.
@@ -47,7 +51,7 @@ import torch
 from comfy_api.latest import io
 
 from ..shortft_core import LoraSet, Segments, find_lora_sets, lora_set_folder
-from .common import CATEGORY, LORA_SET, UNLINKED
+from .common import CATEGORY, LORA_SET, UNLINKED, is_dynamic
 from .family import model_family
 
 log = logging.getLogger(__name__)
@@ -147,8 +151,9 @@ class SegmentWeights:
     (which may carry other patches, e.g. a stock LoRA applied before) the first time a call of the segment patches
     that layer, and kept while calls stay in the segment."""
 
-    def __init__(self, patches: list[dict[str, Any]], strength: float) -> None:
+    def __init__(self, patches: list[dict[str, Any]], strength: float, streamed: bool = False) -> None:
         self.patches, self.strength = patches, strength
+        self.streamed = streamed  # DynamicVRAM stages the weights itself: every layer bypasses
         self.segment: int | None = None
         self.sources: dict[str, tuple[Any, ...]] = {}  # key -> what identifies the base tensor it was patched from
         self.patched: dict[str, torch.nn.Parameter] = {}
@@ -192,7 +197,7 @@ class SegmentWeights:
             module = comfy.utils.get_attr(base_model, path)
             weight = getattr(module, name)
             cpu = name == "weight" and weight.device.type in BYPASS_DEVICES and _bypassable(patch, module)
-            if cpu and not self._patch_pays(j, key, weight, counted.get(key), calls_left):
+            if self.streamed or (cpu and not self._patch_pays(j, key, weight, counted.get(key), calls_left)):
                 bypassed.append(key)
             else:
                 patched.append(key)
@@ -347,7 +352,16 @@ def timestep_aware(model: Any, lset: LoraSet, strength: float) -> Any:
     per_segment = [{} if entry.file is None  # a segment the set leaves to the base
                    else lora_patches(comfy.utils.load_torch_file(str(entry.file), safe_load=True), entry.file, model,
                                      key_map) for entry in lset.schedule]
-    weights = SegmentWeights(per_segment, strength)
+    streamed = is_dynamic(model)
+    if streamed:  # only a bypass reaches a streamed layer: refuse what cannot run as one before sampling
+        for key in sorted(set().union(*per_segment)):
+            path, _, name = key.rpartition(".")
+            patch = next(p[key] for p in per_segment if key in p)
+            if name != "weight" or not _bypassable(patch, comfy.utils.get_attr(model.model, path)):
+                raise ValueError(f"LoRA set {lset.folder}: {key} is no plain LoRA on a linear or convolution weight, "
+                                 "which a MODEL whose weights ComfyUI's DynamicVRAM streams takes only as a bypass: "
+                                 f"use mode '{MERGED}', or start ComfyUI with --disable-dynamic-vram")
+    weights = SegmentWeights(per_segment, strength, streamed)
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                  SegmentSwitch(lset.segments, weights, str(lset.folder)))

@@ -40,6 +40,7 @@ from ..shortft_core import (LEAN_DEVICES, Conditioning, DiffusionModel, LoadedLo
                             lean_geglu, lean_norm_act, load_lora_modules, lora_base_family, lora_metadata,
                             tiny_weights_dir)
 from .apply import lora_patches
+from .common import is_dynamic
 from .family import trainable_family
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,6 @@ def ordinary_tensors_(module: torch.nn.Module) -> int:
                     sub._buffers[name] = b.clone()
                     done += 1
     return done
-
-
-def is_dynamic(patcher: Any) -> bool:
-    """Whether ComfyUI's DynamicVRAM streams this patcher's weights (its default on NVIDIA GPUs): they stay in host
-    memory and are staged on the GPU per layer call."""
-    return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
 def static_copy(patcher: Any, what: str) -> Any:

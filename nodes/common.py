@@ -31,6 +31,12 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 UNLINKED = object()
 
 
+def is_dynamic(patcher: object) -> bool:
+    """Whether ComfyUI's DynamicVRAM streams this patcher's weights (its default on NVIDIA GPUs): they stay in host
+    memory and are staged on the GPU per layer call, from its own staged or pinned copies of them."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
 def register_folders() -> None:
     """``models/reward_models`` as a ComfyUI model folder (extra_model_paths.yaml may add more)."""
     path = os.path.join(folder_paths.models_dir, REWARD_FOLDER)

@@ -3,7 +3,8 @@ in a ComfyUI subprocess on a random full-size SD1.5 checkpoint: the bypass (base
 a CPU layer runs while it costs less than a patch) and the patched weight (base + delta, what a GPU layer runs), for
 one set and for two sets stacked. Bypass patches nothing; afterwards the MODEL's weights and modules are as loaded.
 The switch counts the calls a segment has left from the run's schedule, and patches a CPU layer once the bypass's
-cost over those calls (known after one bypassed call at the size) exceeds that layer's patch, layer by layer.
+cost over those calls (known after one bypassed call at the size) exceeds that layer's patch, layer by layer. A MODEL
+whose weights DynamicVRAM streams bypasses every layer (a patched tensor would go unseen), with the same result.
 """
 
 from __future__ import annotations
@@ -123,6 +124,31 @@ with torch.inference_mode():
     mixed = sample(one, steps=8, size=16)
     res["patches_mixed"] = [calls["patch"], expected]
     res["mixed"] = rel(mixed, all_patched[8])
+
+    # a MODEL whose weights DynamicVRAM streams (a patcher reporting it, as ModelPatcherDynamic does on a GPU): every
+    # layer bypasses, also where the static MODEL patches (a bypass dearer than any patch), with the same result
+    import comfy.model_patcher
+
+    class Streamed(comfy.model_patcher.ModelPatcher):
+        def is_dynamic(self):
+            return True
+
+    streamed_model = Streamed(model.model, model.load_device, model.offload_device)
+    streamed = apply.timestep_aware(streamed_model, LoraSet.open(set_a), 1.0)
+    apply.BYPASS_COST = 1e9
+    calls["patch"] = 0
+    res["streamed"] = rel(sample(streamed, size=16), all_patched[4])
+    res["patches_streamed"] = calls["patch"]
+    streamed_weights = streamed.wrappers["apply_model"][apply.WRAPPER_KEY][0].weights
+    res["streamed_split"] = [len(k) for k in streamed_weights.split(model.model, 1, shape, 8)]
+    bypassable, apply._bypassable = apply._bypassable, lambda patch, module: False  # a key no bypass can run
+    try:
+        apply.timestep_aware(streamed_model, LoraSet.open(set_a), 1.0)
+        res["streamed_refused"] = None
+    except ValueError as e:
+        res["streamed_refused"] = str(e)
+    res["static_takes_it"] = apply.timestep_aware(model, LoraSet.open(set_a), 1.0) is not None
+    apply._bypassable = bypassable
 open(out, "w").write(json.dumps(res))
 '''
 
@@ -173,3 +199,9 @@ def test_bypass_and_patched_weights_sample_the_same(tmp_path, sd15_checkpoint):
     assert res["top_low"] == [True, True]
     assert res["patches_mixed"][0] == res["patches_mixed"][1] > 0
     assert res["mixed"] < 1e-5
+    # streamed weights (DynamicVRAM): a patched tensor would go unseen, so every layer bypasses, whatever it costs
+    assert res["patches_streamed"] == 0 and res["streamed_split"] == [0, bypassed]
+    assert res["streamed"] < 1e-5
+    message = res["streamed_refused"]
+    assert message is not None and "no plain LoRA" in message and "'merged'" in message, message
+    assert "--disable-dynamic-vram" in message and res["static_takes_it"]
