@@ -410,6 +410,7 @@ print("RESULT " + json.dumps(res))
 
 
 def dynamic(args: argparse.Namespace) -> None:
+    import torch
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -426,8 +427,6 @@ def dynamic(args: argparse.Namespace) -> None:
         if ref is not None and mine is not None and ref.keys() == mine.keys():
             a = [ref[k].flatten() for k in sorted(ref)]
             b = [mine[k].flatten() for k in sorted(ref)]
-            import torch
-
             diff = f"{float((torch.cat(a) - torch.cat(b)).norm() / torch.cat(a).norm()):.2e}"
         peak = "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}"
         applied = (f"{row['applied_loaded_vs_trained']:.2e} ({row['set_effect']:.2e})" if "set_effect" in row

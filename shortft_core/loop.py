@@ -288,12 +288,17 @@ class Loop:
         log.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
+    def _discard_iteration(self, rng: dict) -> None:
+        """Drop an unfinished iteration before its update: the generator as the iteration found it (so a resume
+        repeats it exactly) and no partial gradients."""
+        restore_rng(rng, {self.rng_name: self.gen})
+        self.opt.zero_grad(set_to_none=True)
+
     def _keep_done_iterations(self, error: BaseException, rng: dict) -> None:
         """After running out of memory inside an iteration, before its update: free what the failed iteration held
         and checkpoint the iterations done, with the generator as the iteration found it, so a run continued (with
         less memory in use) repeats that iteration exactly and loses none before it."""
-        restore_rng(rng, {self.rng_name: self.gen})
-        self.opt.zero_grad(set_to_none=True)
+        self._discard_iteration(rng)
         traceback.clear_frames(error.__traceback__)  # the failed iteration's activations, held by its frames
         if self._saved_at != self.iteration and self.iteration > 0:
             path = self.save_checkpoint()
@@ -321,8 +326,7 @@ class Loop:
             try:
                 metrics = self.train_step()
             except StopRequested:
-                restore_rng(rng, {self.rng_name: self.gen})  # a resume repeats the unfinished iteration exactly
-                self.opt.zero_grad(set_to_none=True)
+                self._discard_iteration(rng)
                 self.stopped = True
                 break
             except torch.OutOfMemoryError as error:
