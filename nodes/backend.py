@@ -39,6 +39,7 @@ from ..shortft_core import (LEAN_DEVICES, Conditioning, DiffusionModel, LoadedLo
                             StopRequested, bundled_config, checkpoint_blocks, diffusers_module_order, lean_frozen_convs,
                             lean_geglu, lean_norm_act, load_lora_modules, lora_base_family, lora_metadata,
                             tiny_weights_dir)
+from .apply import WRAPPER_KEY as APPLY_WRAPPER_KEY
 from .apply import lora_patches
 from .common import is_dynamic
 from .family import trainable_family
@@ -48,9 +49,16 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZE = {"tiny": 32, "sd15": 512, "sd2": 768, "sdxl": 1024}
 
 
-def prediction_type(patcher: Any) -> str:
-    """The network's prediction type, by ComfyUI's model sampling (eps or v on the discrete schedule)."""
-    sampling = patcher.model.model_sampling
+def model_sampling(patcher: Any) -> Any:
+    """The model sampling ``patcher`` samples with: its own object patch where a node (ModelSamplingDiscrete, for
+    v-prediction or zero-terminal-SNR checkpoints) gave it one, else the network's. Not the BaseModel's attribute,
+    which holds whatever the clone loaded last patched in (the MODEL's clones share one BaseModel)."""
+    return patcher.get_model_object("model_sampling")
+
+
+def prediction_type(sampling: Any) -> str:
+    """The prediction type of ComfyUI's model ``sampling`` (eps or v on the discrete schedule), or a ValueError naming
+    what ShortFT cannot train."""
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
         raise ValueError(f"the MODEL samples with {type(sampling).__name__}; ShortFT trains discrete-schedule "
                          "models (a model-sampling patch such as ModelSamplingDiscrete must not change it)")
@@ -59,7 +67,45 @@ def prediction_type(patcher: Any) -> str:
     if isinstance(sampling, comfy.model_sampling.EPS) and type(sampling).calculate_denoised is \
             comfy.model_sampling.EPS.calculate_denoised:
         return "epsilon"
-    raise ValueError(f"the MODEL's prediction ({type(sampling).__name__}) is neither eps nor v")
+    raise ValueError(f"the MODEL's model sampling ({type(sampling).__name__}, e.g. ModelSamplingDiscrete's lcm or x0) "
+                     "predicts neither eps nor v; ShortFT trains eps and v models: set ModelSamplingDiscrete's "
+                     "sampling to eps or v_prediction, or remove it")
+
+
+# what nodes attach to a MODEL for sampling, by where ComfyUI's sampler runs it, with nodes that attach each kind
+_SAMPLING_OPTIONS = {
+    "model_function_wrapper": "a model function wrapper",
+    "sampler_calc_cond_batch_function": "a cond-batch function",
+    "sampler_pre_cfg_function": "a pre-CFG function",
+    "sampler_cfg_function": "a CFG function (e.g. RescaleCFG)",
+    "sampler_post_cfg_function": "a post-CFG function (e.g. PerturbedAttentionGuidance, SAG, CFGZeroStar)",
+}
+_BLOCK_PATCH_EXAMPLES = {"output_block_patch": " (e.g. FreeU)", "input_block_patch": " (e.g. Deep Shrink)",
+                         "attn2": " (e.g. IPAdapter)", "attn1": " (e.g. PerturbedAttentionGuidance)"}
+
+
+def sampling_patches(patcher: Any) -> list[str]:
+    """What nodes attached to the MODEL that only ComfyUI's sampler runs: network patches and replacements, attention
+    overrides, CFG and model functions, wrappers (ApplyAlignedLoRA's timestep-aware set among them) and hooks.
+    Training calls the network directly, so these would not shape what it trains. Weight patches (LoRAs, merges)
+    and object patches (ModelSamplingDiscrete) are part of the loaded network and are not listed."""
+    options = patcher.model_options
+    transformer = options.get("transformer_options", {})
+    found = [f"{kind}{_BLOCK_PATCH_EXAMPLES.get(kind, '')}"
+             for kind, patches in transformer.get("patches", {}).items() if patches]
+    found += [f"{kind} replacement{_BLOCK_PATCH_EXAMPLES.get(kind, '')}"
+              for kind, patches in transformer.get("patches_replace", {}).items() if patches]
+    if transformer.get("optimized_attention_override") is not None:
+        found.append("an attention override")
+    found += [text for key, text in _SAMPLING_OPTIONS.items() if options.get(key)]
+    for kind, keyed in getattr(patcher, "wrappers", {}).items():
+        for key, wrappers in keyed.items():
+            if wrappers:
+                found.append(f"{kind} wrapper {key!r}" + (" (ApplyAlignedLoRA's timestep-aware set)"
+                                                           if key == APPLY_WRAPPER_KEY else ""))
+    if getattr(patcher, "hook_patches", None):
+        found.append("hooks")
+    return found
 
 
 def diffusers_names(unet_config: Mapping[str, Any]) -> dict[str, str]:
@@ -216,20 +262,28 @@ class ComfyModel(DiffusionModel):
     its batch and the CLIP runs once per prompt."""
 
     def __init__(self, model: Any, clip: Any, vae: Any, source: str = "ComfyUI MODEL", cache_size: int = 4096) -> None:
+        unrun = sampling_patches(model)
+        if unrun:
+            raise ValueError(f"the MODEL carries what only ComfyUI's sampler runs: {'; '.join(unrun)}. Training calls "
+                             "the network itself and would align a model without them: connect LoadShortcutModel to "
+                             "the MODEL before the nodes that add them (e.g. straight from Load Checkpoint), and put "
+                             "them after ApplyAlignedLoRA for sampling (a set to train on top of: apply it in mode "
+                             "'merged')")
         model, vae = static_copy(model, "MODEL"), static_vae(vae)  # DynamicVRAM's streamed weights: a static copy
         self.patcher, self.clip, self.comfy_vae = model, clip, vae
         self.base = model.model
         self.family = trainable_family(model)
         self.info: dict[str, Any] = {}
-        sigmas = self.base.model_sampling.sigmas.detach().double().cpu()
+        self.sampling = model_sampling(model)  # the MODEL's noise levels (a node's patch, such as zero-terminal SNR)
+        sigmas = self.sampling.sigmas.detach().double().cpu()
         abar = 1.0 / (1.0 + sigmas**2)
-        self.schedule = NoiseSchedule(abar, float(abar[0]), prediction_type(model))
+        self.schedule = NoiseSchedule(abar, float(abar[0]), prediction_type(self.sampling))
         self.unet = self.base.diffusion_model
         self.vae = vae.first_stage_model
         self.text_encoders = [clip.cond_stage_model]
         # what identifies the model in a run's settings and the set's metadata: the family and a digest of the
-        # MODEL, CLIP and VAE (their weights and the patches, such as LoRAs, they carry)
-        self.source = f"{source} ({self.family}, {fingerprint(self._fingerprinted())})"
+        # MODEL, CLIP and VAE (their weights and the patches, such as LoRAs, they carry), and a node's model sampling
+        self.source = f"{source} ({self.family}, {fingerprint(self._fingerprinted())}{self._sampling_patch()})"
         # SD2's v-prediction models are made for 768 px, its eps ones (SD2-base) for 512
         self.native_size = 512 if self.family == "sd2" and self.schedule.prediction_type == "epsilon" \
             else DEFAULT_SIZE[self.family]
@@ -239,6 +293,13 @@ class ComfyModel(DiffusionModel):
         self.cache_size = cache_size
         self._conds: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
         self._placed = False  # prepare() placed the network and the VAE for training
+
+    def _sampling_patch(self) -> str:
+        """The model sampling a node patched in, as a part of the model's identity ('' for the network's own)."""
+        if "model_sampling" not in self.patcher.object_patches:
+            return ""
+        levels = hashlib.sha256(self.schedule.alphas_cumprod.double().numpy().tobytes()).hexdigest()[:8]
+        return f", {self.schedule.prediction_type} sampling {levels}"
 
     def _fingerprinted(self) -> list[tuple[torch.nn.Module, Mapping[str, Any]]]:
         clip_patcher = getattr(self.clip, "patcher", None)
@@ -270,6 +331,14 @@ class ComfyModel(DiffusionModel):
             log.warning("ShortFT: %d prompts, %d encoded before training (the prompt cache's size); the others are "
                         "encoded on first use", len(wanted), self.cache_size)
         comfy.model_management.load_models_gpu([self.patcher, self.comfy_vae.patcher], force_full_load=True)
+        partial = [what for what, m in (("MODEL", self.base), ("VAE", self.vae)) if getattr(m, "model_lowvram", False)]
+        if partial:
+            raise ValueError(f"ComfyUI placed only part of the {' and '.join(partial)} on "
+                             f"{self.patcher.load_device} and streams the rest per layer (--novram does so); "
+                             "training keeps the whole network and VAE on the device: start ComfyUI without "
+                             "--novram (--lowvram trains: ShortFT asks for a full load)")
+        if self.base.model_sampling is not self.sampling:
+            raise RuntimeError("the loaded MODEL samples with another model sampling than its patcher names")
         self._placed = True
         count = ordinary_tensors_(self.unet) + ordinary_tensors_(self.vae)
         if count:
@@ -364,7 +433,7 @@ class ComfyModel(DiffusionModel):
         # the conversions run in fp32 whatever the latents' dtype: at small sigma eps = (x_ve - x0) / sigma cancels
         # almost all of x_ve, so in fp16 or bf16 x0's rounding would reach eps magnified 1 / sigma times (33x at
         # t = 1); apply_model casts the network's input to the network's dtype and returns x0 in fp32
-        sigma = self.base.model_sampling.sigmas.to(x.device)[tt.long()].float()
+        sigma = self.sampling.sigmas.to(x.device)[tt.long()].float()
         scale = (1.0 + sigma**2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
         x_ve = x.float() * scale
         extra = dict(cond.added or {})

@@ -1,0 +1,178 @@
+"""Tier 2: what other nodes attached to the MODEL, as training sees it, in a ComfyUI subprocess on the tiny world.
+
+- ModelSamplingDiscrete's object patch (v-prediction, zero-terminal SNR) is the MODEL's noise schedule and prediction
+  type, whichever clone of the shared network was loaded last; sampling types ShortFT cannot train (lcm, x0) are
+  refused by name.
+- What only ComfyUI's sampler runs (block patches such as FreeU's, attention replacements, CFG functions, wrappers
+  such as ApplyAlignedLoRA's timestep-aware set) would not shape training: such a MODEL is refused, naming what it
+  carries and where to connect instead; a set applied merged (weight patches) trains on top.
+- A MODEL ComfyUI places only in part (``--novram``, emulated here by ComfyUI's own NO_VRAM load on the CPU) is
+  refused instead of training silently where its weights happen to lie.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from comfy_process import script_in_comfyui
+
+pytestmark = pytest.mark.comfyui
+
+SCRIPT = r'''
+import json
+import tempfile
+
+import comfy.model_management
+from comfy_extras.nodes_freelunch import FreeU_V2
+from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+from shortft_pack.shortft_core import LoraSet, tiny_weights_dir
+from shortft_pack.shortft_core.adapters import LoraSetSpec
+from shortft_pack.shortft_core.lora_set import export_lora_set
+from shortft_pack.shortft_core.testing.random_models import random_unet
+
+tiny, backend, model_node, apply = (pack_module(n) for n in ("tiny_world", "backend", "model", "apply"))
+res = {}
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def abar_of(patcher):
+    sigmas = patcher.get_model_object("model_sampling").sigmas.double()
+    return 1.0 / (1.0 + sigmas**2)
+
+
+def error(call):
+    try:
+        call()
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+with torch.inference_mode():  # as ComfyUI's nodes make them
+    model, clip, vae = tiny.load_tiny_world()
+    v_zsnr = ModelSamplingDiscrete().patch(model, "v_prediction", True)[0]
+
+# a patched clone, before anything loaded it: the schedule and prediction are the patch's
+cm = backend.ComfyModel(v_zsnr, clip, vae)
+res["patched_prediction"] = cm.schedule.prediction_type
+res["patched_abar"] = rel(cm.schedule.alphas_cumprod, abar_of(v_zsnr))
+res["abar_last"] = [float(cm.schedule.alphas_cumprod[-1]), float(abar_of(model)[-1])]
+
+# the noise prediction of the loaded patched clone, against the library's v -> eps conversion of the network's raw
+# output (the UNet called directly at the variance-preserving latent and the integer timestep)
+cm.prepare()
+cond = cm.encode_prompts(["a red circle left of a blue square on a white background"])
+x = torch.randn(1, *cm.latent_shape(), generator=torch.Generator().manual_seed(3))
+errors = []
+with torch.no_grad():
+    for t in (999, 600, 50):
+        eps = cm.eps(x, t, cond)
+        v = cm.unet(x, timesteps=torch.tensor([float(t)]), context=cond.hidden)
+        errors.append(rel(eps, cm.schedule.eps_from(v, x, t)))
+res["eps_errors"] = errors
+
+# the plain MODEL while the patched clone is the one loaded (it shares the network): the plain schedule
+plain = backend.ComfyModel(model, clip, vae)
+res["plain_prediction"] = plain.schedule.prediction_type
+res["plain_abar"] = rel(plain.schedule.alphas_cumprod, abar_of(model))
+res["plain_abar_last"] = float(plain.schedule.alphas_cumprod[-1])
+res["sources"] = [cm.source, plain.source]
+
+with torch.inference_mode():
+    for sampling in ("lcm", "x0"):
+        patched = ModelSamplingDiscrete().patch(model, sampling, False)[0]
+        res[f"error_{sampling}"] = error(lambda: model_node.LoadShortcutModel.execute(
+            patched, clip, vae, shortcut="tiny", preset="auto"))
+
+# what only the sampler runs is refused by name; weight patches are not
+with tempfile.TemporaryDirectory() as folder:
+    config = json.loads((tiny_weights_dir() / "pipeline" / "unet" / "config.json").read_text())
+    unet = random_unet(config, seed=1)
+    spec = LoraSetSpec(rank=2)
+    spec.add_to(unet, seed=2)
+    export_lora_set(unet, spec, folder, family="tiny")
+    lset = LoraSet.open(folder)
+    with torch.inference_mode():
+        freeu = FreeU_V2.execute(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2).result[0]
+        cfg_function = model.clone()
+        cfg_function.set_model_sampler_cfg_function(lambda args: args["cond"])
+        aware = apply.ApplyAlignedLoRA.execute(model, lora_set=lset, mode="timestep-aware").result[0]
+        merged = apply.ApplyAlignedLoRA.execute(model, lora_set=lset, mode="merged").result[0]
+        for name, m in (("freeu", freeu), ("cfg_function", cfg_function), ("timestep_aware", aware)):
+            res[f"error_{name}"] = error(lambda: model_node.LoadShortcutModel.execute(m, clip, vae, shortcut="tiny",
+                                                                                      preset="auto"))
+        res["merged_patches"] = len(merged.patches)
+        res["merged_trains"] = error(lambda: model_node.LoadShortcutModel.execute(merged, clip, vae, shortcut="tiny",
+                                                                                  preset="auto"))
+
+# ComfyUI's NO_VRAM load (what --novram gives on a GPU) places the network in part: refused, nothing trains
+comfy.model_management.unload_all_models()
+is_cpu, state = comfy.model_management.is_device_cpu, comfy.model_management.vram_state
+comfy.model_management.is_device_cpu = lambda device: False
+comfy.model_management.vram_state = comfy.model_management.VRAMState.NO_VRAM
+try:
+    partial = backend.ComfyModel(model, clip, vae)
+    res["error_novram"] = error(partial.prepare)
+    res["novram_lowvram"] = bool(partial.base.model_lowvram)
+finally:
+    comfy.model_management.is_device_cpu, comfy.model_management.vram_state = is_cpu, state
+comfy.model_management.unload_all_models()
+full = backend.ComfyModel(model, clip, vae)
+full.prepare()
+res["full_lowvram"] = bool(full.base.model_lowvram)
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    return script_in_comfyui(tmp_path_factory, "model_patches", SCRIPT)
+
+
+def test_model_sampling_patches_are_the_schedule_training_uses(measured):
+    assert measured["patched_prediction"] == "v_prediction"
+    assert measured["patched_abar"] < 1e-12
+    zsnr_last, plain_last = measured["abar_last"]
+    assert zsnr_last < 1e-6 and plain_last > 1e-3  # zero terminal SNR: the last level is (almost) pure noise
+    assert max(measured["eps_errors"]) < 1e-4, measured["eps_errors"]
+    patched, plain = measured["sources"]  # another schedule: another run (its checkpoints are not resumed)
+    assert "v_prediction sampling" in patched and "sampling" not in plain
+    assert patched.split(", v_prediction")[0] == plain.removesuffix(")")
+
+
+def test_the_plain_model_keeps_its_schedule_while_a_patched_clone_is_loaded(measured):
+    assert measured["plain_prediction"] == "epsilon"
+    assert measured["plain_abar"] < 1e-12
+    assert measured["plain_abar_last"] == pytest.approx(measured["abar_last"][1])  # not zero terminal SNR
+
+
+def test_sampling_types_shortft_cannot_train_are_refused_by_name(measured):
+    for sampling in ("lcm", "x0"):
+        message = measured[f"error_{sampling}"]
+        assert message is not None and "neither eps nor v" in message and "ModelSamplingDiscrete" in message, message
+
+
+def test_what_only_the_sampler_runs_is_refused_naming_it_and_the_fix(measured):
+    expected = {"freeu": "output_block_patch (e.g. FreeU)", "cfg_function": "a CFG function",
+                "timestep_aware": "ApplyAlignedLoRA's timestep-aware set"}
+    for name, named in expected.items():
+        message = measured[f"error_{name}"]
+        assert message is not None, f"a MODEL with {named} was taken for training"
+        assert named in message and "before the nodes that add them" in message, message
+    assert "'merged'" in measured["error_timestep_aware"]
+
+
+def test_a_set_applied_merged_trains_on_top(measured):
+    assert measured["merged_patches"] > 0
+    assert measured["merged_trains"] is None
+
+
+def test_a_model_placed_in_part_is_refused(measured):
+    assert measured["novram_lowvram"], "the emulated NO_VRAM load placed the whole network"
+    message = measured["error_novram"]
+    assert message is not None and "only part of the MODEL" in message and "--novram" in message, message
+    assert not measured["full_lowvram"]
