@@ -47,8 +47,9 @@ patcher, each in a fresh process on a random full-size SD1.5 at
 the loader gave, the iterations done and their losses, the LoRA set's difference from the legacy run's, how much
 ComfyUI's own prediction of the MODEL changed from before training to after it, how far the set sampled through
 ApplyAlignedLoRA on the loader's MODEL lies from the same on the MODEL trained (stock sampler, euler / simple, 4
-steps; streamed, the former bypasses every layer) next to the set's own effect, the peak, and the error that
-stopped it (with its traceback). On a CPU, ComfyUI's loaders give the legacy patcher either way.
+steps; streamed, the former bypasses every layer) next to the set's own effect, the peak, the GPU memory freed when
+the copies are dropped (as ShortFTTrain drops them when training ends; nothing to drop in the legacy run), and the
+error that stopped it (with its traceback). On a CPU, ComfyUI's loaders give the legacy patcher either way.
 
 ComfyUI is found as the tests find it ($COMFYUI_PATH, else ../shared/comfyui, else ~/comfy/ComfyUI); its requirements
 must be installed in this interpreter.
@@ -401,6 +402,14 @@ try:
     res["set_effect"] = float((applied["trained"] - plain).norm() / plain.norm())
     res["applied_loaded_vs_trained"] = float((applied["loaded"] - applied["trained"]).norm()
                                              / applied["trained"].norm())
+    # what ShortFTTrain does when training ends: the static copies (none in the legacy run) are dropped
+    del trainer, applied
+    import gc
+
+    held = torch.cuda.memory_allocated() if gpu else 0
+    m.release()
+    gc.collect()
+    res["released_gib"] = (held - torch.cuda.memory_allocated()) / 2**30 if gpu else None
 except Exception as e:  # what stops a variant is its result
     res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     res["traceback"] = traceback.format_exc()[-1500:]
@@ -420,7 +429,7 @@ def dynamic(args: argparse.Namespace) -> None:
     ref = sets.get("legacy")
     print("\n| variant | DynamicVRAM | MODEL / VAE patcher | iterations | losses | LoRA set vs legacy (rel. L2) | "
           "MODEL after, max abs change | set applied: loader's MODEL vs the trained one (its effect) | peak (GiB) | "
-          "s | stopped by |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "freed by releasing the copies (GiB) | s | stopped by |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mine = sets.get(row["variant"])
         diff = "-"
@@ -432,9 +441,10 @@ def dynamic(args: argparse.Namespace) -> None:
         applied = (f"{row['applied_loaded_vs_trained']:.2e} ({row['set_effect']:.2e})" if "set_effect" in row
                    else "-")
         patchers = f"{row.get('patcher', '-')} / {row.get('vae_patcher', '-')}"
+        released = "-" if row.get("released_gib") is None else f"{row['released_gib']:.2f}"
         print(f"| {row['variant']} | {row['dynamic_vram']} | {patchers} | "
               f"{row['iterations']} | {' / '.join(f'{v:.6f}' for v in row['loss'])} | {diff} | "
-              f"{row.get('model_unchanged', '-')} | {applied} | {peak} | {row['seconds']:.0f} | "
+              f"{row.get('model_unchanged', '-')} | {applied} | {peak} | {released} | {row['seconds']:.0f} | "
               f"{row['error'] or '-'} |")
     for row in rows:
         if row.get("traceback"):

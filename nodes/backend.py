@@ -1,15 +1,17 @@
 """Training through the MODEL, CLIP and VAE that ComfyUI loaded: the library's model seam over ComfyUI's own objects.
 
 :class:`ComfyModel` is a :class:`~shortft_core.DiffusionModel` whose network is the MODEL's own diffusion model (one
-copy in memory, trained in place): the noise prediction goes through ``BaseModel.apply_model`` (so ComfyUI's model
-sampling, wrappers and patches apply, and gradients flow through it), the text through the CLIP's encoder, the decode
-through the VAE's first stage model (``comfy.sd.VAE.decode`` is no gradient path). LoRA adapters are peft layers
+copy in memory, trained in place): the noise prediction goes through ``BaseModel.apply_model`` (so the MODEL's model
+sampling, weight patches and object patches apply, and gradients flow through it; what only ComfyUI's sampler runs, such
+as block patches and CFG functions, is refused: :func:`sampling_patches`), the text through the CLIP's encoder, the
+decode through the VAE's first stage model (``comfy.sd.VAE.decode`` is no gradient path). LoRA adapters are peft layers
 injected into the diffusion model's modules (they add ``B(A x)`` beside the frozen layer, never a patched weight), and
 LoRA files reach them through ComfyUI's own key maps, so every layout ComfyUI loads loads here. The library's
-:class:`~shortft_core.TrainingSession` records what training changes and puts it back; the weights themselves are
-only re-registered as ordinary tensors where ComfyUI made them in inference mode (same values, dtype and device).
-Under ComfyUI's DynamicVRAM (its default on NVIDIA GPUs), which streams a MODEL's or VAE's weights from host memory per
-layer call, the network and the VAE trained are static copies ComfyUI loads for them (:func:`static_copy`).
+:class:`~shortft_core.TrainingSession` records what training changes and puts it back; the weights themselves are only
+re-registered as ordinary tensors where ComfyUI made them in inference mode (same values, dtype and device). Under
+ComfyUI's DynamicVRAM (its default on NVIDIA GPUs), which streams a MODEL's or VAE's weights from host memory per layer
+call, the network and the VAE trained are static copies ComfyUI loads for them (:func:`static_copy`), dropped when
+training ends (:meth:`ComfyModel.release`).
 
 The chain works in the variance-preserving latent x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; ComfyUI's discrete
 models take x_ve = x_t / sqrt(abar_t) at sigma_t = sqrt((1 - abar_t) / abar_t) and return the denoised x0, so
@@ -269,17 +271,15 @@ class ComfyModel(DiffusionModel):
                              "the MODEL before the nodes that add them (e.g. straight from Load Checkpoint), and put "
                              "them after ApplyAlignedLoRA for sampling (a set to train on top of: apply it in mode "
                              "'merged')")
-        model, vae = static_copy(model, "MODEL"), static_vae(vae)  # DynamicVRAM's streamed weights: a static copy
-        self.patcher, self.clip, self.comfy_vae = model, clip, vae
-        self.base = model.model
-        self.family = trainable_family(model)
+        self._caller = (model, vae)
+        self.clip = clip
+        self._placed = False  # prepare() placed the network and the VAE for training
+        self.bind()
+        self.family = trainable_family(self.patcher)
         self.info: dict[str, Any] = {}
-        self.sampling = model_sampling(model)  # the MODEL's noise levels (a node's patch, such as zero-terminal SNR)
         sigmas = self.sampling.sigmas.detach().double().cpu()
         abar = 1.0 / (1.0 + sigmas**2)
         self.schedule = NoiseSchedule(abar, float(abar[0]), prediction_type(self.sampling))
-        self.unet = self.base.diffusion_model
-        self.vae = vae.first_stage_model
         self.text_encoders = [clip.cond_stage_model]
         # what identifies the model in a run's settings and the set's metadata: the family and a digest of the
         # MODEL, CLIP and VAE (their weights and the patches, such as LoRAs, they carry), and a node's model sampling
@@ -292,7 +292,47 @@ class ComfyModel(DiffusionModel):
         self.adapter_order = self._diffusers_order()
         self.cache_size = cache_size
         self._conds: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
-        self._placed = False  # prepare() placed the network and the VAE for training
+
+    def bind(self) -> None:
+        """Work on the caller's MODEL and VAE, or where DynamicVRAM streams them, on static copies of them (loaded
+        again after :meth:`release` dropped them). Cheap when they are bound already."""
+        if getattr(self, "patcher", None) is not None:
+            return
+        model, vae = self._caller
+        self.patcher, self.comfy_vae = static_copy(model, "MODEL"), static_vae(vae)
+        self.base = self.patcher.model
+        self.unet = self.base.diffusion_model
+        self.vae = self.comfy_vae.first_stage_model
+        self.sampling = model_sampling(self.patcher)  # its noise levels (a node's patch, such as zero-terminal SNR)
+        self._placed = False
+
+    @property
+    def copies(self) -> dict[str, Any]:
+        """The patchers of the static copies being worked on, by what they copy (none where nothing is streamed or
+        nothing is bound)."""
+        if getattr(self, "patcher", None) is None:
+            return {}
+        model, vae = self._caller
+        return {what: mine for what, mine, theirs in (("MODEL", self.patcher, model),
+                                                      ("VAE", self.comfy_vae.patcher, vae.patcher))
+                if mine is not theirs}
+
+    def release(self) -> None:
+        """Drop the static copies of a streamed MODEL or VAE once training is over, so their weights (on the GPU, or
+        in host memory once ComfyUI offloads them) do not stay for as long as ComfyUI caches the graph; the next
+        training (:meth:`bind`, which :meth:`prepare` calls) loads them again. The caller's own objects are kept."""
+        copies = self.copies
+        if not copies:
+            return
+        loaded = comfy.model_management.current_loaded_models
+        for entry in [e for e in loaded if any(e.model is c for c in copies.values())]:
+            loaded.remove(entry)  # gone with the copy, not moved to host memory first
+            for finalizer in (entry.model_finalizer, entry._patcher_finalizer):
+                if finalizer is not None:
+                    finalizer.detach()
+        self.patcher = self.comfy_vae = self.base = self.unet = self.vae = None
+        self._placed = False
+        log.info("ShortFT: released the static copy of the streamed %s", " and ".join(copies))
 
     def _sampling_patch(self) -> str:
         """The model sampling a node patched in, as a part of the model's identity ('' for the network's own)."""
@@ -324,6 +364,7 @@ class ComfyModel(DiffusionModel):
         use), then place the network and the VAE where ComfyUI computes (whole, no streaming) and make their weights
         ordinary tensors, so gradients can flow through them. Encoding first spares the text encoder's loads during
         training; a prompt beyond the cache is encoded when first used, with the network and the VAE kept in place."""
+        self.bind()
         wanted = list(dict.fromkeys(prompts))
         for prompt in wanted[: self.cache_size]:
             self._encode_one(prompt, size)

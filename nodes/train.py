@@ -321,6 +321,7 @@ class ShortFTTrain(io.ComfyNode):
                                  reward_name=reward_label(reward), method=method)
         status = "failed"
         try:
+            model.model.bind()  # the static copies of a streamed MODEL or VAE, loaded again after a previous run
             with TrainingSession(request, callbacks=[progress]) as session:
                 session.check()
                 # on a GPU the prompts are encoded before training, so the text encoder is not loaded again and again
@@ -339,6 +340,7 @@ class ShortFTTrain(io.ComfyNode):
             status = result.status
         finally:
             progress.finish(status)
+            model.model.release()  # those copies: not kept for as long as ComfyUI caches the graph
             gc.collect()
             mm.soft_empty_cache()
         log.info("ShortFT run %s (%s, iteration %d): %s", run_name, result.status, result.iteration,

@@ -3,7 +3,8 @@
 DynamicVRAM (ComfyUI's default on NVIDIA GPUs) gives the stock loaders' objects a patcher that keeps the weights in
 host memory and stages them on the GPU per layer call. Training trains the static copy ComfyUI loads for such a
 patcher (its ``clone(disable_dynamic=True)``) and leaves the streamed one to sampling; a loader that cannot give a
-copy is a clear error before training. The CPU has no DynamicVRAM, so a patcher reports itself streamed here (as
+copy is a clear error before training. The copy is dropped when training ends (ShortFTTrain drops it), and loaded
+again for the next training. The CPU has no DynamicVRAM, so a patcher reports itself streamed here (as
 ``ModelPatcherDynamic`` does) and registers the loader ComfyUI reloads from (as the core loaders do); the GPU run is
 ``bench/bench_comfy_train.py dynamic``.
 """
@@ -12,16 +13,22 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_process import script_in_comfyui
+from comfy_harness import comfyui_or_skip
+from comfy_process import run_in_comfyui, script_result
 
 pytestmark = pytest.mark.comfyui
 
 SCRIPT = r'''
 import copy
 import dataclasses
+import gc
 import json
+import weakref
+from pathlib import Path
 
+import comfy.model_management
 import comfy.model_patcher
+import folder_paths
 
 from shortft_pack.shortft_core import attach_shortcut, tiny_config, tiny_shortcut_path, tiny_weights_dir
 from shortft_pack.shortft_core.prompts import PromptSource
@@ -30,6 +37,8 @@ from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
 from shortft_pack.shortft_core.trainer import Trainer
 
 tiny, backend, model_node = pack_module("tiny_world"), pack_module("backend"), pack_module("model")
+train, reward_node = pack_module("train"), pack_module("reward")
+out_dir = Path(ARGS[0])
 pipeline = tiny_weights_dir() / "pipeline"
 res = {}
 
@@ -89,6 +98,23 @@ for name, (m, v) in (("static", (model, vae)), ("streamed", (s_model, s_vae))):
     sets[name] = set_lora_tensors(cm, "weight")
     sets[f"{name}_source"] = cm.source
     res[f"losses_{name}"] = losses
+    if name == "streamed":  # the copies are dropped after training, and loaded again for the next
+        copy_ref, copy_patcher = weakref.ref(cm.base), cm.patcher
+        res["copies"] = sorted(cm.copies)
+        del tr
+        cm.release()
+        unlisted = not any(e.model is copy_patcher for e in comfy.model_management.current_loaded_models)
+        del copy_patcher
+        gc.collect()
+        res["released"] = [cm.patcher is None, cm.unet is None, copy_ref() is None, unlisted]
+        cm.prepare()
+        res["bound_again"] = [type(cm.patcher).__name__, cm.unet is not None,
+                              sorted(n for n, _ in cm.unet.named_parameters() if "lora_" in n)]
+        preset = attach_shortcut(cm, tiny_shortcut_path())
+        tr = Trainer(cm, reward, cfg, PromptSource(prompts), shortcut_preset=preset)
+        res["losses_streamed_again"] = [tr.train_step()["loss"] for _ in range(cfg.iterations)]
+        del tr
+        cm.release()
     if name == "static":  # the static world is trained in place: give it back for the streamed run's copy
         from shortft_pack.shortft_core.adapters import remove_adapters
         remove_adapters(cm.unet, list(cm.unet.peft_config))
@@ -107,6 +133,25 @@ with torch.inference_mode():
     shortcut_model = model_node.LoadShortcutModel.execute(streamed_model(), clip, streamed_vae(), shortcut="tiny",
                                                           preset="auto").result[0]
 res["node_trains_copy"] = type(shortcut_model.model.patcher).__name__
+# ShortFTTrain trains the copy and drops it when done; queued again, it trains a copy loaded again
+folder_paths.set_output_directory(str(out_dir / "output"))
+folder_paths.set_temp_directory(str(out_dir / "temp"))
+folder_paths.add_model_folder_path("loras", str(out_dir / "loras"), is_default=True)
+with torch.inference_mode():
+    tiny_reward = reward_node.RewardModel.execute(reward="tiny_alignment", spec="", device="cpu").result[0]
+node = train.ShortFTTrain.PREPARE_CLASS_CLONE(None)
+widgets = dict(prompt_source="tiny-world captions", prompts="", method="shortft", iterations=1, time_budget_s=0.0,
+               batch_size=1, lr=0.005, rank=2, guidance=1.0, seed=0, stage_fractions="", checkpoint_every=1,
+               resume=True, eval_prompts="a small red circle on the left on a white background", eval_every=0,
+               preview_every=0)
+node_copy = weakref.ref(shortcut_model.model.base)
+res["node_runs"] = []
+for run in ("first", "second"):
+    with torch.inference_mode():
+        output = node.execute(shortcut_model, tiny_reward, run_name=run, **widgets)
+    gc.collect()
+    res["node_runs"].append([len(output.result[0].schedule), shortcut_model.model.patcher is None,
+                             node_copy() is None])
 for what, args in (("model", (streamed_model(False), clip, streamed_vae())),
                    ("vae", (streamed_model(), clip, streamed_vae(False)))):
     try:
@@ -121,7 +166,9 @@ print("RESULT " + json.dumps(res))
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    return script_in_comfyui(tmp_path_factory, "dynamic_vram", SCRIPT)
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("dynamic_vram")
+    return script_result(run_in_comfyui(comfy, SCRIPT, tmp / "dynamic_vram_side.py", str(tmp), timeout=900))
 
 
 def test_a_streamed_model_and_vae_train_as_static_copies_to_the_same_set(measured):
@@ -130,6 +177,19 @@ def test_a_streamed_model_and_vae_train_as_static_copies_to_the_same_set(measure
     assert measured["same_weights"] and measured["same_source"]  # the same model: the same run
     assert measured["losses_streamed"] == measured["losses_static"]
     assert measured["set_keys"] and measured["set_equal"]
+
+
+def test_the_copies_are_dropped_after_training_and_loaded_again_for_the_next(measured):
+    assert measured["copies"] == ["MODEL", "VAE"]
+    assert measured["released"] == [True, True, True, True], "the copy outlived its training"
+    assert measured["bound_again"] == ["ModelPatcher", True, []]  # a fresh copy, no adapter left from the last run
+    assert measured["losses_streamed_again"] == measured["losses_streamed"]
+
+
+def test_the_node_drops_the_copy_it_trained(measured):
+    # each run gives its set, and leaves no copy behind (the first run's copy came from LoadShortcutModel)
+    assert [r[1:] for r in measured["node_runs"]] == [[True, True], [True, True]]
+    assert all(r[0] > 0 for r in measured["node_runs"])
 
 
 def test_the_streamed_objects_are_left_to_sampling_untouched(measured):
