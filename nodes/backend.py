@@ -406,9 +406,17 @@ class ComfyModel(DiffusionModel):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the network computes in, which the chain's latents take: ComfyUI's manual-cast dtype where it
-        set one (fp16 weights on a CPU compute in fp32, fp8 weights in fp16, bf16 or fp32), else the weights'."""
-        return self.base.manual_cast_dtype or self.base.get_dtype()
+        """The dtype the network computes in, which the LoRA adapters take: ComfyUI's manual-cast dtype where it or a
+        node set one (fp16 weights on a CPU compute in fp32, fp8 weights in fp16, bf16 or fp32), else the weights'."""
+        return self.patcher.get_model_object("manual_cast_dtype") or self.base.get_dtype()
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """fp32, whatever the network computes in, as ComfyUI's samplers keep their latents. A jump recovers x0 by
+        dividing by sqrt(abar_t), which magnifies the latents' rounding as much: 15x at t = 999 on SD's schedule, 4500x
+        under zero terminal SNR (ModelSamplingDiscrete's zsnr, v-prediction checkpoints made with it), where fp16 or
+        bf16 latents would move the first jump by 12-17 % (BENCHMARKS.md)."""
+        return torch.float32
 
     @property
     def fp16_backward(self) -> bool:

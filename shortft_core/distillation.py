@@ -239,7 +239,7 @@ class TeacherTrajectories:
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
         lo, hi = self.guidance
         g = lo + (hi - lo) * torch.rand(n, generator=gen)
-        x = initial_noise(seeds, m.latent_shape(), m.device, m.dtype)
+        x = initial_noise(seeds, m.latent_shape(), m.device, m.latent_dtype)
         cond = m.encode_prompts(prompts)
         uncond = m.encode_prompts([""]).repeat(n) if hi > 1.0 else None
         gd = g.to(x.device, x.dtype)
@@ -500,7 +500,7 @@ def jump_errors(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[i
     m = model
     switch = AdapterSwitch(m.unet)
     grid = leading_grid(50, m.schedule.num_train_timesteps)
-    x = initial_noise(list(seeds), m.latent_shape(), m.device, m.dtype)
+    x = initial_noise(list(seeds), m.latent_shape(), m.device, m.latent_dtype)
     cond = m.encode_prompts(list(prompts))
     uncond = m.encode_prompts([""]).repeat(len(prompts))
     states: dict[int, torch.Tensor] = {grid[0]: x}

@@ -185,6 +185,12 @@ class DiffusionModel(abc.ABC):
         return next(self.unet.parameters()).dtype
 
     @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype of the chain's latents (its noise, jumps and steps; the network casts its input to its own
+        dtype): the network's here."""
+        return self.dtype
+
+    @property
     def fp16_backward(self) -> bool:
         """Whether training's backward pass runs through float16 arithmetic (the network or the decoder computes in
         fp16), where the loops scale the loss so that small gradients keep their precision."""

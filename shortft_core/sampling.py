@@ -58,7 +58,7 @@ def sample(model: DiffusionModel, prompts: Sequence[str], seed: int = 0, steps: 
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        x = initial_noise([seed + start + i for i in range(len(chunk))], shape, model.device, model.dtype)
+        x = initial_noise([seed + start + i for i in range(len(chunk))], shape, model.device, model.latent_dtype)
         size = (height, width) if height or width else None
         cond = model.encode_prompts(chunk, size=size)
         uncond = model.encode_prompts([negative_prompt], size=size).repeat(len(chunk)) if needs_uncond else None

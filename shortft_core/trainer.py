@@ -207,7 +207,7 @@ class Trainer(Loop):
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=self.gen).tolist()
         lo, hi = acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size
         m = self.model
-        return prompts[lo:hi], initial_noise(seeds[lo:hi], self.latent_shape, m.device, m.dtype)
+        return prompts[lo:hi], initial_noise(seeds[lo:hi], self.latent_shape, m.device, m.latent_dtype)
 
     def _chain_hook(self, plan: ChainPlan, micro: int):
         """After every network call of the chain: a progress event and a stop poll; the latent it returns also

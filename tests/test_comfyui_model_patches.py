@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from comfy_process import script_in_comfyui
@@ -19,6 +21,7 @@ from comfy_process import script_in_comfyui
 pytestmark = pytest.mark.comfyui
 
 SCRIPT = r'''
+import dataclasses
 import json
 import tempfile
 
@@ -26,10 +29,14 @@ import comfy.model_management
 from comfy_extras.nodes_freelunch import FreeU_V2
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
-from shortft_pack.shortft_core import LoraSet, tiny_weights_dir
-from shortft_pack.shortft_core.adapters import LoraSetSpec
+from shortft_pack.shortft_core import LoraSet, attach_shortcut, tiny_config, tiny_shortcut_path, tiny_weights_dir
+from shortft_pack.shortft_core.adapters import LoraSetSpec, remove_adapters
 from shortft_pack.shortft_core.lora_set import export_lora_set
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.sampling import initial_noise
 from shortft_pack.shortft_core.testing.random_models import random_unet
+from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
+from shortft_pack.shortft_core.trainer import Trainer
 
 tiny, backend, model_node, apply = (pack_module(n) for n in ("tiny_world", "backend", "model", "apply"))
 res = {}
@@ -74,6 +81,38 @@ with torch.no_grad():
         v = cm.unet(x, timesteps=torch.tensor([float(t)]), context=cond.hidden)
         errors.append(rel(eps, cm.schedule.eps_from(v, x, t)))
 res["eps_errors"] = errors
+
+# the network computing in bf16 (as a GPU may; a compute-dtype patch forces it on the CPU) under zero terminal SNR:
+# the chain's latents stay fp32, so the first jump keeps what the network predicted
+with torch.inference_mode():
+    low = ModelSamplingDiscrete().patch(model, "v_prediction", True)[0]
+    low.set_model_compute_dtype(torch.bfloat16)
+lm = backend.ComfyModel(low, clip, vae)
+res["low_dtypes"] = [str(lm.dtype), str(lm.latent_dtype)]
+lm.prepare()
+low_cond = lm.encode_prompts(["a red circle left of a blue square on a white background"])
+jump = {}
+with torch.no_grad():
+    for name, dtype in (("trained", lm.latent_dtype), ("bf16", torch.bfloat16)):
+        x = initial_noise([5], lm.latent_shape(), lm.device, dtype)
+        x_s = lm.schedule.step(x, lm.eps(x, 999, low_cond), 999, 749)
+        # the same network output carried to the jump in float64: ComfyUI's x0 at the same input
+        sigma = lm.sampling.sigmas[[999]].float()
+        x_ve = x.float() * (1.0 + sigma**2).sqrt()
+        x0 = lm.base.apply_model(x_ve, sigma, c_crossattn=low_cond.hidden).double()
+        eps = (x_ve.double() - x0) / sigma.double()
+        abar = lm.schedule.alphas_cumprod[749].item()
+        jump[name] = rel(x_s.double(), abar**0.5 * x0 + (1 - abar) ** 0.5 * eps)
+res["jump_errors"] = jump
+# a training step through it: the batch's latents are fp32, the loss finite
+preset = attach_shortcut(lm, tiny_shortcut_path())
+cfg = tiny_config(iterations=1, batch_size=1, eval_count=0, rank=2)
+cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
+tr = Trainer(lm, load_tiny_rewards()[0], cfg, PromptSource(["a red circle"]), shortcut_preset=preset)
+res["batch_dtype"] = str(tr._batch()[1].dtype)
+res["low_loss"] = tr.train_step()["loss"]
+remove_adapters(lm.unet, list(lm.unet.peft_config))  # the network is the plain MODEL's too
+del tr
 
 # the plain MODEL while the patched clone is the one loaded (it shares the network): the plain schedule
 plain = backend.ComfyModel(model, clip, vae)
@@ -142,6 +181,16 @@ def test_model_sampling_patches_are_the_schedule_training_uses(measured):
     patched, plain = measured["sources"]  # another schedule: another run (its checkpoints are not resumed)
     assert "v_prediction sampling" in patched and "sampling" not in plain
     assert patched.split(", v_prediction")[0] == plain.removesuffix(")")
+
+
+def test_the_chains_latents_stay_fp32_under_a_low_precision_network(measured):
+    """bf16 network, zero terminal SNR: the first jump through fp32 latents lies within float rounding of the same
+    network output carried in float64; bf16 latents would move it by far more (the error this guards against)."""
+    assert measured["low_dtypes"] == ["torch.bfloat16", "torch.float32"]
+    assert measured["batch_dtype"] == "torch.float32"
+    assert math.isfinite(measured["low_loss"])
+    assert measured["jump_errors"]["trained"] < 1e-3, measured["jump_errors"]  # fp32 rounding, magnified 4500x
+    assert measured["jump_errors"]["bf16"] > 1e-2, measured["jump_errors"]
 
 
 def test_the_plain_model_keeps_its_schedule_while_a_patched_clone_is_loaded(measured):
