@@ -327,7 +327,7 @@ class ComfyModel(DiffusionModel):
         loaded = comfy.model_management.current_loaded_models
         for entry in [e for e in loaded if any(e.model is c for c in copies.values())]:
             loaded.remove(entry)  # gone with the copy, not moved to host memory first
-            for finalizer in (entry.model_finalizer, entry._patcher_finalizer):
+            for finalizer in (entry.model_finalizer, getattr(entry, "_patcher_finalizer", None)):
                 if finalizer is not None:
                     finalizer.detach()
         self.patcher = self.comfy_vae = self.base = self.unet = self.vae = None
