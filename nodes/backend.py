@@ -273,6 +273,7 @@ class ComfyModel(DiffusionModel):
                              "'merged')")
         self._caller = (model, vae)
         self.clip = clip
+        self.patcher: Any = None  # bound by bind(): the caller's MODEL, or its static copy
         self._placed = False  # prepare() placed the network and the VAE for training
         self.bind()
         self.family = trainable_family(self.patcher)
@@ -296,7 +297,7 @@ class ComfyModel(DiffusionModel):
     def bind(self) -> None:
         """Work on the caller's MODEL and VAE, or where DynamicVRAM streams them, on static copies of them (loaded
         again after :meth:`release` dropped them). Cheap when they are bound already."""
-        if getattr(self, "patcher", None) is not None:
+        if self.patcher is not None:
             return
         model, vae = self._caller
         self.patcher, self.comfy_vae = static_copy(model, "MODEL"), static_vae(vae)
@@ -310,7 +311,7 @@ class ComfyModel(DiffusionModel):
     def copies(self) -> dict[str, Any]:
         """The patchers of the static copies being worked on, by what they copy (none where nothing is streamed or
         nothing is bound)."""
-        if getattr(self, "patcher", None) is None:
+        if self.patcher is None:
             return {}
         model, vae = self._caller
         return {what: mine for what, mine, theirs in (("MODEL", self.patcher, model),

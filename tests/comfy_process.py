@@ -41,6 +41,22 @@ PREAMBLE = textwrap.dedent(r'''
     def pack_module(name):
         """A module of the pack's nodes/ (imported as ComfyUI imports the pack)."""
         return importlib.import_module("shortft_pack.nodes." + name)
+
+    def tiny_train_node(out_dir, **widgets):
+        """ShortFTTrain as ComfyUI runs it, with its files (its run, its LoRA set, the preview ComfyUI saves for its
+        image) under ``out_dir``: the node, the tiny world's alignment reward, and its widgets for a short tiny run
+        (``widgets`` override them)."""
+        import folder_paths
+        folder_paths.set_output_directory(str(out_dir / "output"))
+        folder_paths.set_temp_directory(str(out_dir / "temp"))
+        folder_paths.add_model_folder_path("loras", str(out_dir / "loras"), is_default=True)
+        with torch.inference_mode():
+            reward = pack_module("reward").RewardModel.execute(reward="tiny_alignment", spec="", device="cpu").result[0]
+        defaults = dict(prompt_source="tiny-world captions", prompts="", method="shortft", iterations=1,
+                        time_budget_s=0.0, batch_size=1, lr=0.005, rank=2, guidance=1.0, seed=0, stage_fractions="",
+                        checkpoint_every=1, resume=True, eval_every=0, preview_every=0,
+                        eval_prompts="a small red circle on the left on a white background")
+        return pack_module("train").ShortFTTrain.PREPARE_CLASS_CLONE(None), reward, {**defaults, **widgets}
 ''')
 
 

@@ -24,7 +24,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import folder_paths
 from safetensors.torch import load_file
 
 from shortft_pack.shortft_core import attach_shortcut, tiny_config, tiny_shortcut_path
@@ -38,7 +37,7 @@ import comfy.model_management as mm
 
 out_dir = Path(ARGS[0])
 tiny, backend = pack_module("tiny_world"), pack_module("backend")
-train, shortcut_node, reward_node = pack_module("train"), pack_module("model"), pack_module("reward")
+train, shortcut_node = pack_module("train"), pack_module("model")
 res = {}
 
 with torch.inference_mode():  # as ComfyUI's nodes make them
@@ -88,11 +87,8 @@ for name in ("unet", "vae", "both"):
     res[f"weights_{name}"] = float((a - b).norm() / a.norm())
     res[f"weights_keys_{name}"] = sorted(weights) == sorted(ref) and len(ref) > 0
 
-# the node: its widget, and an out-of-memory error during training
-# the node's files (its run, its LoRA set, the preview ComfyUI saves for its image) go under the test's folder
-folder_paths.set_output_directory(str(out_dir / "output"))
-folder_paths.set_temp_directory(str(out_dir / "temp"))
-folder_paths.add_model_folder_path("loras", str(out_dir / "loras"), is_default=True)
+# the node: its widget, and an out-of-memory error during training (its files under the test's folder)
+node, tiny_reward, widgets = tiny_train_node(out_dir, iterations=5, checkpoint_every=2)
 res["settings"] = {choice: [train.checkpoint_settings(choice, gpu, family) for gpu, family in
                             ((False, "sd15"), (True, "sd15"), (True, "tiny"))]
                    for choice in ("auto", "off", "unet", "unet + vae")}
@@ -102,12 +98,6 @@ except ValueError as e:
     res["bad_choice"] = str(e)
 with torch.inference_mode():
     shortcut_model = shortcut_node.LoadShortcutModel.execute(model, clip, vae, shortcut="tiny", preset="auto").result[0]
-    tiny_reward = reward_node.RewardModel.execute(reward="tiny_alignment", spec="", device="cpu").result[0]
-node = train.ShortFTTrain.PREPARE_CLASS_CLONE(None)
-widgets = dict(prompt_source="tiny-world captions", prompts="", method="shortft", iterations=5, time_budget_s=0.0,
-               batch_size=1, lr=0.005, rank=2, guidance=1.0, seed=0, stage_fractions="", checkpoint_every=2,
-               resume=True, eval_prompts="a small red circle on the left on a white background", eval_every=0,
-               preview_every=0)
 original_step = Trainer.train_step
 
 

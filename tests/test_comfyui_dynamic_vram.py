@@ -28,7 +28,6 @@ from pathlib import Path
 
 import comfy.model_management
 import comfy.model_patcher
-import folder_paths
 
 from shortft_pack.shortft_core import attach_shortcut, tiny_config, tiny_shortcut_path, tiny_weights_dir
 from shortft_pack.shortft_core.prompts import PromptSource
@@ -37,7 +36,6 @@ from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
 from shortft_pack.shortft_core.trainer import Trainer
 
 tiny, backend, model_node = pack_module("tiny_world"), pack_module("backend"), pack_module("model")
-train, reward_node = pack_module("train"), pack_module("reward")
 out_dir = Path(ARGS[0])
 pipeline = tiny_weights_dir() / "pipeline"
 res = {}
@@ -134,16 +132,7 @@ with torch.inference_mode():
                                                           preset="auto").result[0]
 res["node_trains_copy"] = type(shortcut_model.model.patcher).__name__
 # ShortFTTrain trains the copy and drops it when done; queued again, it trains a copy loaded again
-folder_paths.set_output_directory(str(out_dir / "output"))
-folder_paths.set_temp_directory(str(out_dir / "temp"))
-folder_paths.add_model_folder_path("loras", str(out_dir / "loras"), is_default=True)
-with torch.inference_mode():
-    tiny_reward = reward_node.RewardModel.execute(reward="tiny_alignment", spec="", device="cpu").result[0]
-node = train.ShortFTTrain.PREPARE_CLASS_CLONE(None)
-widgets = dict(prompt_source="tiny-world captions", prompts="", method="shortft", iterations=1, time_budget_s=0.0,
-               batch_size=1, lr=0.005, rank=2, guidance=1.0, seed=0, stage_fractions="", checkpoint_every=1,
-               resume=True, eval_prompts="a small red circle on the left on a white background", eval_every=0,
-               preview_every=0)
+node, tiny_reward, widgets = tiny_train_node(out_dir)
 node_copy = weakref.ref(shortcut_model.model.base)
 res["node_runs"] = []
 for run in ("first", "second"):
