@@ -110,6 +110,25 @@ def sampling_patches(patcher: Any) -> list[str]:
     return found
 
 
+def text_options(clip: Any) -> str:
+    """How the CLIP encodes beyond its weights and patches, as a part of the model's identity: the last layer a node
+    chose (CLIP Set Last Layer) and tokenizer options a node set ('' for neither)."""
+    parts = []
+    if getattr(clip, "layer_idx", None) is not None:
+        parts.append(f", clip layer {clip.layer_idx}")
+    options = getattr(clip, "tokenizer_options", None)
+    if options:
+        parts.append(f", tokenizer {json.dumps(options, sort_keys=True, default=str)}")
+    return "".join(parts)
+
+
+def clip_hooks(clip: Any) -> bool:
+    """Whether hooks are set on the CLIP (Set CLIP Hooks): ComfyUI applies them per sampling step or schedule the
+    encoding by them, neither of which a prompt encoded once for training follows."""
+    return bool(getattr(clip, "apply_hooks_to_conds", None) or getattr(getattr(clip, "patcher", None),
+                                                                         "forced_hooks", None))
+
+
 def diffusers_names(unet_config: Mapping[str, Any]) -> dict[str, str]:
     """The diffusion model's module paths -> the diffusers module names LoRA files use (from ComfyUI's own map)."""
     return {ldm[: -len(".weight")]: diff[: -len(".weight")]
@@ -271,6 +290,10 @@ class ComfyModel(DiffusionModel):
                              "the MODEL before the nodes that add them (e.g. straight from Load Checkpoint), and put "
                              "them after ApplyAlignedLoRA for sampling (a set to train on top of: apply it in mode "
                              "'merged')")
+        if clip_hooks(clip):
+            raise ValueError("the CLIP carries hooks (Set CLIP Hooks), which ComfyUI applies at sampling or by "
+                             "schedule and a prompt encoded once for training does not: connect LoadShortcutModel's "
+                             "clip before Set CLIP Hooks (a LoRA on the text encoder: load it with Load LoRA)")
         self._caller = (model, vae)
         self.clip = clip
         self.patcher: Any = None  # bound by bind(): the caller's MODEL, or its static copy
@@ -283,8 +306,10 @@ class ComfyModel(DiffusionModel):
         self.schedule = NoiseSchedule(abar, float(abar[0]), prediction_type(self.sampling))
         self.text_encoders = [clip.cond_stage_model]
         # what identifies the model in a run's settings and the set's metadata: the family and a digest of the
-        # MODEL, CLIP and VAE (their weights and the patches, such as LoRAs, they carry), and a node's model sampling
-        self.source = f"{source} ({self.family}, {fingerprint(self._fingerprinted())}{self._sampling_patch()})"
+        # MODEL, CLIP and VAE (their weights and the patches, such as LoRAs, they carry), a node's model sampling, and
+        # how a node set the CLIP to encode (another last layer is other conditioning: another run, not a resume)
+        self.source = (f"{source} ({self.family}, {fingerprint(self._fingerprinted())}{self._sampling_patch()}"
+                       f"{text_options(clip)})")
         # SD2's v-prediction models are made for 768 px, its eps ones (SD2-base) for 512
         self.native_size = 512 if self.family == "sd2" and self.schedule.prediction_type == "epsilon" \
             else DEFAULT_SIZE[self.family]

@@ -8,6 +8,8 @@
   carries and where to connect instead; a set applied merged (weight patches) trains on top.
 - A MODEL ComfyUI places only in part (``--novram``, emulated here by ComfyUI's own NO_VRAM load on the CPU) is
   refused instead of training silently where its weights happen to lie.
+- How a node set the CLIP to encode (CLIP Set Last Layer, tokenizer options) is part of the model's identity, so a run
+  folder is not continued or reused under other conditioning; hooks on the CLIP (Set CLIP Hooks) are refused.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ import dataclasses
 import json
 import tempfile
 
+from pathlib import Path
+
+import comfy.hooks
 import comfy.model_management
 from comfy_extras.nodes_freelunch import FreeU_V2
+from comfy_extras.nodes_hooks import SetClipHooks
+from nodes import CLIPSetLastLayer
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
 from shortft_pack.shortft_core import LoraSet, attach_shortcut, tiny_config, tiny_shortcut_path, tiny_weights_dir
@@ -163,6 +170,27 @@ comfy.model_management.unload_all_models()
 full = backend.ComfyModel(model, clip, vae)
 full.prepare()
 res["full_lowvram"] = bool(full.base.model_lowvram)
+
+# how a node set the CLIP to encode: another last layer is other conditioning, so another model for a run's identity
+# (a run folder trained with one is not continued or reused with the other); hooks on the CLIP are refused
+with torch.inference_mode():
+    skip = CLIPSetLastLayer().set_last_layer(clip, -2)[0]
+    padded = clip.clone()
+    padded.set_tokenizer_option("clip_l_min_length", 77)
+    hooked = SetClipHooks().apply_hooks(clip, schedule_clip=False, apply_to_conds=True,
+                                        hooks=comfy.hooks.create_hook_lora({}, 1.0, 1.0))[0]
+prompt = "a red circle left of a blue square on a white background"
+skipped = backend.ComfyModel(model, skip, vae)
+res["clip_sources"] = [full.source, skipped.source, backend.ComfyModel(model, padded, vae).source]
+res["skip_cond_change"] = rel(skipped.encode_prompts([prompt]).hidden, full.encode_prompts([prompt]).hidden)
+res["error_clip_hooks"] = error(lambda: model_node.LoadShortcutModel.execute(model, hooked, vae, shortcut="tiny",
+                                                                             preset="auto"))
+with tempfile.TemporaryDirectory() as folder:
+    node, tiny_reward, widgets = tiny_train_node(Path(folder))
+    with torch.inference_mode():
+        for name, c in (("plain", clip), ("skip", skip)):
+            loaded = model_node.LoadShortcutModel.execute(model, c, vae, shortcut="tiny", preset="auto").result[0]
+            res[f"requeue_{name}"] = error(lambda: node.execute(loaded, tiny_reward, run_name="clip", **widgets))
 print("RESULT " + json.dumps(res))
 '''
 
@@ -225,3 +253,19 @@ def test_a_model_placed_in_part_is_refused(measured):
     message = measured["error_novram"]
     assert message is not None and "only part of the MODEL" in message and "--novram" in message, message
     assert not measured["full_lowvram"]
+
+
+def test_how_the_clip_encodes_is_part_of_the_models_identity(measured):
+    plain, skipped, padded = measured["clip_sources"]
+    assert "clip layer" not in plain and "tokenizer" not in plain  # a plain CLIP keeps the identity runs have
+    assert skipped == plain.removesuffix(")") + ", clip layer -2)"
+    assert padded.startswith(plain.removesuffix(")") + ", tokenizer ") and "clip_l_min_length" in padded
+    assert measured["skip_cond_change"] > 1e-3  # the layer is the conditioning training sees
+    assert measured["requeue_plain"] is None
+    message = measured["requeue_skip"]  # the same run folder, another last layer: not the old run continued
+    assert message is not None and "other settings (model" in message, message
+
+
+def test_hooks_on_the_clip_are_refused(measured):
+    message = measured["error_clip_hooks"]
+    assert message is not None and "Set CLIP Hooks" in message and "Load LoRA" in message, message
