@@ -9,8 +9,8 @@ import comfy.supported_models
 
 from .tiny_world import is_tiny_world
 
-# ComfyUI's model config classes the library has a name for; exact classes, so variants built on them (inpainting,
-# instruct-pix2pix, unCLIP, SSD-1B) are not taken for their base
+# ComfyUI's model config classes the library has a name for; exact classes, so variants built on them
+# (instruct-pix2pix, unCLIP, SSD-1B) are not taken for their base (inpainting ones share the class: see below)
 _NAMED = ((comfy.supported_models.SD15, "sd15"), (comfy.supported_models.SDXL, "sdxl"),
           (comfy.supported_models.SD20, "sd2"))
 TRAINABLE = ("tiny", "sd15", "sdxl", "sd2")
@@ -32,4 +32,11 @@ def trainable_family(model: Any) -> str:
     if family not in TRAINABLE:
         raise ValueError(f"the MODEL is a {family} model; ShortFT trains {SUPPORTED} (other families, flow-matching "
                          "ones included, are not supported yet)")
+    # an inpainting checkpoint loads as its base family's config with a wider input (latent, mask, masked image)
+    config = getattr(model, "model", model).model_config
+    channels = getattr(config, "unet_config", {}).get("in_channels", 4)
+    if family != "tiny" and channels > 4:
+        raise ValueError(f"the MODEL is a {family} inpainting model (its network takes {channels} input channels: "
+                         "the latent, a mask and the masked image); ShortFT trains text-to-image models: load the "
+                         f"{family} text-to-image checkpoint instead")
     return family

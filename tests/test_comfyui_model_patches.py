@@ -26,11 +26,13 @@ SCRIPT = r'''
 import dataclasses
 import json
 import tempfile
+import types
 
 from pathlib import Path
 
 import comfy.hooks
 import comfy.model_management
+import comfy.supported_models
 from comfy_extras.nodes_freelunch import FreeU_V2
 from comfy_extras.nodes_hooks import SetClipHooks
 from nodes import CLIPSetLastLayer
@@ -45,7 +47,8 @@ from shortft_pack.shortft_core.testing.random_models import random_unet
 from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
 from shortft_pack.shortft_core.trainer import Trainer
 
-tiny, backend, model_node, apply = (pack_module(n) for n in ("tiny_world", "backend", "model", "apply"))
+tiny, backend, model_node, apply, family = (pack_module(n) for n in ("tiny_world", "backend", "model", "apply",
+                                                                     "family"))
 res = {}
 
 
@@ -191,6 +194,20 @@ with tempfile.TemporaryDirectory() as folder:
         for name, c in (("plain", clip), ("skip", skip)):
             loaded = model_node.LoadShortcutModel.execute(model, c, vae, shortcut="tiny", preset="auto").result[0]
             res[f"requeue_{name}"] = error(lambda: node.execute(loaded, tiny_reward, run_name="clip", **widgets))
+
+# an inpainting checkpoint loads as its base family's config with 9 input channels: refused by name before anything
+# loads (the same config with 4 channels is the trainable family)
+def sd15_config(channels):
+    """A MODEL as far as the family check reads it: SD1.5's model config with ``channels`` input channels."""
+    config = comfy.supported_models.SD15({**comfy.supported_models.SD15.unet_config, "in_channels": channels})
+    return types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
+
+
+for channels in (4, 9):
+    res[f"family_{channels}"] = error(lambda: family.trainable_family(sd15_config(channels))) or \
+        family.trainable_family(sd15_config(channels))
+res["node_9"] = error(lambda: model_node.LoadShortcutModel.execute(sd15_config(9), clip, vae, shortcut="none",
+                                                                   preset="auto"))
 print("RESULT " + json.dumps(res))
 '''
 
@@ -269,3 +286,10 @@ def test_how_the_clip_encodes_is_part_of_the_models_identity(measured):
 def test_hooks_on_the_clip_are_refused(measured):
     message = measured["error_clip_hooks"]
     assert message is not None and "Set CLIP Hooks" in message and "Load LoRA" in message, message
+
+
+def test_an_inpainting_model_is_refused_by_name(measured):
+    message = measured["family_9"]
+    assert "sd15 inpainting model" in message and "9 input channels" in message, message
+    assert measured["node_9"] == message  # LoadShortcutModel refuses it first, before anything loads
+    assert measured["family_4"] == "sd15"
