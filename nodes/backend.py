@@ -344,9 +344,11 @@ class ComfyModel(DiffusionModel):
                 if mine is not theirs}
 
     def release(self) -> None:
-        """Drop the static copies of a streamed MODEL or VAE once training is over, so their weights (on the GPU, or
-        in host memory once ComfyUI offloads them) do not stay for as long as ComfyUI caches the graph; the next
-        training (:meth:`bind`, which :meth:`prepare` calls) loads them again. The caller's own objects are kept."""
+        """Once training is over, drop what it held beyond the caller's objects, so it does not stay for as long as
+        ComfyUI caches the graph: the encoded prompts (encoded again when needed), and the static copies of a streamed
+        MODEL or VAE (their weights on the GPU, or in host memory once ComfyUI offloads them; the next training's
+        :meth:`bind`, which :meth:`prepare` calls, loads them again). The caller's own objects are kept."""
+        self._conds.clear()
         copies = self.copies
         if not copies:
             return
@@ -480,7 +482,9 @@ class ComfyModel(DiffusionModel):
             conds = self.base.extra_conds(cross_attn=out["cond"], pooled_output=out.get("pooled_output"),
                                           width=width, height=height, device=self.device,
                                           noise=torch.zeros(1, c, h, w, device=self.device))
-        found = {k: v.cond.detach().to(self.device) for k, v in conds.items()}
+        # kept in host memory, as ComfyUI keeps conditioning between nodes: thousands of prompts would hold
+        # gigabytes of the device (SDXL: 0.6 MiB each, fp32); a batch's are moved to the device when used
+        found = {k: v.cond.detach().to("cpu") for k, v in conds.items()}
         if "c_crossattn" not in found:
             raise ValueError(f"the {self.family} MODEL gave no cross-attention conditioning")
         self._conds[key] = found
@@ -492,8 +496,8 @@ class ComfyModel(DiffusionModel):
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not a single string")
         each = [self._encode_one(p, size) for p in prompts]
-        hidden = torch.cat([e["c_crossattn"] for e in each])
-        added = {k: torch.cat([e[k] for e in each]) for k in each[0] if k != "c_crossattn"} or None
+        hidden = torch.cat([e["c_crossattn"] for e in each]).to(self.device)
+        added = {k: torch.cat([e[k] for e in each]).to(self.device) for k in each[0] if k != "c_crossattn"} or None
         return Conditioning(hidden, added)
 
     # ----- networks -------------------------------------------------------------------------------------------------

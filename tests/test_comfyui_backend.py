@@ -67,6 +67,19 @@ res["abar"] = rel(cm.schedule.alphas_cumprod, ref.schedule.alphas_cumprod)
 cm.prepare(["a red circle on a white background", "", "a red circle on a white background"])
 res["encoded_by_prepare"] = sorted(k[0] for k in cm._conds)
 res["values_kept_by_prepare"] = same(before, snapshot(model, clip, vae)) is None
+
+
+class OnMeta(backend.ComfyModel):
+    """The seam as if its network lay on another device than the host (meta: shapes only, nothing computed)."""
+    device = property(lambda self: torch.device("meta"))
+
+
+elsewhere = OnMeta(model, clip, vae)
+batch = elsewhere.encode_prompts(["a red circle on a white background", ""])
+res["cache_devices"] = sorted({str(t.device) for e in elsewhere._conds.values() for t in e.values()})
+res["batch_device"] = str(batch.hidden.device)
+elsewhere.release()
+res["cached_after_release"] = len(elsewhere._conds)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 4, 8, 8, generator=g)
 prompts = ["a red circle left of a blue square on a white background", ""]
@@ -150,6 +163,10 @@ def test_the_seam_pieces_equal_the_librarys(measured):
     assert (measured["family"], measured["prediction"]) == ("tiny", "epsilon")
     assert measured["abar"] < 1e-6 and measured["values_kept_by_prepare"]
     assert measured["encoded_by_prepare"] == ["", "a red circle on a white background"]  # each prompt once
+    # encoded prompts wait in host memory (thousands would hold gigabytes of a GPU); a batch is moved where the
+    # network computes; they go when training ends
+    assert measured["cache_devices"] == ["cpu"] and measured["batch_device"] == "meta"
+    assert measured["cached_after_release"] == 0
     assert measured["cond"] < 1e-5
     for key in ("eps_999", "eps_500", "eps_21", "eps_1", "eps_per_sample"):
         assert measured[key] < 1e-5, key
