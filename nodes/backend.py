@@ -129,6 +129,18 @@ def clip_hooks(clip: Any) -> bool:
                                                                          "forced_hooks", None))
 
 
+def check_vae(vae: Any, family: str, latent_format: Any) -> None:
+    """Refuse a VAE whose latents are not the MODEL's (another family's, e.g. FLUX's 16 channels, or a video VAE):
+    otherwise the first decode fails mid-run, with a shape error naming neither."""
+    made = int(latent_format.latent_channels)
+    decoded, dims = getattr(vae, "latent_channels", made), getattr(vae, "latent_dim", 2)
+    if decoded != made or dims != 2:
+        kind = "image" if dims == 2 else "video"
+        raise ValueError(f"the VAE decodes {decoded}-channel {kind} latents, the {family} MODEL makes {made}-channel "
+                         "image latents: connect the VAE of the same checkpoint (Load Checkpoint's VAE output) or a "
+                         f"VAE made for {family}")
+
+
 def diffusers_names(unet_config: Mapping[str, Any]) -> dict[str, str]:
     """The diffusion model's module paths -> the diffusers module names LoRA files use (from ComfyUI's own map)."""
     return {ldm[: -len(".weight")]: diff[: -len(".weight")]
@@ -294,6 +306,7 @@ class ComfyModel(DiffusionModel):
             raise ValueError("the CLIP carries hooks (Set CLIP Hooks), which ComfyUI applies at sampling or by "
                              "schedule and a prompt encoded once for training does not: connect LoadShortcutModel's "
                              "clip before Set CLIP Hooks (a LoRA on the text encoder: load it with Load LoRA)")
+        check_vae(vae, trainable_family(model), model.model.latent_format)  # before anything loads
         self._caller = (model, vae)
         self.clip = clip
         self.patcher: Any = None  # bound by bind(): the caller's MODEL, or its static copy

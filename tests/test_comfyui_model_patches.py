@@ -23,6 +23,7 @@ from comfy_process import script_in_comfyui
 pytestmark = pytest.mark.comfyui
 
 SCRIPT = r'''
+import copy
 import dataclasses
 import json
 import tempfile
@@ -208,6 +209,13 @@ for channels in (4, 9):
         family.trainable_family(sd15_config(channels))
 res["node_9"] = error(lambda: model_node.LoadShortcutModel.execute(sd15_config(9), clip, vae, shortcut="none",
                                                                    preset="auto"))
+
+# a VAE of another family (FLUX's 16 latent channels) or a video VAE: refused before anything loads
+for name, changes in (("flux", {"latent_channels": 16}), ("video", {"latent_dim": 3})):
+    other = copy.copy(vae)
+    vars(other).update(changes)
+    res[f"error_vae_{name}"] = error(lambda: model_node.LoadShortcutModel.execute(model, clip, other, shortcut="tiny",
+                                                                                  preset="auto"))
 print("RESULT " + json.dumps(res))
 '''
 
@@ -293,3 +301,10 @@ def test_an_inpainting_model_is_refused_by_name(measured):
     assert "sd15 inpainting model" in message and "9 input channels" in message, message
     assert measured["node_9"] == message  # LoadShortcutModel refuses it first, before anything loads
     assert measured["family_4"] == "sd15"
+
+
+def test_a_vae_of_other_latents_is_refused_by_name(measured):
+    assert "16-channel image latents, the tiny MODEL makes 4-channel" in measured["error_vae_flux"], \
+        measured["error_vae_flux"]
+    assert "4-channel video latents" in measured["error_vae_video"], measured["error_vae_video"]
+    assert "VAE of the same checkpoint" in measured["error_vae_flux"]
