@@ -27,8 +27,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..shortft_core import (METHODS, TRAIN_PRESETS, Callback, TrainingSession, TrainRequest, check_settings,
-                            prompt_lines, reward_label)
+from ..shortft_core import (METHODS, TRAIN_PRESETS, Callback, StopRequested, TrainingSession, TrainRequest,
+                            check_settings, prompt_lines, reward_label)
 from . import live
 from .common import AUTO, CATEGORY, LORA_SET, SHORTFT_MODEL, SHORTFT_REWARD, pil_image, png_image, run_folders
 
@@ -338,6 +338,13 @@ class ShortFTTrain(io.ComfyNode):
                     raise mm.OOM_EXCEPTION(out_of_memory_message(e, gradient_checkpointing, checkpointing,
                                                                  session.trainer)) from e
             status = result.status
+        except StopRequested:
+            # ComfyUI's cancel, met by the MODEL's layers outside the training loop (prompts encoded before it, the
+            # before/after grid drawn after the set is saved): ComfyUI's cancel, not an error
+            status = "stopped"
+            log.info("ShortFT: cancelled outside the training loop (setting up, or drawing the before/after grid "
+                     "once the set was saved); queue the same graph to continue")
+            raise mm.InterruptProcessingException() from None
         finally:
             progress.finish(status)
             model.model.release()  # those copies: not kept for as long as ComfyUI caches the graph

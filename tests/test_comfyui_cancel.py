@@ -1,0 +1,119 @@
+"""Tier 2: ComfyUI's cancel met outside ShortFTTrain's training loop, in a ComfyUI subprocess on the tiny world.
+
+The loop turns a cancel into a checkpoint and a clean stop. Before the loop (prompts encoded, the run set up) and
+after it (the before/after grid sampled once the set is saved) the cancel reaches ShortFTTrain from the MODEL's own
+layers: it ends the node as ComfyUI's cancel (not as an error), leaves the caller's MODEL as it was, and queueing the
+graph again finishes the run with the set of a run never cancelled.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from comfy_harness import comfyui_or_skip
+from comfy_process import run_in_comfyui, script_result
+
+pytestmark = pytest.mark.comfyui
+
+SCRIPT = r'''
+import json
+from pathlib import Path
+
+import comfy.model_management as mm
+from safetensors.torch import load_file
+
+tiny, model_node, train = (pack_module(n) for n in ("tiny_world", "model", "train"))
+live = pack_module("live")
+out_dir = Path(ARGS[0])
+res = {}
+
+with torch.inference_mode():
+    model, clip, vae = tiny.load_tiny_world()
+    loaded = model_node.LoadShortcutModel.execute(model, clip, vae, shortcut="tiny", preset="auto").result[0]
+node, reward, widgets = tiny_train_node(out_dir, iterations=2, eval_prompts="")
+before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def queue(run_name):
+    """ShortFTTrain as ComfyUI runs it: what ended it (None: it returned), the run file's status, the live status."""
+    try:
+        with torch.inference_mode():
+            node.execute(loaded, reward, run_name=run_name, **widgets)
+        ended = None
+    except BaseException as e:  # ComfyUI's interrupt is no Exception
+        ended = f"{type(e).__module__}.{type(e).__name__}"
+    finally:
+        mm.interrupt_current_processing(False)
+    run_file = out_dir / "output" / "shortft" / run_name / "run.json"
+    status = json.loads(run_file.read_text())["status"] if run_file.is_file() else None
+    return ended, status, live.live_state("None").get("status")
+
+
+def caller_kept():
+    state = model.model.diffusion_model.state_dict()
+    return state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+
+
+# cancelled before the loop: the flag is up when the node starts, the first network call meets it
+mm.interrupt_current_processing(True)
+res["early"] = queue("early")
+res["early_kept"] = caller_kept()
+res["early_again"] = queue("early")
+
+# cancelled after the loop, while the before/after grid is sampled (the set is saved by then)
+on_end = train.ComfyProgress.on_end
+
+
+def cancel_at_end(self, loop):
+    on_end(self, loop)
+    mm.interrupt_current_processing(True)
+
+
+train.ComfyProgress.on_end = cancel_at_end
+res["late"] = queue("late")
+train.ComfyProgress.on_end = on_end
+res["late_kept"] = caller_kept()
+res["late_grid_before"] = (out_dir / "output" / "shortft" / "late" / "before_after.png").is_file()
+res["late_again"] = queue("late")
+res["late_grid"] = (out_dir / "output" / "shortft" / "late" / "before_after.png").is_file()
+res["straight"] = queue("straight")
+sets = {name: {f.name: load_file(str(f)) for f in sorted((out_dir / "loras" / "shortft" / name).glob("segment_*"))}
+        for name in ("early", "late", "straight")}
+res["set_files"] = {name: sorted(s) for name, s in sets.items()}
+res["sets_equal"] = {name: sorted(sets[name]) == sorted(sets["straight"]) and all(
+    torch.equal(sets[name][f][k], sets["straight"][f][k]) for f in sets["straight"] for k in sets["straight"][f])
+    for name in ("early", "late")}
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("cancel")
+    return script_result(run_in_comfyui(comfy, SCRIPT, tmp / "cancel_side.py", tmp / "out"))
+
+
+INTERRUPT = "comfy.model_management.InterruptProcessingException"
+
+
+def test_a_cancel_before_the_loop_is_comfyuis_cancel_and_the_run_finishes_when_queued_again(measured):
+    ended, status, shown = measured["early"]
+    assert ended == INTERRUPT, ended  # not an error ComfyUI would report with a traceback
+    assert status != "finished" and shown == "stopped"
+    assert measured["early_kept"]
+    assert measured["early_again"] == [None, "finished", "finished"]
+
+
+def test_a_cancel_while_the_grid_is_drawn_keeps_the_set_and_the_run_finishes_when_queued_again(measured):
+    ended, status, shown = measured["late"]
+    assert ended == INTERRUPT, ended
+    assert status != "finished" and shown == "stopped" and not measured["late_grid_before"]
+    assert measured["late_kept"]
+    assert measured["late_again"] == [None, "finished", "finished"] and measured["late_grid"]
+
+
+def test_queued_again_a_cancelled_run_ends_with_the_set_of_a_run_never_cancelled(measured):
+    assert measured["straight"] == [None, "finished", "finished"]
+    assert measured["set_files"]["straight"], "the run wrote no set"
+    assert measured["sets_equal"] == {"early": True, "late": True}
