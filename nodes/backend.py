@@ -29,6 +29,7 @@ import logging
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import comfy.ldm.modules.attention as comfy_attention
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
@@ -139,6 +140,29 @@ def check_vae(vae: Any, family: str, latent_format: Any) -> None:
         raise ValueError(f"the VAE decodes {decoded}-channel {kind} latents, the {family} MODEL makes {made}-channel "
                          "image latents: connect the VAE of the same checkpoint (Load Checkpoint's VAE output) or a "
                          f"VAE made for {family}")
+
+
+# ComfyUI's attention functions whose backward autograd computes (PyTorch operations, SDPA, xformers); the others it
+# may be started with compute none (--use-sage-attention: a kernel outside autograd, so q, k and v would get no
+# gradient through it) or refuse backward (--use-flash-attention: a custom op without an autograd formula)
+_DIFFERENTIABLE_ATTENTION = {getattr(getattr(comfy_attention, name), "__wrapped__", None) for name in
+                             ("attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch",
+                              "attention_xformers") if hasattr(comfy_attention, name)} - {None}
+_SUBSTITUTED: set[str] = set()
+
+
+def differentiable_attention(func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """ComfyUI's attention override for training's network calls: the attention function ComfyUI chose where autograd
+    computes its backward, else its PyTorch SDPA attention, the same attention in exact arithmetic (sampling keeps
+    ComfyUI's choice)."""
+    if func in _DIFFERENTIABLE_ATTENTION:
+        return func(*args, **kwargs)
+    name = getattr(func, "__name__", repr(func))
+    if name not in _SUBSTITUTED:
+        _SUBSTITUTED.add(name)
+        log.info("ShortFT: training computes attention with PyTorch's SDPA instead of ComfyUI's %s, which has no "
+                 "backward", name)
+    return comfy_attention.attention_pytorch(*args, **kwargs)
 
 
 def diffusers_names(unet_config: Mapping[str, Any]) -> dict[str, str]:
@@ -529,7 +553,8 @@ class ComfyModel(DiffusionModel):
         scale = (1.0 + sigma**2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
         x_ve = x.float() * scale
         extra = dict(cond.added or {})
-        denoised = self.base.apply_model(x_ve, sigma, c_crossattn=cond.hidden, **extra)
+        options = {"optimized_attention_override": differentiable_attention}
+        denoised = self.base.apply_model(x_ve, sigma, c_crossattn=cond.hidden, transformer_options=options, **extra)
         return ((x_ve - denoised.float()) / sigma.reshape(-1, *([1] * (x.ndim - 1)))).to(x.dtype)
 
     @interruptible
