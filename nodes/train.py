@@ -347,7 +347,7 @@ class ShortFTTrain(io.ComfyNode):
             raise mm.InterruptProcessingException() from None
         finally:
             progress.finish(status)
-            model.model.release()  # those copies: not kept for as long as ComfyUI caches the graph
+            model.model.release()  # the encoded prompts and those copies: not kept while ComfyUI caches the graph
             gc.collect()
             mm.soft_empty_cache()
         log.info("ShortFT run %s (%s, iteration %d): %s", run_name, result.status, result.iteration,
