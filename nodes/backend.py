@@ -286,6 +286,28 @@ def lean_layers(module: torch.nn.Module, devices: tuple[str, ...] | None = LEAN_
     return count
 
 
+def _cast_linear_forward(layer: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's Linear computed by its cast path: the weight cast to the input's dtype, then a plain linear."""
+    comfy.ops.run_every_op()
+    return comfy.ops.disable_weight_init.Linear.forward_comfy_cast_weights(layer, input)
+
+
+def differentiable_fp8_layers(module: torch.nn.Module) -> int:
+    """Give the fp8 matmul layers ComfyUI uses for fp8 weights on GPUs that compute in fp8 (Load Diffusion Model's
+    fp8_e4m3fn_fast, or ``--fast``) its cast path, which autograd differentiates: their fp8 path clamps its input in
+    place (conditioning saved for backward among it, so backward fails) and has no backward itself. Instance
+    overrides, which the training session removes when it ends, so sampling keeps the fp8 path; returns how many."""
+    fp8_linear = getattr(getattr(comfy.ops, "fp8_ops", None), "Linear", None)
+    if fp8_linear is None:
+        return 0
+    layers = [m for m in module.modules() if isinstance(m, fp8_linear)]
+    for layer in layers:
+        layer.forward = functools.partial(_cast_linear_forward, layer)
+    if layers:
+        log.info("ShortFT: %d fp8 matmul layers computed by ComfyUI's cast path while training", len(layers))
+    return len(layers)
+
+
 def fingerprint(parts: Sequence[tuple[torch.nn.Module, Mapping[str, Any]]], samples: int = 8,
                 values: int = 4096) -> str:
     """A short digest that tells models apart for a run's identity (two checkpoints, or one with other LoRAs patched
@@ -488,7 +510,10 @@ class ComfyModel(DiffusionModel):
         return self.dtype == torch.float16 or next(self.vae.parameters()).dtype == torch.float16
 
     def enable_lean_activations(self, devices: tuple[str, ...] | None = LEAN_DEVICES) -> int:
-        """The library's lean layers on ComfyUI's own classes (see :func:`lean_layers`)."""
+        """The library's lean layers on ComfyUI's own classes (see :func:`lean_layers`), and, on any device, the cast
+        path for ComfyUI's fp8 matmul layers, whose own path has no backward (:func:`differentiable_fp8_layers`):
+        the training-only forwards the trainer installs and the session removes."""
+        differentiable_fp8_layers(self.unet)
         return lean_layers(self.unet, devices) + lean_layers(self.vae, devices)
 
     @property

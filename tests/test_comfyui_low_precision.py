@@ -14,6 +14,9 @@ pytestmark = pytest.mark.comfyui
 SCRIPT = r'''
 import json
 
+import comfy.cli_args
+import comfy.model_management
+import comfy.ops
 import comfy.sample
 import comfy.utils
 from shortft_pack.shortft_core import LoraSet, tiny_shortcut_path
@@ -90,6 +93,40 @@ with torch.inference_mode():
     patched = sample(one)
     res["effect"], res["patched_vs_bypassed"] = rel(bypassed, plain), rel(patched, bypassed)
     res["plain_again"] = rel(sample(model), plain)
+
+# fp8 weights on a GPU that computes in fp8 (Load Diffusion Model's fp8_e4m3fn_fast, or --fast): ComfyUI's fp8 matmul
+# layers, emulated on the CPU by ComfyUI's own choice of them (the CPU runs torch._scaled_mm); training computes them
+# by the cast path, so one iteration equals the fp8 MODEL's above; sampling keeps the fp8 path
+fast, fp8_compute = comfy.cli_args.args.fast, comfy.model_management.supports_fp8_compute
+comfy.cli_args.args.fast = {comfy.cli_args.PerformanceFeature.Fp8MatrixMultiplication}
+comfy.model_management.supports_fp8_compute = lambda device=None: True
+try:
+    with torch.inference_mode():
+        quick = tiny.load_tiny_world(dtype=torch.float8_e4m3fn)
+finally:
+    comfy.cli_args.args.fast, comfy.model_management.supports_fp8_compute = fast, fp8_compute
+layers = [m for m in quick[0].model.diffusion_model.modules() if isinstance(m, comfy.ops.fp8_ops.Linear)]
+res["fp8_matmul_layers"] = len(layers)
+fp8_calls = []
+fp8_linear = comfy.ops.fp8_linear
+
+
+def counted(*args, **kwargs):
+    fp8_calls.append(1)
+    return fp8_linear(*args, **kwargs)
+
+
+comfy.ops.fp8_linear = counted
+mq = backend.ComfyModel(*quick)
+mq.prepare()
+gq, _ = tiny_iteration_grads(mq, alignment)
+res["fast_grads"] = rel(gq, g8)
+res["fast_calls_in_training"] = len(fp8_calls)
+res["fast_overrides_left"] = sum("forward" in vars(m) for m in layers)
+with torch.inference_mode():
+    sample(quick[0])
+res["fast_calls_in_sampling"] = len(fp8_calls)
+comfy.ops.fp8_linear = fp8_linear
 print("RESULT " + json.dumps(res))
 '''
 
@@ -108,16 +145,20 @@ def write_tiny_set(folder) -> None:
     export_lora_set(model.unet, spec, folder, family="tiny")
 
 
-def test_an_fp8_model_trains_and_takes_the_set_as_comfyui_computes_it(tmp_path):
+@pytest.fixture(scope="module")
+def res(tmp_path_factory) -> dict:
+    comfy = comfyui_or_skip()
+    tmp = tmp_path_factory.mktemp("fp8")
+    write_tiny_set(tmp / "set")
+    return script_result(run_in_comfyui(comfy, SCRIPT, tmp / "fp8_side.py", tmp / "set", timeout=900))
+
+
+def test_an_fp8_model_trains_and_takes_the_set_as_comfyui_computes_it(res):
     """Weights in fp8, computed in fp32 on a CPU: the seam's dtype (the chain's latents, the shortcut's adapter) is
     fp32; one training iteration's LoRA gradients equal an fp32 MODEL's holding the same values, and the MODEL
     keeps its fp8 weights. ApplyAlignedLoRA's patched fp8 weights are bit for bit what ComfyUI's own patcher makes
     (computed wider, rounded back stochastically: added in fp8 the delta was lost), and sampling with them is close
     to the exact bypass, while the set changes the result by far more."""
-    comfy = comfyui_or_skip()
-    write_tiny_set(tmp_path / "set")
-    out = run_in_comfyui(comfy, SCRIPT, tmp_path / "fp8_side.py", tmp_path / "set", timeout=900)
-    res = script_result(out)
     assert "torch.float8_e4m3fn" in res["weight_dtypes"]
     assert res["dtype"] == "torch.float32" and not res["scaled"]
     assert res["grads"] < 1e-4 and res["grads_nonzero"] > 0
@@ -126,3 +167,14 @@ def test_an_fp8_model_trains_and_takes_the_set_as_comfyui_computes_it(tmp_path):
     assert res["patch_as_comfyui"] == [True] * 6
     assert res["effect"] > 0.1 and res["patched_vs_bypassed"] < 0.2 * res["effect"], res
     assert res["plain_again"] == 0.0
+
+
+def test_fp8_matmul_layers_train_by_comfyuis_cast_path_and_sample_in_fp8(res):
+    """ComfyUI's fp8 matmul layers (fp8 weights on a GPU computing in fp8: emulated on the CPU, which runs
+    torch._scaled_mm) clamp their input in place and have no backward, so training failed at its first backward:
+    training computes them by ComfyUI's cast path (one iteration's gradients equal the fp8 MODEL's computed by manual
+    cast) and gives them back their fp8 path, which sampling then takes."""
+    assert res["fp8_matmul_layers"] > 50
+    assert res["fast_grads"] < 1e-6, res["fast_grads"]
+    assert res["fast_calls_in_training"] == 0 and res["fast_overrides_left"] == 0
+    assert res["fast_calls_in_sampling"] > 0
