@@ -89,6 +89,14 @@ for name, function in (("sage", attention_sage), ("flash", attention_flash)):
         finally:
             attention.optimized_attention, attention.optimized_attention_masked = chosen
     res[f"{name}_calls_in_sampling"] = calls[name]
+# ComfyUI's other attentions with a backward (--use-split-cross-attention, PyTorch's SDPA, the plain one) train as
+# they are: they pass through the override
+for name in ("attention_split", "attention_pytorch", "attention_basic"):
+    attention.optimized_attention = attention.optimized_attention_masked = getattr(attention, name)
+    try:
+        grads[name] = tiny_iteration_grads(cm, reward)[0]
+    finally:
+        attention.optimized_attention, attention.optimized_attention_masked = chosen
 ref = grads["default"]
 res["norm"] = float(ref.norm())
 res["rel"] = {name: float((g - ref).norm() / ref.norm()) for name, g in grads.items() if name != "default"}
@@ -106,6 +114,8 @@ def test_attention_without_a_backward_trains_as_comfyuis_cpu_attention(measured)
     assert measured["error_sage"] is None and measured["error_flash"] is None, measured
     assert measured["rel"]["sage"] < 1e-4, measured["rel"]
     assert measured["rel"]["flash"] < 1e-4, measured["rel"]
+    for name in ("attention_split", "attention_pytorch", "attention_basic"):
+        assert measured["rel"][name] < 1e-4, measured["rel"]
 
 
 def test_sampling_keeps_the_attention_comfyui_chose(measured):
