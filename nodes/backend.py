@@ -41,7 +41,7 @@ import torch
 from ..shortft_core import (LEAN_DEVICES, Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule,
                             StopRequested, bundled_config, checkpoint_blocks, diffusers_module_order, lean_frozen_convs,
                             lean_geglu, lean_norm_act, load_lora_modules, lora_base_family, lora_metadata,
-                            tiny_weights_dir)
+                            tiled_tokens, tiny_weights_dir)
 from .apply import WRAPPER_KEY as APPLY_WRAPPER_KEY
 from .apply import lora_patches
 from .common import is_dynamic
@@ -558,7 +558,8 @@ class ComfyModel(DiffusionModel):
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not a single string")
         each = [self._encode_one(p, size) for p in prompts]
-        hidden = torch.cat([e["c_crossattn"] for e in each]).to(self.device)
+        # a prompt over 75 tokens is encoded in several chunks: batched as ComfyUI batches it (tiled_tokens)
+        hidden = torch.cat(tiled_tokens([e["c_crossattn"] for e in each])).to(self.device)
         added = {k: torch.cat([e[k] for e in each]).to(self.device) for k in each[0] if k != "c_crossattn"} or None
         return Conditioning(hidden, added)
 

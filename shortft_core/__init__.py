@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "METHODS": "methods",
     # models and shortcuts
     "DiffusionModel": "models", "Conditioning": "models", "T2IModel": "models", "PRECISION": "models",
+    "tiled_tokens": "models",
     "resolve_device": "models", "NoiseSchedule": "schedule",
     "load_model": "loading", "load_tiny_model": "loading",
     "bundled_config": "families", "diffusers_module_order": "families",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return dev
 
 
+def tiled_tokens(hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Cross-attention states of different token counts (a prompt over 75 tokens is encoded in several 77-token
+    chunks by ComfyUI's CLIP) brought to one count, so they batch: each is repeated along its tokens up to their
+    least common multiple. Exact for unmasked attention (a repeated key and value leave the softmax-weighted mean as
+    it was), and what ComfyUI's sampler does when it batches such conditioning."""
+    counts = {int(h.shape[1]) for h in hidden}
+    if len(counts) <= 1:
+        return list(hidden)
+    tokens = math.lcm(*counts)
+    return [h.repeat(1, tokens // h.shape[1], *([1] * (h.ndim - 2))) if h.shape[1] != tokens else h for h in hidden]
+
+
 @dataclass
 class Conditioning:
     """Text conditioning for the UNet: cross-attention states plus, for SDXL, the added embeddings."""
@@ -57,7 +70,7 @@ class Conditioning:
         added = None
         if self.added is not None and other.added is not None:
             added = {k: torch.cat([self.added[k], other.added[k]]) for k in self.added}
-        return Conditioning(torch.cat([self.hidden, other.hidden]), added)
+        return Conditioning(torch.cat(tiled_tokens([self.hidden, other.hidden])), added)
 
     def repeat(self, n: int) -> "Conditioning":
         """Repeat a batch-1 conditioning ``n`` times (e.g. the empty prompt for CFG)."""

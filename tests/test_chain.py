@@ -7,6 +7,7 @@ import torch
 
 from shortft_core.adapters import SHORTCUT_ADAPTER, AdapterSwitch, LoraSetSpec, adapter_parameters, add_lora
 from shortft_core.chain import run_plan
+from shortft_core.models import Conditioning, tiled_tokens
 from shortft_core.plans import base_chain, draft_plan, full_bptt_plan, original_chain, shortft_plan
 from shortft_core.sampling import initial_noise, sample
 from shortft_core.schedule import leading_grid
@@ -134,3 +135,26 @@ def test_vae_checkpointing_gives_identical_gradients(adapted):
         model.vae.disable_gradient_checkpointing()
     assert plain.abs().sum() > 0
     torch.testing.assert_close(plain, ckpt, rtol=1e-5, atol=1e-8)
+
+
+def test_conditioning_of_different_token_counts_batches_exactly(tiny_model):
+    """A prompt over 75 tokens comes from ComfyUI's CLIP in several 77-token chunks; batched with a shorter one (or
+    with the empty prompt for CFG), each is repeated along its tokens to their least common multiple, which leaves
+    every sample's noise prediction as it is alone."""
+    m = tiny_model
+    x = initial_noise([0], m.latent_shape())
+    cond = m.encode_prompts(["a small red circle on the left on a white background"])
+    other = m.encode_prompts(["a big green triangle on the right on a white background"])
+    longer = Conditioning(torch.cat([other.hidden, cond.hidden.flip(1)], dim=1))  # two chunks: 154 tokens
+    both = cond.cat(longer)
+    assert both.hidden.shape == (2, 154, cond.hidden.shape[2])
+    assert torch.equal(both.hidden[0], cond.hidden[0].repeat(2, 1)) and torch.equal(both.hidden[1], longer.hidden[0])
+    with torch.no_grad():
+        together = m.eps(torch.cat([x, x]), 500, both)
+        alone = [m.eps(x, 500, c) for c in (cond, longer)]
+    for got, want in zip(together, alone):
+        assert float((got - want[0]).norm() / want.norm()) < 1e-5
+    three = cond.hidden.repeat(1, 3, 1)  # 231 tokens: with 154, both become 462
+    assert [t.shape[1] for t in tiled_tokens([three, longer.hidden, cond.hidden])] == [462, 462, 462]
+    same = tiled_tokens([cond.hidden, other.hidden])  # one count: the tensors as they are
+    assert same[0] is cond.hidden and same[1] is other.hidden

@@ -11,6 +11,7 @@ ComfyUI backend writes a LoRA set close to the library's for the same seed, and 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -20,6 +21,7 @@ from comfy_process import run_in_comfyui, script_result
 pytestmark = pytest.mark.comfyui
 
 SCRIPT = r'''
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,6 +29,11 @@ from safetensors.torch import load_file
 
 from shortft_pack.shortft_core import (TrainingSession, TrainRequest, attach_shortcut, load_tiny_model, tiny_config,
                                       tiny_shortcut_path)
+from shortft_pack.shortft_core.lifecycle import ModelState
+from shortft_pack.shortft_core.prompts import PromptSource
+from shortft_pack.shortft_core.testing.parity import set_lora_tensors
+from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
+from shortft_pack.shortft_core.trainer import Trainer
 
 out_dir = Path(ARGS[0])
 tiny, backend = pack_module("tiny_world"), pack_module("backend")
@@ -80,6 +87,24 @@ res["cache_devices"] = sorted({str(t.device) for e in elsewhere._conds.values() 
 res["batch_device"] = str(batch.hidden.device)
 elsewhere.release()
 res["cached_after_release"] = len(elsewhere._conds)
+
+# a prompt over 75 tokens (two chunks of ComfyUI's CLIP) batched with a short one, and with the empty prompt for CFG
+# in a training iteration: each sample's noise prediction is what it is alone
+long_prompt = ", ".join(["a small red circle on the left on a white background"] * 8)
+pair = ["a big blue square on a white background", long_prompt]
+mixed = cm.encode_prompts(pair)
+res["mixed_tokens"] = [int(cm.encode_prompts([p]).hidden.shape[1]) for p in pair] + [int(mixed.hidden.shape[1])]
+with torch.no_grad():
+    xs = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    alone = torch.cat([cm.eps(xs[i:i + 1], 500, cm.encode_prompts([p])) for i, p in enumerate(pair)])
+    res["mixed_eps"] = rel(cm.eps(xs, 500, mixed), alone)
+state = ModelState.capture(cm)
+preset = attach_shortcut(cm, tiny_shortcut_path())
+long_cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=2, guidance=3.0)
+long_cfg = dataclasses.replace(long_cfg, shortcut_guidance=long_cfg.method_entry.jump_guidance(long_cfg, preset.guidance))
+res["long_cfg_loss"] = Trainer(cm, load_tiny_rewards()[0], long_cfg, PromptSource(pair),
+                               shortcut_preset=preset).train_step()["loss"]
+state.restore()
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 4, 8, 8, generator=g)
 prompts = ["a red circle left of a blue square on a white background", ""]
@@ -97,21 +122,13 @@ res["decode"], res["decode_grad"] = rel(images[0], images[1]), rel(zs[0].grad, z
 
 # one training iteration on each backend: the same seed, the same shortcut, the same prompts
 cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=4, checkpoint_every=10)
-from shortft_pack.shortft_core.prompts import PromptSource
-from shortft_pack.shortft_core.trainer import Trainer
-from shortft_pack.shortft_core.testing.parity import set_lora_tensors
-from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
-
 reward = load_tiny_rewards()[0]
 steps = {}
-
-
-from shortft_pack.shortft_core.lifecycle import ModelState
 
 for label, m in (("comfy", cm), ("lib", ref)):
     state = ModelState.capture(m)
     preset = attach_shortcut(m, tiny_shortcut_path())
-    run_cfg = __import__("dataclasses").replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
+    run_cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
     tr = Trainer(m, reward, run_cfg, PromptSource(prompts[:1] + ["a big blue square on a white background"]),
                  shortcut_preset=preset)
     init = set_lora_tensors(m, "weight")
@@ -167,6 +184,10 @@ def test_the_seam_pieces_equal_the_librarys(measured):
     # network computes; they go when training ends
     assert measured["cache_devices"] == ["cpu"] and measured["batch_device"] == "meta"
     assert measured["cached_after_release"] == 0
+    # a prompt over 75 tokens batches with a short one: each noise prediction as alone, CFG training runs
+    assert measured["mixed_tokens"] == [77, 154, 154]
+    assert measured["mixed_eps"] < 1e-5
+    assert math.isfinite(measured["long_cfg_loss"])
     assert measured["cond"] < 1e-5
     for key in ("eps_999", "eps_500", "eps_21", "eps_1", "eps_per_sample"):
         assert measured[key] < 1e-5, key
