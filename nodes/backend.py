@@ -446,15 +446,20 @@ class ComfyModel(DiffusionModel):
         return [path_of[name] for name in diffusers_module_order(config) if name in path_of]
 
     # ----- placement ------------------------------------------------------------------------------------------------
-    def prepare(self, prompts: Sequence[str] = (), size: tuple[int, int] | None = None) -> None:
+    def prepare(self, prompts: Sequence[str] = (), size: tuple[int, int] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> None:
         """Encode ``prompts`` at image ``size`` first (at most ``cache_size`` of them; the rest are encoded on first
-        use), then place the network and the VAE where ComfyUI computes (whole, no streaming) and make their weights
-        ordinary tensors, so gradients can flow through them. Encoding first spares the text encoder's loads during
-        training; a prompt beyond the cache is encoded when first used, with the network and the VAE kept in place."""
+        use; ``progress(done, total)`` after each), then place the network and the VAE where ComfyUI computes (whole,
+        no streaming) and make their weights ordinary tensors, so gradients can flow through them. Encoding first
+        spares the text encoder's loads during training; a prompt beyond the cache is encoded when first used, with
+        the network and the VAE kept in place."""
         self.bind()
         wanted = list(dict.fromkeys(prompts))
-        for prompt in wanted[: self.cache_size]:
+        first = wanted[: self.cache_size]
+        for done, prompt in enumerate(first, 1):
             self._encode_one(prompt, size)
+            if progress is not None:
+                progress(done, len(first))
         if len(wanted) > self.cache_size:
             log.warning("ShortFT: %d prompts, %d encoded before training (the prompt cache's size); the others are "
                         "encoded on first use", len(wanted), self.cache_size)

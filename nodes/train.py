@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TEXT, FILE, TINY_CAPTIONS = "prompts below", "prompt file", "tiny-world captions"
 PRESET = "tiny"  # the widgets' defaults and the settings the node has no widget for (resolved by the library)
 BAR = 1000  # resolution of the node's progress bar
+ENCODING = "encoding prompts"  # the phase shown while the prompts are encoded before training
 
 
 class ComfyProgress(Callback):
@@ -75,18 +76,29 @@ class ComfyProgress(Callback):
     def should_stop(self, loop) -> bool:
         return self.interrupted or mm.processing_interrupted()
 
+    def _phase(self, phase: str, iteration: int) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            live.update(self.key, phase=phase)
+            live.send({"node": self.node_id, "run": self.run_name, "kind": "phase", "phase": phase,
+                       "iteration": iteration, "iterations": self.iterations, "reward_name": self.reward_name,
+                       "method": self.method})
+
+    def encoding(self, done: int, total: int) -> None:
+        """Prompts encoded before training (``done`` of ``total``): the phase and the bar (ComfyUI's bar throttles
+        what it sends), so thousands of prompts on a slow GPU show progress; ComfyUI's cancel stops the encoding."""
+        self._phase(ENCODING, 0)
+        self._bar(BAR * done / max(1, total))
+        if self.interrupted or mm.processing_interrupted():
+            raise StopRequested
+
     def on_progress(self, loop, event: dict) -> None:
         if event["phase"] == "train":
             within = event["call"] / max(1, event["calls"]) / max(1, self.iterations)
             self._bar(BAR * min(1.0, self._fraction(loop) + within))
         else:
             self._bar(BAR * event["call"] / max(1, event["calls"]))
-        if event["phase"] != self.phase:
-            self.phase = event["phase"]
-            live.update(self.key, phase=self.phase)
-            live.send({"node": self.node_id, "run": self.run_name, "kind": "phase", "phase": self.phase,
-                   "iteration": loop.iteration, "iterations": self.iterations, "reward_name": self.reward_name,
-                   "method": self.method})
+        self._phase(event["phase"], loop.iteration)
 
     def on_step(self, loop, metrics: dict) -> None:
         point = {"iteration": metrics["iteration"], "reward": metrics["reward"], "loss": metrics["loss"],
@@ -328,7 +340,7 @@ class ShortFTTrain(io.ComfyNode):
                 # mid-run (on a CPU nothing is loaded, and nothing is encoded twice)
                 prompts = ["", *session.prompts.prompts, *session.eval_prompts] if gpu else ()
                 size = (session.config.image_size,) * 2 if session.config.image_size else None
-                model.model.prepare(prompts, size)
+                model.model.prepare(prompts, size, progress=progress.encoding)
                 try:
                     result = session.run()
                 except Exception as e:

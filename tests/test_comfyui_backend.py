@@ -101,7 +101,8 @@ with torch.no_grad():
 state = ModelState.capture(cm)
 preset = attach_shortcut(cm, tiny_shortcut_path())
 long_cfg = tiny_config(iterations=1, batch_size=2, eval_count=0, rank=2, guidance=3.0)
-long_cfg = dataclasses.replace(long_cfg, shortcut_guidance=long_cfg.method_entry.jump_guidance(long_cfg, preset.guidance))
+jumps = long_cfg.method_entry.jump_guidance(long_cfg, preset.guidance)
+long_cfg = dataclasses.replace(long_cfg, shortcut_guidance=jumps)
 res["long_cfg_loss"] = Trainer(cm, load_tiny_rewards()[0], long_cfg, PromptSource(pair),
                                shortcut_preset=preset).train_step()["loss"]
 state.restore()

@@ -3,7 +3,8 @@
 The loop turns a cancel into a checkpoint and a clean stop. Before the loop (prompts encoded, the run set up) and
 after it (the before/after grid sampled once the set is saved) the cancel reaches ShortFTTrain from the MODEL's own
 layers: it ends the node as ComfyUI's cancel (not as an error), leaves the caller's MODEL as it was, and queueing the
-graph again finishes the run with the set of a run never cancelled.
+graph again finishes the run with the set of a run never cancelled. Prompts encoded before training (on a GPU)
+show their progress as a phase of the node and stop on a cancel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import json
 from pathlib import Path
 
 import comfy.model_management as mm
+import comfy.utils
 from safetensors.torch import load_file
+
+from shortft_pack.shortft_core import StopRequested
 
 tiny, model_node, train = (pack_module(n) for n in ("tiny_world", "model", "train"))
 live = pack_module("live")
@@ -83,6 +87,34 @@ res["set_files"] = {name: sorted(s) for name, s in sets.items()}
 res["sets_equal"] = {name: sorted(sets[name]) == sorted(sets["straight"]) and all(
     torch.equal(sets[name][f][k], sets["straight"][f][k]) for f in sets["straight"] for k in sets["straight"][f])
     for name in ("early", "late")}
+
+# prompts encoded before training (as on a GPU): progress after each distinct prompt, the phase and the bar shown,
+# and ComfyUI's cancel, which its progress hook raises (and clears), stops the encoding as a stop request
+seen = []
+loaded.model.prepare(["a red circle", "a blue square", "a red circle", ""], progress=lambda d, t: seen.append([d, t]))
+res["encoded_progress"] = seen
+shown = []
+
+
+def server_hook(value, total, preview, node_id=None):
+    """What ComfyUI's server does on a bar update: send it, and raise its interrupt when one was asked."""
+    shown.append([value, total])
+    mm.throw_exception_if_processing_interrupted()
+
+
+comfy.utils.set_progress_bar_global_hook(server_hook)
+bar = train.ComfyProgress("encode", "encode", 2)
+bar.encoding(1, 3)
+res["encoding_phase"] = live.live_state("encode")["phase"]
+mm.interrupt_current_processing(True)
+try:
+    bar.encoding(3, 3)
+    res["encoding_cancel"] = None
+except StopRequested:
+    res["encoding_cancel"] = "stop"
+res["encoding_bar"] = shown
+res["flag_after"] = mm.processing_interrupted()
+comfy.utils.set_progress_bar_global_hook(None)
 print("RESULT " + json.dumps(res))
 '''
 
@@ -117,3 +149,10 @@ def test_queued_again_a_cancelled_run_ends_with_the_set_of_a_run_never_cancelled
     assert measured["straight"] == [None, "finished", "finished"]
     assert measured["set_files"]["straight"], "the run wrote no set"
     assert measured["sets_equal"] == {"early": True, "late": True}
+
+
+def test_prompts_encoded_before_training_show_progress_and_stop_on_cancel(measured):
+    assert measured["encoded_progress"] == [[1, 3], [2, 3], [3, 3]]  # each distinct prompt once
+    assert measured["encoding_phase"] == "encoding prompts"
+    assert measured["encoding_bar"][0] == [333, 1000]
+    assert measured["encoding_cancel"] == "stop" and not measured["flag_after"]
