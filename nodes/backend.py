@@ -590,10 +590,12 @@ class ComfyModel(DiffusionModel):
 
     @interruptible
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE may lie on another device than the network (``--cpu-vae`` keeps it on the CPU): the latents go to
+        it and the images come back, so the gradient crosses devices as it does for a reward elsewhere."""
         z = self.base.process_latent_out(latents)
-        vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode(z.to(vae_dtype))
-        return ((image.float() + 1.0) / 2.0).clamp(0, 1)
+        weight = next(self.vae.parameters())
+        image = self.vae.decode(z.to(weight.device, weight.dtype))
+        return ((image.to(latents.device, torch.float32) + 1.0) / 2.0).clamp(0, 1)
 
     def enable_decoder_checkpointing(self) -> None:
         """Recompute the VAE decoder's middle and upsampling blocks (ResNet, attention, upsample) in backward, one at

@@ -88,6 +88,26 @@ res["batch_device"] = str(batch.hidden.device)
 elsewhere.release()
 res["cached_after_release"] = len(elsewhere._conds)
 
+
+class VaeElsewhere(torch.nn.Module):
+    """A VAE whose weights lie on another device than the network (meta here; --cpu-vae keeps ComfyUI's on the CPU
+    beside a GPU MODEL): it records what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device="meta", dtype=torch.float16))
+        self.given = None
+
+    def decode(self, z):
+        self.given = [str(z.device), str(z.dtype)]
+        return torch.zeros(z.shape[0], 3, z.shape[2] * 4, z.shape[3] * 4, dtype=torch.float16)
+
+
+decoding = backend.ComfyModel(model, clip, vae)
+decoding.vae = VaeElsewhere()
+image = decoding.decode(torch.zeros(1, 4, 8, 8))
+res["decode_devices"] = decoding.vae.given + [str(image.device), str(image.dtype)]
+
 # a prompt over 75 tokens (two chunks of ComfyUI's CLIP) batched with a short one, and with the empty prompt for CFG
 # in a training iteration: each sample's noise prediction is what it is alone
 long_prompt = ", ".join(["a small red circle on the left on a white background"] * 8)
@@ -185,6 +205,8 @@ def test_the_seam_pieces_equal_the_librarys(measured):
     # network computes; they go when training ends
     assert measured["cache_devices"] == ["cpu"] and measured["batch_device"] == "meta"
     assert measured["cached_after_release"] == 0
+    # a VAE on another device: the latents go to it in its dtype, the images come back where the latents are
+    assert measured["decode_devices"] == ["meta", "torch.float16", "cpu", "torch.float32"]
     # a prompt over 75 tokens batches with a short one: each noise prediction as alone, CFG training runs
     assert measured["mixed_tokens"] == [77, 154, 154]
     assert measured["mixed_eps"] < 1e-5
