@@ -337,10 +337,12 @@ class ShortFTTrain(io.ComfyNode):
             with TrainingSession(request, callbacks=[progress]) as session:
                 session.check()
                 # on a GPU the prompts are encoded before training, so the text encoder is not loaded again and again
-                # mid-run (on a CPU nothing is loaded, and nothing is encoded twice)
-                prompts = ["", *session.prompts.prompts, *session.eval_prompts] if gpu else ()
-                size = (session.config.image_size,) * 2 if session.config.image_size else None
-                model.model.prepare(prompts, size, progress=progress.encoding)
+                # mid-run (on a CPU nothing is loaded, and nothing is encoded twice); a finished run queued again is
+                # returned as it is, with nothing encoded or placed
+                if not session.reuses:
+                    prompts = ["", *session.prompts.prompts, *session.eval_prompts] if gpu else ()
+                    size = (session.config.image_size,) * 2 if session.config.image_size else None
+                    model.model.prepare(prompts, size, progress=progress.encoding)
                 try:
                     result = session.run()
                 except Exception as e:

@@ -306,6 +306,14 @@ class TrainingSession(_Session):
                              f"least {low:g}, or use a shortcut made for CFG {jumps:g} (e.g. a Hyper-SD or PCM "
                              "LoRA without CFG in its name)")
 
+    @property
+    def reuses(self) -> bool:
+        """Whether the run folder holds this run finished, which :meth:`run` returns without training (known after
+        :meth:`check`; a host need not prepare the model for it)."""
+        cfg = self.config
+        wanted = cfg.iterations if cfg.time_budget_s is None else None
+        return not self.request.overwrite and RunFolder.done(self.previous, wanted)
+
     def _settings(self) -> dict:
         """What identifies the run: a run folder with other settings is a different run."""
         req = self.request
@@ -329,8 +337,7 @@ class TrainingSession(_Session):
 
     def _run(self) -> TrainResult:
         req, cfg = self.request, self.config
-        wanted = cfg.iterations if cfg.time_budget_s is None else None
-        if not req.overwrite and RunFolder.done(self.previous, wanted):
+        if self.reuses:
             log.info("run folder %s holds this finished run: returning it without training", self.out)
             return self._reused(self.previous)
         if req.overwrite:

@@ -4,7 +4,8 @@ The loop turns a cancel into a checkpoint and a clean stop. Before the loop (pro
 after it (the before/after grid sampled once the set is saved) the cancel reaches ShortFTTrain from the MODEL's own
 layers: it ends the node as ComfyUI's cancel (not as an error), leaves the caller's MODEL as it was, and queueing the
 graph again finishes the run with the set of a run never cancelled. Prompts encoded before training (on a GPU)
-show their progress as a phase of the node and stop on a cancel.
+show their progress as a phase of the node and stop on a cancel. A finished run queued again is returned as it is,
+without preparing the MODEL for training.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ res["late_grid_before"] = (out_dir / "output" / "shortft" / "late" / "before_aft
 res["late_again"] = queue("late")
 res["late_grid"] = (out_dir / "output" / "shortft" / "late" / "before_after.png").is_file()
 res["straight"] = queue("straight")
+# a finished run queued again (ComfyUI's cache freed) is returned as it is: nothing encoded or placed for it
+prepared = []
+prepare = type(loaded.model).prepare
+type(loaded.model).prepare = lambda self, *a, **k: (prepared.append(1), prepare(self, *a, **k))[1]
+res["straight_again"] = queue("straight")
+type(loaded.model).prepare = prepare
+res["prepared_for_reuse"] = len(prepared)
 sets = {name: {f.name: load_file(str(f)) for f in sorted((out_dir / "loras" / "shortft" / name).glob("segment_*"))}
         for name in ("early", "late", "straight")}
 res["set_files"] = {name: sorted(s) for name, s in sets.items()}
@@ -156,3 +164,8 @@ def test_prompts_encoded_before_training_show_progress_and_stop_on_cancel(measur
     assert measured["encoding_phase"] == "encoding prompts"
     assert measured["encoding_bar"][0] == [333, 1000]
     assert measured["encoding_cancel"] == "stop" and not measured["flag_after"]
+
+
+def test_a_finished_run_queued_again_is_returned_without_preparing_the_model(measured):
+    assert measured["straight_again"] == [None, "finished", "reused"]
+    assert measured["prepared_for_reuse"] == 0

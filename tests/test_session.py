@@ -267,6 +267,11 @@ def test_run_folders_are_idempotent(tmp_path, monkeypatch):
         again = train(request(out))
     assert again.status == "reused" and again.iteration == first.iteration == 2
     assert {p.name: p.read_bytes() for p in (out / "lora").iterdir()} == files
+    # a host asks after check() whether the session will return the finished run (it then prepares no model)
+    for req, reuses in ((request(out), True), (request(out, overwrite=True), False)):
+        with TrainingSession(req) as session:
+            session.check()
+            assert session.reuses is reuses
     assert again.history.reward == first.history.reward
     # written before settings existed: each counts at its default (last_segment's is 'tuned', the set every earlier
     # run trained, not the tiny preset's)
