@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shortft_core.schedule import ddim_step  # noqa: E402
+from shortft_core.schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule, ddim_step  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -26,8 +26,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 def scaled_linear(zero_terminal_snr: bool) -> torch.Tensor:
     """SD's alphas_cumprod, or the same rescaled so the last level has (almost) no signal, as ComfyUI rescales its
     sigmas (sqrt(abar) shifted to end at zero and scaled to keep the first level, the last clamped off zero)."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    abar = torch.cumprod(1 - betas, 0)
+    abar = NoiseSchedule.from_config(SD15_SCHEDULER_CONFIG).alphas_cumprod
     if zero_terminal_snr:
         root = abar.sqrt()
         first, last = root[0].clone(), root[-1].clone()

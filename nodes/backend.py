@@ -352,13 +352,13 @@ class ComfyModel(DiffusionModel):
             raise ValueError("the CLIP carries hooks (Set CLIP Hooks), which ComfyUI applies at sampling or by "
                              "schedule and a prompt encoded once for training does not: connect LoadShortcutModel's "
                              "clip before Set CLIP Hooks (a LoRA on the text encoder: load it with Load LoRA)")
-        check_vae(vae, trainable_family(model), model.model.latent_format)  # before anything loads
+        self.family = trainable_family(model)  # a static copy (bind) is of the same family
+        check_vae(vae, self.family, model.model.latent_format)  # before anything loads
         self._caller = (model, vae)
         self.clip = clip
         self.patcher: Any = None  # bound by bind(): the caller's MODEL, or its static copy
         self._placed = False  # prepare() placed the network and the VAE for training
         self.bind()
-        self.family = trainable_family(self.patcher)
         self.info: dict[str, Any] = {}
         sigmas = self.sampling.sigmas.detach().double().cpu()
         abar = 1.0 / (1.0 + sigmas**2)
