@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -128,6 +129,40 @@ def clip_hooks(clip: Any) -> bool:
     encoding by them, neither of which a prompt encoded once for training follows."""
     return bool(getattr(clip, "apply_hooks_to_conds", None) or getattr(getattr(clip, "patcher", None),
                                                                          "forced_hooks", None))
+
+
+# a textual-inversion embedding in a prompt, as ComfyUI's tokenizer finds it: "embedding:" at the start or after
+# whitespace, its name up to whitespace, "<" or "[", trailing commas not part of it
+EMBEDDING = re.compile(r"(?:(?<=\s)|^)embedding:[^\s<\[]*?(?=,*(?:[\s<\[]|$))")
+
+
+def prompt_syntax(clip: Any) -> tuple[bool, bool]:
+    """Whether the CLIP's tokenizers read ComfyUI's emphasis weights, and textual-inversion embeddings, in a prompt
+    (the SD tokenizers do, unless made with weights disabled or without an embeddings folder)."""
+    import comfy.sd1_clip
+
+    tokenizer = getattr(clip, "tokenizer", None)
+    found = [t for t in (tokenizer, *vars(tokenizer).values()) if isinstance(t, comfy.sd1_clip.SDTokenizer)] \
+        if tokenizer is not None else []
+    return (any(not t.disable_weights for t in found),
+            any(t.embedding_directory is not None for t in found))
+
+
+def plain_prompt(text: str, weights: bool = True, embeddings: bool = True) -> str:
+    """A prompt as a reward reads it: ComfyUI's emphasis ("(red hair:1.3)", "((sky))") reduced to its words, escaped
+    parentheses ("\\(1990\\)") as written, and textual-inversion embeddings ("embedding:name") left out, since a
+    reward model reads plain text and knows neither weights nor another model's embeddings. ``weights`` and
+    ``embeddings``: whether the text encoder reads each (:func:`prompt_syntax`); a prompt without any of this syntax
+    is returned as it is."""
+    import comfy.sd1_clip as sd1
+
+    text = sd1.escape_important(text)
+    if weights:
+        text = "".join(piece for piece, _ in sd1.token_weights(text, 1.0))
+    text = sd1.unescape_important(text)
+    if embeddings and EMBEDDING.search(text):
+        text = " ".join(EMBEDDING.sub("", text).split()).strip(", ")
+    return text
 
 
 def check_vae(vae: Any, family: str, latent_format: Any) -> None:
@@ -356,6 +391,7 @@ class ComfyModel(DiffusionModel):
         check_vae(vae, self.family, model.model.latent_format)  # before anything loads
         self._caller = (model, vae)
         self.clip = clip
+        self._syntax = prompt_syntax(clip)
         self.patcher: Any = None  # bound by bind(): the caller's MODEL, or its static copy
         self._placed = False  # prepare() placed the network and the VAE for training
         self.bind()
@@ -558,6 +594,11 @@ class ComfyModel(DiffusionModel):
         while len(self._conds) > self.cache_size:
             self._conds.popitem(last=False)
         return found
+
+    def reward_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts without ComfyUI's prompt syntax, which the CLIP reads and a reward does not
+        (:func:`plain_prompt`)."""
+        return [plain_prompt(p, *self._syntax) for p in prompts]
 
     def encode_prompts(self, prompts: Sequence[str], *, size: tuple[int, int] | None = None) -> Conditioning:
         if isinstance(prompts, str):

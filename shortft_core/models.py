@@ -242,6 +242,11 @@ class DiffusionModel(abc.ABC):
         """A LoRA file as peft adapter ``adapter_name`` on :attr:`unet`, read by this backend's key maps; returns a
         :class:`~shortft_core.lora_io.LoadedLora` whose modules carry diffusers names."""
 
+    def reward_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts as a reward reads them: the text itself, without what only this model's text encoder reads in
+        it (a host's prompt syntax, such as ComfyUI's weights). Here: the prompts as given."""
+        return list(prompts)
+
     def encode_images(self, images: torch.Tensor, sample: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [0, 1] -> latents (distillation from images needs it)."""

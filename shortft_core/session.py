@@ -413,7 +413,8 @@ class TrainingSession(_Session):
             after = trainer.sample(grid_prompts, seed=0, phase="after")
             with torch.no_grad():
                 device = trainer.model.device
-                scores = [trainer.reward(images.to(device), grid_prompts).float().cpu().tolist()
+                texts = trainer.model.reward_prompts(grid_prompts)
+                scores = [trainer.reward(images.to(device), texts).float().cpu().tolist()
                           for images in (before, after)]
             held_out = None
             if self.tiny:

@@ -68,7 +68,8 @@ class ChainObjective(torch.nn.Module):
                     penalties.append((eps - base).float().pow(2).mean())
         readouts = run_plan(self.model, plan, x, cond, uncond, self.switch, unet=self.unet, generator=generator,
                             on_eps=on_eps, hook=hook)
-        rewards = [self.reward_fn(self.model.decode(z), prompts) for z in readouts]
+        texts = self.model.reward_prompts(prompts)
+        rewards = [self.reward_fn(self.model.decode(z), texts) for z in readouts]
         reward = torch.stack(rewards).mean(0)  # (B,), averaged over readouts (DRaFT-LV has several)
         loss = -reward.mean()
         metrics = {"reward": reward.detach()}
@@ -278,9 +279,9 @@ class Trainer(Loop):
         if not prompts:
             return {}
         images = self.sample(prompts, seed=seed, phase=phase, plan=plan if plan is not None else self.eval_plan)
-        out = {}
+        out, texts = {}, self.model.reward_prompts(prompts)
         for name, fn in self.eval_rewards.items():
-            r = fn(images.to(self.model.device), prompts).float()
+            r = fn(images.to(self.model.device), texts).float()
             out[name] = float(r.mean())
             out[name + "_std"] = float(r.std()) if len(prompts) > 1 else 0.0
         return out

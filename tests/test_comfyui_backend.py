@@ -25,6 +25,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import comfy.sd1_clip
 from safetensors.torch import load_file
 
 from shortft_pack.shortft_core import (TrainingSession, TrainRequest, attach_shortcut, load_tiny_model, tiny_config,
@@ -126,6 +127,37 @@ long_cfg = dataclasses.replace(long_cfg, shortcut_guidance=jumps)
 res["long_cfg_loss"] = Trainer(cm, load_tiny_rewards()[0], long_cfg, PromptSource(pair),
                                shortcut_preset=preset).train_step()["loss"]
 state.restore()
+
+# ComfyUI's prompt syntax: the CLIP reads the weights, a reward reads the words (in training, evaluation and the grid)
+res["syntax_tiny"] = list(backend.prompt_syntax(clip))
+with_folder = type("Clip", (), {"tokenizer": comfy.sd1_clip.SD1Tokenizer(embedding_directory=str(out_dir))})()
+res["syntax_embeddings_folder"] = list(backend.prompt_syntax(with_folder))
+cases = ["(red hair:1.3), ((sky)), [moon]", "a photo \\(1990\\) of (a (tall:0.8) tree)", "a (b c",
+         "embedding:EasyNegative, a cat", "a cat embedding:style[x] at night", "user:embedding:x", "a plain prompt"]
+res["plain"] = {c: [backend.plain_prompt(c), backend.plain_prompt(c, weights=False, embeddings=False)] for c in cases}
+written = ["a ((red circle)) left of a (blue square:1.3) on a white background",
+           "a big \\(blue\\) square on a (white background:0.9)"]
+tiny_alignment = load_tiny_rewards()[0]
+seen = []
+
+
+def recording(images, prompts):
+    seen.append(list(prompts))
+    return tiny_alignment(images, prompts)
+
+
+res["reward_prompts"] = cm.reward_prompts(written)
+with torch.no_grad():
+    weighted, plain = (cm.encode_prompts([p]).hidden for p in (written[0], res["reward_prompts"][0]))
+res["weights_encoded"] = rel(weighted, plain)
+request = TrainRequest(out=out_dir / "syntax", model=cm, reward=recording, prompts=written[:1],
+                       eval_prompts=written[1:],
+                       config={"iterations": 1, "batch_size": 2, "rank": 2}, preset="tiny", grid_prompts=2)
+with TrainingSession(request) as session:
+    session.check()
+    res["syntax_status"] = session.run().status
+res["reward_saw"] = sorted({p for batch in seen for p in batch})
+res["reward_calls"] = len(seen)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 4, 8, 8, generator=g)
 prompts = ["a red circle left of a blue square on a white background", ""]
@@ -215,6 +247,28 @@ def test_the_seam_pieces_equal_the_librarys(measured):
     for key in ("eps_999", "eps_500", "eps_21", "eps_1", "eps_per_sample"):
         assert measured[key] < 1e-5, key
     assert measured["decode"] < 1e-5 and measured["decode_grad"] < 1e-4
+
+
+def test_rewards_read_the_words_of_a_prompt_written_in_comfyuis_syntax(measured):
+    # the tiny CLIP reads weights and has no embeddings folder; Load Checkpoint's CLIP has both
+    assert measured["syntax_tiny"] == [True, False]
+    assert measured["syntax_embeddings_folder"] == [True, True]
+    plain = measured["plain"]
+    assert plain["(red hair:1.3), ((sky)), [moon]"] == ["red hair, sky, [moon]",  # "[...]" is no syntax of ComfyUI's
+                                                       "(red hair:1.3), ((sky)), [moon]"]  # weights not read: as written
+    assert plain["a photo \\(1990\\) of (a (tall:0.8) tree)"][0] == "a photo (1990) of a tall tree"
+    assert plain["a photo \\(1990\\) of (a (tall:0.8) tree)"][1] == "a photo (1990) of (a (tall:0.8) tree)"
+    assert plain["a (b c"] == ["a (b c"] * 2  # unbalanced: ComfyUI reads it as text
+    assert plain["embedding:EasyNegative, a cat"] == ["a cat", "embedding:EasyNegative, a cat"]
+    assert plain["a cat embedding:style[x] at night"] == ["a cat [x] at night", "a cat embedding:style[x] at night"]
+    assert plain["user:embedding:x"] == ["user:embedding:x"] * 2  # not a word of its own: text
+    assert plain["a plain prompt"] == ["a plain prompt"] * 2
+    words = ["a red circle left of a blue square on a white background", "a big (blue) square on a white background"]
+    assert measured["reward_prompts"] == words
+    assert measured["weights_encoded"] > 1e-3, "the CLIP no longer reads the weights"
+    # the run's rewards (its training step, held-out evaluations and the before/after grid) saw only the words
+    assert measured["syntax_status"] == "finished"
+    assert measured["reward_saw"] == sorted(words) and measured["reward_calls"] >= 4
 
 
 def test_one_training_iteration_equals_the_librarys(measured):

@@ -276,6 +276,31 @@ def test_evaluate_scores_a_given_plan(tiny_rewards, fresh_tiny):
     assert set(partial) == set(full) and partial != pytest.approx(full)
 
 
+def test_rewards_score_the_prompts_the_model_gives_them(tiny_rewards, fresh_tiny):
+    """Training's and evaluation's rewards read the model's reward_prompts (a host drops its prompt syntax there),
+    while the text encoder still reads the prompts as written."""
+    model = fresh_tiny()
+    model.reward_prompts = lambda prompts: [p.replace("((", "").replace("))", "") for p in prompts]
+    encoded, seen = [], []
+    encode = model.encode_prompts
+
+    def encode_recording(prompts, **kw):
+        encoded.extend(prompts)
+        return encode(prompts, **kw)
+
+    def reward(images, prompts):
+        seen.append(list(prompts))
+        return tiny_rewards[0](images, prompts)
+
+    model.encode_prompts = encode_recording
+    cfg = TrainConfig(iterations=1, batch_size=2, rank=4, eval_count=0)
+    t = Trainer(model, reward, cfg, PromptSource(["a ((red)) circle on the left"]))
+    t.train_step()
+    t.evaluate(["a ((blue)) square"])
+    assert seen == [["a red circle on the left"] * 2, ["a blue square"]]
+    assert {"a ((red)) circle on the left", "a ((blue)) square"} <= set(encoded)
+
+
 def test_gradient_clipping_zero_means_off():
     from shortft_core.loop import clip_gradients
     for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):

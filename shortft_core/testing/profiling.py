@@ -221,7 +221,7 @@ def pass_costs(trainer, batch: int, plans=(), reps: int = 3) -> dict[str, float]
 
     def decode_reward():
         z = x.detach().clone().requires_grad_(True)
-        trainer.reward(m.decode(z), prompts).float().sum().backward()
+        trainer.reward(m.decode(z), m.reward_prompts(prompts)).float().sum().backward()
 
     costs["decode_reward"] = timed(decode_reward, reps)
     m.unet.zero_grad(set_to_none=True)
