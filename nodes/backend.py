@@ -533,10 +533,20 @@ class ComfyModel(DiffusionModel):
             loaded[0:0] = [entry for entry in held if entry not in loaded]
 
     @property
+    def device(self) -> torch.device:
+        """Where the network's weights are; while nothing is bound (:meth:`release`), where ComfyUI computes with the
+        caller's MODEL, so a run can be checked without loading a static copy."""
+        if self.unet is None:
+            return self._caller[0].load_device
+        return super().device
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype the network computes in, which the LoRA adapters take: ComfyUI's manual-cast dtype where it or a
-        node set one (fp16 weights on a CPU compute in fp32, fp8 weights in fp16, bf16 or fp32), else the weights'."""
-        return self.patcher.get_model_object("manual_cast_dtype") or self.base.get_dtype()
+        node set one (fp16 weights on a CPU compute in fp32, fp8 weights in fp16, bf16 or fp32), else the weights'
+        (the caller's MODEL's while nothing is bound: a static copy has its dtype and options)."""
+        patcher = self.patcher if self.patcher is not None else self._caller[0]
+        return patcher.get_model_object("manual_cast_dtype") or patcher.model.get_dtype()
 
     @property
     def latent_dtype(self) -> torch.dtype:

@@ -333,12 +333,12 @@ class ShortFTTrain(io.ComfyNode):
                                  reward_name=reward_label(reward), method=method)
         status = "failed"
         try:
-            model.model.bind()  # the static copies of a streamed MODEL or VAE, loaded again after a previous run
             with TrainingSession(request, callbacks=[progress]) as session:
                 session.check()
                 # on a GPU the prompts are encoded before training, so the text encoder is not loaded again and again
-                # mid-run (on a CPU nothing is loaded, and nothing is encoded twice); a finished run queued again is
-                # returned as it is, with nothing encoded or placed
+                # mid-run (on a CPU nothing is loaded, and nothing is encoded twice); prepare() also loads again the
+                # static copies of a streamed MODEL or VAE that a previous run dropped. A finished run queued again is
+                # returned as it is, with nothing loaded, encoded or placed
                 if not session.reuses:
                     prompts = ["", *session.prompts.prompts, *session.eval_prompts] if gpu else ()
                     size = (session.config.image_size,) * 2 if session.config.image_size else None
