@@ -161,7 +161,7 @@ def plain_prompt(text: str, weights: bool = True, embeddings: bool = True) -> st
         text = "".join(piece for piece, _ in sd1.token_weights(text, 1.0))
     text = sd1.unescape_important(text)
     if embeddings and EMBEDDING.search(text):
-        text = " ".join(EMBEDDING.sub("", text).split()).strip(", ")
+        text = re.sub(r",(?:\s*,)+", ",", " ".join(EMBEDDING.sub("", text).split())).strip(", ")
     return text
 
 

@@ -133,7 +133,7 @@ res["syntax_tiny"] = list(backend.prompt_syntax(clip))
 with_folder = type("Clip", (), {"tokenizer": comfy.sd1_clip.SD1Tokenizer(embedding_directory=str(out_dir))})()
 res["syntax_embeddings_folder"] = list(backend.prompt_syntax(with_folder))
 cases = ["(red hair:1.3), ((sky)), [moon]", "a photo \\(1990\\) of (a (tall:0.8) tree)", "a (b c",
-         "embedding:EasyNegative, a cat", "a cat embedding:style[x] at night", "user:embedding:x", "a plain prompt"]
+         "embedding:EasyNegative, a cat", "a cat embedding:style[x] at night", "a cat, (embedding:style:1.2), night", "user:embedding:x", "a plain prompt"]
 res["plain"] = {c: [backend.plain_prompt(c), backend.plain_prompt(c, weights=False, embeddings=False)] for c in cases}
 written = ["a ((red circle)) left of a (blue square:1.3) on a white background",
            "a big \\(blue\\) square on a (white background:0.9)"]
@@ -261,6 +261,7 @@ def test_rewards_read_the_words_of_a_prompt_written_in_comfyuis_syntax(measured)
     assert plain["a (b c"] == ["a (b c"] * 2  # unbalanced: ComfyUI reads it as text
     assert plain["embedding:EasyNegative, a cat"] == ["a cat", "embedding:EasyNegative, a cat"]
     assert plain["a cat embedding:style[x] at night"] == ["a cat [x] at night", "a cat embedding:style[x] at night"]
+    assert plain["a cat, (embedding:style:1.2), night"] == ["a cat, night", "a cat, (embedding:style:1.2), night"]
     assert plain["user:embedding:x"] == ["user:embedding:x"] * 2  # not a word of its own: text
     assert plain["a plain prompt"] == ["a plain prompt"] * 2
     words = ["a red circle left of a blue square on a white background", "a big (blue) square on a white background"]
