@@ -36,6 +36,7 @@ import comfy.lora_convert
 import comfy.model_management
 import comfy.model_sampling
 import comfy.ops
+import comfy.sd1_clip
 import comfy.utils
 import torch
 
@@ -139,11 +140,9 @@ EMBEDDING = re.compile(r"(?:(?<=\s)|^)embedding:[^\s<\[]*?(?=,*(?:[\s<\[]|$))")
 def prompt_syntax(clip: Any) -> tuple[bool, bool]:
     """Whether the CLIP's tokenizers read ComfyUI's emphasis weights, and textual-inversion embeddings, in a prompt
     (the SD tokenizers do, unless made with weights disabled or without an embeddings folder)."""
-    import comfy.sd1_clip
-
     tokenizer = getattr(clip, "tokenizer", None)
-    found = [t for t in (tokenizer, *vars(tokenizer).values()) if isinstance(t, comfy.sd1_clip.SDTokenizer)] \
-        if tokenizer is not None else []
+    parts = (tokenizer, *getattr(tokenizer, "__dict__", {}).values())
+    found = [t for t in parts if isinstance(t, comfy.sd1_clip.SDTokenizer)]
     return (any(not t.disable_weights for t in found),
             any(t.embedding_directory is not None for t in found))
 
@@ -154,12 +153,10 @@ def plain_prompt(text: str, weights: bool = True, embeddings: bool = True) -> st
     reward model reads plain text and knows neither weights nor another model's embeddings. ``weights`` and
     ``embeddings``: whether the text encoder reads each (:func:`prompt_syntax`); a prompt without any of this syntax
     is returned as it is."""
-    import comfy.sd1_clip as sd1
-
-    text = sd1.escape_important(text)
+    text = comfy.sd1_clip.escape_important(text)
     if weights:
-        text = "".join(piece for piece, _ in sd1.token_weights(text, 1.0))
-    text = sd1.unescape_important(text)
+        text = "".join(piece for piece, _ in comfy.sd1_clip.token_weights(text, 1.0))
+    text = comfy.sd1_clip.unescape_important(text)
     if embeddings and EMBEDDING.search(text):
         text = re.sub(r",(?:\s*,)+", ",", " ".join(EMBEDDING.sub("", text).split())).strip(", ")
     return text
