@@ -233,6 +233,12 @@ class DiffusionModel(abc.ABC):
         """The noise prediction at latent ``x``, timestep(s) ``t`` of ``schedule`` (``unet``: the module to call
         instead of ``self.unet``, e.g. a DDP wrapper, where the backend calls the network itself)."""
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor | int, cond: "Conditioning",
+                unet: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`eps`, and the model's clean sample x0 where the schedule cannot recover it from eps (a level of pure
+        noise, abar 0: a flow model's first), else None."""
+        return self.eps(x, t, cond, unet=unet), None
+
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (differentiable)."""

@@ -12,6 +12,12 @@ SD family (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)):
 
 A target timestep ``s < 0`` means "the end of the chain" and uses ``final_alpha_cumprod`` (diffusers:
 ``set_alpha_to_one``; SD1.5 ships ``False``, i.e. ``abar[0]``).
+
+Flow-matching models (rectified flow: x = (1 - f) x0 + f eps at flow level f, the network predicting the velocity
+eps - x0) step on the same chain: a level f has the signal-to-noise ratio of abar = (1 - f)^2 / ((1 - f)^2 + f^2),
+and the chain's latent is the flow latent divided by sqrt((1 - f)^2 + f^2), so a DDIM step here is an Euler step of
+the flow. Their top level f = 1 is pure noise (abar 0), where eps says nothing of x0: a model gives x0 itself there
+(``DiffusionModel.predict``) and the step takes it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from .segments import FINAL  # noqa: F401 - the sentinel target timestep of the clean end, re-exported
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a network may predict (diffusers' names)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # what a network may predict (diffusers' names; flow: velocity)
 
 
 @dataclass(frozen=True)
@@ -91,19 +97,29 @@ class NoiseSchedule:
 
     def eps_from(self, output: torch.Tensor, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """The noise prediction a network's ``output`` at ``x``, timestep(s) ``t`` stands for (eps models: itself;
-        v models: sigma_t x + alpha_t v)."""
+        v models: sigma_t x + alpha_t v; flow models, whose network saw the flow latent x / (alpha_t + sigma_t):
+        (x + alpha_t v) / (alpha_t + sigma_t))."""
         if self.prediction_type == "epsilon":
             return output
         alpha, sigma = self.levels(t, x)
+        if self.prediction_type == "flow":
+            return (x + alpha * output) / (alpha + sigma)
         return sigma * x + alpha * output
 
-    def x0(self, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """The clean sample predicted at ``x``, timestep(s) ``t`` by ``eps``."""
-        return ddim_x0(x, eps, self.abar(t, x))
+    def x0(self, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor,
+           x0: torch.Tensor | None = None) -> torch.Tensor:
+        """The clean sample predicted at ``x``, timestep(s) ``t`` by ``eps`` (``x0``: the model's own, where it gave
+        one)."""
+        return x0 if x0 is not None else ddim_x0(x, eps, self.abar(t, x))
 
-    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor) -> torch.Tensor:
-        """One deterministic DDIM jump with ``eps`` from timestep(s) ``t`` to ``s`` (any distance; s < 0: the end)."""
-        return ddim_step(x, eps, self.abar(t, x), self.abar(s, x))
+    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor,
+             x0: torch.Tensor | None = None) -> torch.Tensor:
+        """One deterministic DDIM jump with ``eps`` from timestep(s) ``t`` to ``s`` (any distance; s < 0: the end);
+        ``x0``: the model's clean sample where it gave one (a level of pure noise, from which eps recovers none)."""
+        if x0 is None:
+            return ddim_step(x, eps, self.abar(t, x), self.abar(s, x))
+        abar_s = _bcast(self.abar(s, x), x)
+        return abar_s.sqrt() * x0 + (1.0 - abar_s).sqrt() * eps
 
     def renoise(self, x: torch.Tensor, t: int, s: int, noise: torch.Tensor) -> torch.Tensor:
         """Forward-diffuse ``x`` from timestep ``t`` (t < 0: the clean end) to the noisier ``s``

@@ -7,10 +7,10 @@ import torch
 
 from shortft_core.adapters import SHORTCUT_ADAPTER, AdapterSwitch, LoraSetSpec, adapter_parameters, add_lora
 from shortft_core.chain import run_plan
-from shortft_core.models import Conditioning, tiled_tokens
+from shortft_core.models import Conditioning, DiffusionModel, tiled_tokens
 from shortft_core.plans import base_chain, draft_plan, full_bptt_plan, original_chain, shortft_plan
 from shortft_core.sampling import initial_noise, sample
-from shortft_core.schedule import leading_grid
+from shortft_core.schedule import FINAL, NoiseSchedule, leading_grid
 
 SPEC = LoraSetSpec(rank=4)
 
@@ -158,3 +158,75 @@ def test_conditioning_of_different_token_counts_batches_exactly(tiny_model):
     assert [t.shape[1] for t in tiled_tokens([three, longer.hidden, cond.hidden])] == [462, 462, 462]
     same = tiled_tokens([cond.hidden, other.hidden])  # one count: the tensors as they are
     assert same[0] is cond.hidden and same[1] is other.hidden
+
+
+def _flow_levels(shift: float = 3.0) -> torch.Tensor:
+    """Flow levels f of a 1000-step table with a shift, as SD3-style samplers make them (the top one is 1: noise)."""
+    u = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class _FlowModel(DiffusionModel):
+    """A flow-matching model on a shifted flow table whose network returns ``velocity(x_flow, f)``; it gives its
+    clean sample x_flow - f v at the level of pure noise, as a flow model's seam does (unless ``give_x0`` is off)."""
+
+    def __init__(self, velocity, give_x0: bool = True):
+        f = _flow_levels()
+        self.f = f
+        self.schedule = NoiseSchedule((1 - f) ** 2 / ((1 - f) ** 2 + f**2), 1.0, "flow")
+        self.velocity, self.give_x0 = velocity, give_x0
+        self.unet = torch.nn.Linear(1, 1)
+
+    def flow_latent(self, x, t):
+        f = self.f[t].float()
+        return x * ((1 - f) ** 2 + f**2).sqrt(), f
+
+    def predict(self, x, t, cond, unet=None):
+        x_flow, f = self.flow_latent(x, t)
+        v = self.velocity(x_flow, f)
+        top = self.give_x0 and float(self.schedule.abar(t)) == 0.0
+        return self.schedule.eps_from(v, x, t), (x_flow - f * v if top else None)
+
+    def eps(self, x, t, cond, unet=None):
+        return self.predict(x, t, cond)[0]
+
+    def latent_shape(self, height=None, width=None):
+        return (4, 8, 8)
+
+    def encode_prompts(self, prompts, *, size=None):
+        return Conditioning(torch.zeros(len(prompts), 1, 1))
+
+    def decode(self, latents):
+        return latents
+
+    def load_lora(self, source, adapter_name, trainable=False, activate=True):
+        raise NotImplementedError
+
+
+def test_a_flow_models_chain_is_the_euler_flow_from_pure_noise():
+    """A flow model's levels on the chain: a DDIM step there is an Euler step of the flow (any velocity, from the
+    top level of pure noise too, where the model's x0 is taken), and an exact velocity lands on its clean sample."""
+    g = torch.Generator().manual_seed(0)
+    target, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    w = torch.randn(4, 4, generator=g) * 0.3
+    model = _FlowModel(lambda x, f: torch.einsum("ij,bjhw->bihw", w, x) * (1 + f))  # an arbitrary velocity field
+    sched = model.schedule
+    assert float(sched.abar(999)) == 0.0 and float(sched.abar(FINAL)) == 1.0
+    for t, s in ((999, 749), (749, 249), (249, FINAL)):
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        eps, x0 = model.predict(x, t, None)
+        x_flow, f = model.flow_latent(x, t)
+        f_s = model.f[s].float() if s != FINAL else torch.tensor(0.0)
+        euler = x_flow + (f_s - f) * model.velocity(x_flow, f)
+        stepped = sched.step(x, eps, t, s, x0=x0)
+        assert torch.allclose(stepped * ((1 - f_s) ** 2 + f_s**2).sqrt(), euler, atol=1e-5), (t, s)
+    exact = _FlowModel(lambda x, f: (x - target) / f)  # the velocity toward the target from wherever x is
+    states = []
+    out = run_plan(exact, base_chain([999, 749, 499, 249], 1.0), noise, exact.encode_prompts(["", ""]), None, None,
+                   hook=lambda i, step, x: states.append(x))[-1]
+    assert torch.allclose(out, target, atol=1e-5)
+    abar = sched.abar(749)  # on the way: the level's mix of the target and the starting noise
+    assert torch.allclose(states[0], abar.sqrt().float() * target + (1 - abar).sqrt().float() * noise, atol=1e-5)
+    blind = _FlowModel(exact.velocity, give_x0=False)  # eps alone says nothing of x0 at pure noise
+    out = run_plan(blind, base_chain([999, 749, 499, 249], 1.0), noise, blind.encode_prompts(["", ""]), None, None)
+    assert not torch.isfinite(out[-1]).all()
