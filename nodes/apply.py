@@ -2,10 +2,11 @@
 (timestep-aware), or the set's merged LoRA at every step (merged, what the stock LoraLoader does with it).
 
 Timestep-aware mode clones the ModelPatcher and adds an APPLY_MODEL wrapper that reads the integer timestep of each
-UNet call (``model_sampling.timestep(sigma)``, the value the UNet receives) and selects its segment, so the switch is
-exact for every sampler and scheduler. For the duration of the call every layer the segment's LoRA adapts computes
-its base output plus that LoRA's, with ComfyUI's own ``comfy.lora`` key map and LoRA maths (every key lands where
-the stock loader puts it, with the value it bakes), in one of two ways:
+UNet call (the level of the model sampling's table, ``common.level_index``: a discrete model's timestep, the value
+its UNet receives) and selects its segment, so the switch is exact for every sampler and scheduler. For the duration
+of the call every layer the segment's LoRA adapts computes its base output plus that LoRA's, with ComfyUI's own
+``comfy.lora`` key map and LoRA maths (every key lands where the stock loader puts it, with the value it bakes), in
+one of two ways:
 
 - patched: the segment's patched weight (base + delta) is computed when sampling enters the segment and kept until
   it leaves it; a call then costs what a stock LoRA's call costs, and a switch one patch of the set's weights
@@ -51,7 +52,7 @@ import torch
 from comfy_api.latest import io
 
 from ..shortft_core import LoraSet, Segments, find_lora_sets, lora_set_folder
-from .common import CATEGORY, LORA_SET, UNLINKED, is_dynamic
+from .common import CATEGORY, LORA_SET, UNLINKED, is_dynamic, level_index
 from .family import model_family
 
 log = logging.getLogger(__name__)
@@ -303,11 +304,12 @@ class SegmentSwitch:
 
     def segment_of(self, executor: Any, t: torch.Tensor) -> int:
         """The one segment of the call's integer timesteps (a ValueError when they lie off the schedule or in two)."""
-        timesteps = executor.class_obj.model_sampling.timestep(t).flatten().tolist()
+        timesteps = level_index(executor.class_obj.model_sampling, t).flatten().tolist()
         top = self.segments.top
         if any(not 0 <= v <= top for v in timesteps):
             raise ValueError(f"LoRA set {self.name}: the model's timesteps {timesteps} lie outside 0..{top}; the set's "
-                             "segments are defined on the SD discrete schedule (do not patch model sampling)")
+                             "segments are defined on the levels of a 1000-level table (do not patch model sampling "
+                             "to another table)")
         segments = {self.segments.segment_of(int(round(v))) for v in timesteps}
         if len(segments) != 1:
             raise ValueError(f"LoRA set {self.name}: one model call mixes timesteps {timesteps} of segments "
@@ -319,7 +321,7 @@ class SegmentSwitch:
         sampling = executor.class_obj.model_sampling
         now = float(t.max()) * (1 + 1e-6)
         levels = [s for s in self.weights.sigmas[:-1] if 0 < s <= now]
-        timesteps = sampling.timestep(torch.tensor(levels)).tolist() if levels else []
+        timesteps = level_index(sampling, torch.tensor(levels)).tolist() if levels else []
         return max(1, sum(self.segments.segment_of(int(round(v))) == j for v in timesteps
                           if 0 <= v <= self.segments.top))
 

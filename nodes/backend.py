@@ -15,7 +15,9 @@ training ends (:meth:`ComfyModel.release`).
 
 The chain works in the variance-preserving latent x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; ComfyUI's discrete
 models take x_ve = x_t / sqrt(abar_t) at sigma_t = sqrt((1 - abar_t) / abar_t) and return the denoised x0, so
-eps = (x_ve - x0) / sigma_t for eps and v models alike.
+eps = (x_ve - x0) / sigma_t for eps and v models alike. A rectified-flow MODEL (ModelSamplingSD3) takes the flow latent
+x_t sqrt((1 - f)^2 + f^2) at its flow level f, the level of the same signal-to-noise ratio, so eps = (x_flow - (1 - f)
+x0) / f; at f = 1 (pure noise) eps is the latent itself, and the chain takes the MODEL's x0 there.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from ..shortft_core import (LEAN_DEVICES, Conditioning, DiffusionModel, LoadedLo
                             tiled_tokens, tiny_weights_dir)
 from .apply import WRAPPER_KEY as APPLY_WRAPPER_KEY
 from .apply import lora_patches
-from .common import is_dynamic
+from .common import is_dynamic, is_flow
 from .family import trainable_family
 
 log = logging.getLogger(__name__)
@@ -62,19 +64,43 @@ def model_sampling(patcher: Any) -> Any:
 
 
 def prediction_type(sampling: Any) -> str:
-    """The prediction type of ComfyUI's model ``sampling`` (eps or v on the discrete schedule), or a ValueError naming
-    what ShortFT cannot train."""
+    """The prediction type of ComfyUI's model ``sampling`` (eps or v on the discrete schedule, flow on a 1000-level
+    flow table: ModelSamplingSD3 / AuraFlow, as rectified-flow SD1.5 and SDXL fine-tunes are sampled), or a
+    ValueError naming what ShortFT cannot train."""
+    name = next((c.__name__ for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__
+                 and issubclass(c, torch.nn.Module)), type(sampling).__name__)  # not a node's subclass's name
+    if is_flow(sampling):
+        if type(sampling).calculate_denoised is not comfy.model_sampling.CONST.calculate_denoised or \
+                getattr(sampling, "noise_scale", 1.0) != 1.0 or sampling.sigmas.shape[0] != 1000:
+            raise ValueError(f"the MODEL's flow model sampling ({name}) is not plain rectified flow "
+                             "on 1000 levels; ShortFT trains flow MODELs sampled with ModelSamplingSD3 or "
+                             "ModelSamplingAuraFlow")
+        return "flow"
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        raise ValueError(f"the MODEL samples with {type(sampling).__name__}; ShortFT trains discrete-schedule "
-                         "models (a model-sampling patch such as ModelSamplingDiscrete must not change it)")
+        raise ValueError(f"the MODEL samples with {name}; ShortFT trains discrete-schedule "
+                         "models (eps or v) and 1000-level flow ones (ModelSamplingSD3, ModelSamplingAuraFlow)")
     if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
         return "v_prediction"
     if isinstance(sampling, comfy.model_sampling.EPS) and type(sampling).calculate_denoised is \
             comfy.model_sampling.EPS.calculate_denoised:
         return "epsilon"
-    raise ValueError(f"the MODEL's model sampling ({type(sampling).__name__}, e.g. ModelSamplingDiscrete's lcm or x0) "
+    raise ValueError(f"the MODEL's model sampling ({name}, e.g. ModelSamplingDiscrete's lcm or x0) "
                      "predicts neither eps nor v; ShortFT trains eps and v models: set ModelSamplingDiscrete's "
                      "sampling to eps or v_prediction, or remove it")
+
+
+def chain_schedule(sampling: Any) -> NoiseSchedule:
+    """The chain's schedule of ComfyUI's model ``sampling``: each level's abar (the variance-preserving level of the
+    same signal-to-noise ratio: 1 / (1 + sigma^2) for the discrete models' sigma, (1 - f)^2 / ((1 - f)^2 + f^2) for
+    flow level f) and the prediction type. A discrete model's chain ends at its first level, as diffusers' DDIM
+    does; a flow model's at the clean sample, where ComfyUI's samplers end."""
+    kind = prediction_type(sampling)
+    sigmas = sampling.sigmas.detach().double().cpu()
+    if kind == "flow":
+        abar = (1.0 - sigmas) ** 2 / ((1.0 - sigmas) ** 2 + sigmas**2)
+        return NoiseSchedule(abar, 1.0, kind)
+    abar = 1.0 / (1.0 + sigmas**2)
+    return NoiseSchedule(abar, float(abar[0]), kind)
 
 
 # what nodes attach to a MODEL for sampling, by where ComfyUI's sampler runs it, with nodes that attach each kind
@@ -393,9 +419,7 @@ class ComfyModel(DiffusionModel):
         self._placed = False  # prepare() placed the network and the VAE for training
         self.bind()
         self.info: dict[str, Any] = {}
-        sigmas = self.sampling.sigmas.detach().double().cpu()
-        abar = 1.0 / (1.0 + sigmas**2)
-        self.schedule = NoiseSchedule(abar, float(abar[0]), prediction_type(self.sampling))
+        self.schedule = chain_schedule(self.sampling)
         self.text_encoders = [clip.cond_stage_model]
         # what identifies the model in a run's settings and the set's metadata: the family and a digest of the
         # MODEL, CLIP and VAE (their weights and the patches, such as LoRAs, they carry), a node's model sampling, and
@@ -617,9 +641,15 @@ class ComfyModel(DiffusionModel):
         return Conditioning(hidden, added)
 
     # ----- networks -------------------------------------------------------------------------------------------------
-    @interruptible
     def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
             unet: torch.nn.Module | None = None) -> torch.Tensor:
+        return self.predict(x, t, cond, unet=unet)[0]
+
+    @interruptible
+    def predict(self, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
+                unet: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """eps from the MODEL's denoised output at the chain's latent ``x`` (see the module docstring), and that
+        output itself at a flow model's level of pure noise, where eps is the latent and says nothing of x0."""
         if unet is not None and unet is not self.unet:
             raise ValueError("a ComfyUI MODEL is called through its own apply_model (no DDP wrapper)")
         tt = torch.as_tensor(t, device=x.device)
@@ -629,12 +659,21 @@ class ComfyModel(DiffusionModel):
         # almost all of x_ve, so in fp16 or bf16 x0's rounding would reach eps magnified 1 / sigma times (33x at
         # t = 1); apply_model casts the network's input to the network's dtype and returns x0 in fp32
         sigma = self.sampling.sigmas.to(x.device)[tt.long()].float()
-        scale = (1.0 + sigma**2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
-        x_ve = x.float() * scale
+        shape = (-1, *([1] * (x.ndim - 1)))
+        flow = self.schedule.prediction_type == "flow"
+        # the MODEL's own latent at its level: x_ve = x / sqrt(abar) for the discrete models, the flow latent
+        # x sqrt((1 - f)^2 + f^2) for flow level f = sigma
+        scale = (((1.0 - sigma) ** 2 + sigma**2) if flow else (1.0 + sigma**2)).sqrt().reshape(shape)
+        x_in = x.float() * scale
         extra = dict(cond.added or {})
         options = {"optimized_attention_override": differentiable_attention}
-        denoised = self.base.apply_model(x_ve, sigma, c_crossattn=cond.hidden, transformer_options=options, **extra)
-        return ((x_ve - denoised.float()) / sigma.reshape(-1, *([1] * (x.ndim - 1)))).to(x.dtype)
+        denoised = self.base.apply_model(x_in, sigma, c_crossattn=cond.hidden, transformer_options=options, **extra)
+        denoised = denoised.float()
+        if not flow:
+            return ((x_in - denoised) / sigma.reshape(shape)).to(x.dtype), None
+        eps = (x_in - (1.0 - sigma).reshape(shape) * denoised) / sigma.reshape(shape)
+        top = bool((sigma == 1.0).any())  # pure noise: the chain steps with the MODEL's x0 there
+        return eps.to(x.dtype), (denoised.to(x.dtype) if top else None)
 
     @interruptible
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

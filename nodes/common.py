@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
+import comfy.model_sampling
 import folder_paths
 import numpy as np
 import torch
@@ -35,6 +37,22 @@ def is_dynamic(patcher: object) -> bool:
     """Whether ComfyUI's DynamicVRAM streams this patcher's weights (its default on NVIDIA GPUs): they stay in host
     memory and are staged on the GPU per layer call, from its own staged or pinned copies of them."""
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def is_flow(sampling: Any) -> bool:
+    """Whether ComfyUI's model ``sampling`` is rectified flow on a discrete table (x = (1 - f) x0 + f noise)."""
+    return isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow) and \
+        isinstance(sampling, comfy.model_sampling.CONST)
+
+
+def level_index(sampling: Any, sigma: torch.Tensor) -> torch.Tensor:
+    """The level of ComfyUI's model ``sampling`` each ``sigma`` is, the timestep a LoRA set's segments are defined on:
+    a discrete model's own timestep (the index of its table), for a flow model (whose network timestep is the level
+    times a multiplier) the nearest level of its table."""
+    if is_flow(sampling):
+        table = sampling.sigmas.to(sigma.device, torch.float32)
+        return (sigma.reshape(-1, 1).float() - table).abs().argmin(dim=1).float()
+    return sampling.timestep(sigma)
 
 
 def register_folders() -> None:

@@ -14,7 +14,7 @@ from .tiny_world import is_tiny_world
 _NAMED = ((comfy.supported_models.SD15, "sd15"), (comfy.supported_models.SDXL, "sdxl"),
           (comfy.supported_models.SD20, "sd2"))
 TRAINABLE = ("tiny", "sd15", "sdxl", "sd2")
-SUPPORTED = "the tiny world, SD1.5, SDXL and SD2.x (eps or v-prediction)"
+SUPPORTED = "the tiny world, SD1.5, SDXL and SD2.x (eps, v-prediction, or rectified flow through ModelSamplingSD3)"
 
 
 def model_family(model: Any) -> str:

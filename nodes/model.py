@@ -21,8 +21,8 @@ from comfy_api.latest import io
 
 from ..shortft_core import SHORTCUT_PRESETS, find_shortcut_preset, lora_file, tiny_shortcut_path
 from .apply import lora_patches
-from .backend import ComfyModel
-from .common import AUTO, CATEGORY, SHORTFT_MODEL, TINY, UNLINKED
+from .backend import ComfyModel, model_sampling
+from .common import AUTO, CATEGORY, SHORTFT_MODEL, TINY, UNLINKED, is_flow
 from .family import trainable_family
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ def check_shortcut(model: Any, shortcut: str, path: Path | None, preset: str) ->
     if found is not None and found.base != family:
         raise ValueError(f"shortcut preset {found.name} is for {found.base}, but the MODEL is {family}: choose the "
                          f"{family} version of the shortcut (and its preset), or load a {found.base} checkpoint")
+    if found is not None and is_flow(model_sampling(model)):
+        raise ValueError(f"shortcut preset {found.name} was distilled on the trajectory of the eps {found.base} model, "
+                         "and this MODEL samples by rectified flow (ModelSamplingSD3), whose trajectory it would jump "
+                         "off: choose shortcut 'none' (ShortFT then jumps with the MODEL's own DDIM steps; the "
+                         "baselines need no shortcut), or a shortcut distilled from this flow model")
     lora_patches(comfy.utils.load_torch_file(str(path), safe_load=True), path, model,
                  comfy.lora.model_lora_keys_unet(model.model, {}))
     return found.name if found is not None else None

@@ -323,6 +323,8 @@ class ShortFTTrain(io.ComfyNode):
         settings = widget_settings(method, iterations, time_budget_s, batch_size, lr, rank, guidance, seed,
                                    stage_fractions, checkpoint_every, eval_every, preview_every, preview_chain,
                                    image_size, checkpointing)
+        if model.shortcut is None and method == "shortft":
+            settings["shortcut_net"] = "base"  # shortcut 'none': ShortFT jumps with the MODEL's own DDIM steps
         source = None if prompt_source == TINY_CAPTIONS else (
             str(_prompt_file(prompt_file)) if prompt_source == FILE else prompt_lines(prompts))
         request = TrainRequest(out=out, model=model.model, reward=reward, config=settings, preset=PRESET,
