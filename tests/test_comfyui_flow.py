@@ -24,7 +24,7 @@ from pathlib import Path
 import comfy.sample
 import folder_paths
 import comfy.samplers
-from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
+from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingFlux, ModelSamplingSD3
 
 from shortft_pack.shortft_core import SHORTCUT_PRESETS, LoraSet, tiny_shortcut_path
 from shortft_pack.shortft_core.chain import run_plan
@@ -81,6 +81,19 @@ def comfy_euler(patcher):
 with torch.no_grad():
     ours = run_plan(cm, base_chain(grid, guidance), noise, cond, uncond, None)[-1]
 res["base_vs_euler"] = rel(cm.base.process_latent_out(ours), comfy_euler(flow))
+# ModelSamplingAuraFlow: the same table shape, the network's timestep the level itself (multiplier 1)
+with torch.inference_mode():
+    aura = ModelSamplingAuraFlow().patch_aura(model, 1.73)[0]
+aura_cm = backend.ComfyModel(aura, clip, vae)
+aura_cm.prepare()
+table = aura_cm.sampling.sigmas.double()
+with torch.no_grad():
+    ours = run_plan(aura_cm, base_chain(grid, guidance), noise, cond, uncond, None)[-1]
+res["aura"] = [aura_cm.schedule.prediction_type, rel(aura_cm.base.process_latent_out(ours), comfy_euler(aura)),
+               bool(torch.equal(common.level_index(aura_cm.sampling, aura_cm.sampling.sigmas).long(),
+                                torch.arange(1000)))]
+cm.prepare()  # the shift-3 MODEL loaded again for what follows
+table = cm.sampling.sigmas.double()
 
 # one training step from the first level (x0 taken there), then the trained set sampled both ways
 state = ModelState.capture(cm)
@@ -174,6 +187,8 @@ def test_a_flow_model_has_flow_levels_and_is_another_model(measured):
 
 def test_the_chain_samples_what_comfyuis_euler_samples(measured):
     assert measured["base_vs_euler"] < 1e-5, measured["base_vs_euler"]
+    kind, error, levels = measured["aura"]  # ModelSamplingAuraFlow too
+    assert kind == "flow" and error < 1e-5 and levels, measured["aura"]
 
 
 def test_a_training_step_reaches_every_lora_and_a_jump_from_pure_noise_trains_through_x0(measured):
