@@ -172,7 +172,8 @@ class DiffusionModel(abc.ABC):
     An implementation provides the attributes below and the abstract methods. ``unet`` is the denoising network (a
     UNet or a transformer) whose layers take the LoRA adapters, ``vae`` the module the decode runs through,
     ``text_encoders`` the frozen encoders; :meth:`eps` is the noise prediction at a timestep of ``schedule`` (the
-    network's own prediction type converted), so the chain steps every model the same way. ``lora_names`` maps the
+    network's own prediction type converted), so the chain steps every model the same way; :meth:`predict` adds the
+    model's x0 where eps cannot give it (a flow model's level of pure noise). ``lora_names`` maps the
     network's module paths to the diffusers module names LoRA files use (None: they are the same), so sets trained
     on any backend are written in one format; ``adapter_order`` lists the network's module paths in the order the
     diffusers implementation of the same network registers them (None: its own), so a seed initialises the same
