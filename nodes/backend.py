@@ -97,8 +97,7 @@ def chain_schedule(sampling: Any) -> NoiseSchedule:
     kind = prediction_type(sampling)
     sigmas = sampling.sigmas.detach().double().cpu()
     if kind == "flow":
-        abar = (1.0 - sigmas) ** 2 / ((1.0 - sigmas) ** 2 + sigmas**2)
-        return NoiseSchedule(abar, 1.0, kind)
+        return NoiseSchedule.from_flow_levels(sigmas)
     abar = 1.0 / (1.0 + sigmas**2)
     return NoiseSchedule(abar, float(abar[0]), kind)
 

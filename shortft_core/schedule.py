@@ -76,6 +76,13 @@ class NoiseSchedule:
         return cls(abar, final, str(config.get("prediction_type", "epsilon")))
 
     @classmethod
+    def from_flow_levels(cls, levels: torch.Tensor) -> "NoiseSchedule":
+        """A flow model's schedule from its table of flow levels f (noisiest last): each level's abar of the same
+        signal-to-noise ratio (see the module docstring), ending at the clean sample."""
+        f = torch.as_tensor(levels, dtype=torch.float64).cpu()
+        return cls((1.0 - f) ** 2 / ((1.0 - f) ** 2 + f**2), 1.0, "flow")
+
+    @classmethod
     def from_file(cls, path: str | os.PathLike) -> "NoiseSchedule":
         with open(path, encoding="utf-8") as f:
             return cls.from_config(json.load(f))

@@ -173,7 +173,7 @@ class _FlowModel(DiffusionModel):
     def __init__(self, velocity, give_x0: bool = True):
         f = _flow_levels()
         self.f = f
-        self.schedule = NoiseSchedule((1 - f) ** 2 / ((1 - f) ** 2 + f**2), 1.0, "flow")
+        self.schedule = NoiseSchedule.from_flow_levels(f)
         self.velocity, self.give_x0 = velocity, give_x0
         self.unet = torch.nn.Linear(1, 1)
 
