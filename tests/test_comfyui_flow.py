@@ -21,6 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import comfy.model_sampling
 import comfy.sample
 import folder_paths
 import comfy.samplers
@@ -169,6 +170,19 @@ try:
     res["flux_sampling"] = None
 except ValueError as e:
     res["flux_sampling"] = str(e)
+# a flow sampling that is not plain rectified flow (ComfyUI's img-to-img flow returns the output as x0)
+class ImageFlow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.IMG_TO_IMG_FLOW):
+    pass
+
+
+with torch.inference_mode():
+    image_flow = model.clone()
+    image_flow.add_object_patch("model_sampling", ImageFlow(model.model.model_config))
+try:
+    backend.ComfyModel(image_flow, clip, vae)
+    res["image_flow_sampling"] = None
+except ValueError as e:
+    res["image_flow_sampling"] = str(e)
 print("RESULT " + json.dumps(res))
 '''
 
@@ -229,3 +243,9 @@ def test_shortcut_none_trains_shortft_with_the_models_own_jumps(measured):
     segments, status, shortcut_net, shortcut = measured["node_none"]
     assert segments > 0 and status == "finished", measured["node_none"]
     assert shortcut_net == "base" and shortcut is None, measured["node_none"]
+
+
+def test_a_flow_sampling_other_than_plain_rectified_flow_is_refused(measured):
+    message = measured["image_flow_sampling"]
+    assert message is not None and "not plain rectified flow" in message, message
+    assert "ModelSamplingDiscreteFlow" in message and "ModelSamplingSD3" in message, message
