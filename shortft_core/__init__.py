@@ -50,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     "outside_inference_mode": "lifecycle",
     # memory: blocks recomputed in backward instead of keeping their activations, layers that keep less for it
     "checkpoint_blocks": "memory", "lean_frozen_convs": "memory", "lean_geglu": "memory", "lean_norm_act": "memory",
-    "LEAN_DEVICES": "memory",
+    "layer_norm_saving_output": "memory", "LEAN_DEVICES": "memory",
 }
 # names a module defines under another name
 _RENAMED = {"SHORTCUT_PRESETS": "PRESETS", "tiny_weights_dir": "weights_dir", "find_shortcut_preset": "find_preset",

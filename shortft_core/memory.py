@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +175,33 @@ class _GroupNormSiLU(torch.autograd.Function):
         grads = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
         out = [next(grads) if n and t is not None else None for t, n in zip(inputs, need)]
         return (*out, None, None)
+
+
+class _OutputSavingLayerNorm(torch.autograd.Function):
+    """layer_norm without weight and bias whose backward reads its output (the normalised input) and the inverse
+    standard deviation, not its input: the same values, and the input may change in place after the call."""
+
+    @staticmethod
+    def forward(ctx, x, shape, eps):  # noqa: D102
+        out, _, rstd = torch.native_layer_norm(x, shape, None, None, eps)
+        ctx.save_for_backward(out, rstd)
+        ctx.dims = tuple(range(-len(shape), 0))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out, rstd = ctx.saved_tensors
+        dtype = torch.promote_types(grad.dtype, torch.float32)  # fp32 at least, as layer_norm's own backward
+        g, y = grad.to(dtype), out.to(dtype)
+        dx = rstd.to(dtype) * (g - g.mean(ctx.dims, keepdim=True) - y * (g * y).mean(ctx.dims, keepdim=True))
+        return dx.to(grad.dtype), None, None
+
+
+def layer_norm_saving_output(x: torch.Tensor, shape: Sequence[int], eps: float) -> torch.Tensor:
+    """``layer_norm(x, shape, eps)`` without weight and bias, whose backward keeps its output instead of ``x``: a
+    residual stream normalised and then updated in place (``x += f(norm(x))``, as FLUX's transformer blocks do)
+    trains through it, where autograd would find ``x`` changed since it was saved."""
+    return _OutputSavingLayerNorm.apply(x, tuple(shape), eps)
 
 
 _ACTIVATED = "_shortft_activated"  # set on a fused pair's output: the SiLU after it has been applied already

@@ -177,7 +177,8 @@ class DiffusionModel(abc.ABC):
     network's module paths to the diffusers module names LoRA files use (None: they are the same), so sets trained
     on any backend are written in one format; ``adapter_order`` lists the network's module paths in the order the
     diffusers implementation of the same network registers them (None: its own), so a seed initialises the same
-    LoRA set on either backend."""
+    LoRA set on either backend. ``lora_targets`` names the module-name suffixes the alignment set adapts where the
+    network is no UNet (None: the UNet's attention and feed-forward layers, ``ATTENTION_FF_TARGETS``)."""
 
     family: str
     source: str
@@ -189,6 +190,7 @@ class DiffusionModel(abc.ABC):
     text_offload: "TextEncoderOffload | None" = None
     lora_names: Mapping[str, str] | None = None
     adapter_order: Sequence[str] | None = None  # module paths in the reference network's order (add_lora's order)
+    lora_targets: Sequence[str] | None = None  # the alignment set's targets on this network (None: the UNet's)
 
     @property
     def device(self) -> torch.device:

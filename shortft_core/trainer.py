@@ -126,6 +126,8 @@ class Trainer(Loop):
                              "(shortft_core.shortcut.load_shortcut / --shortcut), or use --shortcut-net base for "
                              "naive DDIM jumps")
         self.lora = cfg.lora
+        if model.lora_targets is not None:  # a network with other layer names than the UNet's (a transformer)
+            self.lora = dataclasses.replace(self.lora, targets=tuple(model.lora_targets))
         clash = set(getattr(unet, "peft_config", {})) & set(self.lora.names)
         if clash:
             raise ValueError(f"the UNet already carries adapters {sorted(clash)}; start from a fresh model")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from shortft_core.adapters import SHORTCUT_TARGETS, AdapterSwitch, adapter_parameters, add_lora
-from shortft_core.memory import lean_frozen_convs, lean_geglu, lean_norm_act, lean_saved_activations
+from shortft_core.memory import (layer_norm_saving_output, lean_frozen_convs, lean_geglu, lean_norm_act,
+                                 lean_saved_activations)
 from shortft_core.testing.profiling import kept_for_backward
 from shortft_core.loading import load_tiny_model
 
@@ -93,6 +94,38 @@ def _block_step(block, x, temb, train_norms=False):
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     norms = [g.clone() for n in (block.norm1, block.norm2) for g in (n.weight.grad, n.bias.grad) if g is not None]
     return out.detach(), xi.grad, ti.grad, norms, kept
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_layer_norm_saving_its_output_lets_the_stream_change_in_place(dtype, tol):
+    """x += f(norm(x)), as FLUX's blocks update their residual stream: with layer_norm autograd refuses backward (x
+    changed since it was saved); the norm that keeps its output gives the same values and the reference gradient."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 5, 16, generator=g, dtype=dtype) * 3 + 1
+    w = torch.randn(16, 16, generator=g, dtype=dtype)
+
+    def run(norm):
+        x0 = base.clone().requires_grad_(True)
+        x = x0 * 1.0  # a non-leaf stream, as between blocks
+        x += torch.tanh(norm(x) @ w)
+        x += torch.tanh(norm(x) @ w.T)
+        x.square().sum().backward()
+        return x.detach(), x0.grad
+
+    shape = (16,)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        run(lambda x: torch.nn.functional.layer_norm(x, shape, eps=1e-6))
+    out, grad = run(lambda x: layer_norm_saving_output(x, shape, 1e-6))
+
+    def reference(x0):  # the same function without the in-place updates
+        x = x0 + torch.tanh(torch.nn.functional.layer_norm(x0, shape, eps=1e-6) @ w)
+        return x + torch.tanh(torch.nn.functional.layer_norm(x, shape, eps=1e-6) @ w.T)
+
+    x0 = base.clone().requires_grad_(True)
+    want = reference(x0)
+    want.square().sum().backward()
+    assert torch.equal(out, want.detach())  # the forward is layer_norm's own kernel
+    assert torch.allclose(grad, x0.grad, rtol=tol, atol=tol), float((grad - x0.grad).abs().max())
 
 
 def test_groupnorm_silu_pairs_keep_only_the_norm_input_with_identical_gradients():

@@ -301,6 +301,24 @@ def test_rewards_score_the_prompts_the_model_gives_them(tiny_rewards, fresh_tiny
     assert {"a ((red)) circle on the left", "a ((blue)) square"} <= set(encoded)
 
 
+def test_the_set_adapts_the_layers_the_model_names(tmp_path, tiny_rewards, fresh_tiny):
+    """A network that is no UNet names its own LoRA targets (lora_targets): the set adapts those layers alone, trains
+    them, and the set's manifest records them."""
+    model = fresh_tiny()
+    model.lora_targets = ("to_q", "ff.net.2")
+    cfg = TrainConfig(iterations=1, batch_size=1, rank=2, eval_count=0)
+    t = Trainer(model, tiny_rewards[0], cfg, PromptSource(["a red circle on the left"]))
+    layers = [name for name, m in model.unet.named_modules() if "align_1" in getattr(m, "lora_A", {})]
+    assert layers and all(name.endswith(("to_q", "ff.net.2")) for name in layers), layers
+    assert any(n.endswith("to_q") for n in layers) and any(n.endswith("ff.net.2") for n in layers), layers
+    t.train_step()
+    trained = [p for n, p in model.unet.named_parameters() if ".lora_B.align_1." in n]
+    assert trained and all(p.grad is not None for p in trained)
+    t.save_lora_set(tmp_path / "set")
+    manifest = json.loads((tmp_path / "set" / "set.json").read_text())
+    assert manifest["lora"]["targets"] == ["to_q", "ff.net.2"]
+
+
 def test_gradient_clipping_zero_means_off():
     from shortft_core.loop import clip_gradients
     for limit, norm_after in ((1.0, 1.0), (0.0, 5.0), (-1.0, 5.0), (10.0, 5.0)):
