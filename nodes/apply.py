@@ -36,7 +36,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import comfy.float
 import comfy.lora
@@ -127,11 +127,24 @@ def lora_patches(lora: dict[str, torch.Tensor], file: Path, model: Any, key_map:
                          f"{model_family(model)} MODEL (e.g. {', '.join(unloaded[:3])}): the LoRA was made for "
                          "another architecture; use a set trained for this base")
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
-    bad = [k for k, p in patches.items() if not _fits(p, shapes.get(k))]
+    bad = [k for k, p in patches.items() if not _fits(p, patched_shape(k, shapes))]
     if bad:
         raise ValueError(f"{len(bad)} LoRA weights of {file} do not fit this {model_family(model)} MODEL's shapes "
                          f"(e.g. {', '.join(bad[:3])}): the LoRA was made for another architecture")
     return patches
+
+
+def patched_shape(key: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape a patch of ComfyUI's ``key`` changes (None for no weight): the weight's, or for a key naming a part
+    of a fused weight, ``(weight key, (dim, offset, size), ...)`` (ComfyUI maps diffusers' separate q, k and v LoRAs
+    onto MMDiT's fused qkv so), that part's."""
+    if isinstance(key, str):
+        return shapes.get(key)
+    shape = shapes.get(key[0])
+    if shape is None:
+        return None
+    dim, _, size = key[1][:3]
+    return shape[:dim] + (size,) + shape[dim + 1:]
 
 
 def _fits(patch: Any, shape: tuple[int, ...] | None) -> bool:
@@ -354,6 +367,12 @@ def timestep_aware(model: Any, lset: LoraSet, strength: float) -> Any:
     per_segment = [{} if entry.file is None  # a segment the set leaves to the base
                    else lora_patches(comfy.utils.load_torch_file(str(entry.file), safe_load=True), entry.file, model,
                                      key_map) for entry in lset.schedule]
+    split = [k for patches in per_segment for k in patches if not isinstance(k, str)]
+    if split:  # the per-segment weights patch whole weights (the sets ShortFT writes adapt whole layers)
+        raise ValueError(f"LoRA set {lset.folder}: {len(split)} of its LoRAs adapt a part of a fused weight (e.g. "
+                         f"{split[0][0]}, as diffusers' separate q, k and v LoRAs do MMDiT's fused qkv); "
+                         f"timestep-aware sampling patches whole weights: use mode '{MERGED}', or a set written by "
+                         "ShortFT")
     streamed = is_dynamic(model)
     if streamed:  # only a bypass reaches a streamed layer: refuse what cannot run as one before sampling
         for key in sorted(set().union(*per_segment)):

@@ -17,7 +17,10 @@ The chain works in the variance-preserving latent x_t = sqrt(abar_t) x0 + sqrt(1
 models take x_ve = x_t / sqrt(abar_t) at sigma_t = sqrt((1 - abar_t) / abar_t) and return the denoised x0, so
 eps = (x_ve - x0) / sigma_t for eps and v models alike. A rectified-flow MODEL (ModelSamplingSD3) takes the flow latent
 x_t sqrt((1 - f)^2 + f^2) at its flow level f, the level of the same signal-to-noise ratio, so eps = (x_flow - (1 - f)
-x0) / f; at f = 1 (pure noise) eps is the latent itself, and the chain takes the MODEL's x0 there.
+x0) / f; at f = 1 (pure noise) eps is the latent itself, and the chain takes the MODEL's x0 there. SD3 / SD3.5
+(an MMDiT) and FLUX.1 dev (10000 flow levels, of which the chain steps on every tenth; its guidance an input of the
+network) are such flow MODELs: the set adapts their transformers' layers (:data:`LORA_TARGETS`) under their own
+module names.
 """
 
 from __future__ import annotations
@@ -43,17 +46,29 @@ import comfy.utils
 import torch
 
 from ..shortft_core import (LEAN_DEVICES, Conditioning, DiffusionModel, LoadedLora, LoraModule, NoiseSchedule,
-                            StopRequested, bundled_config, checkpoint_blocks, diffusers_module_order, lean_frozen_convs,
-                            lean_geglu, lean_norm_act, load_lora_modules, lora_base_family, lora_metadata,
-                            tiled_tokens, tiny_weights_dir)
+                            StopRequested, bundled_config, checkpoint_blocks, diffusers_module_order,
+                            layer_norm_saving_output, lean_frozen_convs, lean_geglu, lean_norm_act, load_lora_modules,
+                            lora_base_family, lora_metadata, tiled_tokens, tiny_weights_dir)
 from .apply import WRAPPER_KEY as APPLY_WRAPPER_KEY
 from .apply import lora_patches
-from .common import is_dynamic, is_flow
+from .common import chain_levels, is_dynamic, is_flow
 from .family import trainable_family
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIZE = {"tiny": 32, "sd15": 512, "sd2": 768, "sdxl": 1024}
+DEFAULT_SIZE = {"tiny": 32, "sd15": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+# The LoRA targets of ComfyUI's transformers, the counterpart of the UNet's attention and feed-forward layers. MMDiT
+# (SD3, SD3.5): each joint block's fused q/k/v and output projections (image and text streams; SD3.5 medium's second
+# image attention) and its MLP. FLUX: each double block's q/k/v, output projection and MLP of either stream, each
+# single block's two linear layers (fused q/k/v with the MLP's input; attention output with the MLP's output). The
+# files keep these module names, as kohya's SD3 and FLUX LoRAs do, and load in ComfyUI by them.
+MMDIT_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
+FLUX_TARGETS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "txt_attn.qkv", "txt_attn.proj",
+                "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
+LORA_TARGETS = {"sd3": MMDIT_TARGETS, "flux": FLUX_TARGETS}
+# The guidance scale a guidance-distilled network (FLUX.1 dev) is trained at: ComfyUI's default (BaseModel Flux's
+# extra_conds, the FluxGuidance node's), what its samplers give it unless a node sets another
+DISTILLED_GUIDANCE = 3.5
 
 
 def model_sampling(patcher: Any) -> Any:
@@ -64,21 +79,21 @@ def model_sampling(patcher: Any) -> Any:
 
 
 def prediction_type(sampling: Any) -> str:
-    """The prediction type of ComfyUI's model ``sampling`` (eps or v on the discrete schedule, flow on a 1000-level
-    flow table: ModelSamplingSD3 / AuraFlow, as rectified-flow SD1.5 and SDXL fine-tunes are sampled), or a
+    """The prediction type of ComfyUI's model ``sampling`` (eps or v on the discrete schedule, flow on a flow table:
+    SD3's and FLUX's own, ModelSamplingSD3 / AuraFlow / Flux as rectified-flow fine-tunes are sampled), or a
     ValueError naming what ShortFT cannot train."""
     name = next((c.__name__ for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__
                  and issubclass(c, torch.nn.Module)), type(sampling).__name__)  # not a node's subclass's name
     if is_flow(sampling):
         if type(sampling).calculate_denoised is not comfy.model_sampling.CONST.calculate_denoised or \
-                getattr(sampling, "noise_scale", 1.0) != 1.0 or sampling.sigmas.shape[0] != 1000:
-            raise ValueError(f"the MODEL's flow model sampling ({name}) is not plain rectified flow "
-                             "on 1000 levels; ShortFT trains flow MODELs sampled with ModelSamplingSD3 or "
-                             "ModelSamplingAuraFlow")
+                getattr(sampling, "noise_scale", 1.0) != 1.0:
+            raise ValueError(f"the MODEL's flow model sampling ({name}) is not plain rectified flow; ShortFT trains "
+                             "flow MODELs sampled with ModelSamplingSD3, ModelSamplingAuraFlow or ModelSamplingFlux")
+        chain_levels(sampling)  # a table the chain's levels lie on
         return "flow"
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        raise ValueError(f"the MODEL samples with {name}; ShortFT trains discrete-schedule "
-                         "models (eps or v) and 1000-level flow ones (ModelSamplingSD3, ModelSamplingAuraFlow)")
+        raise ValueError(f"the MODEL samples with {name}; ShortFT trains discrete-schedule models (eps or v) and "
+                         "rectified-flow ones (ModelSamplingSD3, ModelSamplingAuraFlow, ModelSamplingFlux)")
     if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
         return "v_prediction"
     if isinstance(sampling, comfy.model_sampling.EPS) and type(sampling).calculate_denoised is \
@@ -89,13 +104,19 @@ def prediction_type(sampling: Any) -> str:
                      "sampling to eps or v_prediction, or remove it")
 
 
+def chain_sigmas(sampling: Any) -> torch.Tensor:
+    """The sigma (a flow model's level f) of ComfyUI's model ``sampling`` at each of the chain's 1000 levels
+    (:func:`~.common.chain_levels`)."""
+    return sampling.sigmas[chain_levels(sampling)] if is_flow(sampling) else sampling.sigmas
+
+
 def chain_schedule(sampling: Any) -> NoiseSchedule:
     """The chain's schedule of ComfyUI's model ``sampling``: each level's abar (the variance-preserving level of the
     same signal-to-noise ratio: 1 / (1 + sigma^2) for the discrete models' sigma, (1 - f)^2 / ((1 - f)^2 + f^2) for
     flow level f) and the prediction type. A discrete model's chain ends at its first level, as diffusers' DDIM
     does; a flow model's at the clean sample, where ComfyUI's samplers end."""
     kind = prediction_type(sampling)
-    sigmas = sampling.sigmas.detach().double().cpu()
+    sigmas = chain_sigmas(sampling).detach().double().cpu()
     if kind == "flow":
         return NoiseSchedule.from_flow_levels(sigmas)
     abar = 1.0 / (1.0 + sigmas**2)
@@ -242,6 +263,20 @@ def interruptible(method: Callable) -> Callable:
     return call
 
 
+@contextlib.contextmanager
+def comfy_training(on: bool = True) -> Iterator[None]:
+    """ComfyUI's own switch for a training call (``comfy.model_management.in_training``, which its LoRA trainer sets)
+    while the block runs, where ``on``: layers with an inference-only kernel (FLUX's RoPE, a custom op without a
+    backward) compute with PyTorch operations there, which autograd differentiates. Restored after, however the block
+    ends."""
+    before = getattr(comfy.model_management, "in_training", False)
+    comfy.model_management.in_training = before or on
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = before
+
+
 def ordinary_tensors_(module: torch.nn.Module) -> int:
     """Re-register every parameter and buffer ComfyUI made in inference mode as an ordinary tensor with the same
     values (autograd cannot save inference tensors for backward); returns how many were re-registered."""
@@ -365,6 +400,24 @@ def differentiable_fp8_layers(module: torch.nn.Module) -> int:
     return len(layers)
 
 
+def _residual_safe_norm_forward(layer: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
+    comfy.ops.run_every_op()
+    return layer_norm_saving_output(input, layer.normalized_shape, layer.eps)
+
+
+def residual_safe_norms(module: torch.nn.Module) -> int:
+    """Give the LayerNorms without weight and bias in ``module`` a forward whose backward keeps their output, not
+    their input (:func:`~shortft_core.memory.layer_norm_saving_output`; same values): FLUX's blocks normalise their
+    residual stream and then add to it in place, which autograd refuses where the norm kept the stream for backward.
+    Instance overrides, which the training session removes when it ends; returns how many."""
+    stock = (torch.nn.LayerNorm.forward, comfy.ops.disable_weight_init.LayerNorm.forward)
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is None
+              and m.bias is None and type(m).forward in stock]
+    for layer in layers:
+        layer.forward = functools.partial(_residual_safe_norm_forward, layer)
+    return len(layers)
+
+
 def fingerprint(parts: Sequence[tuple[torch.nn.Module, Mapping[str, Any]]], samples: int = 8,
                 values: int = 4096) -> str:
     """A short digest that tells models apart for a run's identity (two checkpoints, or one with other LoRAs patched
@@ -429,7 +482,10 @@ class ComfyModel(DiffusionModel):
         self.native_size = 512 if self.family == "sd2" and self.schedule.prediction_type == "epsilon" \
             else DEFAULT_SIZE[self.family]
         config = getattr(self.base.model_config, "unet_config", {})
-        self.lora_names = diffusers_names(config) or None
+        self.lora_names = diffusers_names(config) or None  # none for a transformer: its files use its module paths
+        self.lora_targets = LORA_TARGETS.get(self.family)
+        # a network distilled from CFG takes the guidance scale as an input, and samples without CFG
+        self.distilled_guidance = DISTILLED_GUIDANCE if config.get("guidance_embed") else None
         self.adapter_order = self._diffusers_order()
         self.cache_size = cache_size
         self._conds: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
@@ -445,6 +501,7 @@ class ComfyModel(DiffusionModel):
         self.unet = self.base.diffusion_model
         self.vae = self.comfy_vae.first_stage_model
         self.sampling = model_sampling(self.patcher)  # its noise levels (a node's patch, such as zero-terminal SNR)
+        self._sigmas = chain_sigmas(self.sampling)  # at the chain's levels
         self._placed = False
 
     @property
@@ -582,9 +639,11 @@ class ComfyModel(DiffusionModel):
 
     def enable_lean_activations(self, devices: tuple[str, ...] | None = LEAN_DEVICES) -> int:
         """The library's lean layers on ComfyUI's own classes (see :func:`lean_layers`), and, on any device, the cast
-        path for ComfyUI's fp8 matmul layers, whose own path has no backward (:func:`differentiable_fp8_layers`):
-        the training-only forwards the trainer installs and the session removes."""
+        path for ComfyUI's fp8 matmul layers, whose own path has no backward (:func:`differentiable_fp8_layers`), and
+        affine-free LayerNorms that keep their output for backward (:func:`residual_safe_norms`): the training-only
+        forwards the trainer installs and the session removes."""
         differentiable_fp8_layers(self.unet)
+        residual_safe_norms(self.unet)
         return lean_layers(self.unet, devices) + lean_layers(self.vae, devices)
 
     @property
@@ -612,9 +671,10 @@ class ComfyModel(DiffusionModel):
             with self._kept_in_place():
                 out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
             c, h, w = self.latent_shape(height, width)
+            extra = {} if self.distilled_guidance is None else {"guidance": self.distilled_guidance}
             conds = self.base.extra_conds(cross_attn=out["cond"], pooled_output=out.get("pooled_output"),
                                           width=width, height=height, device=self.device,
-                                          noise=torch.zeros(1, c, h, w, device=self.device))
+                                          noise=torch.zeros(1, c, h, w, device=self.device), **extra)
         # kept in host memory, as ComfyUI keeps conditioning between nodes: thousands of prompts would hold
         # gigabytes of the device (SDXL: 0.6 MiB each, fp32); a batch's are moved to the device when used
         found = {k: v.cond.detach().to("cpu") for k, v in conds.items()}
@@ -657,7 +717,7 @@ class ComfyModel(DiffusionModel):
         # the conversions run in fp32 whatever the latents' dtype: at small sigma eps = (x_ve - x0) / sigma cancels
         # almost all of x_ve, so in fp16 or bf16 x0's rounding would reach eps magnified 1 / sigma times (33x at
         # t = 1); apply_model casts the network's input to the network's dtype and returns x0 in fp32
-        sigma = self.sampling.sigmas.to(x.device)[tt.long()].float()
+        sigma = self._sigmas.to(x.device)[tt.long()].float()
         shape = (-1, *([1] * (x.ndim - 1)))
         flow = self.schedule.prediction_type == "flow"
         # the MODEL's own latent at its level: x_ve = x / sqrt(abar) for the discrete models, the flow latent
@@ -666,7 +726,9 @@ class ComfyModel(DiffusionModel):
         x_in = x.float() * scale
         extra = dict(cond.added or {})
         options = {"optimized_attention_override": differentiable_attention}
-        denoised = self.base.apply_model(x_in, sigma, c_crossattn=cond.hidden, transformer_options=options, **extra)
+        with comfy_training(torch.is_grad_enabled()):  # a call that backward runs through
+            denoised = self.base.apply_model(x_in, sigma, c_crossattn=cond.hidden, transformer_options=options,
+                                             **extra)
         denoised = denoised.float()
         if not flow:
             return ((x_in - denoised) / sigma.reshape(shape)).to(x.dtype), None
@@ -710,22 +772,49 @@ class ComfyModel(DiffusionModel):
     def load_lora(self, source: Any, adapter_name: str, trainable: bool = False,
                   activate: bool = True) -> LoadedLora:
         """A LoRA file of any layout ComfyUI reads, as peft adapter ``adapter_name`` on the diffusion model; every
-        key must land on a weight (ComfyUI's key map and ``lora_patches`` check it)."""
+        key must land on a weight (ComfyUI's key map and ``lora_patches`` check it). LoRAs on parts of one fused
+        weight (diffusers' separate q, k and v on MMDiT's qkv) become one LoRA on it (:func:`fused_lora`)."""
         path = str(source)
         sd = comfy.utils.load_torch_file(path, safe_load=True)
         key_map = comfy.lora.model_lora_keys_unet(self.base, {})
         patches = lora_patches(sd, source, self.patcher, key_map)
-        modules = {}
+        parts: dict[str, list[tuple[tuple[int, int, int] | None, LoraModule]]] = {}
         for key, patch in patches.items():
             weights = getattr(patch, "weights", None)
-            if getattr(patch, "name", None) != "lora" or weights is None or any(w is not None for w in weights[3:]):
-                raise ValueError(f"{path}: {key} is not a plain LoRA (up, down, alpha); ShortFT loads plain LoRAs")
+            name = key if isinstance(key, str) else key[0]
+            if getattr(patch, "name", None) != "lora" or weights is None or any(w is not None for w in weights[3:]) \
+                    or (not isinstance(key, str) and (len(key) > 2 or key[1][0] != 0)):
+                raise ValueError(f"{path}: {name} is not a plain LoRA (up, down, alpha) on a weight or on rows of "
+                                 "a fused one; ShortFT loads plain LoRAs")
             up, down, alpha = weights[0], weights[1], weights[2]
             rank = down.shape[0]
-            module = key.removeprefix("diffusion_model.").removesuffix(".weight")
-            modules[module] = LoraModule(down.float(), up.float(), float(alpha) if alpha is not None else float(rank))
+            module = LoraModule(down.float(), up.float(), float(alpha) if alpha is not None else float(rank))
+            parts.setdefault(name, []).append((None if isinstance(key, str) else tuple(key[1][:3]), module))
+        modules = {}
+        for name, found in parts.items():
+            module_path = name.removeprefix("diffusion_model.").removesuffix(".weight")
+            whole = len(found) == 1 and found[0][0] is None
+            rows = int(comfy.utils.get_attr(self.base, name).shape[0])
+            modules[module_path] = found[0][1] if whole else fused_lora(found, rows)
         # stored in the dtype the network computes in, not its weights' (which may be fp8)
         load_lora_modules(self.unet, modules, adapter_name, trainable=trainable, dtype=self.dtype, activate=activate,
                           source=path)
         named = {self.lora_names.get(m, m) if self.lora_names else m: v for m, v in modules.items()}
         return LoadedLora(adapter_name, path, "comfyui", lora_base_family(named), named, lora_metadata(path))
+
+
+def fused_lora(parts: Sequence[tuple[tuple[int, int, int] | None, LoraModule]], rows: int) -> LoraModule:
+    """One LoRA on a fused weight of ``rows`` output rows from LoRAs on row blocks of it (``(0, offset, size)``; None:
+    all rows): their down matrices stacked, their up matrices, scaled, placed block-diagonally at their rows, rank
+    the sum of theirs and scale 1. The same delta as ComfyUI's patches by part (exact: no rank is lost)."""
+    downs, width = [], sum(m.down.shape[0] for _, m in parts)
+    first = parts[0][1].up
+    up = torch.zeros((rows, width, *first.shape[2:]), dtype=torch.float32)
+    column = 0
+    for offset, m in parts:
+        _, start, size = offset if offset is not None else (0, 0, rows)
+        rank = m.down.shape[0]
+        up[start:start + size, column:column + rank] = m.up.float() * (m.alpha / rank)
+        downs.append(m.down.float())
+        column += rank
+    return LoraModule(torch.cat(downs), up, float(width))

@@ -39,18 +39,36 @@ def is_dynamic(patcher: object) -> bool:
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
+# the chain's levels: plans address timesteps 0 .. CHAIN_LEVELS - 1
+CHAIN_LEVELS = 1000
+
+
 def is_flow(sampling: Any) -> bool:
-    """Whether ComfyUI's model ``sampling`` is rectified flow on a discrete table (x = (1 - f) x0 + f noise)."""
-    return isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow) and \
+    """Whether ComfyUI's model ``sampling`` is rectified flow on a discrete table (x = (1 - f) x0 + f noise): SD3's
+    (ModelSamplingDiscreteFlow, 1000 levels) or FLUX's (ModelSamplingFlux, 10000)."""
+    return isinstance(sampling, (comfy.model_sampling.ModelSamplingDiscreteFlow,
+                                 comfy.model_sampling.ModelSamplingFlux)) and \
         isinstance(sampling, comfy.model_sampling.CONST)
 
 
+def chain_levels(sampling: Any) -> torch.Tensor:
+    """The indices of ComfyUI's table of model ``sampling`` that are the chain's levels 0 .. 999: the table itself
+    where it has 1000 levels, every k-th level of a table k times as fine (FLUX's 10000: 9, 19, ..., 9999), so the
+    chain's top level is the table's (pure noise for a flow model); a ValueError for another size."""
+    size = int(sampling.sigmas.shape[0])
+    if size % CHAIN_LEVELS:
+        raise ValueError(f"the MODEL's model sampling ({type(sampling).__name__}) has {size} levels; ShortFT's chain "
+                         f"steps on {CHAIN_LEVELS} levels or a table a whole multiple as fine")
+    stride = size // CHAIN_LEVELS
+    return torch.arange(stride - 1, size, stride)
+
+
 def level_index(sampling: Any, sigma: torch.Tensor) -> torch.Tensor:
-    """The level of ComfyUI's model ``sampling`` each ``sigma`` is, the timestep a LoRA set's segments are defined on:
-    a discrete model's own timestep (the index of its table), for a flow model (whose network timestep is the level
-    times a multiplier) the nearest level of its table."""
+    """The level of the chain each ``sigma`` of ComfyUI's model ``sampling`` is, the timestep a LoRA set's segments
+    are defined on: a discrete model's own timestep (the index of its table), for a flow model (whose network
+    timestep is the level times a multiplier) the nearest of the chain's levels on its table."""
     if is_flow(sampling):
-        table = sampling.sigmas.to(sigma.device, torch.float32)
+        table = sampling.sigmas[chain_levels(sampling)].to(sigma.device, torch.float32)
         return (sigma.reshape(-1, 1).float() - table).abs().argmin(dim=1).float()
     return sampling.timestep(sigma)
 

@@ -69,8 +69,10 @@ def check_shortcut(model: Any, shortcut: str, path: Path | None, preset: str) ->
     if path is None:
         return None
     if shortcut == TINY and family != "tiny":
-        raise ValueError(f"shortcut 'tiny' is the tiny world's own; this {family} MODEL needs a few-step LoRA made for "
-                         f"{family} (Hyper-SD, PCM or TCD) in models/loras")
+        needs = ("shortcut 'none' (ShortFT then jumps with the MODEL's own steps) or a few-step LoRA distilled from "
+                 "this flow model" if is_flow(model_sampling(model)) else
+                 f"a few-step LoRA made for {family} (Hyper-SD, PCM or TCD) in models/loras")
+        raise ValueError(f"shortcut 'tiny' is the tiny world's own; this {family} MODEL needs {needs}")
     found = find_shortcut_preset(path, None if preset == AUTO else preset)
     if found is not None and found.base != family:
         raise ValueError(f"shortcut preset {found.name} is for {found.base}, but the MODEL is {family}: choose the "
@@ -99,10 +101,11 @@ class LoadShortcutModel(io.ComfyNode):
                         "gives ShortFTTrain what it trains: the MODEL itself, in place (no second copy), with the "
                         "shortcut attached only while it trains.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to align (SD1.5, SDXL, SD2.x or the tiny "
-                                                "world), from Load Checkpoint or Load Tiny World. Other LoRAs "
-                                                "already applied to it stay applied: the set is trained on top of "
-                                                "them, and is meant to be applied on top of them."),
+                io.Model.Input("model", tooltip="The diffusion model to align (SD1.5, SDXL, SD2.x, SD3 / SD3.5, "
+                                                "FLUX.1 dev or the tiny world), from Load Checkpoint (or Load "
+                                                "Diffusion Model) or Load Tiny World. Other LoRAs already "
+                                                "applied to it stay applied: the set is trained on top of them, and "
+                                                "is meant to be applied on top of them."),
                 io.Clip.Input("clip", tooltip="The text encoder of the same checkpoint."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint (the reward sees its decoded images)."),
                 io.Combo.Input("shortcut", options=shortcut_options(), default=TINY,

@@ -228,7 +228,8 @@ class ShortFTTrain(io.ComfyNode):
                 io.Float.Input("guidance", default=tiny["guidance"], min=1.0, max=30.0, step=0.1,
                                tooltip="CFG scale on the fine-tuned steps (1: none, half the cost); the set is meant "
                                        "to be sampled at this scale. The shortcut jumps run at the scale the shortcut "
-                                       "was made for, at most this one."),
+                                       "was made for, at most this one. 1 for a guidance-distilled MODEL (FLUX.1 "
+                                       "dev), which takes its guidance as an input."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of prompts, noise and the LoRAs' initialisation. It stays fixed after a run "
                                      "(no randomize control): a new seed is a new run, and the same seed lets a "
@@ -317,6 +318,11 @@ class ShortFTTrain(io.ComfyNode):
         if prompt_source == TINY_CAPTIONS and model.family != "tiny":
             raise ValueError(f"prompt_source {TINY_CAPTIONS!r} is the tiny world's; this {model.family} MODEL needs "
                              f"its own prompts ({TEXT!r} or {FILE!r})")
+        distilled = model.model.distilled_guidance
+        if distilled is not None and guidance != 1.0:
+            raise ValueError(f"this {model.family} MODEL is guidance-distilled: it takes the guidance scale as an input "
+                             f"(trained at {distilled}, FluxGuidance's default) and samples without CFG; set guidance "
+                             "to 1")
         held_out = prompt_lines(eval_prompts or "")
         gpu = mm.get_torch_device().type != "cpu"
         checkpointing = checkpoint_settings(gradient_checkpointing, gpu, model.family)

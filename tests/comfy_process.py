@@ -60,6 +60,115 @@ PREAMBLE = textwrap.dedent(r'''
 ''')
 
 
+# What the scripts that sample a MODEL both ways use: a body starts with it where it needs it.
+SAMPLING_HELPERS = textwrap.dedent(r'''
+    import comfy.sample
+    import comfy.samplers
+
+
+    def rel(a, b):
+        """The relative max-abs difference of ``a`` from ``b``."""
+        return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+    def comfy_conditioning(clip, text):
+        """``text`` as CLIP Text Encode gives it."""
+        out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+        return [[out.pop("cond"), out]]
+
+
+    def euler_on(patcher, clip, noise, sigmas, guidance, prompt):
+        """ComfyUI's euler sampler on ``sigmas`` from ``noise`` (a LATENT) at CFG ``guidance`` against the empty
+        prompt."""
+        with torch.inference_mode():
+            return comfy.sample.sample_custom(patcher, noise, guidance, comfy.samplers.sampler_object("euler"),
+                                              torch.tensor(sigmas), comfy_conditioning(clip, prompt),
+                                              comfy_conditioning(clip, ""), torch.zeros_like(noise),
+                                              disable_pbar=True, seed=0).float()
+
+
+    def lora_b_grads(net):
+        """Per alignment adapter on ``net``: [its lora_B tensors, those with a finite non-zero gradient]."""
+        grads = {}
+        for n, p in net.named_parameters():
+            if ".lora_B." in n and ".shortcut." not in n:
+                adapter = n.split(".lora_B.")[1].split(".")[0]
+                ok = p.grad is not None and bool(torch.isfinite(p.grad).all()) and float(p.grad.abs().sum()) > 0
+                grads.setdefault(adapter, [0, 0])
+                grads[adapter][0] += 1
+                grads[adapter][1] += ok
+        return grads
+
+
+    def move_the_set(net):
+        """Move the alignment set's lora_B (fresh ones are zero), so the set visibly changes a sample, and round its
+        weights to the fp16 the set is saved in."""
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if ".lora_" in n and ".shortcut." not in n:
+                    if ".lora_B." in n:
+                        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+                    p.copy_(p.half().float())
+''')
+
+
+# Small transformer MODELs for the scripts: random weights a MODEL family's own loader detects, the tiny world's CLIP
+# (64 wide: the networks' text and pooled inputs) and a small 16-channel VAE (2x; random weights).
+TRANSFORMER_WORLD = textwrap.dedent(r'''
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+
+    def initialised(module, seed):
+        """The module's state with torch's default initialisation (ComfyUI's layers skip it), RMS norms' scales 1
+        and a position embedding drawn: a random network that computes finite, varied outputs."""
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for m in module.modules():
+                for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm):
+                    if isinstance(m, cls):
+                        cls.reset_parameters(m)
+                        break
+                if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None:
+                    m.weight.fill_(1.0)
+            for name, p in [*module.named_parameters(), *module.named_buffers()]:
+                if name == "pos_embed":
+                    p.normal_(0, 0.5)
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+    def transformer_network(family):
+        """A small network of ``family``'s architecture: SD3.5's MMDiT (RMS q/k norms, a second image attention in
+        block 1) or FLUX.1 dev's (the guidance embedding), 128 wide, two blocks."""
+        ops = dict(operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
+        if family == "sd3":
+            return MMDiT(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=64,
+                         context_embedder_config={"target": "torch.nn.Linear",
+                                                  "params": {"in_features": 64, "out_features": 128}},
+                         pos_embed_max_size=16, num_patches=256, qk_norm="rms", x_block_self_attn_layers=[1], **ops)
+        return Flux(in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64, hidden_size=128,
+                    mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+                    patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[], **ops)
+
+
+    def transformer_world(family, clip):
+        """(MODEL, VAE) of ``family`` as ComfyUI's loaders make them (the MODEL detected from its weights)."""
+        weights = initialised(transformer_network(family), 0)
+        ddconfig = {"double_z": True, "z_channels": 16, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                    "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+        autoencoder = initialised(AutoencoderKL(ddconfig=ddconfig, embed_dim=16), 1)
+        with torch.inference_mode():
+            model = comfy.sd.load_diffusion_model_state_dict(weights)
+            vae = comfy.sd.VAE(sd=autoencoder, config={"params": {"ddconfig": ddconfig, "embed_dim": 16}},
+                               dtype=torch.float32)
+        vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio = 16, 2, 2
+        return model, vae
+''')
+
+
 def run_in_comfyui(comfy: Path, body: str, script: Path, *args: str, timeout: float = 600) -> str:
     """Run :data:`PREAMBLE` + ``body`` (written to ``script``) with ``args``; returns its stdout, or fails the test
     with the end of its output."""

@@ -497,7 +497,7 @@ import comfy.supported_models as sm
 
 family = pack_module("family")
 res = {}
-for name in ("SD15", "SDXL", "SD20", "SSD1B", "SD21UnclipH", "Flux", "SD3"):
+for name in ("SD15", "SDXL", "SD20", "SD3", "Flux", "SSD1B", "SD21UnclipH", "FluxSchnell", "AuraFlow"):
     model = SimpleNamespace(model=SimpleNamespace(model_config=object.__new__(getattr(sm, name))))
     res[name] = family.model_family(model)
     try:
@@ -510,16 +510,18 @@ print("RESULT " + json.dumps(res))
 
 
 def test_the_family_of_a_model_is_comfyuis_exact_class_and_others_are_refused_by_name(tmp_path):
-    """SD1.5, SDXL and SD2 by ComfyUI's exact model-config class (variants built on them, such as SSD-1B or unCLIP,
-    are not taken for their base); every other family is refused naming it and what is supported."""
+    """SD1.5, SDXL, SD2, SD3 and FLUX.1 dev by ComfyUI's exact model-config class (variants built on them, such as
+    SSD-1B, unCLIP or FLUX.1 schnell, are not taken for their base); every other family is refused naming it and
+    what is supported."""
     comfy = comfyui_or_skip()
     out = run_in_comfyui(comfy, FAMILY_SCRIPT, tmp_path / "family_side.py", timeout=300)
     res = script_result(out)
-    assert [res[k] for k in ("SD15", "SDXL", "SD20")] == ["sd15", "sdxl", "sd2"]
-    assert [res[k + "_refused"] for k in ("SD15", "SDXL", "SD20")] == [None, None, None]
-    for name in ("SSD1B", "SD21UnclipH", "Flux", "SD3"):
+    assert [res[k] for k in ("SD15", "SDXL", "SD20", "SD3", "Flux")] == ["sd15", "sdxl", "sd2", "sd3", "flux"]
+    assert [res[k + "_refused"] for k in ("SD15", "SDXL", "SD20", "SD3", "Flux")] == [None] * 5
+    for name in ("SSD1B", "SD21UnclipH", "FluxSchnell", "AuraFlow"):
         assert res[name] == name
         assert name in res[name + "_refused"] and "SD1.5, SDXL and SD2.x" in res[name + "_refused"]
+        assert "SD3 / SD3.5 and FLUX.1 dev" in res[name + "_refused"]
 
 
 HOLD_SCRIPT = r'''
