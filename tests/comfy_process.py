@@ -100,15 +100,30 @@ SAMPLING_HELPERS = textwrap.dedent(r'''
         return grads
 
 
-    def move_the_set(net):
-        """Move the alignment set's lora_B (fresh ones are zero), so the set visibly changes a sample, and round its
-        weights to the fp16 the set is saved in."""
+    def sampled_and_saved_set(trainer, state, guidance, grid, noise, cond, uncond):
+        """The trainer's alignment set moved (fresh lora_B are zero: moved so that the set visibly changes a sample),
+        rounded to the fp16 it is saved in, sampled by the chain's original plan, and written to a folder of its own;
+        then the trainer dropped and the MODEL restored (``state``: a ModelState). Returns (the chain's sample, the
+        set's folder)."""
+        import tempfile
+        from pathlib import Path
+
+        from shortft_pack.shortft_core.chain import run_plan
+        from shortft_pack.shortft_core.plans import original_chain
+
+        model = trainer.model
         with torch.no_grad():
-            for n, p in net.named_parameters():
+            for n, p in model.unet.named_parameters():
                 if ".lora_" in n and ".shortcut." not in n:
                     if ".lora_B." in n:
                         p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
                     p.copy_(p.half().float())
+            sample = run_plan(model, original_chain(trainer.lora, guidance, grid), noise, cond, uncond,
+                              trainer.switch)[-1]
+        folder = Path(tempfile.mkdtemp()) / "set"
+        trainer.save_lora_set(folder)
+        state.restore()
+        return sample, folder
 ''')
 
 

@@ -29,7 +29,7 @@ from shortft_pack.shortft_core import SHORTCUT_PRESETS, LoraSet, tiny_shortcut_p
 from shortft_pack.shortft_core.chain import run_plan
 from shortft_pack.shortft_core.config import TrainConfig
 from shortft_pack.shortft_core.lifecycle import ModelState
-from shortft_pack.shortft_core.plans import TUNED, ChainPlan, Step, base_chain, original_chain
+from shortft_pack.shortft_core.plans import TUNED, ChainPlan, Step, base_chain
 from shortft_pack.shortft_core.schedule import FINAL
 from shortft_pack.shortft_core.prompts import PromptSource
 from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
@@ -97,13 +97,8 @@ run_plan(cm, jump, noise, cond, None, tr.switch)[-1].square().mean().backward()
 top = [p.grad for n, p in cm.unet.named_parameters() if ".lora_B." + tr.lora.names[0] + "." in n]
 res["top_grads"] = [len(top), sum(g is not None and bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
                                   for g in top)]
-move_the_set(cm.unet)
-with torch.no_grad():
-    aligned = run_plan(cm, original_chain(tr.lora, guidance, grid), noise, cond, uncond, tr.switch)[-1]
-folder = Path(tempfile.mkdtemp()) / "set"
-tr.save_lora_set(folder)
+aligned, folder = sampled_and_saved_set(tr, state, guidance, grid, noise, cond, uncond)
 del tr
-state.restore()
 with torch.inference_mode():
     applied = apply.timestep_aware(flow, LoraSet.open(folder), 1.0)
 comfy_aligned = comfy_euler(applied)

@@ -31,7 +31,7 @@ from shortft_pack.shortft_core.adapters import remove_adapters
 from shortft_pack.shortft_core.chain import run_plan
 from shortft_pack.shortft_core.config import TrainConfig
 from shortft_pack.shortft_core.lifecycle import ModelState
-from shortft_pack.shortft_core.plans import base_chain, original_chain
+from shortft_pack.shortft_core.plans import base_chain
 from shortft_pack.shortft_core.prompts import PromptSource
 from shortft_pack.shortft_core.tiny_world import load_tiny_rewards
 from shortft_pack.shortft_core.trainer import Trainer
@@ -81,13 +81,8 @@ res["adapted"] = sorted({p.split(".", 2)[2] for p in adapted})  # block kind and
 metrics = tr.train_step()
 res["loss_finite"] = bool(torch.isfinite(torch.tensor(metrics["loss"])))
 res["grads"] = [sorted({a for s in tr.last_plan.steps if s.grad for a in s.adapters}), lora_b_grads(cm.unet)]
-move_the_set(cm.unet)
-with torch.no_grad():
-    aligned = run_plan(cm, original_chain(tr.lora, guidance, grid), noise, cond, uncond, tr.switch)[-1]
-folder = Path(tempfile.mkdtemp()) / "set"
-tr.save_lora_set(folder)
+aligned, folder = sampled_and_saved_set(tr, state, guidance, grid, noise, cond, uncond)
 del tr
-state.restore()
 res["restored_adapters"] = sum(".lora_" in n for n, _ in cm.unet.named_parameters())
 lset = LoraSet.open(folder)
 keys = sorted(load_file(str(lset.merged_file)))
