@@ -51,7 +51,7 @@ from ..shortft_core import (LEAN_DEVICES, Conditioning, DiffusionModel, LoadedLo
                             lora_base_family, lora_metadata, tiled_tokens, tiny_weights_dir)
 from .apply import WRAPPER_KEY as APPLY_WRAPPER_KEY
 from .apply import lora_patches
-from .common import chain_levels, is_dynamic, is_flow
+from .common import chain_levels, chain_sigmas, is_dynamic, is_flow
 from .family import trainable_family
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,6 @@ def prediction_type(sampling: Any) -> str:
     raise ValueError(f"the MODEL's model sampling ({name}, e.g. ModelSamplingDiscrete's lcm or x0) "
                      "predicts neither eps nor v; ShortFT trains eps and v models: set ModelSamplingDiscrete's "
                      "sampling to eps or v_prediction, or remove it")
-
-
-def chain_sigmas(sampling: Any) -> torch.Tensor:
-    """The sigma (a flow model's level f) of ComfyUI's model ``sampling`` at each of the chain's 1000 levels
-    (:func:`~.common.chain_levels`)."""
-    return sampling.sigmas[chain_levels(sampling)] if is_flow(sampling) else sampling.sigmas
 
 
 def chain_schedule(sampling: Any) -> NoiseSchedule:
@@ -794,8 +788,8 @@ class ComfyModel(DiffusionModel):
         for name, found in parts.items():
             module_path = name.removeprefix("diffusion_model.").removesuffix(".weight")
             whole = len(found) == 1 and found[0][0] is None
-            rows = int(comfy.utils.get_attr(self.base, name).shape[0])
-            modules[module_path] = found[0][1] if whole else fused_lora(found, rows)
+            modules[module_path] = found[0][1] if whole else \
+                fused_lora(found, int(comfy.utils.get_attr(self.base, name).shape[0]))
         # stored in the dtype the network computes in, not its weights' (which may be fp8)
         load_lora_modules(self.unet, modules, adapter_name, trainable=trainable, dtype=self.dtype, activate=activate,
                           source=path)

@@ -63,12 +63,18 @@ def chain_levels(sampling: Any) -> torch.Tensor:
     return torch.arange(stride - 1, size, stride)
 
 
+def chain_sigmas(sampling: Any) -> torch.Tensor:
+    """The sigma (a flow model's level f) of ComfyUI's model ``sampling`` at each of the chain's 1000 levels
+    (:func:`chain_levels`; a discrete model's table is the chain's)."""
+    return sampling.sigmas[chain_levels(sampling)] if is_flow(sampling) else sampling.sigmas
+
+
 def level_index(sampling: Any, sigma: torch.Tensor) -> torch.Tensor:
     """The level of the chain each ``sigma`` of ComfyUI's model ``sampling`` is, the timestep a LoRA set's segments
     are defined on: a discrete model's own timestep (the index of its table), for a flow model (whose network
     timestep is the level times a multiplier) the nearest of the chain's levels on its table."""
     if is_flow(sampling):
-        table = sampling.sigmas[chain_levels(sampling)].to(sigma.device, torch.float32)
+        table = chain_sigmas(sampling).to(sigma.device, torch.float32)
         return (sigma.reshape(-1, 1).float() - table).abs().argmin(dim=1).float()
     return sampling.timestep(sigma)
 

@@ -136,7 +136,7 @@ with torch.inference_mode():
     flux_sampled = ModelSamplingFlux().patch(model, 1.15, 0.5, 32, 32)[0]
 flux_cm = backend.ComfyModel(flux_sampled, clip, vae)
 flux_cm.prepare()
-table = backend.chain_sigmas(flux_cm.sampling).double()
+table = common.chain_sigmas(flux_cm.sampling).double()
 with torch.no_grad():
     ours = run_plan(flux_cm, base_chain(grid, guidance), noise, cond, uncond, None)[-1]
 res["flux_sampling"] = [flux_cm.schedule.prediction_type, int(flux_cm.sampling.sigmas.shape[0]), float(table[-1]),

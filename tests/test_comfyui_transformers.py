@@ -54,7 +54,7 @@ levels = common.chain_levels(sampling)
 res["levels"] = [bool(torch.equal(common.level_index(sampling, sampling.sigmas[levels]).long(), torch.arange(1000))),
                  float(sampling.sigmas[levels[-1]])]
 cm.prepare(size=(SIZE, SIZE))
-table = backend.chain_sigmas(sampling).double()
+table = common.chain_sigmas(sampling).double()
 
 prompt, guidance, grid = "a red circle left of a blue square on a white background", 3.0, [999, 749, 499, 249]
 noise = torch.randn((1, *cm.latent_shape(SIZE, SIZE)), generator=torch.Generator().manual_seed(3))
