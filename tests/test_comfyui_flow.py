@@ -143,6 +143,16 @@ res["flux_sampling"] = [flux_cm.schedule.prediction_type, int(flux_cm.sampling.s
                         rel(flux_cm.base.process_latent_out(ours), comfy_euler(flux_sampled)),
                         bool(torch.equal(common.level_index(flux_cm.sampling, flux_cm.sampling.sigmas[9::10]).long(),
                                          torch.arange(1000)))]
+# a flow table whose size is no whole multiple of the chain's 1000 levels
+with torch.inference_mode():
+    odd = ModelSamplingFlux().patch(model, 1.15, 0.5, 32, 32)[0]
+    odd_sampling = odd.get_model_object("model_sampling")
+    odd_sampling.set_parameters(shift=odd_sampling.shift, timesteps=1500)
+try:
+    backend.ComfyModel(odd, clip, vae)
+    res["odd_table"] = None
+except ValueError as e:
+    res["odd_table"] = str(e)
 # a flow sampling that is not plain rectified flow (ComfyUI's img-to-img flow returns the output as x0)
 class ImageFlow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.IMG_TO_IMG_FLOW):
     pass
@@ -216,6 +226,11 @@ def test_shortcut_none_trains_shortft_with_the_models_own_jumps(measured):
     segments, status, shortcut_net, shortcut = measured["node_none"]
     assert segments > 0 and status == "finished", measured["node_none"]
     assert shortcut_net == "base" and shortcut is None, measured["node_none"]
+
+
+def test_a_flow_table_off_the_chains_levels_is_refused(measured):
+    message = measured["odd_table"]
+    assert message is not None and "has 1500 levels" in message and "1000 levels" in message, message
 
 
 def test_a_flow_sampling_other_than_plain_rectified_flow_is_refused(measured):
