@@ -290,10 +290,11 @@ with torch.inference_mode():
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
 m = backend.ComfyModel(model, clip, vae)
 m.prepare(["a red circle left of a blue square", ""], (int(size),) * 2)
-choice, lean = variant.split(", lean layers")[0], variant.endswith(", lean layers")
-unet, vae_ = {"off": (False, False), "unet": (True, False), "vae": (False, True), "unet + vae": (True, True)}[choice]
+choice, lean = variant.split(",")[0], "lean layers" in variant
+unet, blocks, vae_ = {"off": (False, False, False), "unet": (True, False, False), "vae": (False, False, True),
+                      "unet + vae": (True, False, True), "unet blocks + vae": (True, True, True)}[choice]
 cfg = TrainConfig(iterations=2, batch_size=1, rank=8, guidance=1.0, eval_count=0, lr=1e-3, shortcut_guidance=1.0,
-                  image_size=int(size), checkpoint_unet=unet, checkpoint_vae=vae_)
+                  image_size=int(size), checkpoint_unet=unet, checkpoint_blocks=blocks, checkpoint_vae=vae_)
 preset = attach_shortcut(m, shortcut)
 # the lean layers switched beforehand (the shortcut's included), on every device or on none; the trainer's own
 # switch (CUDA only) then finds them switched, so each row means the same on a CPU and a GPU
@@ -319,8 +320,9 @@ print("RESULT " + json.dumps({"variant": variant, "peak_gib": peak / 2**30, "sec
 
 
 def checkpointing(args: argparse.Namespace) -> None:
-    rows = in_processes(CHECKPOINTING_SCRIPT, ("off", "unet", "vae", "unet + vae", "off, lean layers",
-                                               "unet + vae, lean layers"), args)
+    variants = tuple(args.only or ("off", "unet", "vae", "unet + vae", "unet blocks + vae", "off, lean layers",
+                                   "unet + vae, lean layers"))
+    rows = in_processes(CHECKPOINTING_SCRIPT, variants, args)
     base = rows[0]
     where = "GPU, allocated" if args.gpu else "CPU, live tensor bytes"
     print(f"\n| gradient_checkpointing | peak beyond the weights ({where}; GiB) | vs off | iteration (s) | vs off | "
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--only", action="append",
+                        help="checkpointing: measure only this variant (repeatable), e.g. 'unet blocks + vae'")
     parser.add_argument("--gpu", action="store_true",
                         help="memory, checkpointing: ComfyUI on the GPU (its own dtype), the peak allocated VRAM "
                              "instead of RSS / live tensor bytes")

@@ -40,7 +40,8 @@ from shortft_core.config import TrainConfig  # noqa: E402
 
 # (family, method, checkpointing, batch) in priority order: what is still unmeasured or unsettled first
 # (BENCHMARKS.md, "SD1.5 on an H100"), then the rows already recorded; --families sdxl for the SDXL rows.
-# Checkpointing: "none", "unet" (UNet calls with gradient), "vae" (the VAE decoder's blocks only), "all" (both).
+# Checkpointing: "none", "unet" (UNet calls with gradient), "vae" (the VAE decoder's blocks only), "all" (both),
+# "blocks" (both, the UNet calls recomputed block by block).
 PLAN = [
     # the ShortFT / full-BPTT timing pair (the >= 4x target; run it with --iters 5), then the rows not yet measured
     ("sd15", "shortft", "unet", 1), ("sd15", "full-bptt", "unet", 1),
@@ -57,7 +58,8 @@ PLAN = [
     ("sdxl", "shortft", "none", 1), ("sdxl", "shortft", "unet", 1), ("sdxl", "shortft", "unet", 2),
 ]
 RANK = 128  # the alignment set's rank (the paper's)
-CKPT = {"none": (False, False), "unet": (True, False), "vae": (False, True), "all": (True, True)}
+CKPT = {"none": (False, False, False), "unet": (True, False, False), "vae": (False, False, True),
+        "all": (True, False, True), "blocks": (True, True, True)}
 METHOD = {"shortft": {"method": "shortft"}, "draft-1": {"method": "draft", "draft_k": 1},
           "alignprop": {"method": "alignprop"}, "refl": {"method": "refl"}, "full-bptt": {"method": "full-bptt"},
           # the paper's open choice: no classifier-free guidance on the fine-tuned steps (half their batch)
@@ -149,8 +151,9 @@ def configured(model, reward, row: Row, small: bool, rank: int | None = None):
     ``row.peft`` runs the LoRAs as peft does (fp32 copies of their inputs), for comparison; the alignment set's rank
     is ``rank``, else ``row.rank``, else 128 (the paper's; 8 with ``small``); ``row.te_offload`` keeps the text
     encoders in host memory."""
-    ck_unet, ck_vae = CKPT[row.ckpt]
-    cfg = TrainConfig(**{"guidance": 7.5, **METHOD[row.method]}, checkpoint_unet=ck_unet, checkpoint_vae=ck_vae,
+    ck_unet, ck_blocks, ck_vae = CKPT[row.ckpt]
+    cfg = TrainConfig(**{"guidance": 7.5, **METHOD[row.method]}, checkpoint_unet=ck_unet,
+                      checkpoint_blocks=ck_blocks, checkpoint_vae=ck_vae,
                       batch_size=row.batch, rank=rank or row.rank or (8 if small else RANK), eval_count=0,
                       iterations=10**6, lr=1e-5, offload_text_encoders=row.te_offload,
                       mixed_precision="bf16" if model.dtype == torch.bfloat16 else "no")

@@ -739,6 +739,33 @@ class ComfyModel(DiffusionModel):
         image = self.vae.decode(z.to(weight.device, weight.dtype))
         return ((image.to(latents.device, torch.float32) + 1.0) / 2.0).clamp(0, 1)
 
+    blocks_change_inputs = True  # FLUX's and the MMDiT's blocks add to their input streams in place
+
+    def network_blocks(self) -> list[torch.nn.Module]:
+        """The blocks ComfyUI's networks are built of: a UNet's ResNet and transformer blocks (``ResBlock``,
+        ``SpatialTransformer``), an MMDiT's joint blocks, FLUX's double- and single-stream blocks."""
+        from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+        from comfy.ldm.modules.diffusionmodules.mmdit import JointBlock
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        kinds = (ResBlock, comfy_attention.SpatialTransformer, JointBlock, DoubleStreamBlock, SingleStreamBlock)
+        return [m for m in self.unet.modules() if isinstance(m, kinds)]
+
+    def block_replay(self, block: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+        """The block's adapters, and what :meth:`predict` sets around a call with gradient: ComfyUI's training switch
+        (the recomputation runs in backward, outside that call) and an interrupt taken as a stop request."""
+        adapters = super().block_replay(block)
+
+        @contextlib.contextmanager
+        def reinstate() -> Iterator[None]:
+            with adapters(), comfy_training():
+                try:
+                    yield
+                except comfy.model_management.InterruptProcessingException:
+                    raise StopRequested from None
+
+        return reinstate
+
     def enable_decoder_checkpointing(self) -> None:
         """Recompute the VAE decoder's middle and upsampling blocks (ResNet, attention, upsample) in backward, one at
         a time, so the decode's backward keeps each block's input instead of every activation at full resolution.

@@ -137,20 +137,28 @@ def parse_fractions(text: str) -> tuple[float, ...] | None:
                          "empty for an equal split)") from None
 
 
-# gradient_checkpointing's choices: what is recomputed in backward instead of kept (UNet calls, VAE decoder blocks)
-CHECKPOINTING = {"off": (False, False), "unet": (True, False), "unet + vae": (True, True)}
+# gradient_checkpointing's choices: what is recomputed in backward instead of kept (the network's calls, each as a
+# whole or block by block, and the VAE decoder's blocks), as the library's settings
+CHECKPOINTING = {"off": (False, False, False), "unet": (True, False, False), "unet + vae": (True, False, True),
+                 "unet blocks + vae": (True, True, True)}
+STRONGEST = "unet blocks + vae"
+# families whose network calls hold far more than their blocks' inputs (transformers of many wide blocks): a whole
+# call's activations are what a GPU runs out of (a FLUX-shaped network of 6 blocks: 0.29x the peak of whole calls)
+BLOCKWISE_FAMILIES = ("sd3", "flux")
 
 
 def checkpoint_settings(choice: str, gpu: bool, family: str = "") -> dict[str, bool]:
-    """gradient_checkpointing's choice as the library's settings. auto: the UNet and the VAE decoder recomputed on
-    a GPU, where memory is what limits a real model (without it one SDXL image at 1024 px needs more than 88 GiB,
-    one SD1.5 image at 512 px ~20), nothing on a CPU or for the tiny world, where it would only cost time."""
+    """gradient_checkpointing's choice as the library's settings. auto on a GPU, where memory is what limits a real
+    model (without it one SDXL image at 1024 px needs more than 88 GiB, one SD1.5 image at 512 px ~20): the
+    network's calls and the VAE decoder recomputed, the calls block by block for the transformer families; nothing
+    on a CPU or for the tiny world, where it would only cost time."""
     if choice == AUTO:
-        choice = "unet + vae" if gpu and family != "tiny" else "off"
+        choice = ("off" if not gpu or family == "tiny" else STRONGEST if family in BLOCKWISE_FAMILIES
+                  else "unet + vae")
     if choice not in CHECKPOINTING:
         raise ValueError(f"gradient_checkpointing {choice!r}: choose one of {AUTO}, {', '.join(CHECKPOINTING)}")
-    unet, vae = CHECKPOINTING[choice]
-    return {"checkpoint_unet": unet, "checkpoint_vae": vae}
+    unet, blocks, vae = CHECKPOINTING[choice]
+    return {"checkpoint_unet": unet, "checkpoint_blocks": blocks, "checkpoint_vae": vae}
 
 
 def widget_settings(method: str, iterations: int, time_budget_s: float, batch_size: int, lr: float, rank: int,
@@ -171,9 +179,10 @@ def out_of_memory_message(error: BaseException, choice: str, checkpointing: dict
     change on a continued run: it gives the same values)."""
     done = (trainer.saved_at or 0) if trainer is not None else 0
     at = f" with {trainer.iteration} iterations done" if trainer is not None else ""
-    used = [n for n, on in (("the UNet", checkpointing["checkpoint_unet"]),
+    unet = "the UNet's blocks" if checkpointing.get("checkpoint_blocks") else "the UNet"
+    used = [n for n, on in ((unet, checkpointing["checkpoint_unet"]),
                             ("the VAE", checkpointing["checkpoint_vae"])) if on]
-    fixes = [] if all(checkpointing.values()) else ["set gradient_checkpointing to 'unet + vae'"]
+    fixes = [] if all(checkpointing.values()) else [f"set gradient_checkpointing to '{STRONGEST}'"]
     fixes += ["lower batch_size, image_size or rank", "set guidance to 1 (no CFG on the tuned steps: half the "
               "batch of every tuned step)"]
     resume = (f"queue the graph again with resume on: the run continues from its checkpoint at iteration {done}"
@@ -270,8 +279,11 @@ class ShortFTTrain(io.ComfyNode):
                                tooltip="Recompute activations in backward instead of keeping them: less GPU memory, "
                                        "more time, the same results. unet: the network calls with gradient (half "
                                        "the peak or less, 1.3-1.8x the time); unet + vae: the VAE decoder's blocks "
-                                       "too. auto: unet + vae on a GPU, off on a CPU and for the tiny world. A "
-                                       "stopped run may continue with another choice."),
+                                       "too; unet blocks + vae: each call recomputed block by block, one block's "
+                                       "activations at a time (the least memory, one more network pass per call). "
+                                       "auto on a GPU: unet blocks + vae for SD3 / SD3.5 and FLUX, unet + vae "
+                                       "otherwise; off on a CPU and for the tiny world. A stopped run may continue "
+                                       "with another choice."),
             ],
             outputs=[
                 LORA_SET.Output(display_name="lora_set", tooltip="The trained LoRA set (for ApplyAlignedLoRA, "

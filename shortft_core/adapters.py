@@ -16,7 +16,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -273,6 +273,26 @@ class AdapterSwitch:
         finally:
             if previous is not None:
                 self.activate(previous)
+
+
+def replay_active_adapters(block: torch.nn.Module) -> Callable[[], ContextManager]:
+    """The adapters each LoRA layer of ``block`` uses now, as a context that sets them again and afterwards puts
+    back what was active then: a checkpointed block recomputed in backward, after the chain has switched to other
+    adapters, recomputes with the ones its forward used (:func:`~shortft_core.memory.checkpoint_blocks`)."""
+    then = [(layer, _active_of(layer)) for layer in lora_layers(block)]
+
+    @contextlib.contextmanager
+    def reinstate() -> Iterator[None]:
+        before = [layer._active_adapter for layer, _ in then]
+        for layer, names in then:
+            layer._active_adapter = list(names)
+        try:
+            yield
+        finally:
+            for (layer, _), value in zip(then, before):
+                layer._active_adapter = value
+
+    return reinstate
 
 
 LAST_SEGMENT_CHOICES = ("tuned", "base")

@@ -4,8 +4,9 @@ A pure function of (model, plan, x_T, conditioning): the model's noise predictio
 cannot give one) are stepped between the levels its schedule gives each timestep
 (:class:`~shortft_core.schedule.NoiseSchedule`), adapters are switched per step, classifier-free guidance batches
 the conditional and unconditional halves, steps without gradient run under
-``no_grad``, checkpointed steps are recomputed in backward (their adapter set is re-selected inside the recomputed
-function, so the recomputation uses the same network as the forward), and DRTune-style steps see a detached input.
+``no_grad``, checkpointed steps are recomputed in backward (block by block where the model has enabled block
+checkpointing, else as a whole call; either way the recomputation re-selects the adapters the forward used, so it
+runs the same network), and DRTune-style steps see a detached input.
 """
 
 from __future__ import annotations
@@ -101,5 +102,11 @@ def _network(model: DiffusionModel, step: Step, x: torch.Tensor, cond: Condition
         with torch.no_grad():
             return call(inp)
     if step.checkpoint:
-        return _checkpoint(call, inp, use_reentrant=False)
+        def recomputed(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            # where the model has enabled block checkpointing, the call's recomputation keeps only its blocks'
+            # inputs, and each block is recomputed in turn as backward reaches it
+            with model.block_checkpointing():
+                return call(inp)
+
+        return _checkpoint(recomputed, inp, use_reentrant=False)
     return call(inp)

@@ -27,12 +27,15 @@ backward.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import types
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
@@ -268,24 +271,66 @@ def lean_saved_activations(*modules: torch.nn.Module, devices: tuple[str, ...] |
     return sum(lean_frozen_convs(m, devices) + lean_geglu(m, devices) + lean_norm_act(m, devices) for m in modules)
 
 
-def checkpoint_blocks(blocks: Iterable[torch.nn.Module]) -> int:
+Replay = Callable[[torch.nn.Module], Callable[[], ContextManager]]
+"""Called with a block at each checkpointed call; returns a factory of the context that reinstates, around the
+block's recomputation in backward, the state the call ran with (which adapters were active, a host's switches)."""
+
+
+def _fresh(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def checkpoint_blocks(blocks: Iterable[torch.nn.Module], *, when: Callable[[], bool] | None = None,
+                      fresh_inputs: bool = False, replay: Replay | None = None) -> int:
     """Recompute each block's activations during backward instead of storing them (a ViT-H's activation memory
     drops from one copy per block to one per model). Works in eval mode, unlike transformers' own switch; parameter
     names and outputs are unchanged. The override is an instance ``forward`` and a ``_shortft_checkpointed`` mark,
     both of which :class:`~shortft_core.lifecycle.ModelState` records and removes. Returns the number of blocks
-    wrapped."""
+    wrapped.
+
+    A recomputation must see what the first call saw. ``when`` is asked at each call with gradient (None: always)
+    whether to checkpoint it. ``fresh_inputs`` runs the block on copies of its tensor arguments, for blocks that add to
+    their input in place (the copy is made inside the recomputed function, so what is kept is the unchanged input).
+    ``replay`` reinstates other state (see :data:`Replay`). The contents of dict arguments (a host's per-call
+    options, which it mutates between blocks) are put back as they were for the recomputation. A kept input changed
+    in place is an error in backward (autograd's or the checkpoint's), not a silently wrong gradient."""
     n = 0
     for block in blocks:
         if getattr(block, "_shortft_checkpointed", False):
             continue
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        block.forward = forward
+        block.forward = functools.partial(_checkpointed_forward, block.forward, block, when, fresh_inputs, replay)
         block._shortft_checkpointed = True
         n += 1
     return n
+
+
+def _checkpointed_forward(inner: Callable, block: torch.nn.Module, when: Callable[[], bool] | None,
+                          fresh_inputs: bool, replay: Replay | None, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled() or (when is not None and not when()):
+        return inner(*args, **kwargs)
+    dicts = [(d, dict(d)) for d in tree_flatten([*args, *kwargs.values()], is_leaf=lambda x: isinstance(x, dict))[0]
+             if isinstance(d, dict)]
+    reinstate = replay(block) if replay is not None else contextlib.nullcontext
+    calls = 0
+
+    def run(*a: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if fresh_inputs:
+            a = tuple(_fresh(x) for x in a)
+            kw = {k: _fresh(x) for k, x in kw.items()}
+        if calls == 1:
+            return inner(*a, **kw)
+        now = [(d, dict(d)) for d, _ in dicts]
+        for d, then in dicts:
+            d.clear()
+            d.update(then)
+        try:
+            with reinstate():
+                return inner(*a, **kw)
+        finally:
+            for d, current in now:
+                d.clear()
+                d.update(current)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)

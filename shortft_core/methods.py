@@ -79,7 +79,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("shortft", "ShortFT: the fine-tuned chain with frozen shortcut jumps over later segments, trained in "
                       "progressive stages with timestep-aware LoRAs",
            lambda cfg, lora, stage, gen: shortft_plan(stage, lora, cfg.guidance, _grid(cfg), cfg.real_grad_steps,
-                                                      cfg.shortcut_guidance, cfg.checkpoint_unet, cfg.shortcut_net,
+                                                      cfg.shortcut_guidance, cfg.checkpoint_calls, cfg.shortcut_net,
                                                       cfg.last_anchor),
            options=("segments", "progressive", "stage_fractions", "real_grad_steps", "shortcut_net",
                     "shortcut_guidance", "reset_optimizer_per_stage", "unrun_lr_scale", "last_anchor",
@@ -87,7 +87,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            progressive=True, timestep_aware=True, shortcut=lambda cfg: cfg.shortcut_net == "shortcut",
            jumps_stand_in=True),
     Method("draft", "DRaFT-K: gradient through the last K sampling steps",
-           lambda cfg, lora, stage, gen: draft_plan(cfg.draft_k, lora, cfg.guidance, _grid(cfg), cfg.checkpoint_unet),
+           lambda cfg, lora, stage, gen: draft_plan(cfg.draft_k, lora, cfg.guidance, _grid(cfg), cfg.checkpoint_calls),
            options=("draft_k",)),
     Method("draft-lv", "DRaFT-LV: the last step re-noised and taken n times with gradient, averaged",
            lambda cfg, lora, stage, gen: draft_lv_plan(cfg.lv_n, lora, cfg.guidance, _grid(cfg)),

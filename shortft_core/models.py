@@ -18,11 +18,12 @@ import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 
-from .memory import DEFAULT_DEVICES, lean_saved_activations
+from .adapters import replay_active_adapters
+from .memory import DEFAULT_DEVICES, checkpoint_blocks, lean_saved_activations
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,35 @@ class DiffusionModel(abc.ABC):
         """Images in [0, 1] -> latents (distillation from images needs it)."""
         raise NotImplementedError(f"{type(self).__name__} does not encode images")
 
+    def network_blocks(self) -> Sequence[torch.nn.Module]:
+        """The network's blocks that gradient checkpointing recomputes one at a time (:meth:`block_checkpointing`);
+        empty where the backend names none, and the chain then recomputes whole network calls."""
+        return ()
+
+    blocks_change_inputs = False  # whether the network's blocks add to their input in place (then run on copies)
+
+    def block_replay(self, block: torch.nn.Module) -> Callable[[], ContextManager]:
+        """What a block's recomputation in backward must see again of its forward (see ``memory.Replay``): the
+        adapters its LoRA layers used."""
+        return replay_active_adapters(block)
+
+    def enable_block_checkpointing(self) -> int:
+        """Make the network's blocks recomputable one at a time, for the calls made inside
+        :meth:`block_checkpointing`: such a call keeps each block's input, and its backward holds one block's
+        activations at a time instead of a whole call's. Returns how many blocks were wrapped (0: none named)."""
+        blocks = list(self.network_blocks())
+        return checkpoint_blocks(blocks, when=lambda: getattr(self, "_blockwise_depth", 0) > 0,
+                                 fresh_inputs=self.blocks_change_inputs, replay=self.block_replay)
+
+    @contextmanager
+    def block_checkpointing(self) -> Iterator[None]:
+        """Network calls inside checkpoint their blocks, where :meth:`enable_block_checkpointing` wrapped them."""
+        self._blockwise_depth = getattr(self, "_blockwise_depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._blockwise_depth -= 1
+
     def enable_decoder_checkpointing(self) -> None:
         """Recompute the decoder's blocks in backward (less memory for the decode's backward)."""
         raise ValueError(f"checkpoint_vae (--checkpoint-vae) is not available for a {type(self).__name__}")
@@ -345,6 +375,14 @@ class T2IModel(DiffusionModel):
         for t, h in zip(off.tensors, off.host):
             t.data = h.to(self.device)
         self.text_offload = None
+
+    def network_blocks(self) -> list[torch.nn.Module]:
+        """The UNet's ResNet blocks and transformer blocks (each ``Transformer2DModel``, its attention and
+        feed-forward layers with it)."""
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        return [m for m in self.unet.modules() if isinstance(m, (ResnetBlock2D, Transformer2DModel))]
 
     def enable_decoder_checkpointing(self) -> None:
         self.vae.enable_gradient_checkpointing()

@@ -106,7 +106,8 @@ class Trainer(Loop):
     # what a continued run may change: its length and reporting, and how memory is spent (checkpointing and the text
     # encoders' placement give the same values, so a run that ran out of memory continues with them on)
     resume_may_change = ("iterations", "checkpoint_every", "keep_checkpoints", "eval_every", "preview_every",
-                         "preview_chain", "time_budget_s", "checkpoint_unet", "checkpoint_vae", "offload_text_encoders")
+                         "preview_chain", "time_budget_s", "checkpoint_unet", "checkpoint_blocks", "checkpoint_vae",
+                         "offload_text_encoders")
 
     def __init__(self, model: DiffusionModel, reward: Callable, cfg: TrainConfig, prompts: PromptSource,
                  eval_prompts: Sequence[str] = (), out: str | os.PathLike | None = None,
@@ -143,6 +144,8 @@ class Trainer(Loop):
         self.all_params = {n: adapter_parameters(unet, n) for n in self.lora.names}  # fp32 (add_lora)
         if cfg.checkpoint_vae:  # the decoder's up blocks are recomputed in backward, one at a time
             model.enable_decoder_checkpointing()
+        if cfg.checkpoint_blocks:  # a checkpointed call's recomputation keeps its blocks' inputs only
+            log.info("ShortFT: %d blocks of the network recomputed in backward", model.enable_block_checkpointing())
         if cfg.offload_text_encoders:
             model.offload_text_encoders()
         # on CUDA, frozen convolutions keep only their weight, GEGLUs recompute their GELU and GroupNorm+SiLU pairs

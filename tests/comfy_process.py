@@ -155,23 +155,25 @@ TRANSFORMER_WORLD = textwrap.dedent(r'''
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-    def transformer_network(family):
+    def transformer_network(family, **sizes):
         """A small network of ``family``'s architecture: SD3.5's MMDiT (RMS q/k norms, a second image attention in
-        block 1) or FLUX.1 dev's (the guidance embedding), 128 wide, two blocks."""
+        block 1) or FLUX.1 dev's (the guidance embedding), 128 wide, two blocks; ``sizes`` replace FLUX's widths
+        and depths (hidden_size, num_heads, depth, depth_single_blocks)."""
         ops = dict(operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
         if family == "sd3":
             return MMDiT(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=64,
                          context_embedder_config={"target": "torch.nn.Linear",
                                                   "params": {"in_features": 64, "out_features": 128}},
                          pos_embed_max_size=16, num_patches=256, qk_norm="rms", x_block_self_attn_layers=[1], **ops)
-        return Flux(in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64, hidden_size=128,
-                    mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
-                    patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[], **ops)
+        shape = {"hidden_size": 128, "num_heads": 1, "depth": 1, "depth_single_blocks": 1, **sizes}
+        return Flux(in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64, mlp_ratio=4.0,
+                    axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                    txt_ids_dims=[], **shape, **ops)
 
 
-    def transformer_world(family, clip):
+    def transformer_world(family, clip, **sizes):
         """(MODEL, VAE) of ``family`` as ComfyUI's loaders make them (the MODEL detected from its weights)."""
-        weights = initialised(transformer_network(family), 0)
+        weights = initialised(transformer_network(family, **sizes), 0)
         ddconfig = {"double_z": True, "z_channels": 16, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
                     "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
         autoencoder = initialised(AutoencoderKL(ddconfig=ddconfig, embed_dim=16), 1)

@@ -103,6 +103,92 @@ def test_checkpointing_gives_identical_gradients(adapted):
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7)
 
 
+def test_block_checkpointing_gives_identical_gradients(adapted, monkeypatch):
+    """Block-wise recomputation (a checkpointed call's recomputation keeps each ResNet and transformer block's input,
+    and each block runs again as backward reaches it, after the chain has switched to other adapters) recomputes
+    each block with the adapters its forward used: gradients equal the non-checkpointed ones, and the wrappers go
+    with the session's state."""
+    import shortft_core.chain as chain
+    import shortft_core.memory as memory
+    from shortft_core.lifecycle import ModelState
+    from shortft_core.testing.profiling import LivePeak
+
+    model, switch = adapted
+    plan = shortft_plan(1, SPEC, 3.0, real_grad_steps=2, checkpoint=True)
+    assert len({s.adapters for s in plan.steps if s.grad and s.checkpoint}) > 1  # recomputed under other adapters
+    a = _grads(model, shortft_plan(1, SPEC, 3.0, real_grad_steps=2, checkpoint=False), switch, SPEC.names)
+    with LivePeak() as whole:
+        _grads(model, plan, switch, SPEC.names)
+    state = ModelState.capture(model)
+    try:
+        blocks = model.network_blocks()
+        assert model.enable_block_checkpointing() == len(blocks) > 10
+        wrapped, calls = [], []
+        real, real_call = memory.checkpoint, chain._checkpoint
+        monkeypatch.setattr(memory, "checkpoint", lambda fn, *a, **k: wrapped.append(fn) or real(fn, *a, **k))
+        monkeypatch.setattr(chain, "_checkpoint", lambda fn, *a, **k: calls.append(fn) or real_call(fn, *a, **k))
+        with LivePeak() as blockwise:
+            b = _grads(model, plan, switch, SPEC.names)
+        # each checkpointed call ran twice (forward, recomputation), its blocks checkpointed in both
+        assert len(calls) == sum(s.grad and s.checkpoint for s in plan.steps) > 1
+        assert len(wrapped) == 2 * len(blocks) * len(calls)
+    finally:
+        state.restore()
+    for n in SPEC.names:
+        assert a[n].abs().sum() > 0
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7)
+    assert not any("forward" in m.__dict__ for m in blocks)  # the session's end removed the wrappers
+    # a recomputed call holds its blocks' inputs and one block's activations, not all of the call's
+    assert blockwise.peak < 0.6 * whole.peak, (blockwise.peak, whole.peak)
+
+
+def test_checkpoint_blocks_checkpoints_the_calls_it_recomputes_by_block():
+    """``checkpoint_blocks`` alone checkpoints the network calls with gradient (it is how they are recomputed)."""
+    from shortft_core.config import TrainConfig
+
+    for method in ("shortft", "draft"):
+        plans = {}
+        for name, flags in (("off", {}), ("unet", {"checkpoint_unet": True}), ("blocks", {"checkpoint_blocks": True})):
+            cfg = TrainConfig(method=method, **flags)
+            plan = cfg.method_entry.build(cfg, cfg.lora, 1, torch.Generator().manual_seed(0))
+            plans[name] = [s.checkpoint for s in plan.steps if s.grad]
+        assert plans["blocks"] == plans["unet"] and any(plans["unet"]) and not any(plans["off"]), (method, plans)
+
+
+def test_checkpointed_block_that_changes_its_input_in_place():
+    """A block that adds to its input in place: recomputed from that changed input its gradient would be wrong, so
+    backward refuses; with ``fresh_inputs`` it runs on a copy and the gradient is the plain one, computed with the
+    options the call saw although the host changed them after."""
+    from shortft_core.memory import checkpoint_blocks
+
+    class AddsInPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, opts):
+            opts["seen"] = opts.get("seen", 0) + 1
+            x += torch.tanh(self.lin(x * 0.5) * opts["scale"])  # x * 0.5 keeps no x for backward
+            return x
+
+    def grads(fresh=None):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), AddsInPlace())
+        if fresh is not None:
+            checkpoint_blocks([net[1]], fresh_inputs=fresh)
+        opts = {"scale": 2.0}
+        y = net[1](net[0](torch.ones(3, 4)), opts=opts)
+        opts["scale"] = -1.0  # the host changes its options after the call: the recomputation sees the old ones
+        y.square().sum().backward()
+        assert opts == {"scale": -1.0, "seen": 1}
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    plain = grads()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grads(fresh=False)
+    torch.testing.assert_close(grads(fresh=True), plain)
+
+
 def test_plain_sampling_is_the_base_plan(adapted):
     model, switch = adapted
     prompts = ["a large blue square in the center on a gray background"]

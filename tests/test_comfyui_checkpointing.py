@@ -1,8 +1,9 @@
 """Tier 2: how training through a ComfyUI MODEL spends memory, in a ComfyUI subprocess on the tiny world.
 
-The UNet's calls and the VAE decoder's blocks (ComfyUI's own ``Decoder``) recompute their activations in backward
-when asked: the peak of a training step drops and the losses and trained LoRAs stay those of a run that keeps them;
-when training ends the decoder's blocks are its own again, and a second session checkpoints them again.
+The UNet's calls (whole, or block by block: ComfyUI's ``ResBlock`` and ``SpatialTransformer`` one at a time) and the
+VAE decoder's blocks (ComfyUI's own ``Decoder``) recompute their activations in backward when asked: the peak of a
+training step drops and the losses and trained LoRAs stay those of a run that keeps them; when training ends the
+blocks are their own again, and a second session checkpoints them again.
 
 ShortFTTrain's ``gradient_checkpointing`` widget reaches the run's settings, and an out-of-memory error during
 training (raised here where a GPU would raise it) comes back as ComfyUI's out-of-memory error with a message that
@@ -49,27 +50,29 @@ keys_before = sorted(cm.unet.state_dict())
 
 
 def overridden():
-    """The decoder's modules that carry an instance forward or the checkpointing mark."""
-    return sorted(n for n, m in decoder.named_modules()
+    """The decoder's and the network's modules that carry an instance forward or the checkpointing mark."""
+    return sorted(f"{part}.{n}" for part, net in (("vae", decoder), ("unet", cm.unet)) for n, m in net.named_modules()
                   if "forward" in m.__dict__ or "_shortft_checkpointed" in m.__dict__)
 
 
-def recomputed():
-    """How many of the decoder's modules carry the checkpointing mark (the lean layers' forwards are others)."""
-    return sum(bool(m.__dict__.get("_shortft_checkpointed")) for m in decoder.modules())
+def recomputed(net):
+    """How many of the modules of ``net`` carry the checkpointing mark (the lean layers' forwards are others)."""
+    return sum(bool(m.__dict__.get("_shortft_checkpointed")) for m in net.modules())
 
 
 reward = load_tiny_rewards()[0]
 prompts = ["a red circle left of a blue square on a white background", "a big blue square on a white background"]
 runs = {}
 for name, unet, vae_ in (("off", False, False), ("unet", True, False), ("vae", False, True), ("both", True, True),
-                         ("both_again", True, True)):
+                         ("both_again", True, True), ("blocks", "blocks", True)):
     state = ModelState.capture(cm)
     preset = attach_shortcut(cm, tiny_shortcut_path())
-    cfg = tiny_config(iterations=2, batch_size=2, eval_count=0, rank=4, checkpoint_unet=unet, checkpoint_vae=vae_)
+    cfg = tiny_config(iterations=2, batch_size=2, eval_count=0, rank=4, checkpoint_unet=bool(unet),
+                      checkpoint_blocks=unet == "blocks", checkpoint_vae=vae_)
     cfg = dataclasses.replace(cfg, shortcut_guidance=cfg.method_entry.jump_guidance(cfg, preset.guidance))
     tr = Trainer(cm, reward, cfg, PromptSource(prompts), shortcut_preset=preset)
-    res[f"recomputed_{name}"] = recomputed()
+    res[f"recomputed_{name}"] = recomputed(decoder)
+    res[f"blocks_{name}"] = [recomputed(cm.unet), len(cm.network_blocks())]
     with LivePeak() as mem:
         losses = [tr.train_step()["loss"] for _ in range(cfg.iterations)]
     runs[name] = (losses, set_lora_tensors(cm, "weight"))
@@ -78,7 +81,7 @@ for name, unet, vae_ in (("off", False, False), ("unet", True, False), ("vae", F
     res[f"left_{name}"] = overridden()
 res["keys_kept"] = sorted(cm.unet.state_dict()) == keys_before
 res["loss_off"] = runs["off"][0]
-for name in ("unet", "vae", "both"):
+for name in ("unet", "vae", "both", "blocks"):
     losses, weights = runs[name]
     res[f"loss_{name}"] = losses
     ref = runs["off"][1]
@@ -91,7 +94,8 @@ for name in ("unet", "vae", "both"):
 node, tiny_reward, widgets = tiny_train_node(out_dir, iterations=5, checkpoint_every=2)
 res["settings"] = {choice: [train.checkpoint_settings(choice, gpu, family) for gpu, family in
                             ((False, "sd15"), (True, "sd15"), (True, "tiny"))]
-                   for choice in ("auto", "off", "unet", "unet + vae")}
+                   for choice in ("auto", "off", "unet", "unet + vae", "unet blocks + vae")}
+res["settings_transformers"] = [train.checkpoint_settings("auto", True, family) for family in ("sd3", "flux", "sdxl")]
 try:
     train.checkpoint_settings("everything", True, "sd15")
 except ValueError as e:
@@ -149,30 +153,42 @@ def measured(tmp_path_factory) -> dict:
 
 
 def test_recomputing_the_unet_and_the_vae_lowers_the_peak_and_changes_no_value(measured):
-    for name in ("unet", "vae", "both"):
+    for name in ("unet", "vae", "both", "blocks"):
         assert measured[f"weights_keys_{name}"]
         assert measured[f"loss_{name}"] == pytest.approx(measured["loss_off"], rel=1e-5), name
         assert measured[f"weights_{name}"] < 1e-5, (name, measured[f"weights_{name}"])
     off, unet, vae, both = (measured[f"peak_{k}"] for k in ("off", "unet", "vae", "both"))
     assert unet < 0.8 * off and vae < off and both < vae and both <= unet, (off, unet, vae, both)
+    # the tiny world's peak is a forward's (its calls with gradient hold little): blocks cannot lower it further
+    assert measured["peak_blocks"] < 0.8 * off, (measured["peak_blocks"], off)
 
 
 def test_the_decoders_blocks_are_its_own_again_after_training_and_checkpoint_again(measured):
     assert measured["recomputed_off"] == measured["recomputed_unet"] == 0
+    # the network's ResNet and transformer blocks, wrapped only while a session recomputes them block by block
+    blocks = measured["blocks_blocks"][1]
+    assert blocks > 5 and measured["blocks_blocks"] == [blocks, blocks], measured["blocks_blocks"]
+    for name in ("off", "unet", "vae", "both", "both_again"):
+        assert measured[f"blocks_{name}"] == [0, blocks], (name, measured[f"blocks_{name}"])
+    assert measured["recomputed_blocks"] == measured["recomputed_vae"]
     # the tiny decoder: middle (two ResNet blocks, attention), two levels of ResNet blocks, one upsample
     assert measured["recomputed_vae"] > 5 and measured["recomputed_both"] == measured["recomputed_vae"]
     assert measured["recomputed_both_again"] == measured["recomputed_both"]  # a second session checkpoints again
-    for name in ("off", "unet", "vae", "both", "both_again"):
+    for name in ("off", "unet", "vae", "both", "both_again", "blocks"):
         assert measured[f"left_{name}"] == [], name
     assert measured["keys_kept"]
 
 
 def test_the_widget_sets_the_runs_checkpointing(measured):
-    none, both = {"checkpoint_unet": False, "checkpoint_vae": False}, {"checkpoint_unet": True, "checkpoint_vae": True}
-    unet = {"checkpoint_unet": True, "checkpoint_vae": False}
+    def settings(unet, blocks, vae):
+        return {"checkpoint_unet": unet, "checkpoint_blocks": blocks, "checkpoint_vae": vae}
+
+    none, unet, both = settings(False, False, False), settings(True, False, False), settings(True, False, True)
+    blocks = settings(True, True, True)
     assert measured["settings"] == {"auto": [none, both, none], "off": [none] * 3, "unet": [unet] * 3,
-                                    "unet + vae": [both] * 3}
-    assert "everything" in measured["bad_choice"] and "unet + vae" in measured["bad_choice"]
+                                    "unet + vae": [both] * 3, "unet blocks + vae": [blocks] * 3}
+    assert measured["settings_transformers"] == [blocks, blocks, both]  # sd3, flux block by block; sdxl not
+    assert "everything" in measured["bad_choice"] and "unet blocks + vae" in measured["bad_choice"]
 
 
 def test_out_of_memory_names_the_fix_and_the_run_continues_to_the_uninterrupted_set(measured):
@@ -180,7 +196,7 @@ def test_out_of_memory_names_the_fix_and_the_run_continues_to_the_uninterrupted_
     assert message is not None, "the out-of-memory error was swallowed"
     assert measured["oom_is_oom"] and measured["oom_type"] == "OutOfMemoryError"  # ComfyUI's own handling applies
     assert "ran out of GPU memory with 3 iterations done" in message, message
-    assert "gradient_checkpointing off" in message and "'unet + vae'" in message, message
+    assert "gradient_checkpointing off" in message and "'unet blocks + vae'" in message, message
     # checkpoint_every is 2: the iterations done up to the failure were checkpointed when it happened
     assert "checkpoint at iteration 3" in message and "Tried to allocate 2.00 GiB" in message, message
     assert measured["overridden_after_oom"] == [] and measured["adapters_after_oom"] == []  # the MODEL as it was

@@ -84,6 +84,68 @@ res["grads"] = [sorted({a for s in tr.last_plan.steps if s.grad for a in s.adapt
 aligned, folder = sampled_and_saved_set(tr, state, guidance, grid, noise, cond, uncond)
 del tr
 res["restored_adapters"] = sum(".lora_" in n for n, _ in cm.unet.named_parameters())
+
+# block checkpointing: a checkpointed call's recomputation keeps each joint / double / single block's input, and the
+# block runs again as backward reaches it (on copies of its input streams, which it adds to in place), with the
+# adapters and ComfyUI's training switch of its forward
+import dataclasses
+import shortft_pack.shortft_core.chain as chain_module
+from shortft_pack.shortft_core.adapters import AdapterSwitch, LoraSetSpec
+from shortft_pack.shortft_core.plans import original_chain
+from shortft_pack.shortft_core.testing.profiling import LivePeak
+
+state = ModelState.capture(cm)
+spec = LoraSetSpec(rank=4, targets=tuple(cm.lora_targets))
+cm.unet.requires_grad_(False)
+cm.enable_lean_activations()  # as the trainer does: FLUX's norms keep their output, not the stream added to after
+spec.add_to(cm.unet, seed=0, order=cm.adapter_order)
+with torch.no_grad():
+    for n, p in cm.unet.named_parameters():
+        if ".lora_" in n:
+            p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+switch = AdapterSwitch(cm.unet)
+every_step = original_chain(spec, guidance, grid)
+
+
+def chain_grads(checkpoint):
+    cm.unet.zero_grad(set_to_none=True)
+    plan = dataclasses.replace(every_step, steps=tuple(dataclasses.replace(s, grad=True, checkpoint=checkpoint)
+                                                       for s in every_step.steps))
+    run_plan(cm, plan, noise, cond, uncond, switch)[-1].square().mean().backward()
+    return torch.cat([p.grad.flatten() for n, p in sorted(cm.unet.named_parameters()) if ".lora_" in n])
+
+
+whole_calls = []
+real_checkpoint = chain_module._checkpoint
+chain_module._checkpoint = lambda *a, **k: whole_calls.append(1) or real_checkpoint(*a, **k)
+plain = chain_grads(False)
+with LivePeak() as peak_whole:
+    whole = chain_grads(True)
+whole_calls.clear()
+blocks = cm.network_blocks()
+wrapped = cm.enable_block_checkpointing()
+with LivePeak() as peak_blocks:
+    blockwise = chain_grads(True)
+checkpointed_calls = len(whole_calls)
+try:
+    cm.blocks_change_inputs = False  # the same blocks on their own inputs
+    state.restore()
+    state = ModelState.capture(cm)
+    cm.enable_lean_activations()
+    spec.add_to(cm.unet, seed=0, order=cm.adapter_order)
+    switch = AdapterSwitch(cm.unet)
+    cm.enable_block_checkpointing()
+    chain_grads(True)
+    res["without_copies"] = None
+except RuntimeError as e:
+    res["without_copies"] = str(e)[:120]
+del cm.blocks_change_inputs
+chain_module._checkpoint = real_checkpoint
+state.restore()
+res["block_checkpointing"] = [wrapped, sorted({type(b).__name__ for b in blocks}), checkpointed_calls,
+                              len(every_step.steps), rel(blockwise, plain), float(plain.abs().sum()),
+                              sum("_shortft_checkpointed" in b.__dict__ or "forward" in b.__dict__ for b in blocks),
+                              rel(whole, plain), peak_blocks.peak / peak_whole.peak]
 lset = LoraSet.open(folder)
 keys = sorted(load_file(str(lset.merged_file)))
 res["set_file"] = [lset.family, len(keys), sorted({k.split("_blocks_")[0] for k in keys}),
@@ -198,6 +260,19 @@ def test_the_sets_files_use_the_networks_module_names_and_apply_aligned_lora_sam
     assert prefixes == {"sd3": ["lora_unet_joint"], "flux": ["lora_unet_double", "lora_unet_single"]}[name], prefixes
     assert measured["set_effect"] > 1e-3
     assert measured["set_vs_euler"] < 1e-5, measured["set_vs_euler"]
+
+
+def test_block_checkpointing_recomputes_each_block_with_its_forwards_adapters(measured):
+    wrapped, kinds, whole_calls, steps, error, size, left, whole_error, peaks = measured["block_checkpointing"]
+    expected = {"sd3": ["JointBlock"], "flux": ["DoubleStreamBlock", "SingleStreamBlock"]}[measured["name"]]
+    assert kinds == expected and wrapped > 1, measured["block_checkpointing"]
+    assert steps > 1 and whole_calls == steps  # every step with gradient, its recomputation block by block
+    assert size > 0 and error < 1e-6 and whole_error < 1e-6, (error, whole_error)  # those of keeping everything
+    assert peaks < 0.9, peaks  # below recomputing whole calls, even with two blocks
+    assert left == 0  # the session's end gave the blocks their own forwards back
+    if measured["name"] == "flux":  # its blocks add to their input in place: without copies backward refuses
+        refused = measured["without_copies"] or ""
+        assert "inplace" in refused or "Recomputed values" in refused, refused
 
 
 def test_a_diffusers_layout_lora_on_fused_layers_loads_as_comfyui_patches_it(measured):

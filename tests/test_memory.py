@@ -310,7 +310,7 @@ def test_a_host_names_its_layer_classes_and_gates_each_call():
 
 
 def test_training_with_every_switch_matches_training_without(tmp_path, tiny_rewards, fresh_tiny):
-    """End to end through the trainer (ShortFT, UNet and VAE checkpointing, CFG, stacked adapters): the switches
+    """End to end through the trainer (ShortFT, UNet block and VAE checkpointing, CFG, stacked adapters): the switches
     the trainer makes on CUDA, forced on here on CPU, change neither the losses nor the trained LoRAs."""
     from shortft_core.adapters import adapter_state
     from shortft_core.tiny_world import held_out_prompts
@@ -319,7 +319,7 @@ def test_training_with_every_switch_matches_training_without(tmp_path, tiny_rewa
     from shortft_core.config import TrainConfig
 
     cfg = TrainConfig(iterations=4, batch_size=2, rank=4, eval_count=0, lr=1e-3, checkpoint_unet=True,
-                      checkpoint_vae=True, guidance=3.0)
+                      checkpoint_blocks=True, checkpoint_vae=True, guidance=3.0)
     runs = []
     for lean in (False, True):
         model = fresh_tiny()
