@@ -35,7 +35,6 @@ from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
@@ -308,8 +307,7 @@ def _checkpointed_forward(inner: Callable, block: torch.nn.Module, when: Callabl
                           fresh_inputs: bool, replay: Replay | None, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled() or (when is not None and not when()):
         return inner(*args, **kwargs)
-    dicts = [(d, dict(d)) for d in tree_flatten([*args, *kwargs.values()], is_leaf=lambda x: isinstance(x, dict))[0]
-             if isinstance(d, dict)]
+    dicts = [(d, dict(d)) for d in (*args, *kwargs.values()) if isinstance(d, dict)]
     reinstate = replay(block) if replay is not None else contextlib.nullcontext
     calls = 0
 
